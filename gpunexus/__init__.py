@@ -1,0 +1,9 @@
+"""gpunexus: a peer-to-peer market for LLM inference.
+
+The architecture lives in the repository's top-level folders, installed as
+subpackages of this one: ``gpunexus.protocol`` (wire vocabulary),
+``gpunexus.pricing`` (market logic), ``gpunexus.verify`` (honesty),
+``gpunexus.node`` (libp2p peers) and ``gpunexus.hub`` (money and pages).
+"""
+
+__version__ = "0.1.0"

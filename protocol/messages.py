@@ -1,0 +1,322 @@
+"""The messages gpunexus peers exchange, with their value checks.
+
+Discovery (gossipsub ``gpunexus/offers/1``): :class:`Offer`, :class:`Withdraw`.
+Market (gossipsub ``gpunexus/prices/1``): :class:`PriceUpdate`.
+Inference (stream ``/gpunexus/infer/1``): the gateway sends one
+:class:`Order`; the host answers with :class:`Chunk` frames and ends with a
+host-signed :class:`Receipt`, or with an :class:`Error`.
+Settlement (gateway <-> hub over HTTP): :class:`Allowance`, countersigned
+:class:`Receipt`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import ClassVar
+
+import msgpack
+
+from .codec import Message, message
+from .errors import ProtocolError
+from .ids import public_key_from_peer_id
+from .limits import (
+    MAX_ADDRS,
+    MAX_CHUNK_TOKENS,
+    MAX_COMMITMENT_BYTES,
+    MAX_MESSAGES,
+    MAX_NAME_CHARS,
+    MAX_PROMPT_CHARS,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    MAX_TEXT_CHARS,
+    MAX_TOKENS,
+)
+
+OFFERS_TOPIC = "gpunexus/offers/1"
+PRICES_TOPIC = "gpunexus/prices/1"
+INFER_PROTOCOL = "/gpunexus/infer/1"
+
+FINISH_REASONS = ("stop", "length")
+ORDER_KINDS = ("chat", "completion")
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+def _require(cond: bool, text: str) -> None:
+    if not cond:
+        raise ProtocolError(text)
+
+
+def _peer(value: str, what: str) -> None:
+    public_key_from_peer_id(value) if value else _require(False, f"{what} is empty")
+
+
+def _name(value: str, what: str) -> None:
+    _require(0 < len(value) <= MAX_NAME_CHARS, f"{what} must be 1..{MAX_NAME_CHARS} characters")
+
+
+@message
+class Offer(Message):
+    """A host's signed, expiring announcement of one model it serves."""
+
+    TYPE: ClassVar[str] = "offer"
+    SIGNATURES: ClassVar = (("sig", "peer_id"),)
+
+    peer_id: str
+    model: str
+    model_hash: str
+    price_micro_per_mtok: int
+    tokens_per_s: float
+    free_slots: int
+    max_slots: int
+    max_context: int
+    region: str
+    license: str
+    addrs: tuple[str, ...]
+    seq: int
+    issued_at: float
+    expires_at: float
+    sig: bytes = b""
+
+    def check(self) -> None:
+        _peer(self.peer_id, "offer.peer_id")
+        _name(self.model, "offer.model")
+        _require(len(self.model_hash) <= 128, "offer.model_hash too long")
+        _require(self.price_micro_per_mtok >= 0, "offer.price must be >= 0")
+        _require(self.tokens_per_s >= 0, "offer.tokens_per_s must be >= 0")
+        _require(0 <= self.free_slots <= self.max_slots <= 100_000, "offer slots out of range")
+        _require(0 < self.max_context <= 10_000_000, "offer.max_context out of range")
+        _require(len(self.region) <= 64 and len(self.license) <= 256, "offer region/license too long")
+        _require(len(self.addrs) <= MAX_ADDRS and all(len(a) <= 512 for a in self.addrs), "offer.addrs too long")
+        _require(self.expires_at > self.issued_at, "offer expires before it is issued")
+
+
+@message
+class Withdraw(Message):
+    """A host's signed notice that it stops serving (all its offers)."""
+
+    TYPE: ClassVar[str] = "withdraw"
+    SIGNATURES: ClassVar = (("sig", "peer_id"),)
+
+    peer_id: str
+    seq: int
+    issued_at: float
+    sig: bytes = b""
+
+    def check(self) -> None:
+        _peer(self.peer_id, "withdraw.peer_id")
+
+
+@message
+class PriceUpdate(Message):
+    """The hub's signed market price for one model at one epoch."""
+
+    TYPE: ClassVar[str] = "price"
+    SIGNATURES: ClassVar = (("sig", "hub_id"),)
+
+    hub_id: str
+    model: str
+    epoch: int
+    price_micro_per_mtok: int
+    demand_tps: float
+    supply_tps: float
+    issued_at: float
+    sig: bytes = b""
+
+    def check(self) -> None:
+        _peer(self.hub_id, "price.hub_id")
+        _name(self.model, "price.model")
+        _require(self.epoch >= 0 and self.price_micro_per_mtok >= 0, "price fields out of range")
+
+
+@message
+class ChatMessage(Message):
+    """One chat turn, already flattened to text by the gateway."""
+
+    TYPE: ClassVar[str] = "msg"
+
+    role: str
+    content: str
+
+    def check(self) -> None:
+        _require(self.role in ROLES, f"unknown role {self.role[:20]!r}")
+        _require(len(self.content) <= MAX_PROMPT_CHARS, "message content too long")
+
+
+@message
+class Sampling(Message):
+    """Sampling parameters; ``seed`` makes every draw replayable by a verifier."""
+
+    TYPE: ClassVar[str] = "sampling"
+
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: tuple[str, ...]
+    seed: int
+
+    def check(self) -> None:
+        _require(0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]")
+        _require(0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]")
+        _require(0 <= self.top_k <= 1_000_000, "top_k must be >= 0")
+        _require(len(self.stop) <= MAX_STOP_SEQUENCES, f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        _require(all(0 < len(s) <= MAX_STOP_CHARS for s in self.stop), "stop sequences must be 1..256 characters")
+        _require(0 <= self.seed < 2**63, "seed must be in [0, 2**63)")
+
+
+@message
+class Order(Message):
+    """A gateway's signed request to a host: what to run, at what price, for whom.
+
+    ``continuation`` is assistant text already delivered to the client by a
+    host that failed mid-stream: the new host continues after it, and the
+    sampler's draw index starts at ``continuation_tokens`` so the seed
+    schedule is not reused.
+    """
+
+    TYPE: ClassVar[str] = "order"
+    SIGNATURES: ClassVar = (("sig", "gateway_id"),)
+
+    request_id: str
+    gateway_id: str
+    host_id: str
+    model: str
+    price_micro_per_mtok: int
+    max_tokens: int
+    kind: str
+    messages: tuple[ChatMessage, ...]
+    prompt: str
+    continuation: str
+    sampling: Sampling
+    allowance: bytes
+    issued_at: float
+    sig: bytes = b""
+
+    def check(self) -> None:
+        _require(len(self.request_id) == 32, "order.request_id must be 32 hex characters")
+        _peer(self.gateway_id, "order.gateway_id")
+        _peer(self.host_id, "order.host_id")
+        _name(self.model, "order.model")
+        _require(self.price_micro_per_mtok >= 0, "order.price must be >= 0")
+        _require(1 <= self.max_tokens <= MAX_TOKENS, "order.max_tokens out of range")
+        _require(self.kind in ORDER_KINDS, f"order.kind must be one of {ORDER_KINDS}")
+        if self.kind == "chat":
+            _require(0 < len(self.messages) <= MAX_MESSAGES, "a chat order needs 1..1024 messages")
+        _require(len(self.prompt) <= MAX_PROMPT_CHARS, "order.prompt too long")
+        _require(len(self.continuation) <= MAX_TEXT_CHARS, "order.continuation too long")
+        _require(len(self.allowance) <= 4096, "order.allowance too long")
+
+    def prompt_hash(self) -> bytes:
+        """SHA-256 of exactly what the model is asked: kind, messages, prompt, continuation."""
+        body = [self.kind, [m.to_wire() for m in self.messages], self.prompt, self.continuation]
+        return hashlib.sha256(msgpack.packb(body, use_bin_type=True)).digest()
+
+
+@message
+class Chunk(Message):
+    """Tokens that were ready together, coalesced into one frame.
+
+    The host never waits to fill a chunk: the first token goes out alone, and
+    later chunks carry whatever the backend produced while the previous frame
+    was being written. ``logprobs`` may be empty when a backend has none.
+    """
+
+    TYPE: ClassVar[str] = "chunk"
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+    def check(self) -> None:
+        _require(len(self.token_ids) <= MAX_CHUNK_TOKENS, "chunk has too many tokens")
+        _require(len(self.text) <= MAX_TEXT_CHARS, "chunk text too long")
+        _require(not self.logprobs or len(self.logprobs) == len(self.token_ids), "chunk logprobs do not match tokens")
+
+
+@message
+class Receipt(Message):
+    """What a request cost: signed by the host, countersigned by the gateway.
+
+    The gateway countersigns only after checking the counts and the output
+    hash against what it actually received, so a bill rests on both sides'
+    word, never on the host's alone.
+    """
+
+    TYPE: ClassVar[str] = "receipt"
+    SIGNATURES: ClassVar = (("host_sig", "host_id"), ("gateway_sig", "gateway_id"))
+
+    request_id: str
+    host_id: str
+    gateway_id: str
+    model: str
+    model_hash: str
+    price_micro_per_mtok: int
+    tokens_in: int
+    tokens_out: int
+    cost_micro: int
+    output_hash: bytes
+    prompt_hash: bytes
+    seed: int
+    finish_reason: str
+    commitment: bytes
+    issued_at: float
+    host_sig: bytes = b""
+    gateway_sig: bytes = b""
+
+    def check(self) -> None:
+        _require(len(self.request_id) == 32, "receipt.request_id must be 32 hex characters")
+        _peer(self.host_id, "receipt.host_id")
+        _peer(self.gateway_id, "receipt.gateway_id")
+        _name(self.model, "receipt.model")
+        _require(min(self.price_micro_per_mtok, self.tokens_in, self.tokens_out, self.cost_micro) >= 0, "receipt amounts must be >= 0")
+        _require(len(self.output_hash) == 32 and len(self.prompt_hash) == 32, "receipt hashes are 32 bytes")
+        _require(self.finish_reason in FINISH_REASONS, "receipt.finish_reason unknown")
+        _require(len(self.commitment) <= MAX_COMMITMENT_BYTES, "receipt.commitment too long")
+
+
+@message
+class Allowance(Message):
+    """A hub-signed budget a gateway may spend for one account until it expires."""
+
+    TYPE: ClassVar[str] = "allowance"
+    SIGNATURES: ClassVar = (("sig", "hub_id"),)
+
+    allowance_id: str
+    hub_id: str
+    account: str
+    gateway_id: str
+    budget_micro: int
+    issued_at: float
+    expires_at: float
+    sig: bytes = b""
+
+    def check(self) -> None:
+        _peer(self.hub_id, "allowance.hub_id")
+        _peer(self.gateway_id, "allowance.gateway_id")
+        _require(self.budget_micro >= 0, "allowance.budget must be >= 0")
+        _require(self.expires_at > self.issued_at, "allowance expires before it is issued")
+
+
+ERROR_CODES = ("busy", "bad_request", "unknown_model", "price", "payment", "internal", "protocol", "draining")
+
+
+@message
+class Error(Message):
+    """A host's refusal or failure; ``retryable`` tells the gateway to try elsewhere."""
+
+    TYPE: ClassVar[str] = "error"
+
+    code: str
+    message: str
+    retryable: bool
+
+    def check(self) -> None:
+        _require(self.code in ERROR_CODES, f"unknown error code {self.code[:20]!r}")
+        _require(len(self.message) <= 4096, "error message too long")
+
+
+def output_hash(token_ids: list[int] | tuple[int, ...]) -> bytes:
+    """SHA-256 over the output token ids as 4-byte big-endian integers."""
+    h = hashlib.sha256()
+    for t in token_ids:
+        h.update(t.to_bytes(4, "big"))
+    return h.digest()
