@@ -217,17 +217,22 @@ class Chunk(Message):
 
     The host never waits to fill a chunk: the first token goes out alone, and
     later chunks carry whatever the backend produced while the previous frame
-    was being written. ``logprobs`` may be empty when a backend has none.
+    was being written. ``token_ids`` and ``logprobs`` are empty when a
+    backend does not expose them (an upstream OpenAI-compatible server);
+    ``n_tokens`` always counts the tokens, so the gateway can check a
+    receipt's ``tokens_out`` either way.
     """
 
     TYPE: ClassVar[str] = "chunk"
 
     text: str
+    n_tokens: int
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
 
     def check(self) -> None:
-        _require(len(self.token_ids) <= MAX_CHUNK_TOKENS, "chunk has too many tokens")
+        _require(0 < self.n_tokens <= MAX_CHUNK_TOKENS, "chunk token count out of range")
+        _require(not self.token_ids or len(self.token_ids) == self.n_tokens, "chunk token ids do not match its count")
         _require(len(self.text) <= MAX_TEXT_CHARS, "chunk text too long")
         _require(not self.logprobs or len(self.logprobs) == len(self.token_ids), "chunk logprobs do not match tokens")
 
@@ -314,9 +319,23 @@ class Error(Message):
         _require(len(self.message) <= 4096, "error message too long")
 
 
-def output_hash(token_ids: list[int] | tuple[int, ...]) -> bytes:
-    """SHA-256 over the output token ids as 4-byte big-endian integers."""
-    h = hashlib.sha256()
-    for t in token_ids:
-        h.update(t.to_bytes(4, "big"))
-    return h.digest()
+class OutputHasher:
+    """Running SHA-256 of a response as delivered: its token ids and its text.
+
+    Host and gateway feed it the same chunks, so a receipt's ``output_hash``
+    proves both saw the same output; binding the text as well as the ids
+    covers backends that expose no ids.
+    """
+
+    def __init__(self) -> None:
+        self._ids = hashlib.sha256(b"gpunexus/output-ids/1\n")
+        self._text = hashlib.sha256(b"gpunexus/output-text/1\n")
+        self.tokens = 0
+
+    def update(self, chunk: Chunk) -> None:
+        self._ids.update(b"".join(t.to_bytes(4, "big") for t in chunk.token_ids))
+        self._text.update(chunk.text.encode("utf-8", "surrogatepass"))
+        self.tokens += chunk.n_tokens
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(self._ids.digest() + self._text.digest()).digest()

@@ -1,0 +1,4 @@
+from gpunexus.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""The one interface every inference backend implements.
+
+A backend streams tokens into a trio channel as it produces them and returns
+a :class:`GenerationResult` at the end. Pushing into a channel (rather than
+yielding) lets the host's sender coalesce whatever tokens are ready into one
+frame without ever delaying the first: the producer never waits for the
+network, and the network never waits for a batch to fill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from gpunexus.protocol.messages import ChatMessage, Order, Sampling
+
+
+class BackendError(Exception):
+    """The backend could not serve the request (bad input or upstream failure)."""
+
+    def __init__(self, message: str, *, code: str = "internal", retryable: bool = True) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retryable = retryable
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    kind: str
+    messages: tuple[ChatMessage, ...]
+    prompt: str
+    continuation: str
+    sampling: Sampling
+    max_tokens: int
+
+    @classmethod
+    def from_order(cls, order: Order) -> GenerationRequest:
+        return cls(order.kind, order.messages, order.prompt, order.continuation, order.sampling, order.max_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One generated token; ``token_id`` is None where the backend does not expose ids."""
+
+    text: str
+    token_id: int | None
+    logprob: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    commitment: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a host announces about the model a backend serves."""
+
+    name: str
+    model_hash: str
+    max_context: int
+    license: str
+
+
+class Backend(Protocol):
+    info: ModelInfo
+
+    async def generate(self, request: GenerationRequest, tokens: trio.MemorySendChannel[Token]) -> GenerationResult:
+        """Stream tokens into ``tokens`` (never blocking on it) and return the totals."""
+
+    async def aclose(self) -> None:
+        """Release what the backend holds (threads, HTTP clients, GPU memory)."""

@@ -1,0 +1,117 @@
+"""Forward to an OpenAI-compatible server the host already runs.
+
+Ollama, vLLM, llama.cpp's server and TGI all speak ``/v1/chat/completions``
+with SSE streaming. They stream one token per event, so each content event
+counts as one token on our side (what the gateway can check and what is
+billed); the upstream's own prompt-token count is used for ``tokens_in``.
+
+What cannot be verified here: upstream servers expose no token ids and no
+hidden states, and do not sample with our seeded sampler, so receipts from
+this backend carry no activation commitment and cannot be seed-replayed; the
+honesty checks that remain are counts and spot checks of output quality.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import httpx
+import trio
+
+from .base import BackendError, GenerationRequest, GenerationResult, ModelInfo, Token
+
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 120.0
+
+
+class OpenAIUpstreamBackend:
+    def __init__(self, base_url: str, model: str, *, upstream_model: str | None = None, api_key: str | None = None, max_context: int = 8192, license: str = "") -> None:
+        self.base_url = base_url.rstrip("/")
+        self.upstream_model = upstream_model or model
+        digest = hashlib.sha256(f"openai-upstream\n{self.upstream_model}".encode()).hexdigest()
+        self.info = ModelInfo(name=model, model_hash=f"upstream-{digest[:16]}", max_context=max_context, license=license)
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
+
+    def _body(self, request: GenerationRequest) -> tuple[str, dict]:
+        s = request.sampling
+        body: dict = {
+            "model": self.upstream_model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": request.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "seed": s.seed,
+        }
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if s.top_k:
+            body["top_k"] = s.top_k
+        if request.kind == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            if request.continuation:
+                # vLLM and llama.cpp continue a trailing assistant message with these flags.
+                messages.append({"role": "assistant", "content": request.continuation})
+                body["continue_final_message"] = True
+                body["add_generation_prompt"] = False
+            body["messages"] = messages
+            return f"{self.base_url}/chat/completions", body
+        body["prompt"] = request.prompt + request.continuation
+        return f"{self.base_url}/completions", body
+
+    async def generate(self, request: GenerationRequest, tokens: trio.MemorySendChannel[Token]) -> GenerationResult:
+        url, body = self._body(request)
+        chat = request.kind == "chat"
+        produced = 0
+        prompt_tokens = None
+        finish_reason = "length"
+        try:
+            async with self._client.stream("POST", url, json=body) as response:
+                if response.status_code != 200:
+                    detail = (await response.aread())[:300].decode(errors="replace")
+                    raise BackendError(f"upstream answered {response.status_code}: {detail}", retryable=response.status_code >= 500 or response.status_code == 429)
+                buffer = b""
+                async for data in response.aiter_bytes():
+                    buffer += data
+                    *events, buffer = buffer.split(b"\n\n")
+                    for event in events:
+                        if not event.startswith(b"data:"):
+                            continue
+                        payload = event[5:].strip()
+                        if payload == b"[DONE]":
+                            continue
+                        obj = json.loads(payload)
+                        usage = obj.get("usage")
+                        if usage:
+                            prompt_tokens = usage.get("prompt_tokens")
+                        for choice in obj.get("choices") or ():
+                            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
+                            if text:
+                                produced += 1
+                                tokens.send_nowait(Token(text, None, None))
+                            if choice.get("finish_reason"):
+                                finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
+        except httpx.HTTPError as exc:
+            if produced:
+                raise BackendError(f"upstream broke mid-stream: {exc}", retryable=True) from None
+            raise BackendError(f"upstream unreachable: {type(exc).__name__}: {exc}", retryable=True) from None
+        except (ValueError, AttributeError) as exc:
+            raise BackendError(f"upstream sent something that is not an OpenAI stream: {exc}", retryable=True) from None
+        if prompt_tokens is None:
+            prompt_tokens = _estimate_prompt_tokens(request)
+        return GenerationResult(prompt_tokens=int(prompt_tokens), completion_tokens=produced, finish_reason=finish_reason)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _estimate_prompt_tokens(request: GenerationRequest) -> int:
+    """About four characters a token, for upstreams that report no usage."""
+    chars = sum(len(m.content) for m in request.messages) + len(request.prompt) + len(request.continuation)
+    return max(1, chars // 4)

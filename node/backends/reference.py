@@ -1,0 +1,80 @@
+"""The reference backend: the numpy transformer from ``gpunexus.verify``.
+
+It runs on any CPU, really computes every token, and samples with the
+project's seeded sampler, so the hub's verifier can replay its output
+exactly. Decoding runs in a worker thread (numpy releases the GIL in its
+matrix kernels), one thread per request up to the host's slot count.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import trio
+
+from gpunexus.verify.generate import generate
+from gpunexus.verify.registry import load_reference
+from gpunexus.verify.sampler import SamplingParams
+
+from .base import BackendError, GenerationRequest, GenerationResult, ModelInfo, Token
+
+
+class ReferenceBackend:
+    def __init__(self, name: str = "tiny", *, public_name: str | None = None, max_slots: int = 4) -> None:
+        try:
+            self.model, self.tokenizer = load_reference(name)
+        except LookupError as exc:
+            raise BackendError(str(exc), code="unknown_model", retryable=False) from None
+        self.info = ModelInfo(
+            name=public_name or name,
+            model_hash=self.model.model_hash,
+            max_context=self.model.config.max_seq_len,
+            license="Apache-2.0 (gpunexus reference weights, generated from a seed)",
+        )
+        self._limiter = trio.CapacityLimiter(max_slots)
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.kind == "chat":
+            ids = self.tokenizer.chat_prompt([{"role": m.role, "content": m.content} for m in request.messages])
+        else:
+            ids = self.tokenizer.completion_prompt(request.prompt)
+        return ids + self.tokenizer.encode(request.continuation)
+
+    async def generate(self, request: GenerationRequest, tokens: trio.MemorySendChannel[Token]) -> GenerationResult:
+        try:
+            prompt = self.prompt_ids(request)
+        except ValueError as exc:
+            raise BackendError(str(exc), code="bad_request", retryable=False) from None
+        if len(prompt) >= self.model.config.max_seq_len:
+            raise BackendError(f"prompt of {len(prompt)} tokens exceeds the context of {self.model.config.max_seq_len}", code="bad_request", retryable=False)
+        s = request.sampling
+        params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=request.max_tokens, stop=list(s.stop), seed=s.seed)
+        stop = threading.Event()
+
+        def work() -> tuple[int, str]:
+            count, finish = 0, "length"
+            for tok in generate(self.model, self.tokenizer, prompt, params):
+                if stop.is_set():
+                    break
+                count += 1
+                trio.from_thread.run_sync(tokens.send_nowait, Token(tok.text, tok.token_id, tok.logprob))
+                if tok.finish_reason is not None:
+                    finish = tok.finish_reason
+            return count, finish
+
+        try:
+            count, finish = await trio.to_thread.run_sync(work, abandon_on_cancel=True, limiter=self._limiter)
+        finally:
+            stop.set()
+        return GenerationResult(prompt_tokens=len(prompt), completion_tokens=count, finish_reason=finish)
+
+    def measure_tokens_per_s(self, tokens: int = 64) -> float:
+        """Decode speed on this machine, for the offer (a short greedy run)."""
+        params = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=tokens, stop=[], seed=0)
+        start = time.perf_counter()
+        n = sum(1 for _ in generate(self.model, self.tokenizer, self.tokenizer.completion_prompt("Benchmark"), params))
+        return round(n / (time.perf_counter() - start), 1)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,270 @@
+"""``gpunexus node ...``: run a host or a gateway, and steer a running host."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+from gpunexus.protocol.money import micro_to_usd, usd_to_micro
+
+from .backends.base import Backend, BackendError
+from .gateway import GatewayConfig
+from .p2p import P2PConfig, format_swarm_key, load_swarm_key
+from .runtime import CONTROL_FILE, GatewayOptions, HostOptions, node_home, open_gateway, open_host
+
+log = logging.getLogger("gpunexus.node")
+
+
+def _home() -> str:
+    return os.environ.get("GPUNEXUS_HOME") or os.path.expanduser("~/.gpunexus")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    node = sub.add_parser("node", help="run a host or a gateway peer", description="Run a host (serve a model) or a gateway (OpenAI API on localhost), and steer a running host.")
+    actions = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
+
+    serve = actions.add_parser("serve", help="serve a model to the network as a host", description="Serve a model to the network. The first line on stdout is 'peer: <multiaddr>' for a gateway's --bootstrap.")
+    serve.add_argument("--model", required=True, help="public model name gateways ask for (for --backend reference: the reference config, e.g. tiny)")
+    serve.add_argument("--backend", choices=("reference", "openai", "exllamav2"), default="reference", help="inference backend (default: reference, the CPU numpy model)")
+    serve.add_argument("--upstream", metavar="URL", help="--backend openai: base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1")
+    serve.add_argument("--upstream-model", metavar="NAME", help="--backend openai: model name on the upstream (default: --model)")
+    serve.add_argument("--upstream-key", metavar="KEY", help="--backend openai: bearer key for the upstream, if it needs one")
+    serve.add_argument("--model-dir", metavar="DIR", help="--backend exllamav2: the EXL2 model folder")
+    serve.add_argument("--price", default="0.20", metavar="USD_PER_MTOK", help="asking price in USD per million tokens (default 0.20)")
+    serve.add_argument("--slots", type=int, default=4, help="requests served at once (default 4)")
+    serve.add_argument("--region", default="", help="free-form region label shown to gateways")
+    serve.add_argument("--license", default=None, help="licence note announced with the model (e.g. 'Apache-2.0', 'Llama 3.1 Community License')")
+    serve.add_argument("--tokens-per-s", type=float, default=None, help="announce this speed instead of measuring it at start")
+    serve.add_argument("--listen", action="append", metavar="MULTIADDR", help="libp2p listen address (default /ip4/0.0.0.0/tcp/4001); repeatable")
+    _network_args(serve)
+    serve.set_defaults(func=_serve)
+
+    gw = actions.add_parser("gateway", help="run the OpenAI-compatible gateway on localhost", description="Serve the OpenAI API on localhost and stream every request from a host, peer to peer.")
+    gw.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    gw.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    gw.add_argument("--listen", action="append", metavar="MULTIADDR", help="libp2p listen address (default /ip4/127.0.0.1/tcp/0)")
+    gw.add_argument("--max-price", metavar="USD_PER_MTOK", help="never pay more than this per million tokens")
+    gw.add_argument("--min-tokens-per-s", type=float, help="skip hosts announcing less than this speed")
+    gw.add_argument("--first-token-timeout", type=float, default=10.0, help="seconds to wait for a host's first token before trying the next (default 10)")
+    _network_args(gw)
+    gw.set_defaults(func=_gateway)
+
+    for name, text in (("enable", "take requests again"), ("disable", "finish in-flight requests, then withdraw from the network"), ("status", "show in-flight, served, earnings and uptime")):
+        p = actions.add_parser(name, help=f"running host: {text}", description=f"Tell the host running under $GPUNEXUS_HOME to {text}.")
+        p.set_defaults(func=_control, action=name)
+
+    check = actions.add_parser("check", help="hardware and throughput check for a model", description="Measure this machine against a model: tokens/s, memory, GPU.")
+    check.add_argument("--model", default="tiny")
+    check.add_argument("--backend", choices=("reference", "openai", "exllamav2"), default="reference")
+    check.add_argument("--upstream", metavar="URL")
+    check.add_argument("--upstream-model", metavar="NAME")
+    check.add_argument("--model-dir", metavar="DIR")
+    check.add_argument("--min-tokens-per-s", type=float, default=10.0, help="pass mark (default 10)")
+    check.set_defaults(func=_check)
+
+    key = actions.add_parser("swarm-key", help="write a new pre-shared key for a private swarm", description="Write a new swarm key file (libp2p pnet format). Share it with your team's hosts and gateways; peers without it cannot connect.")
+    key.add_argument("path", type=Path)
+    key.set_defaults(func=_swarm_key)
+
+
+def _network_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="peer to dial at start (a host's 'peer:' line); repeatable")
+    p.add_argument("--swarm-key", type=Path, metavar="FILE", help="private swarm: only peers with this key can connect (see 'gpunexus node swarm-key')")
+    p.add_argument("--hub", metavar="URL", help="settlement hub base URL (omit for a private swarm without billing)")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("GPUNEXUS_API_KEY"), help="hub API key (or $GPUNEXUS_API_KEY); without --hub on a gateway: the bearer key clients must send")
+
+
+def _p2p(args: argparse.Namespace, default_listen: str) -> P2PConfig:
+    return P2PConfig(
+        listen=args.listen or [default_listen],
+        bootstrap=list(args.bootstrap),
+        swarm_key=load_swarm_key(args.swarm_key) if args.swarm_key else None,
+    )
+
+
+def make_backend(args: argparse.Namespace) -> Backend:
+    if args.backend == "reference":
+        from .backends.reference import ReferenceBackend
+
+        return ReferenceBackend(args.model, max_slots=getattr(args, "slots", 4))
+    if args.backend == "openai":
+        if not args.upstream:
+            raise SystemExit("--backend openai needs --upstream URL (e.g. http://127.0.0.1:11434/v1 for Ollama)")
+        from .backends.openai_upstream import OpenAIUpstreamBackend
+
+        return OpenAIUpstreamBackend(args.upstream, args.model, upstream_model=args.upstream_model, api_key=getattr(args, "upstream_key", None), license=getattr(args, "license", None) or "")
+    from .backends.exllamav2 import ExLlamaV2Backend
+
+    if not args.model_dir:
+        raise SystemExit("--backend exllamav2 needs --model-dir DIR (an EXL2 model folder)")
+    return ExLlamaV2Backend(args.model_dir, args.model)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        price = usd_to_micro(args.price)
+    except ValueError as exc:
+        raise SystemExit(f"--price: {exc}") from None
+    if args.slots < 1:
+        raise SystemExit("--slots must be at least 1")
+    try:
+        backend = make_backend(args)
+    except BackendError as exc:
+        raise SystemExit(f"cannot start the backend: {exc}") from None
+    if args.license is not None:
+        backend.info = type(backend.info)(backend.info.name, backend.info.model_hash, backend.info.max_context, args.license)
+    tokens_per_s = args.tokens_per_s
+    if tokens_per_s is None:
+        measure = getattr(backend, "measure_tokens_per_s", None)
+        tokens_per_s = measure() if measure else 0.0
+    options = HostOptions(
+        backend=backend,
+        price_micro_per_mtok=price,
+        p2p=_p2p(args, "/ip4/0.0.0.0/tcp/4001"),
+        max_slots=args.slots,
+        tokens_per_s=tokens_per_s,
+        region=args.region,
+        home=_home(),
+        control=True,
+    )
+
+    async def main() -> None:
+        async with open_host(options) as runtime:
+            addrs = runtime.node.listen_addrs()
+            print(f"peer: {addrs[0]}", flush=True)
+            log.info("serving %s (%s) at %s USD/Mtok, %.1f tokens/s, %d slots", backend.info.name, backend.info.model_hash, micro_to_usd(price), tokens_per_s, args.slots)
+            for addr in addrs[1:]:
+                log.info("also reachable at %s", addr)
+            await trio.sleep_forever()
+
+    trio.run(main)
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    config = GatewayConfig(first_token_timeout=args.first_token_timeout, min_tokens_per_s=args.min_tokens_per_s)
+    if args.max_price:
+        try:
+            config.max_price_micro_per_mtok = usd_to_micro(args.max_price)
+        except ValueError as exc:
+            raise SystemExit(f"--max-price: {exc}") from None
+    from .settlement import FreeSettlement
+
+    settlement = FreeSettlement(api_key=args.api_key)
+    if args.hub:
+        from .hub_client import HubSettlement
+
+        if not args.api_key:
+            raise SystemExit("--hub needs --api-key (or $GPUNEXUS_API_KEY)")
+        settlement = HubSettlement(args.hub, args.api_key, home=_home())
+    options = GatewayOptions(host=args.host, port=args.port, p2p=_p2p(args, "/ip4/127.0.0.1/tcp/0"), config=config, settlement=settlement, home=_home())
+
+    async def main() -> None:
+        async with open_gateway(options) as runtime:
+            print(f"base_url: {runtime.base_url}", flush=True)
+            log.info("gateway peer %s; OpenAI API at %s", runtime.node.peer_id, runtime.base_url)
+            await trio.sleep_forever()
+
+    trio.run(main)
+    return 0
+
+
+def _control(args: argparse.Namespace) -> int:
+    path = node_home(_home(), "host") / CONTROL_FILE
+    if not path.exists():
+        print(f"no host is running under {_home()} (no {path})", file=sys.stderr)
+        return 1
+    info = json.loads(path.read_text())
+    headers = {"authorization": f"Bearer {info['token']}"}
+    try:
+        with httpx.Client(timeout=600 if args.action == "disable" else 10) as client:
+            if args.action == "disable":
+                print("draining: waiting for in-flight requests to finish...", file=sys.stderr)
+            r = client.request("GET" if args.action == "status" else "POST", f"{info['url']}/{args.action}", headers=headers)
+            r.raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"cannot reach the host (pid {info.get('pid')}): {exc}", file=sys.stderr)
+        return 1
+    status = r.json()
+    state = "enabled" if status["enabled"] else "disabled (withdrawn)"
+    print(f"host {status['peer_id']}: {state}")
+    print(f"  model        {status['model']} ({status['model_hash']})")
+    print(f"  price        {micro_to_usd(status['price_micro_per_mtok'])} USD per million tokens")
+    print(f"  in flight    {status['in_flight']} of {status['max_slots']} slots")
+    print(f"  served       {status['served']} requests, {status['tokens_out']} tokens out, {status['failed']} failed, {status['refused']} refused")
+    print(f"  billed       {micro_to_usd(status['billed_micro'])} USD (receipts signed)")
+    if "earnings_micro" in status:
+        print(f"  earnings     {micro_to_usd(status['earnings_micro'])} USD settled by the hub")
+    print(f"  uptime       {status['uptime_s']:.0f} s")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    print(f"machine      {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        print(f"memory       {pages * size / 2**30:.1f} GiB")
+    except (ValueError, OSError):
+        pass
+    print(f"gpu          {_gpu_summary()}")
+    try:
+        backend = make_backend(args)
+    except BackendError as exc:
+        print(f"FAIL: cannot load the backend: {exc}")
+        return 1
+    measure = getattr(backend, "measure_tokens_per_s", None)
+    if measure is None:
+        tps = trio.run(_measure_generic, backend)
+    else:
+        tps = measure()
+    ok = tps >= args.min_tokens_per_s
+    print(f"model        {backend.info.name} ({backend.info.model_hash}), context {backend.info.max_context}")
+    print(f"throughput   {tps:.1f} tokens/s (pass mark {args.min_tokens_per_s:g})")
+    print("PASS: this machine can serve the model" if ok else "FAIL: too slow for this model")
+    return 0 if ok else 1
+
+
+async def _measure_generic(backend: Backend) -> float:
+    from gpunexus.protocol.messages import ChatMessage, Sampling
+
+    from .backends.base import GenerationRequest
+
+    send, receive = trio.open_memory_channel(float("inf"))
+    request = GenerationRequest("chat", (ChatMessage("user", "Count from one to fifty."),), "", "", Sampling(0.0, 1.0, 0, (), 0), 64)
+    start = time.perf_counter()
+    result = await backend.generate(request, send)
+    await backend.aclose()
+    return result.completion_tokens / max(1e-9, time.perf_counter() - start)
+
+
+def _gpu_summary() -> str:
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return "none found (nvidia-smi absent)"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "nvidia-smi printed nothing"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"nvidia-smi failed: {exc}"
+
+
+def _swarm_key(args: argparse.Namespace) -> int:
+    if args.path.exists():
+        raise SystemExit(f"{args.path} exists; refusing to overwrite a swarm key")
+    fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(format_swarm_key(secrets.token_hex(32)))
+    print(f"wrote {args.path}: pass it as --swarm-key to every host and gateway of your swarm")
+    return 0

@@ -1,0 +1,273 @@
+"""The gateway role: turn one OpenAI request into a stream from some host.
+
+The relay picks hosts from the live offer book (ranking lives in
+``gpunexus.pricing``), sends a signed :class:`Order`, forwards chunks as they
+arrive and checks the host's receipt against what it actually received
+before countersigning it. Failures are the gateway's problem, not the
+client's:
+
+* no first token within ``first_token_timeout``, a refusal, or a stream that
+  breaks before any content: try the next host, invisibly;
+* a host that dies mid-stream: continue on another host from the text
+  already delivered (the order's ``continuation``), so the client's stream
+  simply goes on; the dead host gets no receipt and is not paid;
+* nothing left to try: a clean error (HTTP 503 before content, an SSE error
+  event after), never a hang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import multiaddr
+import trio
+from libp2p.peer.id import ID
+
+from gpunexus.pricing.matching import Matcher, MatchPolicy
+from gpunexus.protocol.errors import ProtocolError
+from gpunexus.protocol.ids import new_request_id
+from gpunexus.protocol.messages import INFER_PROTOCOL, Chunk, Error, Offer, Order, OutputHasher, Receipt, Sampling
+from gpunexus.protocol.money import cost_micro
+
+from .offers import OfferBook
+from .openai_api import APIError, CompletionRequest, Usage
+from .p2p import P2PNode
+from .settlement import Settlement, SettlementRefused
+from .wire import FramedStream, PeerGone
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayConfig:
+    max_price_micro_per_mtok: int | None = None
+    min_tokens_per_s: float | None = None
+    open_timeout: float = 5.0
+    """Dial + stream negotiation with one host."""
+    first_token_timeout: float = 10.0
+    """From order sent to first chunk: past it, the next host gets the request."""
+    stall_timeout: float = 30.0
+    """Longest silence mid-stream before the host is treated as dead."""
+    max_attempts: int = 5
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Finish:
+    finish_reason: str
+    usage: Usage
+    fingerprint: str | None = None
+
+
+@dataclass
+class GatewayStats:
+    requests: int = 0
+    failovers: int = 0
+    receipts_rejected: int = 0
+    receipts: list[Receipt] = field(default_factory=list)
+
+
+Emit = Callable[[Delta], Awaitable[None]]
+
+
+class _HostFailed(Exception):
+    """This host did not deliver; the relay moves on to the next one."""
+
+
+class _Outcome:
+    __slots__ = ("text", "tokens", "receipt", "problems")
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.tokens = 0
+        self.receipt: Receipt | None = None
+        self.problems: list[str] = []
+
+
+class GatewayService:
+    def __init__(self, node: P2PNode, book: OfferBook, settlement: Settlement, config: GatewayConfig | None = None) -> None:
+        self.node = node
+        self.book = book
+        self.settlement = settlement
+        self.config = config or GatewayConfig()
+        self.matcher = Matcher()
+        self.stats = GatewayStats()
+
+    def policy(self) -> MatchPolicy:
+        return MatchPolicy(self.config.max_price_micro_per_mtok, self.config.min_tokens_per_s)
+
+    async def complete(self, request: CompletionRequest, bearer: str | None, emit: Emit) -> Finish:
+        """Run one request to the end, emitting text as it arrives; APIError if it cannot start."""
+        self.stats.requests += 1
+        if not self.book.for_model(request.model):
+            raise APIError(404, f"The model '{request.model}' does not exist or no host serves it right now.", param="model", code="model_not_found")
+        try:
+            grant = self.settlement.authorize(bearer, 0)
+        except SettlementRefused as refused:
+            headers = {"x-should-retry": "false"} if refused.status == 402 else {}
+            raise APIError(refused.status, refused.message, type="insufficient_quota" if refused.status == 402 else "invalid_request_error", code=refused.code, headers=headers) from None
+        request_id = new_request_id()
+        seed = _seed(request, request_id)
+        delivered_text = ""
+        delivered_tokens = 0
+        tried: set[str] = set()
+        last_error = "no host serves this model within your price and speed limits"
+        for attempt in range(self.config.max_attempts):
+            now = time.monotonic()
+            candidates = [o for o in self.matcher.rank(self.book.for_model(request.model), request.model, self.policy(), now) if o.peer_id not in tried]
+            if not candidates:
+                break
+            offer = candidates[0]
+            tried.add(offer.peer_id)
+            order = self._order(request, offer, request_id if attempt == 0 else new_request_id(), seed, delivered_text, request.max_tokens - delivered_tokens, grant.allowance)
+            outcome = _Outcome()
+            try:
+                await self._attempt(offer, order, outcome, emit)
+            except _HostFailed as failure:
+                last_error = str(failure)
+                self.matcher.report_failure(offer.peer_id, time.monotonic())
+                delivered_text += outcome.text
+                delivered_tokens += outcome.tokens
+                if outcome.tokens:
+                    self.stats.failovers += 1
+                    log.warning("host %s failed mid-stream after %d tokens (%s); continuing elsewhere", offer.peer_id, outcome.tokens, failure)
+                else:
+                    log.info("host %s failed before content (%s); trying the next", offer.peer_id, failure)
+                if delivered_tokens >= request.max_tokens:
+                    return Finish("length", Usage(0, delivered_tokens))
+                continue
+            self.matcher.report_success(offer.peer_id)
+            receipt = outcome.receipt
+            assert receipt is not None
+            if outcome.problems:
+                # The client got its text; the host gets no countersignature, so no pay.
+                self.stats.receipts_rejected += 1
+                log.warning("refusing to countersign receipt %s from %s: %s", receipt.request_id, offer.peer_id, "; ".join(outcome.problems))
+            else:
+                self._settle(receipt)
+            prompt_tokens = max(0, receipt.tokens_in - delivered_tokens) if delivered_tokens else receipt.tokens_in
+            return Finish(receipt.finish_reason, Usage(prompt_tokens, delivered_tokens + outcome.tokens), receipt.model_hash[:32])
+        if delivered_tokens:
+            raise _MidStreamExhausted(f"every host failed mid-response: {last_error}")
+        raise APIError(503, f"No host available for '{request.model}': {last_error}.", type="server_error", code="no_host_available")
+
+    def _order(self, request: CompletionRequest, offer: Offer, request_id: str, seed: int, continuation: str, max_tokens: int, allowance: bytes) -> Order:
+        return Order(
+            request_id=request_id,
+            gateway_id=self.node.peer_id,
+            host_id=offer.peer_id,
+            model=request.model,
+            price_micro_per_mtok=offer.price_micro_per_mtok,
+            max_tokens=max_tokens,
+            kind=request.kind,
+            messages=request.messages,
+            prompt=request.prompt,
+            continuation=continuation,
+            sampling=Sampling(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, stop=request.stop, seed=seed),
+            allowance=allowance,
+            issued_at=time.time(),
+        ).signed(self.node.signer)
+
+    async def _open(self, offer: Offer) -> FramedStream:
+        peer = ID.from_base58(offer.peer_id)
+        store = self.node.host.get_peerstore()
+        addrs = []
+        for text in offer.addrs:
+            try:
+                addrs.append(multiaddr.Multiaddr(text.split("/p2p/")[0]))
+            except Exception:
+                continue
+        if addrs:
+            store.add_addrs(peer, addrs, 600)
+        with trio.fail_after(self.config.open_timeout):
+            stream = await self.node.host.new_stream(peer, [INFER_PROTOCOL])
+        return FramedStream(stream)
+
+    async def _attempt(self, offer: Offer, order: Order, outcome: _Outcome, emit: Emit) -> None:
+        try:
+            framed = await self._open(offer)
+        except (trio.TooSlowError, Exception) as exc:  # any dial failure means: next host
+            raise _HostFailed(f"cannot open a stream: {type(exc).__name__}: {exc}") from None
+        hasher = OutputHasher()
+        try:
+            await framed.send(order)
+            deadline = self.config.first_token_timeout
+            while True:
+                with trio.move_on_after(deadline) as waited:
+                    msg = await framed.receive()
+                if waited.cancelled_caught:
+                    raise _HostFailed("no first token in time" if not outcome.tokens else "stream stalled")
+                deadline = self.config.stall_timeout
+                if isinstance(msg, Chunk):
+                    hasher.update(msg)
+                    outcome.text += msg.text
+                    outcome.tokens += msg.n_tokens
+                    if outcome.tokens > order.max_tokens:
+                        raise _HostFailed("host sent more tokens than ordered")
+                    if msg.text:
+                        await emit(Delta(msg.text))
+                elif isinstance(msg, Receipt):
+                    outcome.problems = _receipt_problems(order, msg, hasher, offer)
+                    outcome.receipt = msg
+                    return
+                elif isinstance(msg, Error):
+                    if not msg.retryable and not outcome.tokens and msg.code == "bad_request":
+                        raise APIError(400, f"The host rejected the request: {msg.message}")
+                    raise _HostFailed(f"host error {msg.code}: {msg.message}")
+                else:
+                    raise _HostFailed(f"unexpected {msg.TYPE} message")
+        except (PeerGone, ProtocolError) as exc:
+            raise _HostFailed(str(exc)) from None
+        finally:
+            if outcome.receipt is None:
+                await framed.reset()
+            else:
+                await framed.close()
+
+    def _settle(self, receipt: Receipt) -> None:
+        countersigned = receipt.signed(self.node.signer, "gateway_sig")
+        self.stats.receipts.append(countersigned)
+        del self.stats.receipts[:-100]
+        self.settlement.record(countersigned)
+
+
+class _MidStreamExhausted(APIError):
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message, type="server_error", code="no_host_available")
+
+
+def _receipt_problems(order: Order, receipt: Receipt, hasher: OutputHasher, offer: Offer) -> list[str]:
+    """What keeps this receipt from describing exactly what was received, at the ordered price."""
+    problems = []
+    try:
+        receipt.verify("host_sig")
+    except ProtocolError as exc:
+        problems.append(f"signature: {exc}")
+    if receipt.request_id != order.request_id or receipt.host_id != order.host_id or receipt.gateway_id != order.gateway_id:
+        problems.append("ids")
+    if receipt.model != order.model or receipt.price_micro_per_mtok != order.price_micro_per_mtok:
+        problems.append("model or price")
+    if receipt.tokens_out != hasher.tokens or receipt.output_hash != hasher.digest():
+        problems.append(f"output (receipt says {receipt.tokens_out} tokens, received {hasher.tokens})")
+    if receipt.prompt_hash != order.prompt_hash() or receipt.seed != order.sampling.seed:
+        problems.append("prompt or seed")
+    if receipt.cost_micro != cost_micro(receipt.tokens_in + receipt.tokens_out, receipt.price_micro_per_mtok):
+        problems.append("cost")
+    if receipt.model_hash != offer.model_hash:
+        problems.append("model hash differs from the offer")
+    return problems
+
+
+def _seed(request: CompletionRequest, request_id: str) -> int:
+    """The client's seed if given (same seed, same output), else one derived from the request id."""
+    if request.seed is not None:
+        return request.seed % 2**63
+    return int.from_bytes(hashlib.sha256(bytes.fromhex(request_id)).digest()[:8], "big") % 2**63

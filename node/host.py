@@ -1,0 +1,270 @@
+"""The host role: serve ``/gpunexus/infer/1`` streams from a backend.
+
+One stream carries one request: the gateway's signed :class:`Order`, then our
+:class:`Chunk` frames, then a signed :class:`Receipt` (or an :class:`Error`).
+Anything malformed gets an error frame and a closed stream; the host itself
+never goes down for a peer's mistake.
+
+Availability is the owner's: ``disable`` stops taking new orders (they get a
+retryable ``draining`` error, so gateways move on invisibly), waits for the
+requests in flight to finish, then withdraws the offer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from gpunexus.protocol.errors import ProtocolError
+from gpunexus.protocol.messages import INFER_PROTOCOL, Chunk, Error, Order, OutputHasher, Receipt
+from gpunexus.protocol.money import cost_micro
+
+from .backends.base import Backend, BackendError, GenerationRequest, Token
+from .offers import Announcer, OfferTerms
+from .p2p import P2PNode
+from .wire import FramedStream, PeerGone
+
+log = logging.getLogger(__name__)
+
+ORDER_TIMEOUT = 10.0
+"""How long a fresh stream may take to send its order."""
+SEND_TIMEOUT = 30.0
+"""How long one chunk may take to leave: a gateway that stops reading is cut off."""
+
+MAX_BATCH_TOKENS = 512
+"""Most tokens coalesced into one chunk (well under the protocol's cap)."""
+
+OrderCheck = Callable[[Order], Awaitable[None]]
+
+
+@dataclass
+class HostStats:
+    started_at: float = field(default_factory=time.time)
+    in_flight: int = 0
+    served: int = 0
+    failed: int = 0
+    refused: int = 0
+    tokens_out: int = 0
+    billed_micro: int = 0
+
+
+class HostService:
+    """Serves orders for one backend and keeps its offer announced."""
+
+    def __init__(
+        self,
+        node: P2PNode,
+        backend: Backend,
+        *,
+        price_micro_per_mtok: int,
+        max_slots: int = 4,
+        tokens_per_s: float = 0.0,
+        region: str = "",
+        order_check: OrderCheck | None = None,
+    ) -> None:
+        self.node = node
+        self.backend = backend
+        self.max_slots = max_slots
+        self.order_check = order_check
+        self.stats = HostStats()
+        self.enabled = False
+        self._idle = trio.Event()
+        self._idle.set()
+        info = backend.info
+        self.terms = OfferTerms(
+            model=info.name,
+            model_hash=info.model_hash,
+            price_micro_per_mtok=price_micro_per_mtok,
+            tokens_per_s=tokens_per_s,
+            max_slots=max_slots,
+            max_context=info.max_context,
+            license=info.license,
+            region=region,
+        )
+        self.announcer = Announcer(node.pubsub, node.signer, node.listen_addrs, self.free_slots)
+        self.announcer.terms = [self.terms]
+
+    def free_slots(self) -> int:
+        return max(0, self.max_slots - self.stats.in_flight) if self.enabled else 0
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.node.host.set_stream_handler(INFER_PROTOCOL, self._handle_stream)
+        await self.enable()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.announcer.run)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                if self.enabled:
+                    await self.announcer.withdraw()
+
+    async def enable(self) -> None:
+        self.enabled = True
+        self.announcer.active = True
+        self.announcer.wake()
+
+    async def disable(self) -> None:
+        """Stop taking orders, let the ones in flight finish, then withdraw."""
+        self.enabled = False
+        self.announcer.active = False
+        await self._idle.wait()
+        await self.announcer.withdraw()
+
+    def status(self) -> dict:
+        s = self.stats
+        return {
+            "peer_id": self.node.peer_id,
+            "addrs": self.node.listen_addrs(),
+            "model": self.terms.model,
+            "model_hash": self.terms.model_hash,
+            "price_micro_per_mtok": self.terms.price_micro_per_mtok,
+            "enabled": self.enabled,
+            "in_flight": s.in_flight,
+            "max_slots": self.max_slots,
+            "served": s.served,
+            "failed": s.failed,
+            "refused": s.refused,
+            "tokens_out": s.tokens_out,
+            "billed_micro": s.billed_micro,
+            "uptime_s": round(time.time() - s.started_at, 1),
+        }
+
+    # --- one stream ------------------------------------------------------
+    async def _handle_stream(self, stream) -> None:
+        framed = FramedStream(stream)
+        try:
+            await self._serve(framed)
+        except PeerGone as exc:
+            log.info("gateway went away: %s", exc)
+        except Exception:  # the last line of defence: log, never take the host down
+            log.exception("unexpected failure serving a stream")
+            await framed.reset()
+        else:
+            await framed.close()
+
+    async def _serve(self, framed: FramedStream) -> None:
+        try:
+            with trio.fail_after(ORDER_TIMEOUT):
+                order = await framed.receive_as(Order)
+            self._check_order(order)
+            if self.order_check is not None:
+                await self.order_check(order)
+        except trio.TooSlowError:
+            await self._refuse(framed, "protocol", "no order within the deadline", retryable=False)
+            return
+        except ProtocolError as exc:
+            await self._refuse(framed, "protocol" if "order." not in str(exc) else "bad_request", str(exc), retryable=False)
+            return
+        except _Refusal as refusal:
+            await self._refuse(framed, refusal.code, refusal.message, refusal.retryable)
+            return
+        self.stats.in_flight += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        try:
+            await self._generate(framed, order)
+        finally:
+            self.stats.in_flight -= 1
+            if self.stats.in_flight == 0:
+                self._idle.set()
+
+    def _check_order(self, order: Order) -> None:
+        order.verify()
+        if order.host_id != self.node.peer_id:
+            raise _Refusal("bad_request", "this order is for another host", retryable=True)
+        if order.model != self.terms.model:
+            raise _Refusal("unknown_model", f"this host serves {self.terms.model}, not {order.model}", retryable=True)
+        if not self.enabled:
+            raise _Refusal("draining", "host is not taking new requests", retryable=True)
+        if order.price_micro_per_mtok < self.terms.price_micro_per_mtok:
+            raise _Refusal("price", "offered price is below this host's ask", retryable=True)
+        if self.stats.in_flight >= self.max_slots:
+            raise _Refusal("busy", "all slots are busy", retryable=True)
+
+    async def _refuse(self, framed: FramedStream, code: str, message: str, retryable: bool) -> None:
+        self.stats.refused += 1
+        log.info("refused an order: %s (%s)", message, code)
+        with trio.move_on_after(SEND_TIMEOUT):
+            await framed.send(Error(code=code, message=message, retryable=retryable))
+
+    async def _generate(self, framed: FramedStream, order: Order) -> None:
+        send, receive = trio.open_memory_channel[Token](math.inf)
+        hasher = OutputHasher()
+        result = None
+
+        async def produce() -> None:
+            nonlocal result
+            async with send:
+                result = await self.backend.generate(GenerationRequest.from_order(order), send)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce)
+                async with receive:
+                    async for first in receive:
+                        batch = [first]
+                        while len(batch) < MAX_BATCH_TOKENS:
+                            try:
+                                batch.append(receive.receive_nowait())
+                            except (trio.WouldBlock, trio.EndOfChannel):
+                                break
+                        chunk = _chunk(batch)
+                        hasher.update(chunk)
+                        with trio.fail_after(SEND_TIMEOUT):
+                            await framed.send(chunk)
+        except BackendError as exc:
+            self.stats.failed += 1
+            log.warning("backend failed: %s", exc)
+            with trio.move_on_after(SEND_TIMEOUT):
+                await framed.send(Error(code=exc.code, message=str(exc), retryable=exc.retryable))
+            return
+        except (PeerGone, trio.TooSlowError) as exc:
+            self.stats.failed += 1
+            log.info("request %s abandoned: %s", order.request_id, type(exc).__name__)
+            return
+        assert result is not None
+        tokens = result.prompt_tokens + hasher.tokens
+        receipt = Receipt(
+            request_id=order.request_id,
+            host_id=self.node.peer_id,
+            gateway_id=order.gateway_id,
+            model=order.model,
+            model_hash=self.terms.model_hash,
+            price_micro_per_mtok=order.price_micro_per_mtok,
+            tokens_in=result.prompt_tokens,
+            tokens_out=hasher.tokens,
+            cost_micro=cost_micro(tokens, order.price_micro_per_mtok),
+            output_hash=hasher.digest(),
+            prompt_hash=order.prompt_hash(),
+            seed=order.sampling.seed,
+            finish_reason=result.finish_reason,
+            commitment=result.commitment,
+            issued_at=time.time(),
+        ).signed(self.node.signer, "host_sig")
+        with trio.fail_after(SEND_TIMEOUT):
+            await framed.send(receipt)
+        self.stats.served += 1
+        self.stats.tokens_out += hasher.tokens
+        self.stats.billed_micro += receipt.cost_micro
+
+
+class _Refusal(Exception):
+    def __init__(self, code: str, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.code, self.message, self.retryable = code, message, retryable
+
+
+def _chunk(tokens: list[Token]) -> Chunk:
+    ids = tuple(t.token_id for t in tokens if t.token_id is not None)
+    logprobs = tuple(t.logprob for t in tokens if t.logprob is not None)
+    return Chunk(
+        text="".join(t.text for t in tokens),
+        n_tokens=len(tokens),
+        token_ids=ids if len(ids) == len(tokens) else (),
+        logprobs=logprobs if len(logprobs) == len(tokens) else (),
+    )

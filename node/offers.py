@@ -1,0 +1,183 @@
+"""Offers on the wire: the host's announcer and the gateway's offer book.
+
+A host re-announces every ``OFFER_INTERVAL`` seconds and each offer expires
+after ``OFFER_TTL``, so a host that vanishes without a word drops out of
+every book within one TTL; a host that leaves politely publishes a signed
+:class:`Withdraw` and drops out at once. Sequence numbers are milliseconds of
+wall time, so a restarted host's offers still supersede its old ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from gpunexus.protocol.codec import decode
+from gpunexus.protocol.errors import ProtocolError
+from gpunexus.protocol.messages import OFFERS_TOPIC, Offer, Withdraw
+from gpunexus.protocol.signing import Signer
+
+log = logging.getLogger(__name__)
+
+OFFER_INTERVAL = 3.0
+OFFER_TTL = 10.0
+CLOCK_SKEW = 30.0
+
+
+def next_seq() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class OfferBook:
+    """The live offers a gateway knows, keyed by (host peer id, model).
+
+    Only verified, unexpired offers get in; a withdrawal removes the host's
+    offers and blocks any older one that arrives late (gossip reorders).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._offers: dict[tuple[str, str], Offer] = {}
+        self._withdrawn: dict[str, int] = {}
+        self.changed = trio.Event()
+
+    def apply(self, msg: Offer | Withdraw) -> bool:
+        """Verify and apply one message; True when the book changed."""
+        msg.verify()
+        now = self._clock()
+        if isinstance(msg, Withdraw):
+            if msg.seq <= self._withdrawn.get(msg.peer_id, -1):
+                return False
+            self._withdrawn[msg.peer_id] = msg.seq
+            gone = [k for k, o in self._offers.items() if k[0] == msg.peer_id and o.seq <= msg.seq]
+            for key in gone:
+                del self._offers[key]
+            return self._touch(bool(gone))
+        if msg.expires_at <= now or msg.issued_at > now + CLOCK_SKEW:
+            return False
+        if msg.seq <= self._withdrawn.get(msg.peer_id, -1):
+            return False
+        key = (msg.peer_id, msg.model)
+        current = self._offers.get(key)
+        if current is not None and current.seq >= msg.seq:
+            return False
+        self._offers[key] = msg
+        return self._touch(True)
+
+    def _touch(self, changed: bool) -> bool:
+        if changed:
+            self.changed.set()
+            self.changed = trio.Event()
+        return changed
+
+    def live(self) -> list[Offer]:
+        now = self._clock()
+        expired = [k for k, o in self._offers.items() if o.expires_at <= now]
+        for key in expired:
+            del self._offers[key]
+        return list(self._offers.values())
+
+    def for_model(self, model: str) -> list[Offer]:
+        return [o for o in self.live() if o.model == model]
+
+    def models(self) -> dict[str, list[Offer]]:
+        out: dict[str, list[Offer]] = {}
+        for offer in self.live():
+            out.setdefault(offer.model, []).append(offer)
+        return out
+
+    def drop_host(self, peer_id: str) -> None:
+        """Forget a host now (its connection died); its next offer brings it back."""
+        gone = [k for k in self._offers if k[0] == peer_id]
+        for key in gone:
+            del self._offers[key]
+        self._touch(bool(gone))
+
+
+async def follow_offers(pubsub, book: OfferBook, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Feed every offer and withdrawal seen on the offers topic into ``book``."""
+    subscription = await pubsub.subscribe(OFFERS_TOPIC)
+    task_status.started()
+    while True:
+        envelope = await subscription.get()
+        try:
+            msg = decode(envelope.data)
+            if not isinstance(msg, (Offer, Withdraw)):
+                raise ProtocolError(f"{msg.TYPE} does not belong on {OFFERS_TOPIC}")
+            book.apply(msg)
+        except ProtocolError as exc:
+            log.debug("dropped an offer-topic message: %s", exc)
+
+
+@dataclass
+class OfferTerms:
+    """What a host asks and can do; the announcer signs a fresh Offer from it."""
+
+    model: str
+    model_hash: str
+    price_micro_per_mtok: int
+    tokens_per_s: float
+    max_slots: int
+    max_context: int
+    license: str
+    region: str = ""
+
+
+class Announcer:
+    """Publishes a host's offers on a heartbeat, and its withdrawal on disable."""
+
+    def __init__(self, pubsub, signer: Signer, addrs: Callable[[], list[str]], free_slots: Callable[[], int]) -> None:
+        self._pubsub = pubsub
+        self._signer = signer
+        self._addrs = addrs
+        self._free_slots = free_slots
+        self.terms: list[OfferTerms] = []
+        self.active = False
+        self._wake = trio.Event()
+
+    def offer(self, terms: OfferTerms) -> Offer:
+        now = time.time()
+        return Offer(
+            peer_id=self._signer.peer_id,
+            model=terms.model,
+            model_hash=terms.model_hash,
+            price_micro_per_mtok=terms.price_micro_per_mtok,
+            tokens_per_s=terms.tokens_per_s,
+            free_slots=min(self._free_slots(), terms.max_slots),
+            max_slots=terms.max_slots,
+            max_context=terms.max_context,
+            region=terms.region,
+            license=terms.license,
+            addrs=tuple(self._addrs()),
+            seq=next_seq(),
+            issued_at=now,
+            expires_at=now + OFFER_TTL,
+        ).signed(self._signer)
+
+    async def announce_now(self) -> None:
+        for terms in self.terms:
+            await self._pubsub.publish(OFFERS_TOPIC, self.offer(terms).encode())
+
+    async def withdraw(self) -> None:
+        self.active = False
+        msg = Withdraw(peer_id=self._signer.peer_id, seq=next_seq(), issued_at=time.time()).signed(self._signer)
+        await self._pubsub.publish(OFFERS_TOPIC, msg.encode())
+
+    def wake(self) -> None:
+        """Re-announce at once (enabled again, price changed)."""
+        self._wake.set()
+
+    async def run(self, interval: float = OFFER_INTERVAL) -> None:
+        while True:
+            if self.active:
+                try:
+                    await self.announce_now()
+                except Exception as exc:  # pubsub hiccups must not stop the heartbeat
+                    log.warning("could not publish offer: %s", exc)
+            with trio.move_on_after(interval):
+                await self._wake.wait()
+            self._wake = trio.Event()

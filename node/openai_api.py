@@ -1,0 +1,274 @@
+"""The OpenAI wire format: parse requests, shape responses, SSE and errors.
+
+Pure functions, no I/O: the gateway's HTTP layer calls them, tests call them
+directly. Responses follow what api.openai.com sends, field for field, so the
+official SDK (and anything built on it) sees no difference.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from gpunexus.protocol.limits import MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_STOP_SEQUENCES, MAX_TOKENS
+from gpunexus.protocol.messages import ROLES, ChatMessage
+
+DEFAULT_MAX_TOKENS = 256
+_UNSUPPORTED_IF_SET = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias")
+_ZERO_ONLY = ("presence_penalty", "frequency_penalty")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    kind: str  # "chat" | "completion"
+    model: str
+    messages: tuple[ChatMessage, ...]
+    prompt: str
+    stream: bool
+    include_usage: bool
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: tuple[str, ...]
+    seed: int | None
+    user: str | None
+
+
+def parse_request(body: object, kind: str) -> CompletionRequest:
+    """Validate a /v1/chat/completions or /v1/completions body; APIError(400) if wrong."""
+    if not isinstance(body, dict):
+        raise bad("The request body must be a JSON object.")
+    for name in _UNSUPPORTED_IF_SET:
+        if body.get(name) not in (None, [], {}) and not (name == "response_format" and body[name] == {"type": "text"}):
+            raise bad(f"'{name}' is not supported by this gateway.", param=name, code="unsupported_parameter")
+    for name in _ZERO_ONLY:
+        if body.get(name) not in (None, 0, 0.0):
+            raise bad(f"'{name}' is not supported by this gateway (only 0).", param=name, code="unsupported_parameter")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("you must provide a model parameter", param="model")
+    messages: tuple[ChatMessage, ...] = ()
+    prompt = ""
+    if kind == "chat":
+        messages = _parse_messages(body.get("messages"))
+    else:
+        prompt = _parse_prompt(body.get("prompt"))
+    n = body.get("n", 1)
+    if n not in (1, None):
+        raise bad("Only n=1 is supported.", param="n", code="unsupported_parameter")
+    stream = _boolean(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad("'stream_options' must be an object.", param="stream_options")
+    if options and not stream:
+        raise bad("The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options")
+    include_usage = bool(options and _boolean(options, "include_usage", False))
+    max_tokens = body.get("max_completion_tokens")
+    param = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, param = body.get("max_tokens"), "max_tokens"
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    if type(max_tokens) is not int or not 1 <= max_tokens <= MAX_TOKENS:
+        raise bad(f"'{param}' must be an integer between 1 and {MAX_TOKENS}.", param=param)
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0.0:
+        raise bad("'top_p' must be greater than 0.", param="top_p")
+    top_k = body.get("top_k", 0)
+    if type(top_k) is not int or top_k < 0:
+        raise bad("'top_k' must be a non-negative integer.", param="top_k")
+    stop = _parse_stop(body.get("stop"))
+    seed = body.get("seed")
+    if seed is not None and (type(seed) is not int or not -(2**63) <= seed < 2**63):
+        raise bad("'seed' must be a 64-bit integer.", param="seed")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad("'user' must be a string.", param="user")
+    return CompletionRequest(kind, model, messages, prompt, stream, include_usage, max_tokens, temperature, top_p, top_k, stop, seed, user)
+
+
+def _parse_messages(value: object) -> tuple[ChatMessage, ...]:
+    if not isinstance(value, list) or not value:
+        raise bad("'messages' must be a non-empty array.", param="messages")
+    if len(value) > MAX_MESSAGES:
+        raise bad(f"'messages' may hold at most {MAX_MESSAGES} messages.", param="messages")
+    out = []
+    total = 0
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"'{where}' must be an object.", param=where)
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"'{where}.role' must be one of {', '.join(ROLES)}.", param=f"{where}.role")
+        text = _content_text(m.get("content"), f"{where}.content")
+        total += len(text)
+        if total > MAX_PROMPT_CHARS:
+            raise bad("The messages are too long.", param="messages", code="context_length_exceeded")
+        out.append(ChatMessage(role=role, content=text))
+    return tuple(out)
+
+
+def _content_text(content: object, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"'{where}' may only hold text parts.", param=where)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad(f"'{where}' must be a string or an array of text parts.", param=where)
+
+
+def _parse_prompt(value: object) -> str:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        value = value[0]
+    if not isinstance(value, str):
+        raise bad("'prompt' must be a string (or an array of one string).", param="prompt")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise bad("The prompt is too long.", param="prompt", code="context_length_exceeded")
+    return value
+
+
+def _parse_stop(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or len(value) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in value):
+        raise bad(f"'stop' must be a string or up to {MAX_STOP_SEQUENCES} non-empty strings.", param="stop")
+    return tuple(value)
+
+
+def _boolean(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(f"'{name}' must be a boolean.", param=name)
+    return value
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if type(value) not in (int, float) or not low <= value <= high:
+        raise bad(f"'{name}' must be a number between {low:g} and {high:g}.", param=name)
+    return float(value)
+
+
+# --- responses -------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+class ResponseShaper:
+    """Builds one response's JSON objects and SSE events; ids and timestamps fixed per response."""
+
+    def __init__(self, request: CompletionRequest, response_id: str, fingerprint: str | None = None) -> None:
+        self.request = request
+        self.chat = request.kind == "chat"
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + response_id
+        self.created = int(time.time())
+        self.fingerprint = fingerprint
+        self._sent_role = False
+        head = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion", "created": self.created, "model": request.model}
+        if self.chat:
+            head["system_fingerprint"] = fingerprint
+        # Pre-encode everything but the text: one json.dumps of a string per chunk.
+        prefix = json.dumps(head, separators=(",", ":"))[:-1]
+        usage = ',"usage":null' if request.include_usage else ""
+        if self.chat:
+            self._delta_head = (f'data: {prefix},"choices":[{{"index":0,"delta":{{"content":').encode()
+            self._delta_tail = ('},"logprobs":null,"finish_reason":null}]' + usage + "}\n\n").encode()
+        else:
+            self._delta_head = (f'data: {prefix},"choices":[{{"text":').encode()
+            self._delta_tail = (',"index":0,"logprobs":null,"finish_reason":null}]' + usage + "}\n\n").encode()
+        self._head = head
+
+    def sse_delta(self, text: str) -> bytes:
+        if self.chat and not self._sent_role:
+            self._sent_role = True
+            first = self._event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}, "logprobs": None, "finish_reason": None}]})
+            return first + self._delta_head + json.dumps(text).encode() + self._delta_tail
+        return self._delta_head + json.dumps(text).encode() + self._delta_tail
+
+    def sse_finish(self, finish_reason: str, usage: Usage) -> bytes:
+        out = b""
+        if self.chat and not self._sent_role:
+            self._sent_role = True
+            out += self._event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}, "logprobs": None, "finish_reason": None}]})
+        if self.chat:
+            out += self._event({"choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}]})
+        else:
+            out += self._event({"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": finish_reason}]})
+        if self.request.include_usage:
+            out += self._event({"choices": [], "usage": usage.as_dict()}, usage_null=False)
+        return out + b"data: [DONE]\n\n"
+
+    def _event(self, body: dict, usage_null: bool = True) -> bytes:
+        obj = dict(self._head, **body)
+        if self.request.include_usage and usage_null:
+            obj["usage"] = None
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+    def full(self, text: str, finish_reason: str, usage: Usage) -> dict:
+        if self.chat:
+            return {
+                "id": self.id,
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.request.model,
+                "system_fingerprint": self.fingerprint,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None, "finish_reason": finish_reason}],
+                "usage": usage.as_dict(),
+            }
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.request.model,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage.as_dict(),
+        }
+
+
+def sse_error(error: APIError) -> bytes:
+    return b"data: " + json.dumps(error.body(), separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"

@@ -1,0 +1,173 @@
+"""Assemble the roles: a libp2p peer plus a host service or a gateway server.
+
+``open_host`` and ``open_gateway`` are async context managers used alike by
+the CLI, ``gpunexus demo`` and the tests, so all three run the same code.
+Both put the libp2p host and the HTTP server in one trio nursery.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import trio
+from hypercorn.trio import serve
+from quart import request
+from quart_trio import QuartTrio
+
+from gpunexus.protocol.signing import Signer
+
+from .backends.base import Backend
+from .gateway import GatewayConfig, GatewayService
+from .gateway_app import create_app, hypercorn_config
+from .host import HostService, OrderCheck
+from .offers import OfferBook, follow_offers
+from .p2p import P2PConfig, P2PNode, open_p2p
+from .settlement import FreeSettlement, Settlement
+
+log = logging.getLogger(__name__)
+
+
+def node_home(home: str | Path, role: str) -> Path:
+    path = Path(home) / "node" / role
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_identity(home: str | Path | None, role: str) -> Signer:
+    """The role's persistent identity under ``$GPUNEXUS_HOME``, or a throwaway one."""
+    if home is None:
+        return Signer.generate()
+    return Signer.load_or_create(node_home(home, role) / "identity.key")
+
+
+@dataclass
+class HostRuntime:
+    node: P2PNode
+    service: HostService
+    control_url: str | None = None
+
+
+@dataclass
+class GatewayRuntime:
+    node: P2PNode
+    service: GatewayService
+    base_url: str
+    book: OfferBook
+
+
+@dataclass
+class HostOptions:
+    backend: Backend
+    price_micro_per_mtok: int
+    p2p: P2PConfig = field(default_factory=P2PConfig)
+    max_slots: int = 4
+    tokens_per_s: float = 0.0
+    region: str = ""
+    home: str | Path | None = None
+    order_check: OrderCheck | None = None
+    control: bool = False
+
+
+@asynccontextmanager
+async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
+    signer = load_identity(options.home, "host")
+    async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
+        service = HostService(
+            node,
+            options.backend,
+            price_micro_per_mtok=options.price_micro_per_mtok,
+            max_slots=options.max_slots,
+            tokens_per_s=options.tokens_per_s,
+            region=options.region,
+            order_check=options.order_check,
+        )
+        await nursery.start(service.run)
+        runtime = HostRuntime(node, service)
+        if options.control and options.home is not None:
+            runtime.control_url = await nursery.start(_serve_control, service, node_home(options.home, "host"))
+        try:
+            yield runtime
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@dataclass
+class GatewayOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    p2p: P2PConfig = field(default_factory=P2PConfig)
+    config: GatewayConfig = field(default_factory=GatewayConfig)
+    settlement: Settlement = field(default_factory=FreeSettlement)
+    home: str | Path | None = None
+
+
+@asynccontextmanager
+async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]:
+    signer = load_identity(options.home, "gateway")
+    async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
+        book = OfferBook()
+        await nursery.start(follow_offers, node.pubsub, book)
+        await nursery.start(options.settlement.run)
+        service = GatewayService(node, book, options.settlement, options.config)
+        app = create_app(service, nursery)
+        bound = await nursery.start(_serve_http, app, options.host, options.port)
+        base_url = bound[0].replace("0.0.0.0", "127.0.0.1") + "/v1"
+        try:
+            yield GatewayRuntime(node, service, base_url, book)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _serve_http(app, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    config = hypercorn_config(host, port)
+    await serve(app, config, task_status=task_status, shutdown_trigger=trio.sleep_forever)
+
+
+# --- host control: `gpunexus node enable|disable|status` -------------------
+CONTROL_FILE = "control.json"
+
+
+async def _serve_control(service: HostService, folder: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A loopback-only HTTP endpoint, guarded by a token in a 0600 file."""
+    token = secrets.token_urlsafe(24)
+    app = QuartTrio("gpunexus-control")
+
+    @app.before_request
+    async def check_token():
+        if request.headers.get("authorization") != f"Bearer {token}":
+            return {"error": "bad control token"}, 401
+
+    @app.get("/status")
+    async def status():
+        return service.status()
+
+    @app.post("/enable")
+    async def enable():
+        await service.enable()
+        return service.status()
+
+    @app.post("/disable")
+    async def disable():
+        await service.disable()
+        return service.status()
+
+    config = hypercorn_config("127.0.0.1", 0)
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(lambda task_status: serve(app, config, task_status=task_status, shutdown_trigger=trio.sleep_forever))
+        url = bound[0]
+        path = folder / CONTROL_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"url": url, "token": token, "pid": os.getpid()}, f)
+        task_status.started(url)
+        try:
+            await trio.sleep_forever()
+        finally:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,68 @@
+"""The gateway's settlement hook: who may spend, and where receipts go.
+
+The gateway asks this hook two things on the request path, both answered from
+local state with no network round trip: may this caller spend (and with which
+hub-signed allowance), and what to do with a countersigned receipt. Anything
+slow (renewing allowances, delivering receipts to a hub) happens in the
+hook's own background task.
+
+A private swarm (no hub) uses :class:`FreeSettlement`; the hub plugs in its own
+implementation (``gpunexus.node.hub_client``) without the gateway changing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from gpunexus.protocol.messages import Receipt
+
+
+class SettlementRefused(Exception):
+    """The caller may not spend: carries the HTTP status and OpenAI error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Permission for one request: the allowance bytes to put in the Order."""
+
+    allowance: bytes
+
+
+class Settlement(Protocol):
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background work (renewals, receipt delivery); started in the gateway's nursery."""
+
+    def authorize(self, bearer: str | None, estimate_micro: int) -> Grant:
+        """Grant or raise SettlementRefused (401 bad key, 402 out of credits). No I/O."""
+
+    def record(self, receipt: Receipt) -> None:
+        """Take a countersigned receipt; must make it durable before returning."""
+
+
+class FreeSettlement:
+    """Private-swarm mode: no hub, no money; optionally one shared bearer key."""
+
+    def __init__(self, api_key: str | None = None) -> None:
+        self.api_key = api_key
+        self.receipts: list[Receipt] = []
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
+    def authorize(self, bearer: str | None, estimate_micro: int) -> Grant:
+        if self.api_key is not None and bearer != self.api_key:
+            raise SettlementRefused(401, "invalid_api_key", "Incorrect API key provided.")
+        return Grant(allowance=b"")
+
+    def record(self, receipt: Receipt) -> None:
+        self.receipts.append(receipt)
+        del self.receipts[:-1000]
