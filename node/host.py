@@ -25,7 +25,7 @@ from gpunexus.protocol.messages import INFER_PROTOCOL, Chunk, Error, Order, Outp
 from gpunexus.protocol.money import cost_micro
 
 from .backends.base import Backend, BackendError, GenerationRequest, Token
-from .offers import Announcer, OfferTerms
+from .offers import Announcer, OfferBook, OfferTerms, follow_offers
 from .p2p import P2PNode
 from .wire import FramedStream, PeerGone
 
@@ -88,6 +88,8 @@ class HostService:
         )
         self.announcer = Announcer(node.pubsub, node.signer, node.listen_addrs, self.free_slots)
         self.announcer.terms = [self.terms]
+        self.market = OfferBook()
+        """Every offer on the network: hosts relay the offer topic, and see their competitors."""
 
     def free_slots(self) -> int:
         return max(0, self.max_slots - self.stats.in_flight) if self.enabled else 0
@@ -97,6 +99,8 @@ class HostService:
         await self.enable()
         try:
             async with trio.open_nursery() as nursery:
+                # Subscribing makes this host a relay of the topic, not only a publisher.
+                await nursery.start(follow_offers, self.node.pubsub, self.market)
                 nursery.start_soon(self.announcer.run)
                 task_status.started()
         finally:

@@ -34,16 +34,18 @@ class ReferenceBackend:
         )
         self._limiter = trio.CapacityLimiter(max_slots)
 
-    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+    def prompt_ids(self, request: GenerationRequest) -> tuple[list[int], int]:
+        """Prompt token ids (continuation included) and how many the continuation took."""
         if request.kind == "chat":
             ids = self.tokenizer.chat_prompt([{"role": m.role, "content": m.content} for m in request.messages])
         else:
             ids = self.tokenizer.completion_prompt(request.prompt)
-        return ids + self.tokenizer.encode(request.continuation)
+        continued = self.tokenizer.encode(request.continuation)
+        return ids + continued, len(continued)
 
     async def generate(self, request: GenerationRequest, tokens: trio.MemorySendChannel[Token]) -> GenerationResult:
         try:
-            prompt = self.prompt_ids(request)
+            prompt, first_draw = self.prompt_ids(request)
         except ValueError as exc:
             raise BackendError(str(exc), code="bad_request", retryable=False) from None
         if len(prompt) >= self.model.config.max_seq_len:
@@ -54,7 +56,7 @@ class ReferenceBackend:
 
         def work() -> tuple[int, str]:
             count, finish = 0, "length"
-            for tok in generate(self.model, self.tokenizer, prompt, params):
+            for tok in generate(self.model, self.tokenizer, prompt, params, first_draw):
                 if stop.is_set():
                     break
                 count += 1

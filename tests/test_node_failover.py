@@ -1,0 +1,115 @@
+"""Failures are the gateway's problem: hosts that hang, refuse or die mid-stream."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import trio
+
+from gpunexus.node.gateway import GatewayConfig
+from peers import GatedBackend, reference_backend, running_gateway, running_host, wait_for_offers
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 40, "temperature": 0.9, "seed": 3}
+
+
+async def _stream_text(http: httpx.AsyncClient, body: dict) -> tuple[str, list[dict]]:
+    import json
+
+    events = []
+    async with http.stream("POST", "/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    text = "".join((e["choices"][0]["delta"].get("content") or "") for e in events if e.get("choices"))
+    return text, events
+
+
+async def test_host_killed_mid_stream_client_sees_a_whole_stream():
+    dying = GatedBackend(reference_backend(), pause_after=6)
+    healthy = GatedBackend(reference_backend())
+    async with running_host(healthy, price=300_000) as backup:
+        async with trio.open_nursery() as nursery:
+            cheap_scope = trio.CancelScope()
+
+            async def run_cheap_host(task_status=trio.TASK_STATUS_IGNORED):
+                with cheap_scope:
+                    async with running_host(dying, price=100_000, bootstrap=[backup.node.listen_addrs()[0]]) as cheap:
+                        task_status.started(cheap)
+                        await trio.sleep_forever()
+
+            cheap = await nursery.start(run_cheap_host)
+            async with running_gateway([backup.node.listen_addrs()[0], cheap.node.listen_addrs()[0]]) as gateway:
+                await wait_for_offers(gateway, count=2)
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
+                    result = {}
+
+                    async def client():
+                        result["text"], result["events"] = await _stream_text(http, CHAT)
+
+                    async with trio.open_nursery() as clients:
+                        clients.start_soon(client)
+                        await dying.paused.wait()
+                        cheap_scope.cancel()  # the cheap host dies with 6 tokens delivered
+                assert gateway.service.stats.failovers == 1
+                # The backup continued from exactly what the client had already received.
+                assert len(healthy.requests) == 1
+                continued = healthy.requests[0]
+                assert continued.continuation and result["text"].startswith(continued.continuation)
+                # What the dead host delivered before dying (at most the 6 it produced) is not asked again.
+                assert 0 < CHAT["max_tokens"] - continued.max_tokens <= 6
+                usage = result["events"][-1]["usage"]
+                assert usage["completion_tokens"] > 6
+                finishes = [e["choices"][0]["finish_reason"] for e in result["events"] if e.get("choices") and e["choices"][0]["finish_reason"]]
+                assert finishes in (["stop"], ["length"])
+                # Only the backup's receipt is countersigned: the dead host is not paid.
+                assert [r.host_id for r in gateway.service.stats.receipts] == [backup.node.peer_id]
+
+
+async def test_no_first_token_in_time_moves_to_next_host():
+    hanging = GatedBackend(reference_backend(), hang_before_first=True)
+    async with running_host(price=300_000) as good, running_host(hanging, price=100_000, bootstrap=[good.node.listen_addrs()[0]]):
+        config = GatewayConfig(first_token_timeout=1.0)
+        async with running_gateway([good.node.listen_addrs()[0]], config=config) as gateway:
+            await wait_for_offers(gateway, count=2)
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
+                r = await http.post("/chat/completions", json=CHAT)
+            assert r.status_code == 200
+            assert hanging.paused.is_set()
+            assert good.service.stats.served == 1
+            assert r.json()["usage"]["completion_tokens"] > 0
+
+
+async def test_every_host_failing_gives_a_clean_503():
+    hanging = GatedBackend(reference_backend(), hang_before_first=True)
+    async with running_host(hanging) as host:
+        async with running_gateway([host.node.listen_addrs()[0]], config=GatewayConfig(first_token_timeout=0.5)) as gateway:
+            await wait_for_offers(gateway)
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
+                r = await http.post("/chat/completions", json=CHAT)
+                assert r.status_code == 503
+                assert r.json()["error"]["code"] == "no_host_available"
+                r = await http.post("/chat/completions", json={**CHAT, "stream": True})
+                assert r.status_code == 503
+
+
+async def test_busy_host_is_skipped_invisibly():
+    slow = GatedBackend(reference_backend(), pause_after=1)
+    async with running_host(price=300_000) as spare, running_host(slow, price=100_000, max_slots=1, bootstrap=[spare.node.listen_addrs()[0]]) as busy:
+        async with running_gateway([spare.node.listen_addrs()[0]]) as gateway:
+            await wait_for_offers(gateway, count=2)
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
+                async with trio.open_nursery() as nursery:
+                    first = {}
+
+                    async def occupy():
+                        first["r"] = await http.post("/chat/completions", json=CHAT)
+
+                    nursery.start_soon(occupy)
+                    await slow.paused.wait()
+                    # The cheap host's only slot is taken: this one must land on the spare.
+                    r = await http.post("/chat/completions", json=CHAT)
+                    assert r.status_code == 200
+                    assert busy.service.stats.refused == 1 and spare.service.stats.served == 1
+                    slow.release.set()
+                assert first["r"].status_code == 200
