@@ -99,9 +99,9 @@ class P2PNode:
                 out.append(text)
         return [f"{a}/p2p/{self.peer_id}" for a in dict.fromkeys(out)]
 
-    async def connect(self, addr: str) -> None:
+    async def connect(self, addr: str, timeout: float = CONNECT_TIMEOUT) -> None:
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        with trio.fail_after(CONNECT_TIMEOUT):
+        with trio.fail_after(timeout):
             await self.host.connect(info)
 
     def is_connected(self, peer_id: str) -> bool:
