@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--upstream-key", metavar="KEY", help="--backend openai: bearer key for the upstream, if it needs one")
     serve.add_argument("--model-dir", metavar="DIR", help="--backend exllamav2: the EXL2 model folder")
     serve.add_argument("--price", default="0.20", metavar="USD_PER_MTOK", help="asking price in USD per million tokens (default 0.20)")
-    serve.add_argument("--slots", type=int, default=4, help="requests served at once (default 4)")
+    serve.add_argument("--slots", type=int, default=None, help="requests served at once (default: 2 for reference, 64 for openai, 1 for exllamav2)")
+    serve.add_argument("--queue", type=int, default=None, help="orders that may wait for a slot before the host answers 'busy' (default 4 x slots)")
     serve.add_argument("--region", default="", help="free-form region label shown to gateways")
     serve.add_argument("--license", default=None, help="licence note announced with the model (e.g. 'Apache-2.0', 'Llama 3.1 Community License')")
     serve.add_argument("--tokens-per-s", type=float, default=None, help="announce this speed instead of measuring it at start")
@@ -96,7 +97,7 @@ def make_backend(args: argparse.Namespace) -> Backend:
     if args.backend == "reference":
         from .backends.reference import ReferenceBackend
 
-        return ReferenceBackend(args.model, max_slots=getattr(args, "slots", 4))
+        return ReferenceBackend(args.model)
     if args.backend == "openai":
         if not args.upstream:
             raise SystemExit("--backend openai needs --upstream URL (e.g. http://127.0.0.1:11434/v1 for Ollama)")
@@ -107,7 +108,7 @@ def make_backend(args: argparse.Namespace) -> Backend:
 
     if not args.model_dir:
         raise SystemExit("--backend exllamav2 needs --model-dir DIR (an EXL2 model folder)")
-    return ExLlamaV2Backend(args.model_dir, args.model)
+    return ExLlamaV2Backend(args.model_dir, args.model, max_slots=getattr(args, "slots", None) or 1)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -115,12 +116,15 @@ def _serve(args: argparse.Namespace) -> int:
         price = usd_to_micro(args.price)
     except ValueError as exc:
         raise SystemExit(f"--price: {exc}") from None
-    if args.slots < 1:
+    if args.slots is not None and args.slots < 1:
         raise SystemExit("--slots must be at least 1")
+    if args.queue is not None and args.queue < 0:
+        raise SystemExit("--queue must be 0 or more")
     try:
         backend = make_backend(args)
     except BackendError as exc:
         raise SystemExit(f"cannot start the backend: {exc}") from None
+    slots = args.slots or getattr(backend, "default_slots", 1)
     if args.license is not None:
         backend.info = type(backend.info)(backend.info.name, backend.info.model_hash, backend.info.max_context, args.license)
     tokens_per_s = args.tokens_per_s
@@ -131,7 +135,8 @@ def _serve(args: argparse.Namespace) -> int:
         backend=backend,
         price_micro_per_mtok=price,
         p2p=_p2p(args, "/ip4/0.0.0.0/tcp/4001"),
-        max_slots=args.slots,
+        max_slots=slots,
+        max_queue=args.queue,
         tokens_per_s=tokens_per_s,
         region=args.region,
         home=_home(),
@@ -142,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
         async with open_host(options) as runtime:
             addrs = runtime.node.listen_addrs()
             print(f"peer: {addrs[0]}", flush=True)
-            log.info("serving %s (%s) at %s USD/Mtok, %.1f tokens/s, %d slots", backend.info.name, backend.info.model_hash, micro_to_usd(price), tokens_per_s, args.slots)
+            log.info("serving %s (%s) at %s USD/Mtok, %.1f tokens/s, %d slots", backend.info.name, backend.info.model_hash, micro_to_usd(price), tokens_per_s, slots)
             for addr in addrs[1:]:
                 log.info("also reachable at %s", addr)
             await trio.sleep_forever()

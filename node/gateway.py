@@ -37,6 +37,7 @@ from .offers import OfferBook
 from .openai_api import APIError, CompletionRequest, Usage
 from .p2p import P2PNode
 from .settlement import Settlement, SettlementRefused
+from .streams import StreamPool
 from .wire import FramedStream, PeerGone
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,14 @@ class GatewayService:
         self.config = config or GatewayConfig()
         self.matcher = Matcher()
         self.stats = GatewayStats()
+        self._pool: StreamPool | None = None
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Background work: keeping spare streams to recently used hosts."""
+        async with trio.open_nursery() as nursery:
+            self._pool = StreamPool(self._open, nursery)
+            task_status.started()
+            await trio.sleep_forever()
 
     def policy(self) -> MatchPolicy:
         return MatchPolicy(self.config.max_price_micro_per_mtok, self.config.min_tokens_per_s)
@@ -191,14 +200,31 @@ class GatewayService:
             stream = await self.node.host.new_stream(peer, [INFER_PROTOCOL])
         return FramedStream(stream)
 
-    async def _attempt(self, offer: Offer, order: Order, outcome: _Outcome, emit: Emit) -> None:
+    async def _send_order(self, offer: Offer, order: Order) -> FramedStream:
+        """Send the order on a spare stream if one works, else on a fresh one."""
+        spare = self._pool.take(offer) if self._pool is not None else None
+        if spare is not None:
+            try:
+                await spare.send(order)
+                return spare
+            except PeerGone:
+                await spare.reset()
         try:
             framed = await self._open(offer)
-        except (trio.TooSlowError, Exception) as exc:  # any dial failure means: next host
+        except Exception as exc:  # any dial failure (timeout included) means: next host
+            if self._pool is not None:
+                self._pool.forget(offer.peer_id)
             raise _HostFailed(f"cannot open a stream: {type(exc).__name__}: {exc}") from None
-        hasher = OutputHasher()
         try:
             await framed.send(order)
+        except PeerGone as exc:
+            raise _HostFailed(str(exc)) from None
+        return framed
+
+    async def _attempt(self, offer: Offer, order: Order, outcome: _Outcome, emit: Emit) -> None:
+        framed = await self._send_order(offer, order)
+        hasher = OutputHasher()
+        try:
             deadline = self.config.first_token_timeout
             while True:
                 with trio.move_on_after(deadline) as waited:
@@ -207,6 +233,8 @@ class GatewayService:
                     raise _HostFailed("no first token in time" if not outcome.tokens else "stream stalled")
                 deadline = self.config.stall_timeout
                 if isinstance(msg, Chunk):
+                    if not outcome.tokens and self._pool is not None:
+                        self._pool.refill(offer)
                     hasher.update(msg)
                     outcome.text += msg.text
                     outcome.tokens += msg.n_tokens

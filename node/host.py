@@ -31,8 +31,9 @@ from .wire import FramedStream, PeerGone
 
 log = logging.getLogger(__name__)
 
-ORDER_TIMEOUT = 10.0
-"""How long a fresh stream may take to send its order."""
+ORDER_TIMEOUT = 30.0
+"""How long a stream may stay open without an order: gateways keep spare
+streams open to skip negotiation on the request path (see node/streams.py)."""
 SEND_TIMEOUT = 30.0
 """How long one chunk may take to leave: a gateway that stops reading is cut off."""
 
@@ -63,6 +64,7 @@ class HostService:
         *,
         price_micro_per_mtok: int,
         max_slots: int = 4,
+        max_queue: int | None = None,
         tokens_per_s: float = 0.0,
         region: str = "",
         order_check: OrderCheck | None = None,
@@ -70,6 +72,8 @@ class HostService:
         self.node = node
         self.backend = backend
         self.max_slots = max_slots
+        self.max_queue = 4 * max_slots if max_queue is None else max_queue
+        self._slots = trio.CapacityLimiter(max_slots)
         self.order_check = order_check
         self.stats = HostStats()
         self.enabled = False
@@ -131,6 +135,7 @@ class HostService:
             "enabled": self.enabled,
             "in_flight": s.in_flight,
             "max_slots": self.max_slots,
+            "queued": max(0, s.in_flight - self.max_slots),
             "served": s.served,
             "failed": s.failed,
             "refused": s.refused,
@@ -171,7 +176,9 @@ class HostService:
         self.stats.in_flight += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         try:
-            await self._generate(framed, order)
+            # Past the slots, orders wait here in arrival order (the limiter is fair).
+            async with self._slots:
+                await self._generate(framed, order)
         finally:
             self.stats.in_flight -= 1
             if self.stats.in_flight == 0:
@@ -187,8 +194,8 @@ class HostService:
             raise _Refusal("draining", "host is not taking new requests", retryable=True)
         if order.price_micro_per_mtok < self.terms.price_micro_per_mtok:
             raise _Refusal("price", "offered price is below this host's ask", retryable=True)
-        if self.stats.in_flight >= self.max_slots:
-            raise _Refusal("busy", "all slots are busy", retryable=True)
+        if self.stats.in_flight >= self.max_slots + self.max_queue:
+            raise _Refusal("busy", "all slots and the queue are full", retryable=True)
 
     async def _refuse(self, framed: FramedStream, code: str, message: str, retryable: bool) -> None:
         self.stats.refused += 1

@@ -68,6 +68,7 @@ class HostOptions:
     price_micro_per_mtok: int
     p2p: P2PConfig = field(default_factory=P2PConfig)
     max_slots: int = 4
+    max_queue: int | None = None
     tokens_per_s: float = 0.0
     region: str = ""
     home: str | Path | None = None
@@ -84,6 +85,7 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
             options.backend,
             price_micro_per_mtok=options.price_micro_per_mtok,
             max_slots=options.max_slots,
+            max_queue=options.max_queue,
             tokens_per_s=options.tokens_per_s,
             region=options.region,
             order_check=options.order_check,
@@ -116,6 +118,7 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
         await nursery.start(follow_offers, node.pubsub, book)
         await nursery.start(options.settlement.run)
         service = GatewayService(node, book, options.settlement, options.config)
+        await nursery.start(service.run)
         app = create_app(service, nursery)
         bound = await nursery.start(_serve_http, app, options.host, options.port)
         base_url = bound[0].replace("0.0.0.0", "127.0.0.1") + "/v1"

@@ -95,7 +95,7 @@ async def test_every_host_failing_gives_a_clean_503():
 
 async def test_busy_host_is_skipped_invisibly():
     slow = GatedBackend(reference_backend(), pause_after=1)
-    async with running_host(price=300_000) as spare, running_host(slow, price=100_000, max_slots=1, bootstrap=[spare.node.listen_addrs()[0]]) as busy:
+    async with running_host(price=300_000) as spare, running_host(slow, price=100_000, max_slots=1, max_queue=0, bootstrap=[spare.node.listen_addrs()[0]]) as busy:
         async with running_gateway([spare.node.listen_addrs()[0]]) as gateway:
             await wait_for_offers(gateway, count=2)
             async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
@@ -113,3 +113,27 @@ async def test_busy_host_is_skipped_invisibly():
                     assert busy.service.stats.refused == 1 and spare.service.stats.served == 1
                     slow.release.set()
                 assert first["r"].status_code == 200
+
+
+async def test_orders_past_the_slots_queue_instead_of_failing():
+    slow = GatedBackend(reference_backend(), pause_after=1)
+    async with running_host(slow, max_slots=1, max_queue=2) as host:
+        async with running_gateway([host.node.listen_addrs()[0]]) as gateway:
+            await wait_for_offers(gateway)
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
+                results = []
+
+                async def ask():
+                    results.append(await http.post("/chat/completions", json=CHAT))
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(3):
+                        nursery.start_soon(ask)
+                    await slow.paused.wait()
+                    with trio.fail_after(10):
+                        while host.service.stats.in_flight < 3:
+                            await trio.sleep(0.01)
+                    assert host.service.status()["queued"] == 2
+                    slow.release.set()
+            assert [r.status_code for r in results] == [200, 200, 200]
+            assert host.service.stats.refused == 0 and host.service.stats.served == 3

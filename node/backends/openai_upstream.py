@@ -26,6 +26,9 @@ READ_TIMEOUT = 120.0
 
 
 class OpenAIUpstreamBackend:
+    default_slots = 64
+    """Upstream servers batch many requests on one GPU; they queue the rest themselves."""
+
     def __init__(self, base_url: str, model: str, *, upstream_model: str | None = None, api_key: str | None = None, max_context: int = 8192, license: str = "") -> None:
         self.base_url = base_url.rstrip("/")
         self.upstream_model = upstream_model or model

@@ -1,0 +1,388 @@
+"""Gossipsub router for the offer and price topics.
+
+Hosts announce offers on ``gpunexus/offers/1`` and every gateway must see
+every offer. py-libp2p 0.8.1's :class:`~libp2p.pubsub.gossipsub.GossipSub`
+does not deliver them once the network grows: in a 30-peer star (every peer
+dials one bootstrap peer, loopback, degree 6/4/12, heartbeat 1 s) a leaf's
+message reaches 0 of 29 peers. :class:`OfferGossipSub` corrects the router
+the way go-libp2p-pubsub behaves; :func:`make_gossipsub` builds it with the
+project's parameters and :func:`running_pubsub` starts it.
+
+Root causes (measured with real hosts on 127.0.0.1, see tests/test_gossip.py
+and bench/gossip.py)
+-------------------------------------------------------------------------
+1. **No flood publish.** Upstream sends a peer's *own* message only to its
+   mesh. Every leaf grafts the bootstrap peer, whose mesh then holds all
+   N-1 leaves; its first heartbeat with more than ``degree_high`` of them
+   prunes it down to ``degree``. A pruned leaf backs off the bootstrap for
+   ``prune_back_off`` (60 s), knows no other peer, so its mesh stays empty
+   and what it publishes goes nowhere: "0 of 5, even to the direct
+   neighbour". go-libp2p publishes its own messages to every topic peer
+   (``floodPublish``, on by default).
+2. **Heartbeat PRUNEs carry neither back-off nor peer exchange.**
+   ``GossipSub._emit_control_msgs`` builds ``ControlPrune(topicID=...)``
+   with nothing else even when ``do_px=True`` (only ``emit_prune`` fills
+   PX), and the pruner does not record a back-off itself. A pruned leaf
+   therefore never learns another peer: the star never becomes a mesh,
+   and the bootstrap forwards everything to its ``degree`` mesh peers only,
+   the others depending on a random IHAVE subset each heartbeat. With flood
+   publish alone: 18 of 29.
+3. **The same function mixes up peers** (a list-reuse bug): the GRAFT,
+   PRUNE and IHAVE lists are created once, outside the per-peer loop, so
+   every peer grafted in a heartbeat also receives the GRAFTs and PRUNEs
+   meant for the peers before it. With two topics (offers and prices) a
+   peer grafted on ``offers`` can receive ``PRUNE(offers)`` meant for
+   someone else in the same RPC: it drops us from its mesh and backs off for
+   60 s while we keep it in ours.
+4. **Opportunistic grafting runs every heartbeat and grafts equal scores.**
+   With ``/meshsub/1.1.0`` or later and no score weights every score is 0;
+   the upstream threshold is ``max(median * 0.5, min * 1.1,
+   gossip_threshold) = 0``, so 2 non-mesh peers are grafted every heartbeat,
+   the mesh climbs over ``degree_high`` and is pruned again. The peers that
+   were just pruned treat that GRAFT as a "flood" and PRUNE back: constant
+   churn and a bootstrap that backs off 23 of its 29 peers. go does it every
+   60 heartbeats, only if the median mesh score is under a threshold, and
+   only with peers scoring above the median.
+5. **Adaptive gossip rewrites the heartbeat.** ``_adapt_heartbeat_parameters``
+   sets the interval to ``max(30, ...)`` or ``max(60, ...)`` seconds whenever
+   its health score is under 0.7, which it is for any leaf with a partial
+   mesh (and never above 0.75: the score-health term is 0 without score
+   weights). A 1 s heartbeat becomes 30-60 s after the first 30 s; with the
+   default 120 s it became 90 s in the 6-peer run below. We turn it off
+   (``adaptive_gossip_enabled=False``); the gossip count then is go's
+   ``max(Dlazy=6, 0.25 * non-mesh peers)``.
+6. **Blocking PX dials.** ``_do_px`` dials the exchanged peers one after the
+   other inside ``handle_prune``, i.e. inside the read loop of the stream of
+   the peer that pruned us (about 0.25 s per dial), so nothing else from
+   that peer is read meanwhile. go hands them to a small pool of dialers.
+
+Also checked: *eclipse protection* is inert on loopback (every peer is
+127.0.0.1, ``_improve_mesh_diversity`` finds no candidate with a new IP and
+``_prune_for_ip_diversity`` only picks which peers to prune, not how many),
+but off loopback it grafts up to 2 peers per heartbeat without checking
+back-off, so they answer with PRUNE again, every heartbeat; go relies on the
+IP-colocation score instead, so :func:`make_gossipsub` turns it off. The
+per-forwarder *spam protection* (10 messages/s per topic) keys on the peer
+that relayed a message, so a relay that is the only neighbour of a leaf is
+throttled and penalised for the whole topic's traffic; :class:`OfferGossipSub`
+rate-limits per origin instead and never its own messages. Score gates are
+open (all thresholds -inf by default), so scoring never drops anything here.
+
+The issue's 6-peer case (degree 3/2/4)
+--------------------------------------
+It is not the initial delay as such. With the stock default
+``heartbeat_interval=120`` and ``heartbeat_initial_delay=0.1`` the first
+heartbeat runs 0.1 s after start, before any peer connects, and the next
+one two minutes later: meanwhile the bootstrap's mesh holds all 5 leaves
+(more than ``degree_high=4``, nothing prunes it) and delivery is 5/5 for
+every publisher. The heartbeat at about 120 s prunes it to 3 (cause 1):
+the two pruned leaves then deliver 0-1 of 5, the others 3 of 5 (no gossip
+until the next heartbeat). With ``heartbeat_interval=1`` the same happens
+after one second. The interval only decides *when* the star breaks, not
+*whether*; ``degree_high=12`` "works" at 13 peers only because nothing is
+ever pruned.
+
+Use::
+
+    router = make_gossipsub()                  # degree 6/4/12, heartbeat 1 s, PX on
+    pubsub = Pubsub(host, router)
+    async with background_trio_service(pubsub), background_trio_service(router):
+        await pubsub.wait_until_ready()
+        sub = await pubsub.subscribe(OFFERS_TOPIC)
+
+or ``async with running_pubsub(host) as pubsub: ...``, which does exactly that.
+Every peer of the network must run this router: PX only helps if the peer
+that prunes sends it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from libp2p.network.connection.swarm_connection import Direction
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.pubsub import floodsub
+from libp2p.pubsub.gossipsub import (
+    PROTOCOL_ID,
+    PROTOCOL_ID_V11,
+    PROTOCOL_ID_V12,
+    GossipSub,
+)
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+__all__ = ["GOSSIP_PROTOCOLS", "OfferGossipSub", "gossipsub_options", "make_gossipsub", "running_pubsub"]
+
+GOSSIP_PROTOCOLS = [PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID]
+"""Gossipsub v1.2 (IDONTWANT) first, v1.1 and v1.0 for older peers."""
+
+PX_DIALERS = 8
+"""Concurrent peer-exchange dials (go-libp2p: ``Connectors = 8``)."""
+PX_DIAL_TIMEOUT = 10.0
+OPPORTUNISTIC_GRAFT_TICKS = 60
+"""go-libp2p ``OpportunisticGraftTicks``: heartbeats between opportunistic grafts."""
+
+
+class OfferGossipSub(GossipSub):
+    """py-libp2p 0.8.1 GossipSub with go-libp2p's publish, prune and PX behaviour.
+
+    ``opportunistic_graft_threshold_score`` is go's
+    ``OpportunisticGraftThreshold``: opportunistic grafting only happens when
+    the median score of the mesh is below it (never, with the default 0 and
+    no score weights).
+    """
+
+    def __init__(self, *args: Any, opportunistic_graft_threshold_score: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opportunistic_graft_threshold_score = opportunistic_graft_threshold_score
+        self._opportunistic_ticks: dict[str, int] = {}
+        self._px_limiter = trio.CapacityLimiter(PX_DIALERS)
+        self._px_dialing: set[ID] = set()
+
+    # -- publishing -------------------------------------------------------
+
+    def _get_peers_to_send(
+        self,
+        topic_ids: Iterable[str],
+        msg_forwarder: ID,
+        origin: ID,
+        msg_id: bytes | None = None,
+    ) -> Iterable[ID]:
+        """Flood-publish our own messages to every peer in the topic.
+
+        Upstream sends an own message to the mesh (or fanout) only, so a peer
+        whose mesh was pruned away publishes to nobody. go-libp2p's default
+        ``floodPublish`` sends it to every known topic peer (the score gate in
+        ``publish`` still applies); forwarded messages keep the mesh rules.
+        """
+        topic_ids = list(topic_ids)
+        peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
+        if self.pubsub is not None and origin == self.pubsub.my_id:
+            for topic in topic_ids:
+                peers.update(
+                    p for p in self.pubsub.peer_topics.get(topic, ()) if self._is_router_peer(p)
+                )
+            peers.difference_update((msg_forwarder, origin))
+        return peers
+
+    def _is_router_peer(self, peer_id: ID) -> bool:
+        return self._is_gossipsub_peer(peer_id) or self.peer_protocol.get(peer_id) == floodsub.PROTOCOL_ID
+
+    def _check_spam_protection(self, peer_id: ID, msg: rpc_pb2.Message) -> bool:
+        """Rate-limit per message origin, never our own messages.
+
+        Upstream counts messages per *forwarder* and drops (and penalises) the
+        excess before forwarding. The forwarder of a leaf's every message is
+        its relay, so a relay carrying more than ``max_messages_per_topic_per_second``
+        messages of the whole topic gets throttled as a spammer, and a node
+        publishing a burst silently stops forwarding its own messages.
+        """
+        origin = ID(msg.from_id)
+        if self.pubsub is not None and origin == self.pubsub.my_id:
+            return True
+        return super()._check_spam_protection(origin, msg)
+
+    # -- heartbeat --------------------------------------------------------
+
+    async def _emit_control_msgs(
+        self,
+        peers_to_graft: dict[ID, list[str]],
+        peers_to_prune: dict[ID, list[str]],
+        peers_to_gossip: dict[ID, dict[str, list[bytes]]],
+    ) -> None:
+        """Send each peer its own GRAFT/PRUNE/IHAVE; PRUNEs carry back-off and PX.
+
+        Upstream reuses one GRAFT, PRUNE and IHAVE list across the peers it
+        grafts, so later peers receive the control messages meant for earlier
+        ones (a peer can get ``PRUNE`` for the very topic we just grafted it
+        on), and it builds heartbeat PRUNEs without back-off or peer exchange
+        and records no back-off for the pruned peer. go-libp2p's heartbeat
+        ``prunePeer`` adds the back-off and ``makePrune`` attaches both.
+        """
+        for peer in list(dict.fromkeys([*peers_to_graft, *peers_to_prune, *peers_to_gossip])):
+            grafts = [rpc_pb2.ControlGraft(topicID=t) for t in peers_to_graft.get(peer, ())]
+            prunes = []
+            for topic in peers_to_prune.get(peer, ()):
+                self._add_back_off(peer, topic, False)
+                prunes.append(self._make_prune(topic, peer, self.do_px, False))
+            ihaves = [
+                rpc_pb2.ControlIHave(topicID=t, messageIDs=ids)
+                for t, ids in peers_to_gossip.get(peer, {}).items()
+            ]
+            await self.emit_control_message(self.pack_control_msgs(ihaves, grafts, prunes), peer)
+
+    def _make_prune(self, topic: str, to_peer: ID, do_px: bool, is_unsubscribe: bool) -> rpc_pb2.ControlPrune:
+        """go-libp2p ``makePrune``: back-off, and PX peers with their signed peer records."""
+        prune = rpc_pb2.ControlPrune(
+            topicID=topic,
+            backoff=self.unsubscribe_back_off if is_unsubscribe else self.prune_back_off,
+        )
+        if do_px and self.pubsub is not None:
+            peerstore = self.pubsub.host.get_peerstore()
+            for peer in self._get_in_topic_gossipsub_peers_from_minus(topic, self.px_peers_count, [to_peer]):
+                info = rpc_pb2.PeerInfo(peerID=peer.to_bytes())
+                envelope = peerstore.get_peer_record(peer)
+                if envelope is not None:
+                    info.signedPeerRecord = envelope.marshal_envelope()
+                prune.peers.append(info)
+        return prune
+
+    def _perform_opportunistic_grafting(self, topic: str, peers_to_graft: Any) -> int:
+        """Graft opportunistically only as go-libp2p does.
+
+        Upstream runs it on every heartbeat and its threshold admits peers
+        whose score merely equals the mesh median, so with score weights at 0
+        it grafts 2 more peers every heartbeat, overfills the mesh, prunes it,
+        and the just-pruned peers answer the next GRAFT with PRUNE. go runs
+        it every ``OpportunisticGraftTicks`` (60) heartbeats and only when the
+        median mesh score is below ``OpportunisticGraftThreshold``.
+        """
+        ticks = self._opportunistic_ticks.get(topic, 0) + 1
+        self._opportunistic_ticks[topic] = ticks
+        if ticks % OPPORTUNISTIC_GRAFT_TICKS or self.scorer is None:
+            return 0
+        scores = sorted(self.scorer.score(p, [topic]) for p in self.mesh.get(topic, ()))
+        if len(scores) < 2 or scores[len(scores) // 2] >= self.opportunistic_graft_threshold_score:
+            return 0
+        return super()._perform_opportunistic_grafting(topic, peers_to_graft)
+
+    # -- GRAFT / PRUNE handling ------------------------------------------
+
+    async def handle_graft(self, graft_msg: rpc_pb2.ControlGraft, sender_peer_id: ID) -> None:
+        """Refuse inbound GRAFTs into a full mesh with PRUNE + PX.
+
+        Upstream accepts every GRAFT, so a bootstrap peer's mesh swells to
+        all its peers until the next heartbeat prunes it. go-libp2p, once the
+        mesh has ``Dhi`` peers, only accepts GRAFTs from peers we dialled
+        (mesh take-over defence) and answers the others with PRUNE, back-off
+        and peer exchange, which is what turns a star into a mesh.
+        """
+        topic = graft_msg.topicID
+        mesh = self.mesh.get(topic)
+        if (
+            mesh is not None
+            and sender_peer_id not in mesh
+            and len(mesh) >= self.degree_high
+            and sender_peer_id not in self.direct_peers
+            and not self._check_back_off(sender_peer_id, topic)
+            and not self._is_outbound(sender_peer_id)
+        ):
+            self._add_back_off(sender_peer_id, topic, False)
+            await self.emit_control_message(
+                self.pack_control_msgs(None, None, [self._make_prune(topic, sender_peer_id, self.do_px, False)]),
+                sender_peer_id,
+            )
+            return
+        await super().handle_graft(graft_msg, sender_peer_id)
+
+    def _is_outbound(self, peer_id: ID) -> bool:
+        if self.pubsub is None:
+            return False
+        try:
+            conns = self.pubsub.host.get_network().get_connections(peer_id)
+        except Exception:
+            return False
+        return any(getattr(c, "direction", None) == Direction.OUTBOUND for c in conns)
+
+    async def _do_px(self, px_peers: list[rpc_pb2.PeerInfo]) -> None:
+        """Dial exchanged peers in the background, at most ``PX_DIALERS`` at a time.
+
+        Upstream dials them one by one inside ``handle_prune``, which blocks
+        the read loop of the pruning peer's stream for the whole series of
+        dials. go-libp2p's ``pxConnect`` shuffles, caps the list at
+        ``PrunePeers`` and queues the dials to a pool of connectors.
+        """
+        manager = getattr(self, "_manager", None)
+        if self.pubsub is None or manager is None or not manager.is_running:
+            return  # not started, or shutting down: dialling now would only race the teardown
+        px_peers = list(px_peers)
+        random.shuffle(px_peers)
+        for info in px_peers[: self.px_peers_count]:
+            peer_id = ID(info.peerID)
+            if peer_id == self.pubsub.my_id or peer_id in self.pubsub.peers or peer_id in self._px_dialing:
+                continue
+            self._px_dialing.add(peer_id)
+            manager.run_task(self._px_dial, info, peer_id)
+
+    async def _px_dial(self, info: rpc_pb2.PeerInfo, peer_id: ID) -> None:
+        try:
+            async with self._px_limiter:
+                if self.pubsub is not None and peer_id not in self.pubsub.peers:
+                    with trio.move_on_after(PX_DIAL_TIMEOUT):
+                        # upstream validates the signed record and dials
+                        await GossipSub._do_px(self, [info])
+        finally:
+            self._px_dialing.discard(peer_id)
+
+
+def gossipsub_options(
+    *,
+    degree: int = 6,
+    degree_low: int = 4,
+    degree_high: int = 12,
+    heartbeat_interval: float = 1.0,
+    do_px: bool = True,
+    px_peers_count: int = 16,
+    prune_back_off: int = 60,
+    direct_peers: Sequence[PeerInfo] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Keyword arguments for ``GossipSub``/:class:`OfferGossipSub` with the project's parameters.
+
+    go-libp2p's defaults: D=6, Dlo=4, Dhi=12, Dlazy=6 with gossip factor
+    0.25, 1 s heartbeat, 60 s prune back-off, 16 PX peers, mcache window 3
+    of 5. Peer exchange is on for every peer (a bootstrap peer is only a
+    peer that others dial first). Adaptive gossip (rewrites the heartbeat to
+    30-60 s) and IP-diversity eclipse protection (grafts through back-off)
+    are off, and the spam limit is 100 messages/s per origin and topic (10
+    drops a burst of price updates); see the module docstring. ``kwargs``
+    override or extend the result.
+    """
+    options: dict[str, Any] = dict(
+        protocols=list(GOSSIP_PROTOCOLS),
+        degree=degree,
+        degree_low=degree_low,
+        degree_high=degree_high,
+        direct_peers=direct_peers,
+        time_to_live=60,
+        gossip_window=3,
+        gossip_history=5,
+        heartbeat_initial_delay=0.1,
+        heartbeat_interval=heartbeat_interval,
+        do_px=do_px,
+        px_peers_count=px_peers_count,
+        prune_back_off=prune_back_off,
+        unsubscribe_back_off=10,
+        adaptive_gossip_enabled=False,
+        eclipse_protection_enabled=False,
+        spam_protection_enabled=True,
+        max_messages_per_topic_per_second=100.0,
+    )
+    options.update(kwargs)
+    return options
+
+
+def make_gossipsub(**kwargs: Any) -> OfferGossipSub:
+    """The router every gpunexus peer runs (host, gateway, hub): ``OfferGossipSub(**gossipsub_options(**kwargs))``."""
+    return OfferGossipSub(**gossipsub_options(**kwargs))
+
+
+@asynccontextmanager
+async def running_pubsub(host: Any, router: GossipSub | None = None, **pubsub_kwargs: Any) -> AsyncIterator[Pubsub]:
+    """Attach pubsub with our router to a running ``host`` and run both services.
+
+    ``async with host.run(listen), running_pubsub(host) as pubsub:`` then
+    ``await pubsub.subscribe(topic)`` / ``await pubsub.publish(topic, data)``.
+    """
+    router = router if router is not None else make_gossipsub()
+    pubsub = Pubsub(host, router, **pubsub_kwargs)
+    async with background_trio_service(pubsub), background_trio_service(router):
+        await pubsub.wait_until_ready()
+        yield pubsub

@@ -1,0 +1,398 @@
+"""The node's side of the hub: a gateway's allowance and receipt queue, a host's link.
+
+:class:`HubSettlement` is the gateway's :class:`~gpunexus.node.settlement.Settlement`
+when it runs with ``--hub URL --api-key KEY``:
+
+* ``authorize`` answers from local state only: the current hub-signed
+  allowance and what is left of it. 401 once the hub has called the key bad or
+  revoked (or the caller's bearer is not the key), 402 ``insufficient_quota``
+  when the hub has no more credit to give, 503 ``hub_unreachable`` when the
+  allowance ran out of time while the hub could not be reached.
+* ``record`` appends the countersigned receipt to a SQLite queue on disk
+  (``synchronous=FULL``) before it returns, so a killed gateway loses nothing.
+* :meth:`HubSettlement.run` renews the allowance in the background (at half
+  its lifetime or half its budget, whichever comes first) and delivers the
+  queue in batches, with back-off while the hub is unreachable. A receipt
+  leaves the queue only once the hub answered for it (settled, duplicate, or
+  refused for good); the hub settles each request id once, so redelivering
+  after a crash or a lost response never bills twice.
+
+:class:`HostHubLink` is a host's: it learns the hub's peer id, proves its own
+peer id to bind it to the host account (so receipts naming it pay that
+account), checks each order's allowance offline, and reads earnings for
+``gpunexus node status``.
+
+Nothing here imports the hub: the two meet on HTTP, speaking
+``gpunexus.protocol`` messages (base64 in JSON).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from gpunexus.protocol.codec import decode_as
+from gpunexus.protocol.errors import ProtocolError
+from gpunexus.protocol.messages import Allowance, Order, Receipt
+from gpunexus.protocol.signing import Signer
+
+from .settlement import Grant, SettlementRefused
+
+log = logging.getLogger(__name__)
+
+CLOCK_SKEW_S = 60.0
+_MAX_BACKOFF_S = 30.0
+
+
+class HubUnavailable(Exception):
+    """The hub could not be reached, or answered with a transient error."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class HubRefused(Exception):
+    """The hub answered with a definitive error (its OpenAI-shaped body is kept)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+async def _call(http: httpx.AsyncClient, method: str, path: str, timeout_s: float, **kw: Any) -> Any:
+    """One hub request under a deadline: its JSON, HubRefused (4xx) or HubUnavailable."""
+    try:
+        with trio.fail_after(timeout_s):
+            resp = await http.request(method, path, **kw)
+    except (trio.TooSlowError, httpx.TransportError) as exc:
+        raise HubUnavailable(f"{method} {path}: {type(exc).__name__} {exc}") from None
+    if resp.status_code == 429 or resp.status_code >= 500:
+        retry = resp.headers.get("retry-after")
+        raise HubUnavailable(f"{method} {path}: HTTP {resp.status_code}", float(retry) if retry and retry.isdigit() else None)
+    try:
+        data = resp.json()
+    except ValueError:
+        raise HubUnavailable(f"{method} {path}: HTTP {resp.status_code} with a non-JSON body") from None
+    if resp.status_code >= 400:
+        err = data.get("error", {}) if isinstance(data, dict) else {}
+        raise HubRefused(resp.status_code, str(err.get("code") or resp.status_code), str(err.get("message") or "refused"))
+    return data
+
+
+class ReceiptQueue:
+    """Countersigned receipts not yet acknowledged by the hub, in a SQLite file.
+
+    A queued receipt is durable when :meth:`append` returns (WAL,
+    ``synchronous=FULL``). Request ids are unique, so recording the same
+    receipt twice queues it once.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS pending (seq INTEGER PRIMARY KEY, request_id TEXT UNIQUE NOT NULL, "
+            "cost_micro INTEGER NOT NULL, receipt BLOB NOT NULL)"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS refused (request_id TEXT PRIMARY KEY, reason TEXT NOT NULL, "
+            "receipt BLOB NOT NULL, at REAL NOT NULL)"
+        )
+
+    def append(self, receipt: Receipt) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO pending (request_id, cost_micro, receipt) VALUES (?, ?, ?)",
+            (receipt.request_id, receipt.cost_micro, receipt.encode()),
+        )
+
+    def peek(self, limit: int) -> list[tuple[str, bytes]]:
+        """The oldest ``limit`` receipts: (request id, encoded receipt)."""
+        return self._db.execute("SELECT request_id, receipt FROM pending ORDER BY seq LIMIT ?", (limit,)).fetchall()
+
+    def acknowledge(self, done: list[str], refused: list[tuple[str, str]]) -> None:
+        """Drop receipts the hub answered for; keep refused ones aside for inspection."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO refused (request_id, reason, receipt, at) "
+                "SELECT request_id, ?, receipt, ? FROM pending WHERE request_id = ?",
+                [(reason, time.time(), rid) for rid, reason in refused],
+            )
+            self._db.executemany("DELETE FROM pending WHERE request_id = ?", [(rid,) for rid in done] + [(rid,) for rid, _ in refused])
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT count(*) FROM pending").fetchone()[0]
+
+    def pending_cost(self) -> int:
+        return self._db.execute("SELECT coalesce(sum(cost_micro), 0) FROM pending").fetchone()[0]
+
+    def refused(self) -> list[tuple[str, str]]:
+        return self._db.execute("SELECT request_id, reason FROM refused ORDER BY at").fetchall()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@dataclass(slots=True)
+class _Budget:
+    allowance: Allowance
+    encoded: bytes
+    remaining: int
+
+
+class HubSettlement:
+    """A gateway's settlement through a hub (see the module docstring).
+
+    Start it with ``await nursery.start(settlement.run)`` before serving: it
+    makes one attempt to fetch an allowance, reports started either way (the
+    gateway must come up even while the hub is down) and keeps renewing and
+    delivering until cancelled. ``queue_path`` should live under
+    ``$GPUNEXUS_HOME`` (e.g. ``node/gateway/receipts.db``).
+    """
+
+    def __init__(self, hub_url: str, api_key: str, gateway_id: str, queue_path: str | Path, *,
+                 budget_micro: int | None = None, batch_size: int = 100, flush_interval_s: float = 2.0,
+                 timeout_s: float = 10.0, require_bearer: bool = True,
+                 transport: httpx.AsyncBaseTransport | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.hub_url = hub_url.rstrip("/")
+        self.api_key = api_key
+        self.gateway_id = gateway_id
+        self.queue = ReceiptQueue(queue_path)
+        self.budget_micro = budget_micro
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.timeout_s = timeout_s
+        self.require_bearer = require_bearer
+        self.clock = clock
+        self._http = httpx.AsyncClient(base_url=self.hub_url, headers={"authorization": f"Bearer {api_key}"},
+                                       transport=transport, timeout=timeout_s)
+        self._budget: _Budget | None = None
+        self._key_refused: str | None = None
+        self._no_credit = False
+        self._hub_reached = False
+        self._renew_now = trio.Event()
+        self._deliver_now = trio.Event()
+        self._deliver_lock = trio.Lock()
+
+    # --- request path (no I/O but the local queue) ------------------------
+    def authorize(self, bearer: str | None, estimate_micro: int) -> Grant:
+        if self._key_refused is not None:
+            raise SettlementRefused(401, "invalid_api_key", self._key_refused)
+        if self.require_bearer and not hmac.compare_digest((bearer or "").encode(), self.api_key.encode()):
+            raise SettlementRefused(401, "invalid_api_key", "Incorrect API key provided.")
+        b = self._budget
+        if b is None or self.clock() >= b.allowance.expires_at:
+            self._renew_now.set()
+            if self._no_credit or (b is None and self._hub_reached):
+                raise SettlementRefused(402, "insufficient_quota", "You exceeded your current quota, please add credits.")
+            raise SettlementRefused(503, "hub_unreachable", "The settlement hub cannot be reached right now; retry shortly.")
+        if b.remaining <= 0 or b.remaining < min(estimate_micro, b.allowance.budget_micro):
+            self._renew_now.set()
+            raise SettlementRefused(402, "insufficient_quota", "You exceeded your current quota, please add credits.")
+        return Grant(allowance=b.encoded)
+
+    def record(self, receipt: Receipt) -> None:
+        self.queue.append(receipt)
+        b = self._budget
+        if b is not None:
+            b.remaining -= receipt.cost_micro
+            if b.remaining * 2 < b.allowance.budget_micro:
+                self._renew_now.set()
+        if len(self.queue) >= self.batch_size:
+            self._deliver_now.set()
+
+    def status(self) -> dict:
+        b = self._budget
+        return {
+            "hub": self.hub_url, "pending_receipts": len(self.queue), "key_refused": self._key_refused is not None,
+            "allowance_remaining_micro": b.remaining if b else 0,
+            "allowance_expires_at": b.allowance.expires_at if b else None,
+        }
+
+    # --- background -------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            try:
+                await self.renew()
+            except (HubUnavailable, HubRefused) as exc:
+                log.warning("no allowance from %s yet: %s", self.hub_url, exc)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._renew_loop)
+                nursery.start_soon(self._deliver_loop)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP client and the queue (``run`` does this when it ends)."""
+        await self._http.aclose()
+        self.queue.close()
+
+    async def renew(self) -> Allowance:
+        """Ask the hub for a fresh allowance now (also called by the background loop)."""
+        body: dict[str, Any] = {"gateway_id": self.gateway_id}
+        if self.budget_micro is not None:
+            body["budget_micro"] = self.budget_micro
+        try:
+            data = await _call(self._http, "POST", "/v1/allowances", self.timeout_s, json=body)
+        except HubRefused as exc:
+            self._hub_reached = True
+            if exc.status == 401:
+                self._key_refused = exc.message
+            elif exc.status == 402:
+                self._no_credit = True
+            raise
+        self._hub_reached = True
+        encoded = base64.b64decode(data["allowance"])
+        allowance = decode_as(Allowance, encoded)
+        allowance.verify()
+        if allowance.gateway_id != self.gateway_id:
+            raise ProtocolError("the hub issued an allowance for another gateway")
+        self._budget = _Budget(allowance, encoded, allowance.budget_micro - self.queue.pending_cost())
+        self._key_refused = None
+        self._no_credit = False
+        return allowance
+
+    def _renew_due_in(self) -> float:
+        b = self._budget
+        if b is None:
+            return 0.0
+        a = b.allowance
+        return max(0.0, a.issued_at + (a.expires_at - a.issued_at) / 2 - self.clock())
+
+    async def _renew_loop(self) -> None:
+        backoff = 1.0
+        while True:
+            with trio.move_on_after(self._renew_due_in() if self._budget else backoff):
+                await self._renew_now.wait()
+            self._renew_now = trio.Event()
+            try:
+                await self.renew()
+                backoff = 1.0
+            except (HubUnavailable, HubRefused, ProtocolError) as exc:
+                log.warning("allowance renewal failed: %s", exc)
+                await trio.sleep(backoff)  # back-off: never hammer a hub that is down or says no
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    async def _deliver_loop(self) -> None:
+        backoff = 1.0
+        while True:
+            with trio.move_on_after(self.flush_interval_s):
+                await self._deliver_now.wait()
+            self._deliver_now = trio.Event()
+            try:
+                await self.flush()
+                backoff = 1.0
+            except HubUnavailable as exc:
+                log.warning("receipt delivery failed (%d queued): %s", len(self.queue), exc)
+                await trio.sleep(max(backoff, exc.retry_after or 0.0))
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            except HubRefused as exc:
+                if exc.status == 401:
+                    self._key_refused = exc.message
+                log.warning("hub refused a receipt batch: %s", exc)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    async def flush(self) -> int:
+        """Deliver the whole queue now, batch by batch; the number acknowledged.
+
+        Raises HubUnavailable / HubRefused if a batch cannot be delivered; what
+        was acknowledged before stays acknowledged, the rest stays queued.
+        """
+        done_total = 0
+        async with self._deliver_lock:
+            while batch := self.queue.peek(self.batch_size):
+                data = await _call(self._http, "POST", "/v1/receipts", self.timeout_s,
+                                   json={"receipts": [base64.b64encode(r).decode() for _, r in batch]})
+                results = data["results"]
+                if len(results) != len(batch):
+                    raise HubUnavailable("the hub answered for a different number of receipts")
+                done, refused = [], []
+                for (rid, _), res in zip(batch, results, strict=True):
+                    if res["status"] in ("settled", "duplicate"):
+                        done.append(rid)
+                    else:
+                        log.warning("hub refused receipt %s: %s", rid, res.get("reason"))
+                        refused.append((rid, str(res.get("reason", ""))))
+                self.queue.acknowledge(done, refused)
+                done_total += len(batch)
+        return done_total
+
+
+def host_registration_statement(hub_id: str, peer_id: str) -> bytes:
+    """What the host's peer key signs to bind its peer id to the host account (see the hub's OpenAPI)."""
+    return f"gpunexus/host-register/1\n{hub_id}\n{peer_id}".encode()
+
+
+class HostHubLink:
+    """A host's connection to the hub: identity, registration, order checks, earnings."""
+
+    def __init__(self, hub_url: str, api_key: str, signer: Signer, *, timeout_s: float = 10.0,
+                 transport: httpx.AsyncBaseTransport | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.hub_url = hub_url.rstrip("/")
+        self.signer = signer
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.hub_id: str | None = None
+        self._http = httpx.AsyncClient(base_url=self.hub_url, headers={"authorization": f"Bearer {api_key}"},
+                                       transport=transport, timeout=timeout_s)
+
+    async def connect(self) -> str:
+        """Learn the hub's peer id and register this host's peer id; returns the hub id.
+
+        Raises HubRefused (bad key, peer id taken by another account) or
+        HubUnavailable; a host should not take paid orders before this worked.
+        """
+        info = await _call(self._http, "GET", "/v1/hub", self.timeout_s)
+        hub_id = info["hub_id"]
+        proof = self.signer.sign(host_registration_statement(hub_id, self.signer.peer_id))
+        await _call(self._http, "POST", "/v1/hosts/register", self.timeout_s,
+                    json={"peer_id": self.signer.peer_id, "proof": base64.b64encode(proof).decode()})
+        self.hub_id = hub_id
+        return hub_id
+
+    async def check_order(self, order: Order) -> None:
+        """An :data:`~gpunexus.node.host.OrderCheck`: the order's allowance, verified offline.
+
+        Raises ProtocolError unless the allowance is signed by this hub, issued
+        to the ordering gateway, unexpired and non-empty: a host serves only
+        work the hub has promised to pay for.
+        """
+        if self.hub_id is None:
+            raise ProtocolError("host is not connected to its hub yet")
+        if not order.allowance:
+            raise ProtocolError("order carries no allowance")
+        allowance = decode_as(Allowance, order.allowance)
+        if allowance.hub_id != self.hub_id:
+            raise ProtocolError("allowance is not from this host's hub")
+        allowance.verify()
+        if allowance.gateway_id != order.gateway_id:
+            raise ProtocolError("allowance was issued to another gateway")
+        if allowance.expires_at + CLOCK_SKEW_S < self.clock():
+            raise ProtocolError("allowance expired")
+        if allowance.budget_micro <= 0:
+            raise ProtocolError("allowance has no budget")
+
+    async def earnings(self) -> dict:
+        """The host account's earnings summary (``GET /v1/earnings``)."""
+        return await _call(self._http, "GET", "/v1/earnings", self.timeout_s)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
