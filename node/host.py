@@ -207,15 +207,22 @@ class HostService:
         send, receive = trio.open_memory_channel[Token](math.inf)
         hasher = OutputHasher()
         result = None
+        failure: BackendError | None = None
 
         async def produce() -> None:
-            nonlocal result
+            # A backend failure ends the token stream and is re-raised below, outside
+            # the nursery, so it is not wrapped in an exception group.
+            nonlocal result, failure
             async with send:
-                result = await self.backend.generate(GenerationRequest.from_order(order), send)
+                try:
+                    result = await self.backend.generate(GenerationRequest.from_order(order), send)
+                except BackendError as exc:
+                    failure = exc
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(produce)
+        abandoned: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
+            try:
                 async with receive:
                     async for first in receive:
                         batch = [first]
@@ -228,15 +235,19 @@ class HostService:
                         hasher.update(chunk)
                         with trio.fail_after(SEND_TIMEOUT):
                             await framed.send(chunk)
-        except BackendError as exc:
+            except (PeerGone, trio.TooSlowError) as exc:
+                # Handled here, inside the nursery, so it is not wrapped in an exception group.
+                abandoned = exc
+                nursery.cancel_scope.cancel()
+        if abandoned is not None:
             self.stats.failed += 1
-            log.warning("backend failed: %s", exc)
-            with trio.move_on_after(SEND_TIMEOUT):
-                await framed.send(Error(code=exc.code, message=str(exc), retryable=exc.retryable))
+            log.info("request %s abandoned: %s", order.request_id, type(abandoned).__name__)
             return
-        except (PeerGone, trio.TooSlowError) as exc:
+        if failure is not None:
             self.stats.failed += 1
-            log.info("request %s abandoned: %s", order.request_id, type(exc).__name__)
+            log.warning("backend failed: %s", failure)
+            with trio.move_on_after(SEND_TIMEOUT):
+                await framed.send(Error(code=failure.code, message=str(failure), retryable=failure.retryable))
             return
         assert result is not None
         tokens = result.prompt_tokens + hasher.tokens
@@ -271,11 +282,12 @@ class _Refusal(Exception):
 
 
 def _chunk(tokens: list[Token]) -> Chunk:
+    n_tokens = sum(t.count for t in tokens)
     ids = tuple(t.token_id for t in tokens if t.token_id is not None)
     logprobs = tuple(t.logprob for t in tokens if t.logprob is not None)
     return Chunk(
         text="".join(t.text for t in tokens),
-        n_tokens=len(tokens),
-        token_ids=ids if len(ids) == len(tokens) else (),
-        logprobs=logprobs if len(logprobs) == len(tokens) else (),
+        n_tokens=n_tokens,
+        token_ids=ids if len(ids) == n_tokens else (),
+        logprobs=logprobs if len(logprobs) == n_tokens else (),
     )

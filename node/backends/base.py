@@ -42,11 +42,17 @@ class GenerationRequest:
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """One generated token; ``token_id`` is None where the backend does not expose ids."""
+    """One generated token; ``token_id`` is None where the backend does not expose ids.
+
+    ``count`` above one stands for several tokens the backend cannot show one
+    by one: an upstream server that streams several tokens per event and
+    reports the true total only in its final usage.
+    """
 
     text: str
     token_id: int | None
     logprob: float | None
+    count: int = 1
 
 
 @dataclass(frozen=True, slots=True)

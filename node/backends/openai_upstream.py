@@ -1,9 +1,12 @@
 """Forward to an OpenAI-compatible server the host already runs.
 
 Ollama, vLLM, llama.cpp's server and TGI all speak ``/v1/chat/completions``
-with SSE streaming. They stream one token per event, so each content event
-counts as one token on our side (what the gateway can check and what is
-billed); the upstream's own prompt-token count is used for ``tokens_in``.
+with SSE streaming. Each content event counts as one token as it arrives;
+where the upstream's final usage reports more completion tokens than it
+streamed events (servers that coalesce), the difference follows as one
+text-less chunk, so what is billed is the upstream's own count and the
+gateway still checks it chunk by chunk. The upstream's prompt-token count is
+used for ``tokens_in``.
 
 What cannot be verified here: upstream servers expose no token ids and no
 hidden states, and do not sample with our seeded sampler, so receipts from
@@ -72,7 +75,7 @@ class OpenAIUpstreamBackend:
         url, body = self._body(request)
         chat = request.kind == "chat"
         produced = 0
-        prompt_tokens = None
+        prompt_tokens = completion_tokens = None
         finish_reason = "length"
         try:
             async with self._client.stream("POST", url, json=body) as response:
@@ -93,6 +96,7 @@ class OpenAIUpstreamBackend:
                         usage = obj.get("usage")
                         if usage:
                             prompt_tokens = usage.get("prompt_tokens")
+                            completion_tokens = usage.get("completion_tokens")
                         for choice in obj.get("choices") or ():
                             text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                             if text:
@@ -106,6 +110,11 @@ class OpenAIUpstreamBackend:
             raise BackendError(f"upstream unreachable: {type(exc).__name__}: {exc}", retryable=True) from None
         except (ValueError, AttributeError) as exc:
             raise BackendError(f"upstream sent something that is not an OpenAI stream: {exc}", retryable=True) from None
+        if completion_tokens is not None and completion_tokens > produced:
+            # The upstream streamed several tokens per event: the rest of the count travels
+            # as one text-less token, so the gateway counts what the upstream reports.
+            tokens.send_nowait(Token("", None, None, count=completion_tokens - produced))
+            produced = completion_tokens
         if prompt_tokens is None:
             prompt_tokens = _estimate_prompt_tokens(request)
         return GenerationResult(prompt_tokens=int(prompt_tokens), completion_tokens=produced, finish_reason=finish_reason)
