@@ -46,6 +46,7 @@ def configure_logging(verbosity: int) -> None:
     if verbosity < 2:
         logging.getLogger("libp2p").setLevel(logging.ERROR)
         logging.getLogger("multiaddr").setLevel(logging.ERROR)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

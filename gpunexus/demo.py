@@ -1,65 +1,88 @@
 """``gpunexus demo``: a whole market in one process, on embedded defaults.
 
-A host serving the reference model and a gateway bootstrapped to it, on
-loopback, with throwaway identities, nothing from outside. It prints the
-base URL and an API key for the official ``openai`` SDK.
+A hub (SQLite in a temporary folder, manual-credits mode), a host serving the
+reference model and a gateway bootstrapped to it, all on loopback with
+throwaway identities and nothing from outside. It prints the base URL and a
+client API key with credits for the official ``openai`` SDK; requests are
+paid, receipts settled and the host's earnings grow, as in production.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import secrets
 import sys
+import tempfile
+import uuid
 
 import httpx
 import trio
 
 log = logging.getLogger("gpunexus.demo")
 
+DEMO_CREDITS_MICRO = 5_000_000
+DEMO_PRICE_MICRO = 200_000
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run a host and a gateway in one process", description="Run a host (reference model) and a gateway in one process on loopback, and print the base URL and API key for the openai SDK.")
+    p = sub.add_parser("demo", help="run a hub, a host and a gateway in one process", description="Run a hub, a host (reference model) and a gateway in one process on loopback, and print the base URL and an API key (with 5 USD of demo credits) for the openai SDK.")
     p.add_argument("--port", type=int, default=8000, help="gateway HTTP port (default 8000; 0 picks a free one)")
     p.add_argument("--model", default="tiny", help="reference model to serve (default tiny)")
-    p.add_argument("--once", action="store_true", help="send one chat request through the gateway, print the answer and exit")
+    p.add_argument("--once", action="store_true", help="send one chat request through the gateway, print the answer and the bill, and exit")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return trio.run(_main, args)
+    with tempfile.TemporaryDirectory(prefix="gpunexus-demo-") as home:
+        return trio.run(_main, args, home)
 
 
-async def _main(args: argparse.Namespace) -> int:
+async def _main(args: argparse.Namespace, home: str) -> int:
+    from gpunexus.hub import keys
+    from gpunexus.hub.app import create_app, serve
+    from gpunexus.hub.service import Hub
     from gpunexus.node.backends.reference import ReferenceBackend
     from gpunexus.node.p2p import P2PConfig
-    from gpunexus.node.runtime import GatewayOptions, HostOptions, open_gateway, open_host
-    from gpunexus.node.settlement import FreeSettlement
+    from gpunexus.node.runtime import GatewayOptions, HostOptions, HubLogin, open_gateway, open_host
 
-    api_key = "sk-demo-" + secrets.token_urlsafe(12)
     backend = ReferenceBackend(args.model)
     print(f"measuring the {args.model} reference model on this CPU...", file=sys.stderr)
     tokens_per_s = await trio.to_thread.run_sync(backend.measure_tokens_per_s)
-    host_options = HostOptions(backend=backend, price_micro_per_mtok=200_000, tokens_per_s=tokens_per_s)
-    async with open_host(host_options) as host:
-        addr = host.node.listen_addrs()[0]
-        gateway_options = GatewayOptions(port=args.port, p2p=P2PConfig(bootstrap=[addr]), settlement=FreeSettlement(api_key=api_key))
-        async with open_gateway(gateway_options) as gateway:
-            with trio.fail_after(30):
-                while not gateway.book.for_model(backend.info.name):
-                    await gateway.book.changed.wait()
-            print(f"host:      {addr} ({backend.info.name}, {tokens_per_s:.0f} tokens/s, 0.20 USD/Mtok)")
-            print(f"base_url:  {gateway.base_url}")
-            print(f"api_key:   {api_key}")
-            print(f"model:     {backend.info.name}")
-            if args.once:
-                return await _one_request(gateway.base_url, api_key, backend.info.name)
-            print("\nTry it:\n"
-                  f"  from openai import OpenAI\n"
-                  f"  client = OpenAI(base_url=\"{gateway.base_url}\", api_key=\"{api_key}\")\n"
-                  f"  client.chat.completions.create(model=\"{backend.info.name}\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}])\n"
-                  "Ctrl-C to stop.", flush=True)
-            await trio.sleep_forever()
+    hub = Hub.open(home)
+    _, client_key = hub.db.write_sync(keys.add_user, "client@demo.local", "client")
+    _, host_key = hub.db.write_sync(keys.add_user, "host@demo.local", "host")
+    hub.grant_sync("client@demo.local", DEMO_CREDITS_MICRO, uuid.uuid4().hex)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(functools.partial(serve, hub, create_app(hub), host="127.0.0.1", port=0, shutdown_trigger=stop.wait))
+        hub_url = binds[0]
+        host_options = HostOptions(backend=backend, price_micro_per_mtok=DEMO_PRICE_MICRO, tokens_per_s=tokens_per_s, home=home, hub=HubLogin(hub_url, host_key))
+        async with open_host(host_options) as host:
+            addr = host.node.listen_addrs()[0]
+            gateway_options = GatewayOptions(port=args.port, p2p=P2PConfig(bootstrap=[addr]), home=home, hub=HubLogin(hub_url, client_key))
+            async with open_gateway(gateway_options) as gateway:
+                with trio.fail_after(30):
+                    while not gateway.book.for_model(backend.info.name):
+                        await gateway.book.changed.wait()
+                print(f"hub:       {hub_url} (manual credits; client has 5.00 USD)")
+                print(f"host:      {addr} ({backend.info.name}, {tokens_per_s:.0f} tokens/s, 0.20 USD/Mtok)")
+                print(f"base_url:  {gateway.base_url}")
+                print(f"api_key:   {client_key}")
+                print(f"model:     {backend.info.name}")
+                if args.once:
+                    code = await _one_request(gateway.base_url, client_key, backend.info.name)
+                    await gateway.service.settlement.flush()
+                    earnings = await host.hub.earnings()
+                    print(f"host earned: {earnings['amount_micro']} micro-USD over {earnings['requests']} settled request(s)")
+                    stop.set()
+                    return code
+                print("\nTry it:\n"
+                      f"  from openai import OpenAI\n"
+                      f"  client = OpenAI(base_url=\"{gateway.base_url}\", api_key=\"{client_key}\")\n"
+                      f"  client.chat.completions.create(model=\"{backend.info.name}\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}])\n"
+                      "Ctrl-C to stop.", flush=True)
+                await trio.sleep_forever()
     return 0
 
 

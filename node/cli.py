@@ -20,7 +20,7 @@ from gpunexus.protocol.money import micro_to_usd, usd_to_micro
 from .backends.base import Backend, BackendError
 from .gateway import GatewayConfig
 from .p2p import P2PConfig, format_swarm_key, load_swarm_key
-from .runtime import CONTROL_FILE, GatewayOptions, HostOptions, node_home, open_gateway, open_host
+from .runtime import CONTROL_FILE, GatewayOptions, HostOptions, HubLogin, node_home, open_gateway, open_host
 
 log = logging.getLogger("gpunexus.node")
 
@@ -93,6 +93,14 @@ def _p2p(args: argparse.Namespace, default_listen: str) -> P2PConfig:
     )
 
 
+def _hub_login(args: argparse.Namespace) -> HubLogin | None:
+    if not args.hub:
+        return None
+    if not args.api_key:
+        raise SystemExit("--hub needs --api-key (or $GPUNEXUS_API_KEY)")
+    return HubLogin(args.hub, args.api_key)
+
+
 def make_backend(args: argparse.Namespace) -> Backend:
     if args.backend == "reference":
         from .backends.reference import ReferenceBackend
@@ -141,6 +149,7 @@ def _serve(args: argparse.Namespace) -> int:
         region=args.region,
         home=_home(),
         control=True,
+        hub=_hub_login(args),
     )
 
     async def main() -> None:
@@ -165,14 +174,8 @@ def _gateway(args: argparse.Namespace) -> int:
             raise SystemExit(f"--max-price: {exc}") from None
     from .settlement import FreeSettlement
 
-    settlement = FreeSettlement(api_key=args.api_key)
-    if args.hub:
-        from .hub_client import HubSettlement
-
-        if not args.api_key:
-            raise SystemExit("--hub needs --api-key (or $GPUNEXUS_API_KEY)")
-        settlement = HubSettlement(args.hub, args.api_key, home=_home())
-    options = GatewayOptions(host=args.host, port=args.port, p2p=_p2p(args, "/ip4/127.0.0.1/tcp/0"), config=config, settlement=settlement, home=_home())
+    hub = _hub_login(args)
+    options = GatewayOptions(host=args.host, port=args.port, p2p=_p2p(args, "/ip4/127.0.0.1/tcp/0"), config=config, settlement=FreeSettlement(api_key=args.api_key), home=_home(), hub=hub)
 
     async def main() -> None:
         async with open_gateway(options) as runtime:
@@ -209,7 +212,9 @@ def _control(args: argparse.Namespace) -> int:
     print(f"  served       {status['served']} requests, {status['tokens_out']} tokens out, {status['failed']} failed, {status['refused']} refused")
     print(f"  billed       {micro_to_usd(status['billed_micro'])} USD (receipts signed)")
     if "earnings_micro" in status:
-        print(f"  earnings     {micro_to_usd(status['earnings_micro'])} USD settled by the hub")
+        print(f"  earnings     {micro_to_usd(status['earnings_micro'])} USD settled by the hub, {micro_to_usd(status['unpaid_micro'])} USD not yet paid out")
+    elif "earnings_error" in status:
+        print(f"  earnings     unknown: {status['earnings_error']}")
     print(f"  uptime       {status['uptime_s']:.0f} s")
     return 0
 

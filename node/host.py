@@ -162,8 +162,6 @@ class HostService:
             with trio.fail_after(ORDER_TIMEOUT):
                 order = await framed.receive_as(Order)
             self._check_order(order)
-            if self.order_check is not None:
-                await self.order_check(order)
         except trio.TooSlowError:
             await self._refuse(framed, "protocol", "no order within the deadline", retryable=False)
             return
@@ -173,6 +171,13 @@ class HostService:
         except _Refusal as refusal:
             await self._refuse(framed, refusal.code, refusal.message, refusal.retryable)
             return
+        if self.order_check is not None:
+            try:
+                await self.order_check(order)
+            except ProtocolError as exc:
+                # No hub-backed allowance, no work: another host may take unpaid orders.
+                await self._refuse(framed, "payment", str(exc), retryable=True)
+                return
         self.stats.in_flight += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         try:

@@ -29,6 +29,7 @@ Nothing here imports the hub: the two meet on HTTP, speaking
 from __future__ import annotations
 
 import base64
+import binascii
 import hmac
 import logging
 import sqlite3
@@ -40,10 +41,9 @@ from typing import Any
 
 import httpx
 import trio
-
 from gpunexus.protocol.codec import decode_as
 from gpunexus.protocol.errors import ProtocolError
-from gpunexus.protocol.messages import Allowance, Order, Receipt
+from gpunexus.protocol.messages import Allowance, Order, Receipt, host_registration_statement
 from gpunexus.protocol.signing import Signer
 
 from .settlement import Grant, SettlementRefused
@@ -228,7 +228,7 @@ class HubSettlement:
         try:
             try:
                 await self.renew()
-            except (HubUnavailable, HubRefused) as exc:
+            except (HubUnavailable, HubRefused, ProtocolError) as exc:
                 log.warning("no allowance from %s yet: %s", self.hub_url, exc)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._renew_loop)
@@ -258,7 +258,10 @@ class HubSettlement:
                 self._no_credit = True
             raise
         self._hub_reached = True
-        encoded = base64.b64decode(data["allowance"])
+        try:
+            encoded = base64.b64decode(data["allowance"], validate=True)
+        except (KeyError, TypeError, binascii.Error):
+            raise ProtocolError("the hub's allowance answer has no base64 allowance") from None
         allowance = decode_as(Allowance, encoded)
         allowance.verify()
         if allowance.gateway_id != self.gateway_id:
@@ -334,10 +337,6 @@ class HubSettlement:
                 done_total += len(batch)
         return done_total
 
-
-def host_registration_statement(hub_id: str, peer_id: str) -> bytes:
-    """What the host's peer key signs to bind its peer id to the host account (see the hub's OpenAPI)."""
-    return f"gpunexus/host-register/1\n{hub_id}\n{peer_id}".encode()
 
 
 class HostHubLink:

@@ -27,6 +27,7 @@ from .backends.base import Backend
 from .gateway import GatewayConfig, GatewayService
 from .gateway_app import create_app, hypercorn_config
 from .host import HostService, OrderCheck
+from .hub_client import HostHubLink, HubSettlement
 from .offers import OfferBook, follow_offers
 from .p2p import P2PConfig, P2PNode, open_p2p
 from .settlement import FreeSettlement, Settlement
@@ -47,11 +48,20 @@ def load_identity(home: str | Path | None, role: str) -> Signer:
     return Signer.load_or_create(node_home(home, role) / "identity.key")
 
 
+@dataclass(frozen=True)
+class HubLogin:
+    """Where a node's hub is and the API key it uses there."""
+
+    url: str
+    api_key: str
+
+
 @dataclass
 class HostRuntime:
     node: P2PNode
     service: HostService
     control_url: str | None = None
+    hub: HostHubLink | None = None
 
 
 @dataclass
@@ -74,11 +84,20 @@ class HostOptions:
     home: str | Path | None = None
     order_check: OrderCheck | None = None
     control: bool = False
+    hub: HubLogin | None = None
+    """With a hub, the host registers its peer id and serves only hub-backed orders."""
 
 
 @asynccontextmanager
 async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
     signer = load_identity(options.home, "host")
+    link = None
+    order_check = options.order_check
+    if options.hub is not None:
+        link = HostHubLink(options.hub.url, options.hub.api_key, signer)
+        hub_id = await link.connect()
+        log.info("registered host %s with hub %s", signer.peer_id, hub_id)
+        order_check = link.check_order
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
         service = HostService(
             node,
@@ -88,16 +107,19 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
             max_queue=options.max_queue,
             tokens_per_s=options.tokens_per_s,
             region=options.region,
-            order_check=options.order_check,
+            order_check=order_check,
         )
         await nursery.start(service.run)
-        runtime = HostRuntime(node, service)
+        runtime = HostRuntime(node, service, hub=link)
         if options.control and options.home is not None:
-            runtime.control_url = await nursery.start(_serve_control, service, node_home(options.home, "host"))
+            runtime.control_url = await nursery.start(_serve_control, runtime, node_home(options.home, "host"))
         try:
             yield runtime
         finally:
             nursery.cancel_scope.cancel()
+            if link is not None:
+                with trio.CancelScope(shield=True):
+                    await link.aclose()
 
 
 @dataclass
@@ -108,16 +130,24 @@ class GatewayOptions:
     config: GatewayConfig = field(default_factory=GatewayConfig)
     settlement: Settlement = field(default_factory=FreeSettlement)
     home: str | Path | None = None
+    hub: HubLogin | None = None
+    """With a hub, requests are paid from the key's credits (replaces ``settlement``)."""
 
 
 @asynccontextmanager
 async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]:
     signer = load_identity(options.home, "gateway")
+    settlement = options.settlement
+    if options.hub is not None:
+        if options.home is None:
+            raise ValueError("a gateway with a hub needs a home folder for its receipt queue")
+        queue = node_home(options.home, "gateway") / "receipts.db"
+        settlement = HubSettlement(options.hub.url, options.hub.api_key, signer.peer_id, queue)
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
         book = OfferBook()
         await nursery.start(follow_offers, node.pubsub, book)
-        await nursery.start(options.settlement.run)
-        service = GatewayService(node, book, options.settlement, options.config)
+        await nursery.start(settlement.run)
+        service = GatewayService(node, book, settlement, options.config)
         await nursery.start(service.run)
         app = create_app(service, nursery)
         bound = await nursery.start(_serve_http, app, options.host, options.port)
@@ -137,8 +167,9 @@ async def _serve_http(app, host: str, port: int, *, task_status=trio.TASK_STATUS
 CONTROL_FILE = "control.json"
 
 
-async def _serve_control(service: HostService, folder: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _serve_control(runtime: HostRuntime, folder: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """A loopback-only HTTP endpoint, guarded by a token in a 0600 file."""
+    service = runtime.service
     token = secrets.token_urlsafe(24)
     app = QuartTrio("gpunexus-control")
 
@@ -149,7 +180,15 @@ async def _serve_control(service: HostService, folder: Path, *, task_status=trio
 
     @app.get("/status")
     async def status():
-        return service.status()
+        report = service.status()
+        if runtime.hub is not None:
+            try:
+                earnings = await runtime.hub.earnings()
+                report["earnings_micro"] = earnings["amount_micro"]
+                report["unpaid_micro"] = earnings.get("balance_micro", 0)
+            except Exception as exc:  # status must answer even while the hub is away
+                report["earnings_error"] = str(exc)
+        return report
 
     @app.post("/enable")
     async def enable():

@@ -339,3 +339,11 @@ class OutputHasher:
 
     def digest(self) -> bytes:
         return hashlib.sha256(self._ids.digest() + self._text.digest()).digest()
+
+
+def host_registration_statement(hub_id: str, peer_id: str) -> bytes:
+    """What a host's peer key signs to bind its peer id to its hub account.
+
+    Naming the hub keeps one hub's proof from being replayed at another.
+    """
+    return f"gpunexus/host-register/1\n{hub_id}\n{peer_id}".encode()

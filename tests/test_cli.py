@@ -27,7 +27,7 @@ def home(tmp_path):
 def test_help_explains_every_command():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("node", "demo"):
+    for command in ("node", "hub", "audit", "demo"):
         assert command in out.stdout
     serve = run("node", "serve", "--help")
     assert serve.returncode == 0 and "--price" in serve.stdout and "peer:" in serve.stdout
@@ -49,7 +49,8 @@ def test_demo_once_answers_a_request():
     assert out.returncode == 0, out.stderr
     lines = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
     assert lines["base_url"].strip().startswith("http://127.0.0.1:")
-    assert lines["api_key"].strip().startswith("sk-demo-")
+    assert lines["api_key"].strip().startswith("gnx_")
+    assert "host earned" in out.stdout
     assert "completion_tokens" in lines["usage"]
 
 

@@ -1,0 +1,155 @@
+"""Hub-signed, short-lived budgets for a gateway peer id, reserved from the balance.
+
+How a receipt finds its allowance: receipts do not carry the allowance, so
+the hub binds each gateway peer id to one account on its first allowance (a
+second account asking for the same peer id is refused) and keeps every
+allowance it issued. A receipt is authorised when one of the allowances issued
+to its ``gateway_id`` was valid at the receipt's ``issued_at`` (within the
+clock skew); the account billed is that allowance's account.
+
+Money: issuing moves the budget from the account to ``platform:holds``
+(journal ``reserve:<id>``). A renewal rolls the previous allowance's unspent
+budget into the new one and reserves only the top-up, so one gateway never
+holds two budgets. Receipts draw on the gateway's live allowance first and on
+the account's free balance for any overflow. The unspent hold returns to the
+account (``release:<id>``) once the allowance is past expiry plus the grace
+period of :class:`~gpunexus.hub.config.HubConfig`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from gpunexus.protocol.messages import Allowance
+from gpunexus.protocol.signing import Signer
+from sqlalchemy.engine import Connection
+
+from . import ledger
+from .config import HubConfig
+from .db import allowances, gateways, users
+from .keys import User
+from .ledger import Journal
+
+
+class AllowanceRefused(Exception):
+    """No allowance: ``status`` 402 (no credit) or 409 (peer id bound elsewhere)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class AllowanceRow:
+    allowance_id: str
+    user_id: int
+    gateway_id: str
+    remaining: int
+    issued_at: float
+    expires_at: float
+
+
+def issue(conn: Connection, signer: Signer, cfg: HubConfig, user: User, gateway_id: str,
+          requested_micro: int | None, now: float) -> Allowance:
+    """Sign a fresh allowance for ``gateway_id``, reserving its budget (see module doc)."""
+    conn.execute(ledger.insert_ignore(conn, gateways).values(peer_id=gateway_id, user_id=user.id))
+    owner = conn.execute(  # locked: two renewals of one gateway must not both create a live allowance
+        sa.select(gateways.c.user_id).where(gateways.c.peer_id == gateway_id).with_for_update()).scalar_one()
+    if owner != user.id:
+        raise AllowanceRefused(409, "gateway_bound", "this gateway peer id is bound to another account")
+    old = conn.execute(
+        sa.select(allowances.c.allowance_id, allowances.c.remaining)
+        .where(allowances.c.gateway_id == gateway_id, allowances.c.live)
+        .with_for_update()
+    ).first()
+    carry = old.remaining if old else 0
+    free = ledger.lock_balances(conn, [user.account_id])[user.account_id]
+    target = min(requested_micro or cfg.allowance_budget_micro, cfg.allowance_max_micro)
+    take = min(max(0, target - carry), free)
+    budget = carry + take
+    if budget <= 0:
+        raise AllowanceRefused(402, "insufficient_quota", "You exceeded your current quota, please add credits.")
+    allowance_id = secrets.token_hex(16)
+    if take:
+        holds = ledger.system_account(conn, ledger.HOLDS)
+        ledger.post(conn, Journal(f"reserve:{allowance_id}", "reserve", ((user.account_id, -take), (holds, take))), now=now)
+    if old:
+        conn.execute(
+            sa.update(allowances).where(allowances.c.allowance_id == old.allowance_id).values(live=False, remaining=0)
+        )
+    expires_at = now + cfg.allowance_ttl_s
+    conn.execute(
+        allowances.insert().values(
+            allowance_id=allowance_id, user_id=user.id, gateway_id=gateway_id, budget=budget,
+            remaining=budget, issued_at=now, expires_at=expires_at, live=True,
+        )
+    )
+    return Allowance(
+        allowance_id=allowance_id, hub_id=signer.peer_id, account=user.account, gateway_id=gateway_id,
+        budget_micro=budget, issued_at=now, expires_at=expires_at,
+    ).signed(signer)
+
+
+def release_expired(conn: Connection, cfg: HubConfig, now: float) -> int:
+    """Return unspent holds of allowances past expiry + grace to their accounts."""
+    rows = conn.execute(
+        sa.select(allowances.c.allowance_id, allowances.c.remaining, users.c.account_id)
+        .join(users, users.c.id == allowances.c.user_id)
+        .where(allowances.c.live, allowances.c.expires_at + cfg.allowance_grace_s < now)
+        .order_by(allowances.c.allowance_id)
+        .with_for_update(of=allowances)
+    ).all()
+    if not rows:
+        return 0
+    holds = ledger.system_account(conn, ledger.HOLDS)
+    for r in rows:
+        if r.remaining:
+            ledger.post(conn, Journal(f"release:{r.allowance_id}", "release", ((holds, -r.remaining), (r.account_id, r.remaining))), now=now)
+    conn.execute(
+        sa.update(allowances)
+        .where(allowances.c.allowance_id.in_([r.allowance_id for r in rows]))
+        .values(live=False, remaining=0)
+    )
+    return len(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayAllowances:
+    """What settlement needs about one gateway: windows that authorise, the live budget."""
+
+    windows: list[AllowanceRow]
+    live: AllowanceRow | None
+
+    def covering(self, t: float, skew: float) -> AllowanceRow | None:
+        for row in reversed(self.windows):
+            if row.issued_at - skew <= t <= row.expires_at + skew:
+                return row
+        return None
+
+
+def for_gateways(conn: Connection, gateway_ids: list[str], t_lo: float, t_hi: float) -> dict[str, GatewayAllowances]:
+    """Allowances of these gateways valid somewhere in [t_lo, t_hi]; live rows locked."""
+    cols = (allowances.c.allowance_id, allowances.c.user_id, allowances.c.gateway_id, allowances.c.remaining,
+            allowances.c.issued_at, allowances.c.expires_at)
+    live = {
+        r.gateway_id: AllowanceRow(*r)
+        for r in conn.execute(
+            sa.select(*cols)
+            .where(allowances.c.gateway_id.in_(gateway_ids), allowances.c.live)
+            .order_by(allowances.c.allowance_id)
+            .with_for_update()
+        )
+    }
+    out = {g: GatewayAllowances([], live.get(g)) for g in gateway_ids}
+    q = (
+        sa.select(*cols)
+        .where(allowances.c.gateway_id.in_(gateway_ids), allowances.c.issued_at <= t_hi, allowances.c.expires_at >= t_lo)
+        .order_by(allowances.c.issued_at)
+    )
+    for r in conn.execute(q):
+        out[r.gateway_id].windows.append(AllowanceRow(*r))
+    return out

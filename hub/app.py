@@ -1,0 +1,211 @@
+"""The hub's HTTP API (quart-trio): JSON in, JSON out, OpenAI-shaped errors.
+
+Every route but ``/openapi.json``, ``/v1/hub`` and the Stripe webhook needs
+``Authorization: Bearer <API key>``; the key is checked against the database
+on every request (revocation is immediate) and then charged one token from
+its rate-limit bucket (429 with ``retry-after`` when empty). Binary protocol
+messages (allowances, receipts) travel base64-encoded. The full contract is
+in :mod:`gpunexus.hub.openapi`, served at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import hypercorn
+import hypercorn.trio
+import trio
+from quart import Response, jsonify, request
+from quart_trio import QuartTrio
+
+from .keys import User
+from .openapi import spec
+from .ratelimit import RateLimiter
+from .service import VERSION, Hub, HubError
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+_TYPES = {401: "invalid_request_error", 402: "insufficient_quota", 403: "permission_error", 429: "rate_limit_error"}
+
+
+def error_response(status: int, code: str, message: str, param: str | None = None) -> Response:
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    resp = jsonify({"error": {"message": message, "type": kind, "param": param, "code": code}})
+    resp.status_code = status
+    if status in (400, 401, 402, 403, 409, 413):
+        resp.headers["x-should-retry"] = "false"
+    return resp
+
+
+class Extension(Protocol):
+    """Routes a billing layer adds (Stripe): its handlers and their OpenAPI paths."""
+
+    def routes(self, app: QuartTrio, current_user: Callable[[], Awaitable[User]], body: Callable[[], Awaitable[dict]]) -> None: ...
+
+    def openapi_paths(self) -> dict[str, Any]: ...
+
+
+def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extension | None = None) -> QuartTrio:
+    """The ASGI app for ``hub``, with ``billing``'s routes when Stripe is configured."""
+    app = QuartTrio("gpunexus.hub")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    limiter = limiter or RateLimiter(hub.config.rate_per_s, hub.config.rate_burst)
+
+    async def current_user() -> User:
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else None
+        user = await hub.authenticate(token)
+        wait = limiter.take(token.split("_")[1])
+        if wait:
+            raise RateLimited(wait)
+        return user
+
+    async def body() -> dict[str, Any]:
+        data = await request.get_json(force=True, silent=True)
+        if not isinstance(data, dict):
+            raise HubError(400, "invalid_json", "the body must be a JSON object")
+        return data
+
+    @app.errorhandler(HubError)
+    async def on_hub_error(exc: HubError) -> Response:
+        return error_response(exc.status, exc.code, exc.message, exc.param)
+
+    @app.errorhandler(RateLimited)
+    async def on_rate_limited(exc: RateLimited) -> Response:
+        resp = error_response(429, "rate_limit_exceeded", "Rate limit reached for this API key.")
+        resp.headers["retry-after"] = RateLimiter.retry_after(exc.wait_s)
+        return resp
+
+    @app.errorhandler(413)
+    async def on_too_large(_exc) -> Response:
+        return error_response(413, "body_too_large", f"request body above {MAX_BODY_BYTES} bytes")
+
+    @app.errorhandler(404)
+    async def on_not_found(_exc) -> Response:
+        return error_response(404, "not_found", f"no route {request.method} {request.path}")
+
+    @app.errorhandler(405)
+    async def on_bad_method(_exc) -> Response:
+        return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}")
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return jsonify(spec(billing.openapi_paths() if billing else None))
+
+    @app.get("/v1/hub")
+    async def info() -> Response:
+        cfg = hub.config
+        return jsonify({"hub_id": hub.hub_id, "version": VERSION, "fee_bps": cfg.fee_bps,
+                        "allowance_ttl_s": cfg.allowance_ttl_s, "max_batch": cfg.max_batch,
+                        "billing": "stripe" if hub.billing else "manual"})
+
+    @app.post("/v1/allowances")
+    async def allowance() -> Response:
+        user = await current_user()
+        data = await body()
+        budget = _int(data, "budget_micro", optional=True)
+        a = await hub.allowance(user, _str(data, "gateway_id"), budget)
+        return jsonify({"allowance": base64.b64encode(a.encode()).decode(), "allowance_id": a.allowance_id,
+                        "hub_id": a.hub_id, "account": a.account, "budget_micro": a.budget_micro,
+                        "issued_at": a.issued_at, "expires_at": a.expires_at})
+
+    @app.post("/v1/receipts")
+    async def submit() -> Response:
+        await current_user()
+        items = (await body()).get("receipts")
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise HubError(400, "invalid_request_error", "receipts must be a list of base64 strings", "receipts")
+        try:
+            blobs = [base64.b64decode(x, validate=True) for x in items]
+        except binascii.Error:
+            raise HubError(400, "invalid_request_error", "receipts must be base64", "receipts") from None
+        outcomes = await hub.submit(blobs)
+        return jsonify({"results": [o.to_json() for o in outcomes]})
+
+    @app.get("/v1/balance")
+    async def balance() -> Response:
+        return jsonify(await hub.balance(await current_user()))
+
+    @app.get("/v1/usage")
+    async def usage() -> Response:
+        return jsonify(await hub.usage(await current_user()))
+
+    @app.get("/v1/earnings")
+    async def earnings() -> Response:
+        return jsonify(await hub.earnings(await current_user()))
+
+    @app.post("/v1/hosts/register")
+    async def register_host() -> Response:
+        user = await current_user()
+        data = await body()
+        try:
+            proof = base64.b64decode(_str(data, "proof"), validate=True)
+        except binascii.Error:
+            raise HubError(400, "invalid_request_error", "proof must be base64", "proof") from None
+        peer_id = _str(data, "peer_id")
+        await hub.register_host(user, peer_id, proof)
+        return jsonify({"peer_id": peer_id, "account": user.account})
+
+    @app.put("/v1/payout-settings")
+    async def payout_settings() -> Response:
+        user = await current_user()
+        data = await body()
+        connect = data.get("connect_account_id")
+        if connect is not None and not isinstance(connect, str):
+            raise HubError(400, "invalid_request_error", "connect_account_id must be a string", "connect_account_id")
+        return jsonify(await hub.set_payout_settings(user, _int(data, "threshold_micro", optional=True), connect))
+
+    if billing:
+        billing.routes(app, current_user, body)
+    return app
+
+
+class RateLimited(Exception):
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(f"retry in {wait_s:.2f}s")
+        self.wait_s = wait_s
+
+
+def _str(data: dict, name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value:
+        raise HubError(400, "invalid_request_error", f"{name} must be a non-empty string", name)
+    return value
+
+
+def _int(data: dict, name: str, *, optional: bool = False) -> int | None:
+    value = data.get(name)
+    if value is None and optional:
+        return None
+    if type(value) is not int or value < 0:
+        raise HubError(400, "invalid_request_error", f"{name} must be a non-negative integer", name)
+    return value
+
+
+
+async def serve(hub: Hub, app: QuartTrio, *, host: str = "127.0.0.1", port: int = 8080,
+                shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+                task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` with hypercorn's trio worker next to the hub's background duties.
+
+    ``task_status.started`` receives the bound addresses (``port=0`` picks a
+    free port). When ``shutdown_trigger`` returns, the server drains and the
+    background work is cancelled with it.
+    """
+    config = hypercorn.Config()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.graceful_timeout = 5.0
+
+    async with trio.open_nursery() as nursery:
+
+        async def http(task_status: trio.TaskStatus[list[str]]) -> None:
+            await hypercorn.trio.serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+            nursery.cancel_scope.cancel()  # the server drained: stop the background duties too
+
+        await nursery.start(hub.run)
+        task_status.started(await nursery.start(http))
+
+

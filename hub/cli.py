@@ -1,0 +1,190 @@
+"""``gpunexus hub ...`` (run and administer a hub) and ``gpunexus audit`` (check a receipt log).
+
+Administration commands work on the database directly (the same one a
+running ``hub serve`` uses; SQLite's WAL and PostgreSQL both allow that), so
+an operator needs no admin API key on the machine that hosts the hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import signal
+import sys
+import uuid
+
+import trio
+from gpunexus.protocol.money import micro_to_usd, usd_to_micro
+
+from . import audit, chain, keys, receipts
+from .config import HubConfig
+from .service import Hub
+
+STRIPE_KEY_ENV = "STRIPE_SECRET_KEY"
+STRIPE_WEBHOOK_ENV = "STRIPE_WEBHOOK_SECRET"
+
+
+def _home() -> str:
+    return os.environ.get("GPUNEXUS_HOME") or os.path.expanduser("~/.gpunexus")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    hub = sub.add_parser("hub", help="run and administer the settlement hub",
+                         description="Run the hub (accounts, allowances, receipts, Stripe) and manage users, keys and credits.")
+    actions = hub.add_subparsers(dest="hub_command", metavar="ACTION", required=True)
+
+    serve = _with_db(actions.add_parser("serve", help="serve the hub HTTP API", description="Serve the hub API (OpenAPI at /openapi.json). "
+                                        f"Stripe is used when ${STRIPE_KEY_ENV} and ${STRIPE_WEBHOOK_ENV} are set; otherwise manual-credits mode."))
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument("--fee-bps", type=int, default=HubConfig().fee_bps, help="platform fee in basis points (default 1000 = 10%%)")
+    serve.add_argument("--public-url", default=None, help="URL users reach the hub at (Stripe Checkout return links)")
+    serve.add_argument("--verify-workers", type=int, default=0, metavar="N",
+                       help="verify receipt signatures in N worker processes (default 0: in the request's thread)")
+    serve.set_defaults(func=_serve)
+
+    user = actions.add_parser("user", help="manage users").add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    add = _with_db(user.add_parser("add", help="add a user and print its first API key (shown once)"))
+    add.add_argument("email")
+    add.add_argument("--role", choices=keys.ROLES, required=True)
+    add.set_defaults(func=_user_add)
+
+    key = actions.add_parser("key", help="manage API keys").add_subparsers(dest="key_command", metavar="ACTION", required=True)
+    create = _with_db(key.add_parser("create", help="create an API key for a user (shown once)"))
+    create.add_argument("email")
+    create.add_argument("--name", default="", help="a label for the key")
+    create.set_defaults(func=_key_create)
+    listing = _with_db(key.add_parser("list", help="list keys (never their secrets)"))
+    listing.add_argument("email", nargs="?")
+    listing.set_defaults(func=_key_list)
+    revoke = _with_db(key.add_parser("revoke", help="revoke a key; effective on its next request"))
+    revoke.add_argument("key_id", help="the key id from 'key list' (or the full key)")
+    revoke.set_defaults(func=_key_revoke)
+
+    credits = actions.add_parser("credits", help="manual credits").add_subparsers(dest="credits_command", metavar="ACTION", required=True)
+    grant = _with_db(credits.add_parser("grant", help="grant credits to a user (manual-credits mode only)"))
+    grant.add_argument("email")
+    grant.add_argument("usd", help="amount in USD, e.g. 5 or 0.25")
+    grant.set_defaults(func=_grant)
+
+    rec = actions.add_parser("receipts", help="the settled-receipt log").add_subparsers(dest="receipts_command", metavar="ACTION", required=True)
+    export = _with_db(rec.add_parser("export", help="write the signed, hash-chained receipt log (JSON lines)"))
+    export.add_argument("file")
+    export.set_defaults(func=_export)
+
+    aud = sub.add_parser("audit", help="verify a receipt log", description="Verify every signature (host, gateway, hub), the hash chain, "
+                         "exactly-once settlement and the balances the log implies. Exit 0 when all holds, 1 naming each fault.")
+    aud.add_argument("file", metavar="RECEIPT_LOG")
+    aud.add_argument("--hub-id", help="the hub peer id the log must be signed by")
+    aud.set_defaults(func=lambda a: audit.run(a.file, a.hub_id))
+
+
+def _with_db(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--db", metavar="URL", help="database URL (default sqlite under $GPUNEXUS_HOME/hub/; "
+                   "postgresql+psycopg://user:pw@host/db for PostgreSQL)")
+    return p
+
+
+def _open(args: argparse.Namespace, config: HubConfig | None = None) -> Hub:
+    return Hub.open(_home(), args.db, config)
+
+
+def _fail(text: str) -> int:
+    print(f"error: {text}", file=sys.stderr)
+    return 1
+
+
+def _user_add(args: argparse.Namespace) -> int:
+    hub = _open(args)
+    try:
+        user, key = hub.db.write_sync(keys.add_user, args.email, args.role)
+    except keys.UserError as exc:
+        return _fail(str(exc))
+    print(f"user {user.email} ({user.role}) created; API key (shown once, store it now):")
+    print(key)
+    return 0
+
+
+def _key_create(args: argparse.Namespace) -> int:
+    hub = _open(args)
+    try:
+        key = hub.db.write_sync(lambda c: keys.create_key(c, keys.get_user(c, args.email), args.name))
+    except keys.UserError as exc:
+        return _fail(str(exc))
+    print(key)
+    return 0
+
+
+def _key_list(args: argparse.Namespace) -> int:
+    rows = _open(args).db.read_sync(keys.list_keys, args.email)
+    print(f"{'KEY ID':<14} {'USER':<32} {'STATUS':<8} NAME")
+    for k in rows:
+        print(f"{k.key_id:<14} {k.email:<32} {'revoked' if k.revoked_at else 'active':<8} {k.name}")
+    return 0
+
+
+def _key_revoke(args: argparse.Namespace) -> int:
+    if not _open(args).db.write_sync(keys.revoke_key, args.key_id):
+        return _fail(f"no active key {args.key_id}")
+    print(f"revoked {args.key_id}")
+    return 0
+
+
+def _grant(args: argparse.Namespace) -> int:
+    if os.environ.get(STRIPE_KEY_ENV):
+        return _fail(f"Stripe is configured (${STRIPE_KEY_ENV}): credits come from Checkout top-ups, not manual grants")
+    try:
+        micro = usd_to_micro(args.usd)
+    except ValueError as exc:
+        return _fail(str(exc))
+    hub = _open(args)
+    try:
+        hub.grant_sync(args.email, micro, uuid.uuid4().hex)
+    except keys.UserError as exc:
+        return _fail(str(exc))
+    print(f"granted {micro_to_usd(micro)} USD to {args.email}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    hub = _open(args)
+    n = chain.write_log(args.file, hub.hub_id, hub.db.read_sync(receipts.export))
+    print(f"wrote {n} entries to {args.file} (hub {hub.hub_id})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import create_app, serve
+    from .stripe_billing import StripeBilling
+
+    hub = _open(args, HubConfig(fee_bps=args.fee_bps))
+    stripe_key, webhook_secret = os.environ.get(STRIPE_KEY_ENV), os.environ.get(STRIPE_WEBHOOK_ENV)
+    billing = None
+    if stripe_key:
+        if not webhook_secret:
+            return _fail(f"${STRIPE_KEY_ENV} is set but ${STRIPE_WEBHOOK_ENV} is not")
+        billing = StripeBilling.attach(hub, stripe_key, webhook_secret,
+                                       public_url=args.public_url or f"http://{args.host}:{args.port}")
+    app = create_app(hub, billing=billing)
+    if args.verify_workers > 1:
+        hub.precheck = receipts.ParallelPrecheck(args.verify_workers)
+
+    async def main() -> None:
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(functools.partial(serve, hub, app, host=args.host, port=args.port,
+                                                          shutdown_trigger=stop.wait))
+            mode = "stripe" if billing else "manual credits"
+            print(f"hub {hub.hub_id} listening on {binds[0]} ({mode}; db {hub.db.url.split('@')[-1]})", flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    stop.set()  # drain in-flight requests, then stop
+                    break
+
+    try:
+        trio.run(main)
+    finally:
+        if isinstance(hub.precheck, receipts.ParallelPrecheck):
+            hub.precheck.close()
+    return 0

@@ -1,0 +1,255 @@
+"""The hub's schema and engine: SQLAlchemy 2.x Core, sync, run in worker threads.
+
+SQLAlchemy's asyncio layer and aiosqlite do not run under trio, so every
+database call goes through :meth:`Database.write` / :meth:`Database.read`,
+which run a sync transaction in ``trio.to_thread.run_sync`` under a bounded
+:class:`trio.CapacityLimiter`.
+
+Concurrency rules, the same on both backends:
+
+* SQLite (the embedded default) runs in WAL mode and every write transaction
+  starts with ``BEGIN IMMEDIATE``: writers are serialised by SQLite itself,
+  across threads *and* processes, and a reader never blocks them.
+* PostgreSQL runs at READ COMMITTED; code that reads a row to decide a write
+  locks it first (``SELECT ... FOR UPDATE``), always in the order
+  chain head -> allowances -> accounts by id, and a deadlock or serialisation
+  failure retries the whole transaction.
+* Balances are also guarded in the schema: ``CHECK (allow_negative OR
+  balance >= 0)``, so no code path can overdraw an account.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import sqlalchemy as sa
+import trio
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from .chain import GENESIS
+
+T = TypeVar("T")
+
+metadata = sa.MetaData()
+
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+"""An autoincrementing id: SQLite only autoincrements an INTEGER PRIMARY KEY."""
+
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("allow_negative", sa.Boolean, nullable=False, default=False),
+    sa.Column("balance", sa.BigInteger, nullable=False, default=0),
+    sa.CheckConstraint("allow_negative OR balance >= 0", name="balance_not_negative"),
+)
+
+journal = sa.Table(
+    "journal",
+    metadata,
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("kind", sa.String(40), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+"""One row per ledger transaction; ``key`` is its idempotency key."""
+
+postings = sa.Table(
+    "postings",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("journal_key", sa.String(200), sa.ForeignKey("journal.key"), nullable=False, index=True),
+    sa.Column("account_id", sa.BigInteger, sa.ForeignKey("accounts.id"), nullable=False, index=True),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("email", sa.String(320), nullable=False, unique=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("account_id", sa.BigInteger, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("stripe_customer_id", sa.String(255)),
+    sa.Column("payment_method_id", sa.String(255)),
+    sa.Column("recharge_threshold_micro", sa.BigInteger),
+    sa.Column("recharge_amount_micro", sa.BigInteger),
+    sa.Column("recharge_error", sa.String(200)),
+    sa.Column("payout_threshold_micro", sa.BigInteger),
+    sa.Column("connect_account_id", sa.String(255)),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_id", sa.String(32), primary_key=True),
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id"), nullable=False, index=True),
+    sa.Column("secret_hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("name", sa.String(200), nullable=False, default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float),
+)
+
+hosts = sa.Table(
+    "hosts",
+    metadata,
+    sa.Column("peer_id", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("registered_at", sa.Float, nullable=False),
+)
+
+gateways = sa.Table(
+    "gateways",
+    metadata,
+    sa.Column("peer_id", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id"), nullable=False),
+)
+
+allowances = sa.Table(
+    "allowances",
+    metadata,
+    sa.Column("allowance_id", sa.String(32), primary_key=True),
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("gateway_id", sa.String(64), nullable=False),
+    sa.Column("budget", sa.BigInteger, nullable=False),
+    sa.Column("remaining", sa.BigInteger, nullable=False),
+    sa.Column("issued_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("live", sa.Boolean, nullable=False),
+    sa.CheckConstraint("remaining >= 0", name="allowance_not_negative"),
+    sa.Index("allowances_by_gateway", "gateway_id", "issued_at"),
+)
+"""Allowances issued; ``live`` marks the one per gateway whose budget is held.
+
+When a gateway renews, the old allowance's remaining budget rolls over into
+the new one (``live`` moves), but the old row stays: it still proves that the
+gateway could spend for that account during its validity window.
+"""
+
+receipt_log = sa.Table(
+    "receipt_log",
+    metadata,
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("request_id", sa.String(32), nullable=False, unique=True),
+    sa.Column("receipt_hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("client_user_id", sa.BigInteger, nullable=False, index=True),
+    sa.Column("host_user_id", sa.BigInteger, nullable=False, index=True),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("tokens", sa.BigInteger, nullable=False),
+    sa.Column("cost", sa.BigInteger, nullable=False),
+    sa.Column("fee", sa.BigInteger, nullable=False),
+    sa.Column("settled_at", sa.Float, nullable=False),
+    sa.Column("entry", sa.LargeBinary, nullable=False),
+    sa.Column("entry_hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("sig", sa.LargeBinary(64), nullable=False),
+)
+
+chain_head = sa.Table(
+    "chain_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("head_hash", sa.LargeBinary(32), nullable=False),
+)
+"""One row: the last log entry. Locking it serialises appends to the chain."""
+
+stripe_events = sa.Table(
+    "stripe_events",
+    metadata,
+    sa.Column("event_id", sa.String(255), primary_key=True),
+    sa.Column("type", sa.String(100), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+)
+
+payouts = sa.Table(
+    "payouts",
+    metadata,
+    sa.Column("payout_id", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id"), nullable=False, index=True),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("transfer_id", sa.String(255)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+_RETRY_PGCODES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+
+
+def default_url(home: str) -> str:
+    return "sqlite:///" + os.path.join(home, "hub", "hub.db")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the concurrency rules of the module docstring applied."""
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+
+
+def _sqlite_connect(dbapi_connection, _record) -> None:
+    # Take transaction control away from pysqlite so "begin" below decides.
+    dbapi_connection.isolation_level = None
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    readonly = conn.get_execution_options().get("gnx_readonly", False)
+    conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+class Database:
+    """An engine plus the thread limiter every call goes through."""
+
+    def __init__(self, url: str, *, threads: int = 4) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.limiter = trio.CapacityLimiter(threads)
+        self.is_postgres = self.engine.dialect.name == "postgresql"
+
+    def create_schema(self) -> None:
+        """Create missing tables and the chain head row (idempotent)."""
+        metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(chain_head.c.id)).first() is None:
+                conn.execute(chain_head.insert().values(id=1, seq=0, head_hash=GENESIS))
+
+    def write_sync(self, fn: Callable[..., T], *args) -> T:
+        """Run ``fn(conn, *args)`` in one write transaction, retrying PG conflicts."""
+        for attempt in range(8):
+            try:
+                with self.engine.begin() as conn:
+                    return fn(conn, *args)
+            except sa.exc.OperationalError as exc:
+                if getattr(exc.orig, "sqlstate", None) not in _RETRY_PGCODES or attempt == 7:
+                    raise
+        raise AssertionError("unreachable")
+
+    def read_sync(self, fn: Callable[..., T], *args) -> T:
+        with self.engine.connect().execution_options(gnx_readonly=True) as conn:
+            with conn.begin():
+                return fn(conn, *args)
+
+    async def write(self, fn: Callable[..., T], *args) -> T:
+        return await trio.to_thread.run_sync(functools.partial(self.write_sync, fn, *args), limiter=self.limiter)
+
+    async def read(self, fn: Callable[..., T], *args) -> T:
+        return await trio.to_thread.run_sync(functools.partial(self.read_sync, fn, *args), limiter=self.limiter)
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,143 @@
+"""Users, roles and API keys.
+
+A key looks like ``gnx_<key id>_<secret>``. The key id is public (it names
+the key in listings and revocations); only SHA-256 of the secret is stored.
+A slow password hash buys nothing here: the secret is 256 random bits, not a
+human password, so the digest cannot be brute-forced, and a fast hash keeps
+authentication off the request path's critical budget. The full key is
+returned once, at creation, and never again.
+
+Authentication reads the key row on every request (no cache), so a revocation
+takes effect on the very next request, on every hub process sharing the
+database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import ledger
+from .db import api_keys, users
+
+ROLES = ("client", "host", "admin")
+KEY_PREFIX = "gnx"
+
+
+class AuthError(Exception):
+    """The bearer token is missing, malformed, unknown or revoked."""
+
+
+class UserError(Exception):
+    """A user-management request that cannot be done (unknown user, bad role...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    email: str
+    role: str
+    account_id: int
+
+    @property
+    def account(self) -> str:
+        """The opaque account name an allowance carries (no e-mail leaks to hosts)."""
+        return f"user:{self.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    key_id: str
+    email: str
+    name: str
+    created_at: float
+    revoked_at: float | None
+
+
+def _hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def _user(row) -> User:
+    return User(id=row.id, email=row.email, role=row.role, account_id=row.account_id)
+
+
+def add_user(conn: Connection, email: str, role: str) -> tuple[User, str]:
+    """Create a user with an empty account and a first API key: (user, full key)."""
+    email = email.strip().lower()
+    if role not in ROLES:
+        raise UserError(f"role must be one of {', '.join(ROLES)}")
+    if "@" not in email or len(email) > 320:
+        raise UserError(f"not an e-mail address: {email!r}")
+    if conn.execute(sa.select(users.c.id).where(users.c.email == email)).first():
+        raise UserError(f"user {email} already exists")
+    account_id = ledger.open_account(conn, f"user:{email}")
+    uid = conn.execute(
+        users.insert().values(email=email, role=role, account_id=account_id, created_at=time.time()).returning(users.c.id)
+    ).scalar_one()
+    user = User(id=uid, email=email, role=role, account_id=account_id)
+    return user, create_key(conn, user, "first key")
+
+
+def get_user(conn: Connection, email: str) -> User:
+    row = conn.execute(sa.select(users).where(users.c.email == email.strip().lower())).first()
+    if row is None:
+        raise UserError(f"no user {email}")
+    return _user(row)
+
+
+def user_by_id(conn: Connection, user_id: int) -> User:
+    return _user(conn.execute(sa.select(users).where(users.c.id == user_id)).one())
+
+
+def create_key(conn: Connection, user: User, name: str = "") -> str:
+    """A new key for ``user``; the returned string is the only copy of the secret."""
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    conn.execute(
+        api_keys.insert().values(
+            key_id=key_id, user_id=user.id, secret_hash=_hash(secret), name=name[:200], created_at=time.time()
+        )
+    )
+    return f"{KEY_PREFIX}_{key_id}_{secret}"
+
+
+def list_keys(conn: Connection, email: str | None = None) -> list[KeyInfo]:
+    q = sa.select(api_keys, users.c.email).join(users, users.c.id == api_keys.c.user_id).order_by(api_keys.c.created_at)
+    if email:
+        q = q.where(users.c.email == email.strip().lower())
+    return [KeyInfo(r.key_id, r.email, r.name, r.created_at, r.revoked_at) for r in conn.execute(q)]
+
+
+def revoke_key(conn: Connection, key_id: str) -> bool:
+    """Revoke by key id (or full key); False if no such unrevoked key."""
+    if key_id.startswith(KEY_PREFIX + "_"):
+        key_id = key_id.split("_")[1]
+    stmt = (
+        sa.update(api_keys)
+        .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
+        .values(revoked_at=time.time())
+        .returning(api_keys.c.key_id)
+    )
+    return conn.execute(stmt).first() is not None
+
+
+def authenticate(conn: Connection, token: str | None) -> User:
+    """The user owning bearer ``token``, or AuthError (same message for every failure)."""
+    parts = (token or "").split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX:
+        raise AuthError("Incorrect API key provided.")
+    row = conn.execute(
+        sa.select(api_keys.c.secret_hash, api_keys.c.revoked_at, users)
+        .join(users, users.c.id == api_keys.c.user_id)
+        .where(api_keys.c.key_id == parts[1])
+    ).first()
+    if row is None or not hmac.compare_digest(row.secret_hash, _hash(parts[2])) or row.revoked_at is not None:
+        raise AuthError("Incorrect API key provided.")
+    return _user(row)

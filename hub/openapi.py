@@ -1,0 +1,89 @@
+"""The OpenAPI 3.1 description of the hub API, served at ``/openapi.json``.
+
+Written by hand next to the routes rather than generated: the schema is the
+contract gateways, hosts and dashboards code against, so it changes only on
+purpose. ``tests/test_hub_app.py`` checks that every route the app serves is
+described here and vice versa.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .service import VERSION
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    return {"type": "object", "properties": props, "required": required or list(props)}
+
+
+_INT = {"type": "integer", "minimum": 0}
+_STR = {"type": "string"}
+_NUM = {"type": "number"}
+_B64 = {"type": "string", "contentEncoding": "base64"}
+_MICRO = {"type": "integer", "description": "integer micro-USD (1 USD = 1,000,000)"}
+
+ERROR = _obj({"error": _obj({"message": _STR, "type": _STR, "param": {"type": ["string", "null"]}, "code": _STR})})
+SUMMARY = _obj({
+    "account": _STR, "requests": _INT, "tokens": _INT, "amount_micro": _MICRO,
+    "by_model": {"type": "array", "items": _obj({"model": _STR, "requests": _INT, "tokens": _INT, "amount_micro": _MICRO})},
+}, ["account", "requests", "tokens", "amount_micro", "by_model"])
+
+
+def _op(summary: str, response: dict, *, body: dict | None = None, auth: bool = True, errors: tuple[int, ...] = ()) -> dict:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": response}}}},
+    }
+    for status in sorted({*errors, *((401, 429) if auth else ())}):
+        op["responses"][str(status)] = {"description": "error", "content": {"application/json": {"schema": ERROR}}}
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    if not auth:
+        op["security"] = []
+    return op
+
+
+def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
+    paths: dict[str, Any] = {
+        "/v1/hub": {"get": _op("Hub identity and policy", _obj({
+            "hub_id": _STR, "version": _STR, "fee_bps": _INT, "allowance_ttl_s": _NUM, "max_batch": _INT,
+            "billing": {"enum": ["manual", "stripe"]}}), auth=False)},
+        "/v1/allowances": {"post": _op(
+            "Issue a hub-signed, short-lived budget for a gateway peer id, reserved from the balance. "
+            "A renewal rolls the unspent budget of the previous allowance over.",
+            _obj({"allowance": _B64, "allowance_id": _STR, "hub_id": _STR, "account": _STR,
+                  "budget_micro": _MICRO, "issued_at": _NUM, "expires_at": _NUM}),
+            body=_obj({"gateway_id": _STR, "budget_micro": _MICRO}, ["gateway_id"]), errors=(400, 402, 409))},
+        "/v1/receipts": {"post": _op(
+            "Settle a batch of countersigned receipts (Receipt.encode(), base64). Each is settled exactly once; "
+            "resubmitting is safe and answers 'duplicate'.",
+            _obj({"results": {"type": "array", "items": _obj({
+                "request_id": _STR, "status": {"enum": ["settled", "duplicate", "refused"]},
+                "reason": _STR, "seq": {"type": ["integer", "null"]}, "cost_micro": _MICRO})}}),
+            body=_obj({"receipts": {"type": "array", "items": _B64, "maxItems": 1000}}), errors=(400, 413))},
+        "/v1/balance": {"get": _op("Available and held credit of the key's account",
+                                   _obj({"account": _STR, "available_micro": _MICRO, "held_micro": _MICRO}))},
+        "/v1/usage": {"get": _op("What the key's account spent, by model", SUMMARY)},
+        "/v1/earnings": {"get": _op("What the key's account earned as a host, by model", {
+            **SUMMARY, "properties": {**SUMMARY["properties"], "balance_micro": _MICRO}})},
+        "/v1/hosts/register": {"post": _op(
+            "Bind a host peer id to the key's (host) account, so receipts naming it pay this account. "
+            "proof = the peer key's Ed25519 signature of 'gpunexus/host-register/1\\n<hub_id>\\n<peer_id>'.",
+            _obj({"peer_id": _STR, "account": _STR}), body=_obj({"peer_id": _STR, "proof": _B64}),
+            errors=(400, 403, 409))},
+        "/v1/payout-settings": {"put": _op(
+            "Host payout threshold and Stripe Connect account",
+            _obj({"threshold_micro": {"type": ["integer", "null"]}, "connect_account_id": {"type": ["string", "null"]}}),
+            body=_obj({"threshold_micro": _MICRO, "connect_account_id": _STR}, []), errors=(400, 403))},
+    }
+    paths.update(extra_paths or {})
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gpunexus hub", "version": VERSION,
+                 "description": "Accounts, allowances and receipt settlement for the gpunexus inference market. "
+                                "Amounts are integer micro-USD. Errors use OpenAI's shape."},
+        "components": {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"apiKey": []}],
+        "paths": paths,
+    }

@@ -1,0 +1,210 @@
+"""The hub as one object: the async face of the ledger, keys, allowances and receipts.
+
+The HTTP app and the CLI both drive this class; it owns the database, the
+hub's signing key and the policy, and runs the periodic work (releasing
+expired holds, billing checks) in :meth:`Hub.run`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import sqlalchemy as sa
+import trio
+from gpunexus.protocol.errors import ProtocolError
+from gpunexus.protocol.ids import public_key_from_peer_id
+from gpunexus.protocol.messages import Allowance, host_registration_statement
+from gpunexus.protocol.signing import Signer, verify_signature
+from sqlalchemy.engine import Connection
+
+from . import allowances, keys, ledger, receipts
+from .config import HubConfig
+from .db import Database, default_url, hosts, receipt_log, users
+from .db import allowances as allowance_table
+from .keys import User
+from .ledger import Journal
+
+VERSION = "1"
+
+
+class HubError(Exception):
+    """A request the hub refuses: HTTP status, OpenAI-style error type/code, message."""
+
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+
+
+class Billing(Protocol):
+    """What the Stripe layer plugs into the hub; absent in manual-credits mode."""
+
+    def after_settlement(self, clients: set[int], hosts: set[int]) -> None:
+        """Note the users a settled batch touched (no I/O: work is queued for ``run``)."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background billing work: auto-recharges and payouts."""
+
+
+class Hub:
+    """Database, signing key and policy of one hub; every operation of the API."""
+
+    def __init__(self, db: Database, signer: Signer, config: HubConfig | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.signer = signer
+        self.config = config or HubConfig()
+        self.clock = clock
+        self.billing: Billing | None = None
+        self.precheck: Callable[[list[bytes], HubConfig], list[receipts.Checked]] = receipts.precheck
+        """Swap in :class:`~gpunexus.hub.receipts.ParallelPrecheck` to verify on several cores."""
+
+    @classmethod
+    def open(cls, home: str, db_url: str | None = None, config: HubConfig | None = None, **kw) -> Hub:
+        """The hub of ``$GPUNEXUS_HOME``: its key under ``hub/``, its database (schema ensured)."""
+        signer = Signer.load_or_create(Path(home, "hub", "hub.key"))
+        db = Database(db_url or default_url(home))
+        db.create_schema()
+        return cls(db, signer, config, **kw)
+
+    @property
+    def hub_id(self) -> str:
+        return self.signer.peer_id
+
+    # --- auth -------------------------------------------------------------
+    async def authenticate(self, token: str | None) -> User:
+        try:
+            return await self.db.read(keys.authenticate, token)
+        except keys.AuthError as exc:
+            raise HubError(401, "invalid_api_key", str(exc)) from None
+
+    # --- allowances -------------------------------------------------------
+    async def allowance(self, user: User, gateway_id: str, budget_micro: int | None) -> Allowance:
+        try:
+            public_key_from_peer_id(gateway_id)
+        except ProtocolError:
+            raise HubError(400, "invalid_request_error", "gateway_id is not a peer id", "gateway_id") from None
+        try:
+            return await self.db.write(allowances.issue, self.signer, self.config, user, gateway_id, budget_micro, self.clock())
+        except allowances.AllowanceRefused as exc:
+            raise HubError(exc.status, exc.code, exc.message) from None
+
+    async def release_expired(self) -> int:
+        return await self.db.write(allowances.release_expired, self.config, self.clock())
+
+    # --- receipts ---------------------------------------------------------
+    async def submit(self, blobs: list[bytes]) -> list[receipts.Outcome]:
+        """Verify and settle one batch; signature checks run in the worker thread too."""
+        if len(blobs) > self.config.max_batch:
+            raise HubError(413, "batch_too_large", f"at most {self.config.max_batch} receipts per batch")
+
+        def work() -> list[receipts.Outcome]:
+            checked = self.precheck(blobs, self.config)
+            return self.db.write_sync(receipts.settle, self.signer, self.config, checked, self.clock())
+
+        outcomes = await trio.to_thread.run_sync(work, limiter=self.db.limiter)
+        if self.billing and any(o.status == "settled" for o in outcomes):
+            self.billing.after_settlement(*await self.db.read(_touched_users, [o.seq for o in outcomes if o.seq]))
+        return outcomes
+
+    async def export(self) -> list[tuple[int, bytes, bytes, bytes]]:
+        return await self.db.read(receipts.export)
+
+    # --- hosts ------------------------------------------------------------
+    async def register_host(self, user: User, peer_id: str, proof: bytes) -> None:
+        if user.role not in ("host", "admin"):
+            raise HubError(403, "permission_denied", "only a host account can register a host peer id")
+        try:
+            verify_signature(peer_id, host_registration_statement(self.hub_id, peer_id), proof)
+        except (ProtocolError, ValueError):
+            raise HubError(400, "invalid_request_error", "proof is not the peer's signature of the registration", "proof") from None
+        owner = await self.db.write(_bind_host, peer_id, user.id, self.clock())
+        if owner != user.id:
+            raise HubError(409, "host_bound", "this peer id is registered to another account")
+
+    async def set_payout_settings(self, user: User, threshold_micro: int | None, connect_account_id: str | None) -> dict:
+        if user.role not in ("host", "admin"):
+            raise HubError(403, "permission_denied", "payout settings are for host accounts")
+        if threshold_micro is not None and threshold_micro < 0:
+            raise HubError(400, "invalid_request_error", "threshold must be >= 0", "threshold_micro")
+
+        def update(conn: Connection) -> None:
+            conn.execute(sa.update(users).where(users.c.id == user.id).values(
+                payout_threshold_micro=threshold_micro, connect_account_id=connect_account_id))
+
+        await self.db.write(update)
+        return {"threshold_micro": threshold_micro, "connect_account_id": connect_account_id}
+
+    # --- queries ----------------------------------------------------------
+    async def balance(self, user: User) -> dict:
+        return await self.db.read(_balance, user)
+
+    async def usage(self, user: User) -> dict:
+        return await self.db.read(_summary, user, receipt_log.c.client_user_id)
+
+    async def earnings(self, user: User) -> dict:
+        return await self.db.read(_summary, user, receipt_log.c.host_user_id)
+
+    # --- operator ---------------------------------------------------------
+    def grant_sync(self, email: str, micro: int, key: str) -> bool:
+        """Manual credits: move ``micro`` from ``platform:grants`` to the user (once per key)."""
+        def work(conn: Connection) -> bool:
+            user = keys.get_user(conn, email)
+            src = ledger.system_account(conn, ledger.GRANTS)
+            return ledger.post(conn, Journal(f"grant:{key}", "grant", ((src, -micro), (user.account_id, micro))))
+
+        return self.db.write_sync(work)
+
+    async def run(self, *, period_s: float = 30.0, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background duties: return unspent holds of long-expired allowances; billing."""
+        async with trio.open_nursery() as nursery:
+            if self.billing:
+                await nursery.start(self.billing.run)
+            task_status.started()
+            while True:
+                await self.release_expired()
+                await trio.sleep(period_s)
+
+
+def _bind_host(conn: Connection, peer_id: str, user_id: int, now: float) -> int:
+    conn.execute(ledger.insert_ignore(conn, hosts).values(peer_id=peer_id, user_id=user_id, registered_at=now))
+    return conn.execute(sa.select(hosts.c.user_id).where(hosts.c.peer_id == peer_id)).scalar_one()
+
+
+def _balance(conn: Connection, user: User) -> dict:
+    held = conn.execute(
+        sa.select(sa.func.coalesce(sa.func.sum(allowance_table.c.remaining), 0))
+        .where(allowance_table.c.user_id == user.id, allowance_table.c.live)
+    ).scalar_one()
+    return {"account": user.account, "available_micro": ledger.balance(conn, user.account_id), "held_micro": int(held)}
+
+
+def _summary(conn: Connection, user: User, column) -> dict:
+    amount = receipt_log.c.cost if column is receipt_log.c.client_user_id else receipt_log.c.cost - receipt_log.c.fee
+    rows = conn.execute(
+        sa.select(receipt_log.c.model, sa.func.count(), sa.func.sum(receipt_log.c.tokens), sa.func.sum(amount))
+        .where(column == user.id)
+        .group_by(receipt_log.c.model)
+        .order_by(receipt_log.c.model)
+    ).all()
+    models = [{"model": m, "requests": n, "tokens": int(t), "amount_micro": int(a)} for m, n, t, a in rows]
+    out = {
+        "account": user.account,
+        "requests": sum(m["requests"] for m in models),
+        "tokens": sum(m["tokens"] for m in models),
+        "amount_micro": sum(m["amount_micro"] for m in models),
+        "by_model": models,
+    }
+    if column is receipt_log.c.host_user_id:
+        out["balance_micro"] = ledger.balance(conn, user.account_id)
+    return out
+
+
+def _touched_users(conn: Connection, seqs: list[int]) -> tuple[set[int], set[int]]:
+    rows = conn.execute(
+        sa.select(receipt_log.c.client_user_id, receipt_log.c.host_user_id).where(receipt_log.c.seq.in_(seqs))
+    ).all()
+    return {r[0] for r in rows}, {r[1] for r in rows}
+

@@ -1,0 +1,96 @@
+"""The paid path end to end: SDK -> gateway (allowance) -> host -> receipt -> hub ledger."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import trio
+
+import sqlalchemy as sa
+
+from gpunexus.hub import keys
+from gpunexus.hub.db import receipt_log
+from gpunexus.node.hub_client import HubRefused
+from gpunexus.node.runtime import HubLogin
+from gpunexus.protocol.money import cost_micro
+from market import running_hub
+from peers import running_gateway, running_host, wait_for_offers
+
+USD = 1_000_000
+
+
+async def test_requests_are_paid_from_credits_and_earned_by_the_host(tmp_path):
+    async with running_hub(tmp_path / "hub") as hub:
+        client_key = hub.add_user("dev@example.com", "client", 5 * USD)
+        host_key = hub.add_user("gpu@example.com", "host")
+        async with running_host(hub=HubLogin(hub.url, host_key), price=250_000) as host:
+            async with running_gateway([host.node.listen_addrs()[0]], hub=HubLogin(hub.url, client_key), home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway)
+
+                def use_sdk():
+                    client = openai.OpenAI(base_url=gateway.base_url, api_key=client_key, max_retries=0)
+                    a = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "pay me"}], max_tokens=30)
+                    b = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "again"}], max_tokens=20, stream=True))
+                    with pytest.raises(openai.AuthenticationError):
+                        openai.OpenAI(base_url=gateway.base_url, api_key="gnx_wrong_key", max_retries=0).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
+                    return a, b
+
+                full, streamed = await trio.to_thread.run_sync(use_sdk)
+                assert full.usage.completion_tokens > 0 and streamed
+                settlement = gateway.service.settlement
+                assert await settlement.flush() == 2
+                receipts = gateway.service.stats.receipts
+                billed = sum(r.cost_micro for r in receipts)
+                assert billed == sum(cost_micro(r.tokens_in + r.tokens_out, 250_000) for r in receipts)
+                fee = sum(hub.hub.config.fee(r.cost_micro) for r in receipts)
+                # Client paid exactly the receipts (the rest is held for its allowance or free).
+                spent = hub.hub.db.read_sync(lambda c: _spent(c, "dev@example.com"))
+                assert spent == billed
+                earnings = await host.hub.earnings()
+                assert earnings["amount_micro"] == billed - fee
+                assert earnings["requests"] == 2
+
+
+def _spent(conn, email):
+    user = keys.get_user(conn, email)
+    return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(receipt_log.c.cost), 0)).where(receipt_log.c.client_user_id == user.id)).scalar())
+
+
+async def test_out_of_credits_is_402_and_a_revoked_key_is_401(tmp_path):
+    async with running_hub(tmp_path / "hub") as hub:
+        broke_key = hub.add_user("broke@example.com", "client")
+        host_key = hub.add_user("gpu@example.com", "host")
+        async with running_host(hub=HubLogin(hub.url, host_key)) as host:
+            async with running_gateway([host.node.listen_addrs()[0]], hub=HubLogin(hub.url, broke_key), home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway)
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30, headers={"authorization": f"Bearer {broke_key}"}) as http:
+                    r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+                assert r.status_code == 402
+                assert r.headers["x-should-retry"] == "false"
+                assert r.json()["error"]["code"] == "insufficient_quota"
+            rich_key = hub.add_user("rich@example.com", "client", USD)
+            async with running_gateway([host.node.listen_addrs()[0]], hub=HubLogin(hub.url, rich_key), home=tmp_path / "gw2") as gateway:
+                await wait_for_offers(gateway)
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30, headers={"authorization": f"Bearer {rich_key}"}) as http:
+                    ok = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4})
+                    assert ok.status_code == 200
+                    key_id = rich_key.split("_")[1]
+                    assert hub.hub.db.write_sync(keys.revoke_key, key_id)
+                    # The gateway hears of the revocation at its next renewal; make it now.
+                    with pytest.raises(HubRefused):
+                        await gateway.service.settlement.renew()
+                    r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+                assert r.status_code == 401
+
+
+async def test_a_paid_host_refuses_orders_without_an_allowance(tmp_path):
+    async with running_hub(tmp_path / "hub") as hub:
+        host_key = hub.add_user("gpu@example.com", "host")
+        async with running_host(hub=HubLogin(hub.url, host_key)) as host:
+            async with running_gateway([host.node.listen_addrs()[0]]) as free_gateway:
+                await wait_for_offers(free_gateway)
+                async with httpx.AsyncClient(base_url=free_gateway.base_url, timeout=30) as http:
+                    r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+                assert r.status_code == 503 and "allowance" in r.json()["error"]["message"]
+                assert host.service.stats.refused == 1 and host.service.stats.served == 0

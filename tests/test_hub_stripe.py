@@ -1,0 +1,213 @@
+"""Stripe billing: webhooks signed with the library's own helper, API calls answered by a fake Stripe.
+
+No network: :class:`FakeStripe` is a ``stripe.HTTPClient`` that answers the
+few endpoints the hub uses the way Stripe's API does (JSON objects, card
+errors as HTTP 402 with an ``error`` body), and records every call.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import stripe
+from gpunexus.hub import ledger
+from gpunexus.hub.app import create_app
+from gpunexus.hub.stripe_billing import StripeBilling
+from test_hub_support import Market, backend, db  # noqa: F401
+
+SECRET = "whsec_test_secret"
+
+
+class FakeStripe(stripe.HTTPClient):
+    name = "fake-stripe"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str, dict]] = []
+        self.charge_error: str | None = None
+        self.transfer_error = False
+        self._n = 0
+
+    def _id(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}_{self._n:04d}"
+
+    def request(self, method, url, headers, post_data=None):
+        path = urlsplit(url).path
+        form = {k: v[0] for k, v in parse_qs(post_data or "").items()}
+        self.calls.append((method, path, form))
+        status, body = 200, None
+        if path == "/v1/customers":
+            body = {"id": self._id("cus"), "object": "customer", "email": form.get("email")}
+        elif path == "/v1/checkout/sessions":
+            sid = self._id("cs_test")
+            body = {"id": sid, "object": "checkout.session", "url": f"https://checkout.stripe.com/c/pay/{sid}",
+                    "amount_total": int(form["line_items[0][price_data][unit_amount]"]), "payment_status": "unpaid"}
+        elif path.startswith("/v1/payment_intents/"):
+            body = {"id": path.rsplit("/", 1)[1], "object": "payment_intent", "payment_method": "pm_card_saved", "status": "succeeded"}
+        elif path == "/v1/payment_intents":
+            if self.charge_error:
+                status = 402
+                body = {"error": {"type": "card_error", "code": self.charge_error, "message": "Your card was declined.",
+                                  "payment_intent": {"id": self._id("pi"), "object": "payment_intent", "status": "requires_payment_method"}}}
+            else:
+                body = {"id": self._id("pi"), "object": "payment_intent", "status": "succeeded",
+                        "amount": int(form["amount"]), "amount_received": int(form["amount"]), "metadata": {}}
+        elif path == "/v1/transfers":
+            if self.transfer_error:
+                status, body = 400, {"error": {"type": "invalid_request_error", "message": "No such destination"}}
+            else:
+                body = {"id": self._id("tr"), "object": "transfer", "amount": int(form["amount"]), "destination": form["destination"]}
+        else:
+            status, body = 404, {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({path})"}}
+        return json.dumps(body).encode(), status, {"request-id": self._id("req")}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def billed(db):
+    market = Market(db)
+    fake = FakeStripe()
+    billing = StripeBilling.attach(market.hub, "sk_test_fake", SECRET, public_url="https://hub.example", http_client=fake)
+    return market, billing, fake, create_app(market.hub, billing=billing)
+
+
+def _event(event_id: str, kind: str, obj: dict) -> bytes:
+    return json.dumps({"id": event_id, "object": "event", "type": kind, "api_version": stripe.api_version,
+                       "created": 1700000000, "livemode": False, "data": {"object": obj}}).encode()
+
+
+def _session(sid: str, user_id: int, cents: int, paid: bool = True) -> dict:
+    return {"id": sid, "object": "checkout.session", "amount_total": cents, "customer": "cus_1",
+            "payment_intent": "pi_checkout_1", "payment_status": "paid" if paid else "unpaid",
+            "metadata": {"user_id": str(user_id)}}
+
+
+async def _post_webhook(client, payload: bytes, secret: str = SECRET):
+    header = stripe.WebhookSignature.generate_signature_header(payload.decode(), secret)
+    return await client.post("/v1/stripe/webhook", data=payload, headers={"stripe-signature": header})
+
+
+def _balance(market, user) -> int:
+    return market.hub.db.read_sync(lambda c: ledger.balance(c, user.account_id))
+
+
+async def test_checkout_and_webhook_credit_exactly_once(billed):
+    market, billing, fake, app = billed
+    client = app.test_client()
+    r = await client.post("/v1/checkout", json={"amount_micro": 20_000_000}, headers={"authorization": f"Bearer {market.client_key}"})
+    assert r.status_code == 200
+    session = await r.get_json()
+    assert session["url"].startswith("https://checkout.stripe.com/")
+    created = [f for m, p, f in fake.calls if p == "/v1/checkout/sessions"][0]
+    assert created["line_items[0][price_data][unit_amount]"] == "2000"
+    assert created["payment_intent_data[setup_future_usage]"] == "off_session"
+
+    start = _balance(market, market.client)
+    pending = _event("evt_1", "checkout.session.completed", _session(session["id"], market.client.id, 2000, paid=False))
+    assert (await (await _post_webhook(client, pending)).get_json()) == {"applied": True}
+    assert _balance(market, market.client) == start  # bank debit still pending: no credit yet
+    paid = _event("evt_2", "checkout.session.async_payment_succeeded", _session(session["id"], market.client.id, 2000))
+    assert (await _post_webhook(client, paid)).status_code == 200
+    assert _balance(market, market.client) == start + 20_000_000
+    # the same event again, and another event for the same session: nothing more
+    assert (await (await _post_webhook(client, paid)).get_json()) == {"applied": False}
+    again = _event("evt_3", "checkout.session.completed", _session(session["id"], market.client.id, 2000))
+    assert (await _post_webhook(client, again)).status_code == 200
+    assert _balance(market, market.client) == start + 20_000_000
+    assert market.hub.db.read_sync(ledger.verify).ok
+    status = await (await client.get("/v1/billing", headers={"authorization": f"Bearer {market.client_key}"})).get_json()
+    assert status["auto_recharge"]["card_saved"] is True
+
+
+async def test_bad_signature_changes_nothing(billed):
+    market, billing, fake, app = billed
+    client = app.test_client()
+    start = _balance(market, market.client)
+    payload = _event("evt_9", "checkout.session.completed", _session("cs_x", market.client.id, 99_900))
+    r = await _post_webhook(client, payload, secret="whsec_wrong")
+    assert r.status_code == 400 and (await r.get_json())["error"]["code"] == "invalid_signature"
+    header = stripe.WebhookSignature.generate_signature_header(payload.decode(), SECRET)
+    tampered = payload.replace(b"99900", b"99999")
+    r = await client.post("/v1/stripe/webhook", data=tampered, headers={"stripe-signature": header})
+    assert r.status_code == 400
+    r = await client.post("/v1/stripe/webhook", data=payload)
+    assert r.status_code == 400
+    assert _balance(market, market.client) == start
+    # the genuine one still applies afterwards: the refusals recorded nothing
+    assert (await _post_webhook(client, payload)).status_code == 200
+    assert _balance(market, market.client) == start + 999_000_000
+
+
+async def test_auto_recharge_and_authentication_required(billed):
+    market, billing, fake, app = billed
+    client = app.test_client()
+    auth = {"authorization": f"Bearer {market.client_key}"}
+    await _post_webhook(client, _event("evt_1", "checkout.session.completed", _session("cs_1", market.client.id, 100)))
+    r = await client.put("/v1/billing/auto-recharge", json={"threshold_micro": 20_000_000, "amount_micro": 5_000_000}, headers=auth)
+    assert (await r.get_json())["auto_recharge"]["threshold_micro"] == 20_000_000
+    before = _balance(market, market.client)  # 10 USD granted + 1 USD: under the threshold
+    assert await billing.recharge(market.client.id) == "succeeded"
+    assert _balance(market, market.client) == before + 5_000_000
+    charge = [f for m, p, f in fake.calls if p == "/v1/payment_intents"][-1]
+    assert (charge["off_session"], charge["confirm"], charge["payment_method"]) == ("true", "true", "pm_card_saved")
+
+    fake.charge_error = "authentication_required"
+    assert await billing.recharge(market.client.id) == "authentication_required"
+    n = len(fake.calls)
+    assert await billing.recharge(market.client.id) is None  # not retried until the customer acts
+    assert len(fake.calls) == n
+    status = await (await client.get("/v1/billing", headers=auth)).get_json()
+    assert status["auto_recharge"]["error"] == "authentication_required"
+    assert market.hub.db.read_sync(ledger.verify).ok
+
+
+async def test_payout_when_over_threshold(billed):
+    market, billing, fake, app = billed
+    await market.register_host()
+    await market.hub.set_payout_settings(market.host, 2_000, "acct_host")
+    await market.hub.allowance(market.client, market.gateway.peer_id, 1_000_000)
+    await market.hub.submit([market.receipt().encode()])  # host earns 900
+    assert await billing.payout(market.host.id) is None  # under the threshold
+    await market.hub.submit([market.receipt(tokens_in=10_000, tokens_out=0).encode() for _ in range(2)])
+    assert _balance(market, market.host) == 900 + 2 * 18_000
+    fake.transfer_error = True
+    assert await billing.payout(market.host.id) == "failed"
+    assert _balance(market, market.host) == 36_900  # reversed
+    fake.transfer_error = False
+    assert await billing.payout(market.host.id) == "paid"
+    transfer = [f for m, p, f in fake.calls if p == "/v1/transfers"][-1]
+    assert (transfer["amount"], transfer["destination"]) == ("3", "acct_host")
+    assert _balance(market, market.host) == 6_900  # whole cents paid, the rest stays
+    assert market.hub.db.read_sync(ledger.verify).ok
+
+
+async def test_openapi_includes_stripe_routes(billed):
+    market, billing, fake, app = billed
+    doc = await (await app.test_client().get("/openapi.json")).get_json()
+    routes = {(rule.rule, m.lower()) for rule in app.url_map.iter_rules() for m in rule.methods
+              if m not in ("HEAD", "OPTIONS") and rule.rule.startswith("/v1/")}
+    assert routes == {(p, m) for p, ops in doc["paths"].items() for m in ops}
+
+
+async def test_settlement_triggers_recharge_and_payout(billed):
+    market, billing, fake, app = billed
+    client = app.test_client()
+    await market.register_host()
+    await _post_webhook(client, _event("evt_1", "checkout.session.completed", _session("cs_1", market.client.id, 100)))
+    await billing.set_auto_recharge(market.client, 11_000_000, 5_000_000)  # balance 11 USD: not yet
+    await market.hub.set_payout_settings(market.host, 1_000, "acct_host")
+    await market.hub.allowance(market.client, market.gateway.peer_id, 1_000_000)
+    await market.hub.submit([market.receipt(tokens_in=50_000, tokens_out=0).encode()])  # 10 cents
+    await billing.process_pending()
+    calls = [p for _, p, _ in fake.calls]
+    assert calls.count("/v1/payment_intents") == 1 and calls.count("/v1/transfers") == 1
+    assert _balance(market, market.host) == 0  # 9 cents earned, all paid out
+    assert [f["amount"] for _, p, f in fake.calls if p == "/v1/transfers"] == ["9"]
+    assert _balance(market, market.client) == 11_000_000 - 1_000_000 + 5_000_000
+    await billing.process_pending()  # nothing new noted: no more calls
+    assert len(fake.calls) == len(calls)
