@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--upstream-model", metavar="NAME", help="--backend openai: model name on the upstream (default: --model)")
     serve.add_argument("--upstream-key", metavar="KEY", help="--backend openai: bearer key for the upstream, if it needs one")
     serve.add_argument("--model-dir", metavar="DIR", help="--backend exllamav2: the EXL2 model folder")
-    serve.add_argument("--price", default="0.20", metavar="USD_PER_MTOK", help="asking price in USD per million tokens (default 0.20)")
+    serve.add_argument("--price", default="0.20", metavar="USD_PER_MTOK|market", help="asking price in USD per million tokens (default 0.20), or 'market' to follow the hub's market price")
+    serve.add_argument("--min-price", default=None, metavar="USD_PER_MTOK", help="with --price market: never ask less than this (default 0.20 until the first market price)")
     serve.add_argument("--slots", type=int, default=None, help="requests served at once (default: 2 for reference, 64 for openai, 1 for exllamav2)")
     serve.add_argument("--queue", type=int, default=None, help="orders that may wait for a slot before the host answers 'busy' (default 4 x slots)")
     serve.add_argument("--region", default="", help="free-form region label shown to gateways")
@@ -72,6 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--model-dir", metavar="DIR")
     check.add_argument("--min-tokens-per-s", type=float, default=10.0, help="pass mark (default 10)")
     check.set_defaults(func=_check)
+
+    market = sub.add_parser("market", help="market prices, demand, supply and utilisation per model", description="Show the hub's market: price, demand and supply (tokens/s), utilisation, hosts, what a GPU-hour earns, and the last day's prices, per model.")
+    market.add_argument("--hub", default=os.environ.get("GPUNEXUS_HUB"), metavar="URL", help="hub base URL (or $GPUNEXUS_HUB)")
+    market.add_argument("--json", action="store_true", help="print the hub's answer as JSON")
+    market.set_defaults(func=_market)
 
     key = actions.add_parser("swarm-key", help="write a new pre-shared key for a private swarm", description="Write a new swarm key file (libp2p pnet format). Share it with your team's hosts and gateways; peers without it cannot connect.")
     key.add_argument("path", type=Path)
@@ -120,10 +126,13 @@ def make_backend(args: argparse.Namespace) -> Backend:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    follow_market = args.price == "market"
+    if follow_market and not args.hub:
+        raise SystemExit("--price market needs --hub URL: market prices come from the hub")
     try:
-        price = usd_to_micro(args.price)
+        price = usd_to_micro(args.min_price or "0.20") if follow_market else usd_to_micro(args.price)
     except ValueError as exc:
-        raise SystemExit(f"--price: {exc}") from None
+        raise SystemExit(f"--price/--min-price: {exc}") from None
     if args.slots is not None and args.slots < 1:
         raise SystemExit("--slots must be at least 1")
     if args.queue is not None and args.queue < 0:
@@ -150,6 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
         home=_home(),
         control=True,
         hub=_hub_login(args),
+        follow_market=follow_market,
     )
 
     async def main() -> None:
@@ -277,4 +287,32 @@ def _swarm_key(args: argparse.Namespace) -> int:
     with os.fdopen(fd, "w") as f:
         f.write(format_swarm_key(secrets.token_hex(32)))
     print(f"wrote {args.path}: pass it as --swarm-key to every host and gateway of your swarm")
+    return 0
+
+
+def _market(args: argparse.Namespace) -> int:
+    if not args.hub:
+        print("gpunexus market needs --hub URL (or $GPUNEXUS_HUB)", file=sys.stderr)
+        return 2
+    from .hub_client import HubRefused, HubUnavailable, fetch_market
+
+    try:
+        market = trio.run(fetch_market, args.hub)
+    except (HubUnavailable, HubRefused) as exc:
+        print(f"cannot read the market from {args.hub}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(market, indent=2))
+        return 0
+    models = market.get("models", [])
+    if not models:
+        print("no market yet: no host has offered a model to this hub")
+        return 0
+    print(f"{'MODEL':<24} {'USD/Mtok':>9} {'DEMAND t/s':>11} {'SUPPLY t/s':>11} {'UTIL':>6} {'HOSTS':>5} {'USD/GPU-h':>10}  LAST 24 H (min..max)")
+    for m in sorted(models, key=lambda m: -m.get("earnings_micro_per_gpu_hour", 0)):
+        history = [p for _, p in m.get("history", [])]
+        span = f"{micro_to_usd(min(history))}..{micro_to_usd(max(history))} over {len(history)} epochs" if history else "-"
+        print(f"{m['model']:<24} {m['price_micro_per_mtok'] / 1e6:>9.4f} {m['demand_tps']:>11.1f} {m['supply_tps']:>11.1f} "
+              f"{m['utilisation']:>6.0%} {m['hosts']:>5} {m.get('earnings_micro_per_gpu_hour', 0) / 1e6:>10.4f}  {span}")
+    print(f"(epochs of {market.get('epoch_s', 0):g} s; models sorted by what a GPU-hour earns)")
     return 0

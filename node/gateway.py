@@ -34,6 +34,7 @@ from gpunexus.protocol.messages import INFER_PROTOCOL, Chunk, Error, Offer, Orde
 from gpunexus.protocol.money import cost_micro
 
 from .offers import OfferBook
+from .prices import PriceBook
 from .openai_api import APIError, CompletionRequest, Usage
 from .p2p import P2PNode
 from .settlement import Settlement, SettlementRefused
@@ -94,9 +95,10 @@ class _Outcome:
 
 
 class GatewayService:
-    def __init__(self, node: P2PNode, book: OfferBook, settlement: Settlement, config: GatewayConfig | None = None) -> None:
+    def __init__(self, node: P2PNode, book: OfferBook, settlement: Settlement, config: GatewayConfig | None = None, *, prices: PriceBook | None = None) -> None:
         self.node = node
         self.book = book
+        self.prices = prices or PriceBook()
         self.settlement = settlement
         self.config = config or GatewayConfig()
         self.matcher = Matcher()

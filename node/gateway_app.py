@@ -69,6 +69,9 @@ def create_app(gateway: GatewayService, nursery: trio.Nursery) -> QuartTrio:
                 "license": offers[0].license,
                 "max_context": max(o.max_context for o in offers),
             })
+            market = gateway.prices.get(name)
+            if market is not None:
+                data[-1]["market_price_usd_per_mtok"] = market.price_micro_per_mtok / 1_000_000
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/<path:model>")

@@ -26,6 +26,7 @@ from gpunexus.protocol.money import cost_micro
 
 from .backends.base import Backend, BackendError, GenerationRequest, Token
 from .offers import Announcer, OfferBook, OfferTerms, follow_offers
+from .prices import PriceBook, follow_prices
 from .p2p import P2PNode
 from .wire import FramedStream, PeerGone
 
@@ -94,6 +95,9 @@ class HostService:
         self.announcer.terms = [self.terms]
         self.market = OfferBook()
         """Every offer on the network: hosts relay the offer topic, and see their competitors."""
+        self.prices = PriceBook()
+        self.follow_market = False
+        self.min_price_micro_per_mtok = 0
 
     def free_slots(self) -> int:
         return max(0, self.max_slots - self.stats.in_flight) if self.enabled else 0
@@ -105,12 +109,32 @@ class HostService:
             async with trio.open_nursery() as nursery:
                 # Subscribing makes this host a relay of the topic, not only a publisher.
                 await nursery.start(follow_offers, self.node.pubsub, self.market)
+                await nursery.start(follow_prices, self.node.pubsub, self.prices)
                 nursery.start_soon(self.announcer.run)
+                if self.follow_market:
+                    nursery.start_soon(self._follow_market_price)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 if self.enabled:
                     await self.announcer.withdraw()
+
+    def follow_market_price(self, min_price_micro_per_mtok: int) -> None:
+        """Ask the market price (never under ``min_price``) from now on, not a fixed one."""
+        self.follow_market = True
+        self.min_price_micro_per_mtok = min_price_micro_per_mtok
+
+    async def _follow_market_price(self) -> None:
+        while True:
+            update = self.prices.get(self.terms.model)
+            if update is not None:
+                ask = max(self.min_price_micro_per_mtok, update.price_micro_per_mtok)
+                if ask != self.terms.price_micro_per_mtok:
+                    log.info("market price for %s is now %d micro-USD/Mtok; asking %d", self.terms.model, update.price_micro_per_mtok, ask)
+                    # Orders already signed keep their price: only new offers change.
+                    self.terms.price_micro_per_mtok = ask
+                    self.announcer.wake()
+            await self.prices.changed.wait()
 
     async def enable(self) -> None:
         self.enabled = True
@@ -132,6 +156,7 @@ class HostService:
             "model": self.terms.model,
             "model_hash": self.terms.model_hash,
             "price_micro_per_mtok": self.terms.price_micro_per_mtok,
+            "follows_market": self.follow_market,
             "enabled": self.enabled,
             "in_flight": s.in_flight,
             "max_slots": self.max_slots,

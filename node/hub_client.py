@@ -43,7 +43,7 @@ import httpx
 import trio
 from gpunexus.protocol.codec import decode_as
 from gpunexus.protocol.errors import ProtocolError
-from gpunexus.protocol.messages import Allowance, Order, Receipt, host_registration_statement
+from gpunexus.protocol.messages import Allowance, Offer, Order, PriceUpdate, Receipt, host_registration_statement
 from gpunexus.protocol.signing import Signer
 
 from .settlement import Grant, SettlementRefused
@@ -392,6 +392,28 @@ class HostHubLink:
         """The host account's earnings summary (``GET /v1/earnings``)."""
         return await _call(self._http, "GET", "/v1/earnings", self.timeout_s)
 
+    async def post_offer(self, offer: Offer) -> None:
+        """Tell the hub what this host offers: market supply, and the prices its receipts may carry."""
+        await _call(self._http, "POST", "/v1/offers", self.timeout_s, json={"offer": base64.b64encode(offer.encode()).decode()})
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
+
+
+async def fetch_prices(http: httpx.AsyncClient, timeout_s: float = 10.0) -> tuple[str, list[PriceUpdate]]:
+    """The hub's id and its latest signed price per model (``GET /v1/prices``), decoded, unverified."""
+    data = await _call(http, "GET", "/v1/prices", timeout_s)
+    updates = []
+    for blob in data.get("prices", []):
+        try:
+            updates.append(decode_as(PriceUpdate, base64.b64decode(blob, validate=True)))
+        except (ProtocolError, binascii.Error) as exc:
+            log.warning("hub sent an unreadable price update: %s", exc)
+    return data["hub_id"], updates
+
+
+async def fetch_market(hub_url: str, timeout_s: float = 10.0) -> dict:
+    """The hub's market table (``GET /v1/market``)."""
+    async with httpx.AsyncClient(base_url=hub_url.rstrip("/")) as http:
+        return await _call(http, "GET", "/v1/market", timeout_s)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -137,6 +137,8 @@ class Announcer:
         self._free_slots = free_slots
         self.terms: list[OfferTerms] = []
         self.active = False
+        self.on_announce: list[Callable[[Offer], Awaitable[None]]] = []
+        """Also told of every offer announced (a host's hub: market supply and price checks)."""
         self._wake = trio.Event()
 
     def offer(self, terms: OfferTerms) -> Offer:
@@ -160,7 +162,13 @@ class Announcer:
 
     async def announce_now(self) -> None:
         for terms in self.terms:
-            await self._pubsub.publish(OFFERS_TOPIC, self.offer(terms).encode())
+            offer = self.offer(terms)
+            await self._pubsub.publish(OFFERS_TOPIC, offer.encode())
+            for hook in self.on_announce:
+                try:
+                    await hook(offer)
+                except Exception as exc:  # the hub being away must not silence the network
+                    log.warning("could not report the offer: %s", exc)
 
     async def withdraw(self) -> None:
         self.active = False

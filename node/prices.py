@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 
+import httpx
 import trio
 
 from gpunexus.protocol.codec import decode
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.messages import PRICES_TOPIC, PriceUpdate
+
+from .hub_client import HubRefused, HubUnavailable, fetch_prices
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,24 @@ async def follow_prices(pubsub, book: PriceBook, *, task_status=trio.TASK_STATUS
             log.debug("dropped a price-topic message: %s", exc)
 
 
-async def publish_prices(pubsub, updates: list[PriceUpdate]) -> None:
-    for update in updates:
-        await pubsub.publish(PRICES_TOPIC, update.encode())
+PRICE_POLL_INTERVAL = 15.0
+
+
+async def relay_hub_prices(hub_url: str, pubsub, book: PriceBook, *, interval: float = PRICE_POLL_INTERVAL) -> None:
+    """Fetch the hub's signed prices and republish the new ones on the prices topic.
+
+    The hub we fetch from becomes trusted by ``book``; anything that fails
+    (hub away, bad answer) waits for the next poll: prices are advisory and
+    the market keeps trading at the last ones.
+    """
+    async with httpx.AsyncClient(base_url=hub_url.rstrip("/")) as http:
+        while True:
+            try:
+                hub_id, updates = await fetch_prices(http)
+                book.trusted_hubs.add(hub_id)
+                for update in updates:
+                    if book.apply(update):
+                        await pubsub.publish(PRICES_TOPIC, update.encode())
+            except (HubUnavailable, HubRefused, ProtocolError) as exc:
+                log.info("no prices from the hub this time: %s", exc)
+            await trio.sleep(interval)

@@ -30,6 +30,7 @@ from .host import HostService, OrderCheck
 from .hub_client import HostHubLink, HubSettlement
 from .offers import OfferBook, follow_offers
 from .p2p import P2PConfig, P2PNode, open_p2p
+from .prices import PriceBook, follow_prices, relay_hub_prices
 from .settlement import FreeSettlement, Settlement
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class HostOptions:
     control: bool = False
     hub: HubLogin | None = None
     """With a hub, the host registers its peer id and serves only hub-backed orders."""
+    follow_market: bool = False
+    """Ask the hub's market price (never under ``price_micro_per_mtok``) instead of a fixed one."""
 
 
 @asynccontextmanager
@@ -109,6 +112,11 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
             region=options.region,
             order_check=order_check,
         )
+        if options.follow_market:
+            service.follow_market_price(options.price_micro_per_mtok)
+        if link is not None:
+            service.announcer.on_announce.append(link.post_offer)
+            nursery.start_soon(relay_hub_prices, options.hub.url, node.pubsub, service.prices)
         await nursery.start(service.run)
         runtime = HostRuntime(node, service, hub=link)
         if options.control and options.home is not None:
@@ -146,8 +154,12 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
         book = OfferBook()
         await nursery.start(follow_offers, node.pubsub, book)
+        prices = PriceBook()
+        await nursery.start(follow_prices, node.pubsub, prices)
+        if options.hub is not None:
+            nursery.start_soon(relay_hub_prices, options.hub.url, node.pubsub, prices)
         await nursery.start(settlement.run)
-        service = GatewayService(node, book, settlement, options.config)
+        service = GatewayService(node, book, settlement, options.config, prices=prices)
         await nursery.start(service.run)
         app = create_app(service, nursery)
         bound = await nursery.start(_serve_http, app, options.host, options.port)
