@@ -1,4 +1,4 @@
-"""The settlement hub: accounts, API keys, allowances, receipts, Stripe.
+"""The settlement hub: accounts, API keys, allowances, receipts, market prices, Stripe.
 
 One module per job:
 
@@ -7,6 +7,7 @@ One module per job:
 ``keys``           users, roles, hashed API keys
 ``allowances``     hub-signed budgets for a gateway peer id, held in escrow
 ``receipts``       verification and exactly-once settlement of receipt batches
+``market``         hosts' offers, market epochs, signed prices, the receipt price check
 ``chain``          the signed, hash-chained log of settled receipts
 ``audit``          ``gpunexus audit``: verify an exported log from scratch
 ``service``        the ``Hub`` object the HTTP app and the CLI both drive

@@ -1,9 +1,11 @@
 """The hub's HTTP API (quart-trio): JSON in, JSON out, OpenAI-shaped errors.
 
-Every route but ``/openapi.json``, ``/v1/hub`` and the Stripe webhook needs
-``Authorization: Bearer <API key>``; the key is checked against the database
-on every request (revocation is immediate) and then charged one token from
-its rate-limit bucket (429 with ``retry-after`` when empty). Binary protocol
+Every route but ``/openapi.json``, ``/v1/hub``, the market's ``/v1/prices``
+and ``/v1/market`` and the Stripe webhook needs ``Authorization: Bearer <API
+key>``; the key is checked against the database on every request
+(revocation is immediate) and then charged one token from its rate-limit
+bucket (429 with ``retry-after`` when empty). The public market routes are
+charged to a bucket per client address instead. Binary protocol
 messages (allowances, receipts) travel base64-encoded. The full contract is
 in :mod:`gpunexus.hub.openapi`, served at ``/openapi.json``.
 """
@@ -61,6 +63,11 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         if wait:
             raise RateLimited(wait)
         return user
+
+    def public() -> None:
+        wait = limiter.take("addr:" + (request.remote_addr or ""))
+        if wait:
+            raise RateLimited(wait)
 
     async def body() -> dict[str, Any]:
         data = await request.get_json(force=True, silent=True)
@@ -147,6 +154,27 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         peer_id = _str(data, "peer_id")
         await hub.register_host(user, peer_id, proof)
         return jsonify({"peer_id": peer_id, "account": user.account})
+
+    @app.post("/v1/offers")
+    async def post_offer() -> Response:
+        user = await current_user()
+        try:
+            blob = base64.b64decode(_str(await body(), "offer"), validate=True)
+        except binascii.Error:
+            raise HubError(400, "invalid_request_error", "offer must be base64", "offer") from None
+        await hub.post_offer(user, blob)
+        return jsonify({"accepted": True})
+
+    @app.get("/v1/prices")
+    async def prices() -> Response:
+        public()
+        blobs = await hub.market.latest_updates()
+        return jsonify({"hub_id": hub.hub_id, "prices": [base64.b64encode(b).decode() for b in blobs]})
+
+    @app.get("/v1/market")
+    async def market() -> Response:
+        public()
+        return jsonify(await hub.market.overview())
 
     @app.put("/v1/payout-settings")
     async def payout_settings() -> Response:

@@ -42,6 +42,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--public-url", default=None, help="URL users reach the hub at (Stripe Checkout return links)")
     serve.add_argument("--verify-workers", type=int, default=0, metavar="N",
                        help="verify receipt signatures in N worker processes (default 0: in the request's thread)")
+    serve.add_argument("--epoch-s", type=float, default=HubConfig().epoch_s, metavar="S",
+                       help="market epoch: prices are stepped every S seconds (default 60)")
+    serve.add_argument("--reference-price", action="append", default=[], metavar="MODEL=USD",
+                       help="the reference (ceiling) price of MODEL in USD per million tokens; repeatable; "
+                            f"a bare USD sets it for every other model (default {micro_to_usd(HubConfig().reference_price_micro_per_mtok)})")
     serve.set_defaults(func=_serve)
 
     user = actions.add_parser("user", help="manage users").add_subparsers(dest="user_command", metavar="ACTION", required=True)
@@ -154,11 +159,35 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference_prices(items: list[str]) -> tuple[int | None, dict[str, int]]:
+    """``--reference-price`` values: (default for every model or None, per-model overrides), in micro-USD."""
+    default, per_model = None, {}
+    for item in items:
+        model, sep, usd = item.rpartition("=")
+        try:
+            micro = usd_to_micro(usd)
+        except ValueError as exc:
+            raise ValueError(f"--reference-price {item!r}: {exc}") from None
+        if sep and not model:
+            raise ValueError(f"--reference-price {item!r}: expected MODEL=USD")
+        if sep:
+            per_model[model] = micro
+        else:
+            default = micro
+    return default, per_model
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .app import create_app, serve
     from .stripe_billing import StripeBilling
 
-    hub = _open(args, HubConfig(fee_bps=args.fee_bps))
+    try:
+        default_ref, refs = _reference_prices(args.reference_price)
+        config = HubConfig(fee_bps=args.fee_bps, epoch_s=args.epoch_s, reference_prices=refs,
+                           **({"reference_price_micro_per_mtok": default_ref} if default_ref else {}))
+    except ValueError as exc:
+        return _fail(str(exc))
+    hub = _open(args, config)
     stripe_key, webhook_secret = os.environ.get(STRIPE_KEY_ENV), os.environ.get(STRIPE_WEBHOOK_ENV)
     billing = None
     if stripe_key:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gpunexus.protocol.money import MICRO_PER_USD
 
@@ -15,6 +15,14 @@ class HubConfig:
     after it expires, not at once, so that receipts a gateway queued while the
     hub was unreachable still settle from the budget they were served under.
     A receipt *issued* after its allowance expired is refused regardless.
+
+    Market (see :mod:`gpunexus.hub.market`): prices are stepped every
+    ``epoch_s``; ``reference_price_micro_per_mtok`` is the ceiling (the
+    closed-API price the market must undercut) of every model not named in
+    ``reference_prices`` (model -> micro-USD per million tokens). A receipt's
+    price must be at most a price its host offered for the model between
+    ``offer_lookback_s`` before the receipt was issued and ``clock_skew_s``
+    after; an offer may live at most ``max_offer_ttl_s``.
     """
 
     fee_bps: int = 1000
@@ -27,10 +35,25 @@ class HubConfig:
     max_batch: int = 1000
     rate_per_s: float = 20.0
     rate_burst: int = 100
+    epoch_s: float = 60.0
+    reference_price_micro_per_mtok: int = 600_000
+    reference_prices: dict[str, int] = field(default_factory=dict)
+    offer_lookback_s: float = 60.0
+    max_offer_ttl_s: float = 600.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.fee_bps <= 10_000:
             raise ValueError("fee_bps must be in [0, 10000]")
+        if self.epoch_s <= 0:
+            raise ValueError("epoch_s must be > 0")
+        if min([self.reference_price_micro_per_mtok, *self.reference_prices.values()]) < 1:
+            raise ValueError("reference prices must be >= 1 micro-USD per million tokens")
+        if self.offer_lookback_s < 0 or self.max_offer_ttl_s <= 0:
+            raise ValueError("offer_lookback_s must be >= 0 and max_offer_ttl_s > 0")
+
+    def reference_price(self, model: str) -> int:
+        """The ceiling for ``model``: its override, else the default reference price."""
+        return self.reference_prices.get(model, self.reference_price_micro_per_mtok)
 
     def fee(self, cost: int) -> int:
         """The platform's cut, rounded down: any rounding goes to the host."""

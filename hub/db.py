@@ -147,6 +147,7 @@ receipt_log = sa.Table(
     sa.Column("entry", sa.LargeBinary, nullable=False),
     sa.Column("entry_hash", sa.LargeBinary(32), nullable=False),
     sa.Column("sig", sa.LargeBinary(64), nullable=False),
+    sa.Index("receipt_log_by_time", "settled_at"),
 )
 
 chain_head = sa.Table(
@@ -176,6 +177,64 @@ payouts = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
 )
+
+offers = sa.Table(
+    "offers",
+    metadata,
+    sa.Column("peer_id", sa.String(64), primary_key=True),
+    sa.Column("model", sa.String(256), primary_key=True),
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("price", sa.BigInteger, nullable=False),
+    sa.Column("tokens_per_s", sa.Float, nullable=False),
+    sa.Column("free_slots", sa.Integer, nullable=False),
+    sa.Column("max_slots", sa.Integer, nullable=False),
+    sa.Column("follows_market", sa.Boolean, nullable=False, default=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("issued_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("blob", sa.LargeBinary, nullable=False),
+    sa.Index("offers_by_expiry", "expires_at"),
+)
+"""The latest offer of each host for each model (market supply)."""
+
+offer_prices = sa.Table(
+    "offer_prices",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("peer_id", sa.String(64), nullable=False),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("price", sa.BigInteger, nullable=False),
+    sa.Column("since", sa.Float, nullable=False),
+    sa.Column("until", sa.Float, nullable=False),
+    sa.Index("offer_prices_by_host", "peer_id", "model", "until"),
+)
+"""Price history of offers: one row per stretch of time a host offered a
+model at one price (``since`` = first such offer's issue time, ``until`` = the
+last one's expiry). Settlement checks receipt prices against it; a heartbeat
+at an unchanged price only moves ``until``."""
+
+prices = sa.Table(
+    "prices",
+    metadata,
+    sa.Column("model", sa.String(256), primary_key=True),
+    sa.Column("epoch", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("epoch_start", sa.Float, nullable=False),
+    sa.Column("price", sa.BigInteger, nullable=False),
+    sa.Column("demand_tps", sa.Float, nullable=False),
+    sa.Column("supply_tps", sa.Float, nullable=False),
+    sa.Column("utilisation", sa.Float),
+    sa.Column("hosts", sa.Integer, nullable=False),
+    sa.Column("floor", sa.BigInteger, nullable=False),
+    sa.Column("ceiling", sa.BigInteger, nullable=False),
+    sa.Column("hub_id", sa.String(64), nullable=False),
+    sa.Column("issued_at", sa.Float, nullable=False),
+    sa.Column("blob", sa.LargeBinary, nullable=False),
+    sa.Index("prices_by_time", "epoch_start"),
+)
+"""Published market prices, one row per (model, epoch); the first hub process
+to close an epoch writes it and every other one adopts it. ``utilisation`` is
+NULL when there was demand and no supply (infinite)."""
 
 _RETRY_PGCODES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 
@@ -225,6 +284,8 @@ class Database:
     def create_schema(self) -> None:
         """Create missing tables and the chain head row (idempotent)."""
         metadata.create_all(self.engine)
+        for index in receipt_log.indexes:  # indexes added after a database was created
+            index.create(self.engine, checkfirst=True)
         with self.engine.begin() as conn:
             if conn.execute(sa.select(chain_head.c.id)).first() is None:
                 conn.execute(chain_head.insert().values(id=1, seq=0, head_hash=GENESIS))

@@ -57,7 +57,8 @@ def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
             body=_obj({"gateway_id": _STR, "budget_micro": _MICRO}, ["gateway_id"]), errors=(400, 402, 409))},
         "/v1/receipts": {"post": _op(
             "Settle a batch of countersigned receipts (Receipt.encode(), base64). Each is settled exactly once; "
-            "resubmitting is safe and answers 'duplicate'.",
+            "resubmitting is safe and answers 'duplicate'. A receipt whose price is above every price its host "
+            "offered for the model (POST /v1/offers) in the minute before it was issued is refused.",
             _obj({"results": {"type": "array", "items": _obj({
                 "request_id": _STR, "status": {"enum": ["settled", "duplicate", "refused"]},
                 "reason": _STR, "seq": {"type": ["integer", "null"]}, "cost_micro": _MICRO})}}),
@@ -72,6 +73,26 @@ def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
             "proof = the peer key's Ed25519 signature of 'gpunexus/host-register/1\\n<hub_id>\\n<peer_id>'.",
             _obj({"peer_id": _STR, "account": _STR}), body=_obj({"peer_id": _STR, "proof": _B64}),
             errors=(400, 403, 409))},
+        "/v1/offers": {"post": _op(
+            "A host's signed offer (Offer.encode(), base64), posted with every heartbeat: market supply, and the "
+            "prices its receipts may carry. The offer's peer id must be registered to the key's host account; "
+            "expired offers are refused.",
+            _obj({"accepted": {"type": "boolean"}}), body=_obj({"offer": _B64}), errors=(400, 403))},
+        "/v1/prices": {"get": _op(
+            "The latest hub-signed market price per model (PriceUpdate.encode(), base64). A price for epoch k is "
+            "computed at k * epoch_s (unix seconds) from the epoch before and holds until epoch k + 1.",
+            _obj({"hub_id": _STR, "prices": {"type": "array", "items": _B64}}), auth=False, errors=(429,))},
+        "/v1/market": {"get": _op(
+            "The market per model: latest price, demand (settled tokens/s: refused demand is not reported yet) and "
+            "supply (offered tokens/s), utilisation (null: demand and no supply), live hosts, the price bounds, "
+            "what a GPU with the median host's throughput (tokens/s x slots) would earn per hour at the price and the utilisation it could expect after joining, and the last day's prices as "
+            "[epoch start unix s, price] pairs.",
+            _obj({"hub_id": _STR, "epoch_s": _NUM, "models": {"type": "array", "items": _obj({
+                "model": _STR, "epoch": _INT, "price_micro_per_mtok": _MICRO, "demand_tps": _NUM, "supply_tps": _NUM,
+                "utilisation": {"type": ["number", "null"]}, "hosts": _INT, "floor_micro_per_mtok": _MICRO,
+                "ceiling_micro_per_mtok": _MICRO, "earnings_micro_per_gpu_hour": _MICRO,
+                "history": {"type": "array", "items": {"type": "array", "prefixItems": [_NUM, _MICRO]}}})}}),
+            auth=False, errors=(429,))},
         "/v1/payout-settings": {"put": _op(
             "Host payout threshold and Stripe Connect account",
             _obj({"threshold_micro": {"type": ["integer", "null"]}, "connect_account_id": {"type": ["string", "null"]}}),
@@ -81,7 +102,7 @@ def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "gpunexus hub", "version": VERSION,
-                 "description": "Accounts, allowances and receipt settlement for the gpunexus inference market. "
+                 "description": "Accounts, allowances, receipt settlement and market prices for the gpunexus inference market. "
                                 "Amounts are integer micro-USD. Errors use OpenAI's shape."},
         "components": {"securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}},
         "security": [{"apiKey": []}],

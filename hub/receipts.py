@@ -14,7 +14,12 @@ A batch goes through two phases:
    For each receipt: exactly-once by request id (the same bytes again is a
    ``duplicate``, different bytes under a settled id is refused), a registered
    host, an allowance of the gateway valid at the receipt's ``issued_at`` (see
-   :mod:`gpunexus.hub.allowances`), and funds (live allowance, then free
+   :mod:`gpunexus.hub.allowances`), a price the host actually offered (at most
+   the highest price it offered for the model between ``offer_lookback_s``
+   before ``issued_at`` and ``clock_skew_s`` after: the gateway signed the
+   order at an offered price, and that price, not today's market price, is
+   what settles, so a price change never re-prices work in flight; see
+   :mod:`gpunexus.hub.market`), and funds (live allowance, then free
    balance). Then the postings client -> host + fee, and a hub-signed log
    entry naming the previous entry's hash. Postings and log entries of the
    batch commit together; a refused receipt posts nothing.
@@ -36,7 +41,7 @@ from gpunexus.protocol.money import cost_micro
 from gpunexus.protocol.signing import Signer
 from sqlalchemy.engine import Connection
 
-from . import allowances, chain, ledger
+from . import allowances, chain, ledger, market
 from .config import HubConfig
 from .db import allowances as allowance_table
 from .db import chain_head, gateways, hosts, receipt_log, users
@@ -152,6 +157,8 @@ def settle(conn: Connection, signer: Signer, cfg: HubConfig, items: list[Checked
     bound = set(conn.execute(sa.select(gateways.c.peer_id).where(gateways.c.peer_id.in_(gw_ids))).scalars())
     times = [r.issued_at for r in good]
     gw = allowances.for_gateways(conn, gw_ids, min(times) - cfg.clock_skew_s, max(times) + cfg.clock_skew_s)
+    offered = market.OfferedPrices(conn, [h for h in host_ids if h in host_users],
+                                   min(times) - cfg.offer_lookback_s, max(times) + cfg.clock_skew_s)
     user_ids = {a.user_id for g in gw.values() for a in g.windows} | set(host_users.values())
     user_accounts = dict(conn.execute(sa.select(users.c.id, users.c.account_id).where(users.c.id.in_(user_ids))).all())
     client_ids = {a.user_id for g in gw.values() for a in g.windows}
@@ -182,6 +189,9 @@ def settle(conn: Connection, signer: Signer, cfg: HubConfig, items: list[Checked
             reason = "unknown host: no host account registered this peer id"
         elif window is None:
             reason = "allowance expired" if r.gateway_id in bound else "no allowance issued to this gateway"
+        else:
+            reason = offered.refusal(r.host_id, r.model, r.price_micro_per_mtok,
+                                     r.issued_at - cfg.offer_lookback_s, r.issued_at + cfg.clock_skew_s)
         if reason:
             outcomes.append(Outcome(r.request_id, "refused", reason))
             continue

@@ -2,7 +2,7 @@
 
 The HTTP app and the CLI both drive this class; it owns the database, the
 hub's signing key and the policy, and runs the periodic work (releasing
-expired holds, billing checks) in :meth:`Hub.run`.
+expired holds, billing checks, closing market epochs) in :meth:`Hub.run`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from typing import Protocol
 
 import sqlalchemy as sa
 import trio
+from gpunexus.protocol.codec import decode_as
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.ids import public_key_from_peer_id
-from gpunexus.protocol.messages import Allowance, host_registration_statement
+from gpunexus.protocol.messages import Allowance, Offer, host_registration_statement
 from gpunexus.protocol.signing import Signer, verify_signature
 from sqlalchemy.engine import Connection
 
-from . import allowances, keys, ledger, receipts
+from . import allowances, keys, ledger, market, receipts
 from .config import HubConfig
 from .db import Database, default_url, hosts, receipt_log, users
 from .db import allowances as allowance_table
@@ -58,6 +59,8 @@ class Hub:
         self.config = config or HubConfig()
         self.clock = clock
         self.billing: Billing | None = None
+        self.market = market.Market(db, signer, self.config, clock)
+        """Offers, epochs and published prices (:mod:`gpunexus.hub.market`)."""
         self.precheck: Callable[[list[bytes], HubConfig], list[receipts.Checked]] = receipts.precheck
         """Swap in :class:`~gpunexus.hub.receipts.ParallelPrecheck` to verify on several cores."""
 
@@ -124,6 +127,35 @@ class Hub:
         if owner != user.id:
             raise HubError(409, "host_bound", "this peer id is registered to another account")
 
+    async def post_offer(self, user: User, blob: bytes) -> None:
+        """Record a host's signed offer: market supply, and the prices its receipts may carry."""
+        if user.role not in ("host", "admin"):
+            raise HubError(403, "permission_denied", "only a host account can post offers")
+        try:
+            offer = decode_as(Offer, blob)
+            offer.verify()
+        except ProtocolError as exc:
+            raise HubError(400, "invalid_offer", f"offer refused: {exc}", "offer") from None
+        now, cfg = self.clock(), self.config
+        if offer.expires_at <= now:
+            raise HubError(400, "offer_expired", "offer expired", "offer")
+        if offer.issued_at > now + cfg.clock_skew_s:
+            raise HubError(400, "invalid_offer", "offer issued in the future", "offer")
+        if offer.expires_at - offer.issued_at > cfg.max_offer_ttl_s:
+            raise HubError(400, "invalid_offer", f"offer lives longer than {cfg.max_offer_ttl_s:g} s", "offer")
+        cache = self.market.offer_cache
+        owner = cache.owners.get(offer.peer_id)
+        if owner is None:
+            owner = await self.db.read(_host_owner, offer.peer_id)
+            if owner is not None:
+                cache.owners[offer.peer_id] = owner  # a binding never changes once made
+        if owner != user.id:
+            raise HubError(403, "permission_denied", "this peer id is not registered to this account "
+                           "(POST /v1/hosts/register first)", "offer")
+        if cache.needs_write(offer):
+            await self.db.write(market.record_offer, offer, user.id, blob, now)
+            cache.wrote(offer)
+
     async def set_payout_settings(self, user: User, threshold_micro: int | None, connect_account_id: str | None) -> dict:
         if user.role not in ("host", "admin"):
             raise HubError(403, "permission_denied", "payout settings are for host accounts")
@@ -158,10 +190,11 @@ class Hub:
         return self.db.write_sync(work)
 
     async def run(self, *, period_s: float = 30.0, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Background duties: return unspent holds of long-expired allowances; billing."""
+        """Background duties: return unspent holds of long-expired allowances; billing; market epochs."""
         async with trio.open_nursery() as nursery:
             if self.billing:
                 await nursery.start(self.billing.run)
+            await nursery.start(self.market.run)
             task_status.started()
             while True:
                 await self.release_expired()
@@ -171,6 +204,10 @@ class Hub:
 def _bind_host(conn: Connection, peer_id: str, user_id: int, now: float) -> int:
     conn.execute(ledger.insert_ignore(conn, hosts).values(peer_id=peer_id, user_id=user_id, registered_at=now))
     return conn.execute(sa.select(hosts.c.user_id).where(hosts.c.peer_id == peer_id)).scalar_one()
+
+
+def _host_owner(conn: Connection, peer_id: str) -> int | None:
+    return conn.execute(sa.select(hosts.c.user_id).where(hosts.c.peer_id == peer_id)).scalar()
 
 
 def _balance(conn: Connection, user: User) -> dict:

@@ -55,6 +55,8 @@ class GatewayConfig:
     stall_timeout: float = 30.0
     """Longest silence mid-stream before the host is treated as dead."""
     max_attempts: int = 5
+    price_poll_s: float = 15.0
+    """How often a gateway with a hub fetches the hub's signed market prices."""
 
 
 @dataclass
@@ -226,37 +228,47 @@ class GatewayService:
     async def _attempt(self, offer: Offer, order: Order, outcome: _Outcome, emit: Emit) -> None:
         framed = await self._send_order(offer, order)
         hasher = OutputHasher()
+        parts: list[str] = []
         try:
             deadline = self.config.first_token_timeout
+            msg = None
             while True:
-                with trio.move_on_after(deadline) as waited:
-                    msg = await framed.receive()
-                if waited.cancelled_caught:
-                    raise _HostFailed("no first token in time" if not outcome.tokens else "stream stalled")
-                deadline = self.config.stall_timeout
+                if msg is None:
+                    with trio.move_on_after(deadline) as waited:
+                        msg = await framed.receive()
+                    if waited.cancelled_caught:
+                        raise _HostFailed("no first token in time" if not outcome.tokens else "stream stalled")
+                    deadline = self.config.stall_timeout
                 if isinstance(msg, Chunk):
                     if not outcome.tokens and self._pool is not None:
                         self._pool.refill(offer)
-                    hasher.update(msg)
-                    outcome.text += msg.text
-                    outcome.tokens += msg.n_tokens
-                    if outcome.tokens > order.max_tokens:
-                        raise _HostFailed("host sent more tokens than ordered")
-                    if msg.text:
-                        await emit(Delta(msg.text))
-                elif isinstance(msg, Receipt):
+                    # Every chunk that came in with this one goes to the client as one delta.
+                    text = []
+                    while isinstance(msg, Chunk):
+                        hasher.update(msg)
+                        outcome.tokens += msg.n_tokens
+                        if outcome.tokens > order.max_tokens:
+                            raise _HostFailed("host sent more tokens than ordered")
+                        if msg.text:
+                            text.append(msg.text)
+                            parts.append(msg.text)
+                        msg = framed.receive_ready()
+                    if text:
+                        await emit(Delta(text[0] if len(text) == 1 else "".join(text)))
+                    continue
+                if isinstance(msg, Receipt):
                     outcome.problems = _receipt_problems(order, msg, hasher, offer)
                     outcome.receipt = msg
                     return
-                elif isinstance(msg, Error):
+                if isinstance(msg, Error):
                     if not msg.retryable and not outcome.tokens and msg.code == "bad_request":
                         raise APIError(400, f"The host rejected the request: {msg.message}")
                     raise _HostFailed(f"host error {msg.code}: {msg.message}")
-                else:
-                    raise _HostFailed(f"unexpected {msg.TYPE} message")
+                raise _HostFailed(f"unexpected {msg.TYPE} message")
         except (PeerGone, ProtocolError) as exc:
             raise _HostFailed(str(exc)) from None
         finally:
+            outcome.text = "".join(parts)
             if outcome.receipt is None:
                 await framed.reset()
             else:

@@ -6,6 +6,16 @@ relay task in the gateway's own nursery through a small channel: the HTTP
 status is decided by the first event (so "no host" is a real 503, not an SSE
 error), and a client that disconnects cancels the relay, which resets the
 host's stream so its GPU stops too.
+
+The two completion routes are served by :class:`_HotRoutes`, a small ASGI
+front in front of Quart: every other route (and every test) goes through
+Quart as before, with the same responses and errors. Measured on the relay
+benchmark (bench/relay.py), Quart's per-request and per-body-chunk machinery
+(request context, response wrapper, a timeout task per body chunk) and the
+channel hop between the relay task and the HTTP writer cost more CPU per
+token than the whole libp2p leg; the front answers in the request's own task,
+writes each arriving chunk straight to the socket, and sends the response
+head together with the first token.
 """
 
 from __future__ import annotations
@@ -157,7 +167,166 @@ def create_app(gateway: GatewayService, nursery: trio.Nursery) -> QuartTrio:
     async def completions():
         return await _complete("completion")
 
+    app.asgi_app = _HotRoutes(app.asgi_app, gateway)
     return app
+
+
+_HOT_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+BODY_TIMEOUT = 30.0
+
+
+class _HotRoutes:
+    """ASGI front: ``POST /v1/chat/completions`` and ``/v1/completions`` without Quart.
+
+    Same contract as the Quart routes it shadows: OpenAI-shaped JSON errors
+    with their status (400 bad JSON or parameters, 413 body too large, 404,
+    401/402, 503) before the stream starts, an SSE error event after; a
+    client disconnect cancels the relay (which resets the host's stream).
+    """
+
+    def __init__(self, inner, gateway: GatewayService) -> None:
+        self.inner = inner
+        self.gateway = gateway
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = _HOT_PATHS.get(scope.get("path", "")) if scope["type"] == "http" and scope.get("method") == "POST" else None
+        if kind is None:
+            await self.inner(scope, receive, send)
+            return
+        state = _Response(send)
+        async with trio.open_nursery() as nursery:
+            try:
+                await self._complete(kind, scope, receive, state, nursery)
+            except _ClientGone:
+                pass
+            except APIError as error:
+                await state.error(error)
+            except Exception as exc:
+                log.exception("request failed")
+                await state.error(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _complete(self, kind: str, scope, receive, state: _Response, nursery: trio.Nursery) -> None:
+        raw = await _read_body(scope, receive)
+        # From here on a client that goes away cancels the request (and with it the host's stream).
+        nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "We could not parse the JSON body of your request.") from None
+        req = parse_request(body, kind)
+        bearer = _bearer(_header(scope, b"authorization"))
+        shaper = ResponseShaper(req, new_request_id())
+        if not req.stream:
+            parts: list[str] = []
+
+            async def collect(delta: Delta) -> None:
+                parts.append(delta.text)
+
+            finish = await self.gateway.complete(req, bearer, collect)
+            shaper.fingerprint = finish.fingerprint
+            await state.json(200, shaper.full("".join(parts), finish.finish_reason, finish.usage))
+            return
+
+        async def emit(delta: Delta) -> None:
+            await state.chunk(shaper.sse_delta(delta.text))
+
+        try:
+            finish = await self.gateway.complete(req, bearer, emit)
+        except APIError as error:
+            if not state.started:
+                raise
+            await state.chunk(sse_error(error), last=True)
+            return
+        except Exception as exc:
+            if not state.started:
+                raise
+            log.exception("relay failed")
+            await state.chunk(sse_error(APIError(500, f"internal error: {type(exc).__name__}", type="server_error")), last=True)
+            return
+        await state.chunk(shaper.sse_finish(finish.finish_reason, finish.usage), last=True)
+
+
+class _Response:
+    """One response's ASGI sends: the head goes out with the first body chunk."""
+
+    __slots__ = ("send", "started", "done")
+
+    def __init__(self, send) -> None:
+        self.send = send
+        self.started = False
+        self.done = False
+
+    async def chunk(self, data: bytes, last: bool = False) -> None:
+        if not self.started:
+            self.started = True
+            await self.send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        self.done = last
+        await self.send({"type": "http.response.body", "body": data, "more_body": not last})
+
+    async def json(self, status: int, obj, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(obj).encode()
+        head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        head += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        self.started = self.done = True
+        await self.send({"type": "http.response.start", "status": status, "headers": head})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def error(self, error: APIError) -> None:
+        if not self.started:
+            with trio.CancelScope(shield=True):
+                await self.json(error.status, error.body(), error.headers)
+        elif not self.done:
+            with trio.CancelScope(shield=True):
+                await self.chunk(sse_error(error), last=True)
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _read_body(scope, receive) -> bytes:
+    length = _header(scope, b"content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise APIError(413, "Request body too large.", code="request_too_large")
+    parts: list[bytes] = []
+    size = 0
+    with trio.move_on_after(BODY_TIMEOUT) as waited:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise APIError(413, "Request body too large.", code="request_too_large")
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                break
+    if waited.cancelled_caught:
+        raise APIError(408, "Request Timeout")
+    return b"".join(parts)
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+async def _watch_disconnect(receive, scope: trio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
 
 
 def _bearer(header: str | None) -> str | None:

@@ -145,6 +145,56 @@ class OfferGossipSub(GossipSub):
         self._opportunistic_ticks: dict[str, int] = {}
         self._px_limiter = trio.CapacityLimiter(PX_DIALERS)
         self._px_dialing: set[ID] = set()
+        self._registering: set[ID] = set()
+        self._register_after: dict[ID, tuple[float, float]] = {}  # peer -> (next try, back-off)
+
+    async def run(self) -> None:
+        self.manager.run_daemon_task(self._register_stray_peers)
+        await super().run()
+
+    # -- peers pubsub lost track of ---------------------------------------
+
+    async def _register_stray_peers(self) -> None:
+        """Give connected peers that pubsub never registered another chance.
+
+        Upstream ``Pubsub._handle_new_peer_with_retry`` retries opening the
+        pubsub stream only on ``SwarmException``/``StreamClosed``; any other
+        failure (typically the multistream negotiation timing out on a busy
+        host) ends it, and the peer stays connected but unknown to pubsub and
+        to this router for good: no subscriptions, no mesh, no messages. In 30
+        hosts on one loaded process that left some runs without a mesh after
+        60 s. Every heartbeat, peers connected but missing from
+        ``pubsub.peers`` go through the public ``Pubsub.ensure_peer_stream``
+        again, with a per-peer back-off (2 s doubling to 5 min) so a peer that
+        does not speak gossipsub is not retried forever.
+        """
+        while True:
+            await trio.sleep(max(self.heartbeat_interval, 1.0))
+            pubsub = self.pubsub
+            if pubsub is None:
+                continue
+            now = trio.current_time()
+            for peer_id in list(pubsub.host.get_network().connections):
+                if peer_id in pubsub.peers or peer_id in self._registering or pubsub.is_peer_blacklisted(peer_id):
+                    continue
+                next_try, back_off = self._register_after.get(peer_id, (0.0, 1.0))
+                if now < next_try:
+                    continue
+                back_off = min(back_off * 2, 300.0)
+                self._register_after[peer_id] = (now + back_off, back_off)
+                self._registering.add(peer_id)
+                self.manager.run_task(self._register_stray_peer, peer_id)
+            for peer_id in [p for p in self._register_after if p in pubsub.peers]:
+                del self._register_after[peer_id]
+
+    async def _register_stray_peer(self, peer_id: ID) -> None:
+        try:
+            if self.pubsub is not None:
+                await self.pubsub.ensure_peer_stream(peer_id, timeout=PX_DIAL_TIMEOUT)
+        except Exception:  # ensure_peer_stream logs; the next round retries
+            pass
+        finally:
+            self._registering.discard(peer_id)
 
     # -- publishing -------------------------------------------------------
 

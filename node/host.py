@@ -123,6 +123,7 @@ class HostService:
         """Ask the market price (never under ``min_price``) from now on, not a fixed one."""
         self.follow_market = True
         self.min_price_micro_per_mtok = min_price_micro_per_mtok
+        self.terms.follows_market = True
 
     async def _follow_market_price(self) -> None:
         while True:

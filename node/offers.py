@@ -125,6 +125,7 @@ class OfferTerms:
     max_context: int
     license: str
     region: str = ""
+    follows_market: bool = False
 
 
 class Announcer:
@@ -154,6 +155,7 @@ class Announcer:
             max_context=terms.max_context,
             region=terms.region,
             license=terms.license,
+            follows_market=terms.follows_market,
             addrs=tuple(self._addrs()),
             seq=next_seq(),
             issued_at=now,

@@ -7,6 +7,7 @@ Both put the libp2p host and the HTTP server in one trio nursery.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -89,6 +90,7 @@ class HostOptions:
     """With a hub, the host registers its peer id and serves only hub-backed orders."""
     follow_market: bool = False
     """Ask the hub's market price (never under ``price_micro_per_mtok``) instead of a fixed one."""
+    price_poll_s: float = 15.0
 
 
 @asynccontextmanager
@@ -116,7 +118,7 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
             service.follow_market_price(options.price_micro_per_mtok)
         if link is not None:
             service.announcer.on_announce.append(link.post_offer)
-            nursery.start_soon(relay_hub_prices, options.hub.url, node.pubsub, service.prices)
+            nursery.start_soon(functools.partial(relay_hub_prices, options.hub.url, node.pubsub, service.prices, interval=options.price_poll_s))
         await nursery.start(service.run)
         runtime = HostRuntime(node, service, hub=link)
         if options.control and options.home is not None:
@@ -157,7 +159,7 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
         prices = PriceBook()
         await nursery.start(follow_prices, node.pubsub, prices)
         if options.hub is not None:
-            nursery.start_soon(relay_hub_prices, options.hub.url, node.pubsub, prices)
+            nursery.start_soon(functools.partial(relay_hub_prices, options.hub.url, node.pubsub, prices, interval=options.config.price_poll_s))
         await nursery.start(settlement.run)
         service = GatewayService(node, book, settlement, options.config, prices=prices)
         await nursery.start(service.run)

@@ -6,6 +6,7 @@ request by at most that long, never hang it.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TypeVar
 
 import trio
@@ -14,6 +15,8 @@ from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamErro
 from gpunexus.protocol.codec import Message, decode
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.framing import FrameDecoder, encode_frame
+
+from . import yamux_tuning  # noqa: F401  (measured yamux tweaks, see its docstring)
 
 M = TypeVar("M", bound=Message)
 
@@ -31,7 +34,7 @@ class FramedStream:
     def __init__(self, stream) -> None:
         self.stream = stream
         self._decoder = FrameDecoder()
-        self._ready: list[bytes] = []
+        self._ready: deque[bytes] = deque()
 
     async def send(self, msg: Message) -> None:
         await self.send_raw(encode_frame(msg))
@@ -52,7 +55,16 @@ class FramedStream:
             if not data:
                 raise PeerGone("stream ended")
             self._ready.extend(self._decoder.feed(data))
-        return decode(self._ready.pop(0))
+        return decode(self._ready.popleft())
+
+    def receive_ready(self) -> Message | None:
+        """The next message if it already arrived (no I/O, no wait), else None.
+
+        Lets a relay forward everything that came in one read as one piece.
+        """
+        if not self._ready:
+            return None
+        return decode(self._ready.popleft())
 
     async def receive_as(self, cls: type[M]) -> M:
         msg = await self.receive()
@@ -61,14 +73,16 @@ class FramedStream:
         return msg
 
     async def close(self) -> None:
-        with trio.move_on_after(1):
+        # Shielded: a close or reset usually runs while its caller is being
+        # cancelled (a client went away), and must still reach the peer.
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
             try:
                 await self.stream.close()
             except STREAM_ERRORS:
                 pass
 
     async def reset(self) -> None:
-        with trio.move_on_after(1):
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
             try:
                 await self.stream.reset()
             except STREAM_ERRORS:

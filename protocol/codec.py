@@ -43,6 +43,15 @@ class Message:
     TYPE: ClassVar[str]
     SIGNATURES: ClassVar[tuple[tuple[str, str], ...]] = ()
     _checkers: ClassVar[tuple[tuple[str, Callable[[Any], Any]], ...]]
+    _float_fields: ClassVar[tuple[str, ...]]
+
+    def __post_init__(self) -> None:
+        # msgpack encodes 1 and 1.0 differently; a decoded float field is always a float,
+        # so one built with an int must become one too, or its signature would not survive a round trip.
+        for name in self._float_fields:
+            value = getattr(self, name)
+            if type(value) is int:
+                object.__setattr__(self, name, float(value))
 
     def check(self) -> None:
         """Value-range checks beyond types; subclasses raise ProtocolError."""
@@ -102,6 +111,7 @@ def message(cls: type[M]) -> type[M]:
     cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
     hints = typing.get_type_hints(cls)
     cls._checkers = tuple((f.name, _checker(hints[f.name], f"{cls.TYPE}.{f.name}")) for f in dataclasses.fields(cls))
+    cls._float_fields = tuple(f.name for f in dataclasses.fields(cls) if hints[f.name] is float)
     if cls.TYPE in _REGISTRY:
         raise TypeError(f"duplicate message type {cls.TYPE}")
     _REGISTRY[cls.TYPE] = cls

@@ -71,6 +71,8 @@ class Offer(Message):
     max_context: int
     region: str
     license: str
+    follows_market: bool
+    """The host asks the hub's market price: its price is no floor for the market."""
     addrs: tuple[str, ...]
     seq: int
     issued_at: float

@@ -33,8 +33,8 @@ class RunningHub:
 
 
 @asynccontextmanager
-async def running_hub(home):
-    hub = Hub.open(str(home))
+async def running_hub(home, config=None):
+    hub = Hub.open(str(home), config=config)
     app = create_app(hub)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:

@@ -8,7 +8,7 @@ import httpx
 from gpunexus.hub import keys
 from gpunexus.hub.app import create_app
 from gpunexus.protocol.messages import host_registration_statement
-from test_hub_support import backend, db, served  # noqa: F401
+from test_hub_support import backend, db, make_offer, served  # noqa: F401
 
 
 def _auth(key: str) -> dict[str, str]:
@@ -28,6 +28,10 @@ async def test_full_settlement_over_http(served):
         r = await http.post("/v1/hosts/register", headers=_auth(market.host_key),
                             json={"peer_id": market.gateway.peer_id, "proof": base64.b64encode(proof).decode()})
         assert r.status_code == 400 and r.json()["error"]["param"] == "proof"
+        offer = make_offer(market.host_signer, issued_at=market.clock.now)
+        r = await http.post("/v1/offers", headers=_auth(market.host_key),
+                            json={"offer": base64.b64encode(offer.encode()).decode()})
+        assert r.json() == {"accepted": True}
 
         r = await http.post("/v1/allowances", headers=_auth(market.client_key),
                             json={"gateway_id": market.gateway.peer_id, "budget_micro": 1_000_000})

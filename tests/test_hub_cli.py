@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -18,7 +19,7 @@ from gpunexus.hub import keys, ledger
 from gpunexus.hub.service import Hub
 from gpunexus.node.hub_client import HostHubLink, HubSettlement
 from gpunexus.protocol.signing import Signer
-from test_hub_support import make_receipt
+from test_hub_support import make_offer, make_receipt
 
 
 def run(*argv: str) -> int:
@@ -92,6 +93,7 @@ async def test_serve_settle_kill_export_audit(home, capsys):
     proc, url = await start()
     link = HostHubLink(url, host_key, host)
     await link.connect()
+    await link.post_offer(make_offer(host, issued_at=time.time(), ttl=300))  # receipts settle at an offered price
     gw = HubSettlement(url, client_key, gateway.peer_id, home / "q.db")
     allowance = await gw.renew()
     batch = [make_receipt(host, gateway, issued_at=allowance.issued_at + 1) for _ in range(300)]

@@ -45,6 +45,7 @@ def _host_earned(market) -> int:
 async def _register(market, url) -> HostHubLink:
     link = HostHubLink(url, market.host_key, market.host_signer, clock=market.clock)
     assert await link.connect() == market.hub.hub_id
+    await market.post_offer()  # receipts settle only at a price the host offered
     return link
 
 

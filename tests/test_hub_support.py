@@ -21,8 +21,7 @@ from gpunexus.hub.config import HubConfig
 from gpunexus.hub.db import Database, metadata
 from gpunexus.hub.ratelimit import RateLimiter
 from gpunexus.hub.service import Hub
-from gpunexus.protocol.messages import host_registration_statement
-from gpunexus.protocol.messages import Receipt
+from gpunexus.protocol.messages import Offer, Receipt, host_registration_statement
 from gpunexus.protocol.money import cost_micro
 from gpunexus.protocol.signing import Signer
 
@@ -91,6 +90,17 @@ def make_receipt(host: Signer, gateway: Signer, *, tokens_in: int = 100, tokens_
     return r.signed(gateway, "gateway_sig") if countersign else r
 
 
+def make_offer(host: Signer, *, model: str = "ref-tiny", price: int = PRICE, issued_at: float = 1000.0,
+               ttl: float = 600.0, tokens_per_s: float = 50.0, max_slots: int = 4, free_slots: int | None = None,
+               seq: int = 1, follows_market: bool = False) -> Offer:
+    """A host's signed offer; long-lived by default so receipts over a test's span are covered."""
+    return Offer(
+        peer_id=host.peer_id, model=model, model_hash="h", price_micro_per_mtok=price, tokens_per_s=tokens_per_s,
+        free_slots=max_slots if free_slots is None else free_slots, max_slots=max_slots, max_context=2048,
+        region="", license="", follows_market=follows_market, addrs=(), seq=seq, issued_at=issued_at, expires_at=issued_at + ttl,
+    ).signed(host)
+
+
 class Clock:
     """A settable clock: tests move time explicitly, never sleep."""
 
@@ -112,9 +122,19 @@ class Market:
         self.host_signer, self.gateway = Signer.generate(), Signer.generate()
         self.hub.grant_sync("client@example.com", 10_000_000, "initial")
 
-    async def register_host(self) -> None:
+    async def register_host(self, *, offer: bool = True) -> None:
+        """Register the host peer id and (by default) post its offer at ``PRICE``, so its receipts settle."""
         proof = self.host_signer.sign(host_registration_statement(self.hub.hub_id, self.host_signer.peer_id))
         await self.hub.register_host(self.host, self.host_signer.peer_id, proof)
+        if offer:
+            await self.post_offer()
+
+    async def post_offer(self, **kw) -> Offer:
+        """Post the host's offer at ``clock.now`` (see :func:`make_offer` for the keywords)."""
+        kw.setdefault("issued_at", self.clock.now)
+        offer = make_offer(self.host_signer, **kw)
+        await self.hub.post_offer(self.host, offer.encode())
+        return offer
 
     def receipt(self, **kw) -> Receipt:
         kw.setdefault("issued_at", self.clock.now)

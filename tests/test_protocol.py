@@ -26,7 +26,7 @@ GATEWAY = Signer(b"\x02" * 32)
 
 def offer(**changes) -> Offer:
     now = time.time()
-    base = Offer(peer_id=HOST.peer_id, model="tiny", model_hash="h", price_micro_per_mtok=200_000, tokens_per_s=50.0, free_slots=2, max_slots=4, max_context=2048, region="eu", license="Apache-2.0", addrs=("/ip4/127.0.0.1/tcp/4001",), seq=1, issued_at=now, expires_at=now + 10)
+    base = Offer(peer_id=HOST.peer_id, model="tiny", model_hash="h", price_micro_per_mtok=200_000, tokens_per_s=50.0, free_slots=2, max_slots=4, max_context=2048, region="eu", license="Apache-2.0", follows_market=False, addrs=("/ip4/127.0.0.1/tcp/4001",), seq=1, issued_at=now, expires_at=now + 10)
     return dataclasses.replace(base, **changes).signed(HOST)
 
 
@@ -54,6 +54,12 @@ def test_signed_messages_round_trip_and_verify():
         back = decode(msg.encode())
         assert back == msg
         back.verify()
+
+
+def test_int_in_a_float_field_signs_like_the_float_it_decodes_to():
+    o = offer(issued_at=1000, expires_at=1010)
+    assert type(o.issued_at) is float
+    decode(o.encode()).verify()
 
 
 def test_tampering_breaks_signatures():
