@@ -176,6 +176,39 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         public()
         return jsonify(await hub.market.overview())
 
+    @app.get("/v1/audits/commitment")
+    async def audit_commitment() -> Response:
+        public()
+        return jsonify(await hub.audit_commitments())
+
+    @app.get("/v1/audits/pending")
+    async def audits_pending() -> Response:
+        user = await current_user()
+        return jsonify({"request_ids": await hub.pending_audits(user)})
+
+    @app.post("/v1/audits/openings")
+    async def audit_opening() -> Response:
+        user = await current_user()
+        data = await body()
+        rid = _str(data, "request_id")
+        raw = data.get("opening")
+        if raw is None:
+            reason = data.get("reason")
+            return jsonify(await hub.open_audit(user, rid, None, reason if isinstance(reason, str) else ""))
+        if not isinstance(raw, str):
+            raise HubError(400, "invalid_request_error", "opening must be a base64 string or null", "opening")
+        try:
+            blob = base64.b64decode(raw, validate=True)
+        except binascii.Error:
+            raise HubError(400, "invalid_request_error", "opening must be base64", "opening") from None
+        return jsonify(await hub.open_audit(user, rid, blob))
+
+    @app.get("/v1/reputation")
+    async def reputation() -> Response:
+        public()
+        reps = await hub.reputations()
+        return jsonify({"hub_id": hub.hub_id, "reputations": [base64.b64encode(r.encode()).decode() for r in reps]})
+
     @app.put("/v1/payout-settings")
     async def payout_settings() -> Response:
         user = await current_user()

@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--reference-price", action="append", default=[], metavar="MODEL=USD",
                        help="the reference (ceiling) price of MODEL in USD per million tokens; repeatable; "
                             f"a bare USD sets it for every other model (default {micro_to_usd(HubConfig().reference_price_micro_per_mtok)})")
+    serve.add_argument("--audit-rate", type=float, default=HubConfig().audit_rate, metavar="FRACTION",
+                       help="fraction of settled receipts audited (default 0.05; suspect hosts are audited more)")
+    serve.add_argument("--challenge-account", action="append", default=[], metavar="EMAIL",
+                       help="an account whose requests are the hub's challenges: all its receipts are audited; repeatable")
     serve.set_defaults(func=_serve)
 
     user = actions.add_parser("user", help="manage users").add_subparsers(dest="user_command", metavar="ACTION", required=True)
@@ -77,6 +81,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     export = _with_db(rec.add_parser("export", help="write the signed, hash-chained receipt log (JSON lines)"))
     export.add_argument("file")
     export.set_defaults(func=_export)
+
+    hosts = _with_db(actions.add_parser("hosts", help="hosts' audit reputation and recent verdicts",
+                                        description="Every audited host: audits, failures, probability of honesty, "
+                                                    "whether gateways exclude it, and its recent verdicts with reasons."))
+    hosts.add_argument("--recent", type=int, default=5, help="verdicts shown per host (default 5)")
+    hosts.add_argument("--json", action="store_true", help="print JSON")
+    hosts.set_defaults(func=_hosts)
+
+    chal = actions.add_parser("challenge", help="send challenge requests through an ordinary gateway",
+                              description="Send ordinary-looking requests through a gateway (run 'gpunexus node gateway --hub ... "
+                                          "--api-key KEY' with a fresh identity, KEY of an account the hub serves with "
+                                          "--challenge-account) so that every receipt they produce is audited.")
+    chal.add_argument("--gateway", required=True, metavar="URL", help="the gateway's base URL, e.g. http://127.0.0.1:8000/v1")
+    chal.add_argument("--api-key", required=True, help="the challenge account's API key")
+    chal.add_argument("--model", default="tiny")
+    chal.add_argument("--count", type=int, default=10)
+    chal.add_argument("--interval", type=float, default=30.0, metavar="S", help="mean seconds between requests (default 30)")
+    chal.set_defaults(func=_challenge)
 
     aud = sub.add_parser("audit", help="verify a receipt log", description="Verify every signature (host, gateway, hub), the hash chain, "
                          "exactly-once settlement and the balances the log implies. Exit 0 when all holds, 1 naming each fault.")
@@ -152,6 +174,40 @@ def _grant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hosts(args: argparse.Namespace) -> int:
+    import json
+
+    from . import honesty
+
+    report = _open(args).db.read_sync(honesty.host_report, args.recent)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    if not report:
+        print("no audited hosts yet")
+        return 0
+    print(f"{'HOST':<54} {'AUDITS':>6} {'FAILED':>6} {'PENDING':>7} {'P(HONEST)':>9}  STATUS")
+    for h in report:
+        status = "excluded" if h["excluded"] else "ok"
+        print(f"{h['peer_id']:<54} {h['audits']:>6} {h['failures']:>6} {h['pending']:>7} {h['p_honest']:>9.4f}  {status}")
+        for v in h["recent"]:
+            money = f" (withheld {micro_to_usd(v['withheld_micro'])} USD, debt {micro_to_usd(v['debt_micro'])} USD)" if v["status"] == "failed" else ""
+            print(f"    {v['request_id']}  {v['status']}{money}")
+            for reason in v["reasons"]:
+                print(f"        {reason}")
+    return 0
+
+
+def _challenge(args: argparse.Namespace) -> int:
+    from .challenge import send_challenges
+
+    statuses = trio.run(functools.partial(send_challenges, args.gateway, args.api_key, args.model, args.count,
+                                          interval_s=args.interval))
+    ok = sum(s == 200 for s in statuses)
+    print(f"sent {len(statuses)} challenge requests, {ok} answered; their receipts are audited once settled")
+    return 0 if ok == len(statuses) else 1
+
+
 def _export(args: argparse.Namespace) -> int:
     hub = _open(args)
     n = chain.write_log(args.file, hub.hub_id, hub.db.read_sync(receipts.export))
@@ -183,7 +239,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         default_ref, refs = _reference_prices(args.reference_price)
-        config = HubConfig(fee_bps=args.fee_bps, epoch_s=args.epoch_s, reference_prices=refs,
+        config = HubConfig(fee_bps=args.fee_bps, epoch_s=args.epoch_s, reference_prices=refs, audit_rate=args.audit_rate,
+                           challenge_accounts=frozenset(args.challenge_account),
                            **({"reference_price_micro_per_mtok": default_ref} if default_ref else {}))
     except ValueError as exc:
         return _fail(str(exc))

@@ -40,6 +40,13 @@ class HubConfig:
     reference_prices: dict[str, int] = field(default_factory=dict)
     offer_lookback_s: float = 60.0
     max_offer_ttl_s: float = 600.0
+    audit_rate: float = 0.05
+    """Fraction of settled receipts audited; raised per host by ``verify.reputation.audit_rate``."""
+    audit_period_s: float = 3600.0
+    """Lifetime of one audit-selection secret (its commitment is public, then the secret)."""
+    challenge_accounts: frozenset[str] = frozenset()
+    """Emails of the hub's own client accounts that send challenge requests through
+    ordinary gateways (``gpunexus hub challenge``): every receipt they pay is audited."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.fee_bps <= 10_000:
@@ -48,6 +55,8 @@ class HubConfig:
             raise ValueError("epoch_s must be > 0")
         if min([self.reference_price_micro_per_mtok, *self.reference_prices.values()]) < 1:
             raise ValueError("reference prices must be >= 1 micro-USD per million tokens")
+        if not 0 <= self.audit_rate <= 1 or self.audit_period_s <= 0:
+            raise ValueError("audit_rate must be in [0, 1] and audit_period_s > 0")
         if self.offer_lookback_s < 0 or self.max_offer_ttl_s <= 0:
             raise ValueError("offer_lookback_s must be >= 0 and max_offer_ttl_s > 0")
 

@@ -236,6 +236,50 @@ prices = sa.Table(
 to close an epoch writes it and every other one adopts it. ``utilisation`` is
 NULL when there was demand and no supply (infinite)."""
 
+audit_periods = sa.Table(
+    "audit_periods",
+    metadata,
+    sa.Column("period", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("secret", sa.LargeBinary(32), nullable=False),
+    sa.Column("commitment", sa.LargeBinary(32), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+"""The hub's audit-selection secret per period (``period = floor(t / audit_period_s)``);
+its commitment is published while the period runs, the secret once it is over."""
+
+audits = sa.Table(
+    "audits",
+    metadata,
+    sa.Column("request_id", sa.String(32), primary_key=True),
+    sa.Column("host_id", sa.String(64), nullable=False, index=True),
+    sa.Column("gateway_id", sa.String(64), nullable=False, index=True),
+    sa.Column("period", sa.BigInteger, nullable=False),
+    sa.Column("rate", sa.Float, nullable=False),
+    sa.Column("receipt", sa.LargeBinary, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reasons", sa.Text, nullable=False, default=""),
+    sa.Column("selected_at", sa.Float, nullable=False),
+    sa.Column("decided_at", sa.Float),
+    sa.Column("withheld", sa.BigInteger, nullable=False, default=0),
+    sa.Column("debt", sa.BigInteger, nullable=False, default=0),
+    sa.Index("audits_by_status", "status", "gateway_id"),
+)
+"""Receipts selected for audit and their verdicts. ``status``: ``pending`` (waiting
+for the gateway's opening), ``passed``, ``failed``, ``unopened`` (the gateway had no
+opening: no verdict on the host), ``skipped`` (no reference model for its hash).
+``reasons`` is JSON (a list of strings); ``withheld`` is what a failed audit took
+back from the host, ``debt`` what it could not (already paid out)."""
+
+host_reputation = sa.Table(
+    "host_reputation",
+    metadata,
+    sa.Column("peer_id", sa.String(64), primary_key=True),
+    sa.Column("passes", sa.Integer, nullable=False, default=0),
+    sa.Column("fails", sa.Integer, nullable=False, default=0),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+"""Audit record per host peer id (``verify.reputation.Reputation``)."""
+
 _RETRY_PGCODES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 
 

@@ -93,6 +93,28 @@ def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
                 "ceiling_micro_per_mtok": _MICRO, "earnings_micro_per_gpu_hour": _MICRO,
                 "history": {"type": "array", "items": {"type": "array", "prefixItems": [_NUM, _MICRO]}}})}}),
             auth=False, errors=(429,))},
+        "/v1/audits/commitment": {"get": _op(
+            "Audit selection: the SHA-256 commitment to the current period's secret, and the previous period's "
+            "secret revealed. A settled receipt is audited iff SHA-256('gpunexus-audit-select/1\\0' || len(secret):u16 "
+            "|| secret || SHA-256(receipt bytes) || request_id) < rate * 2**256 (verify.selection.is_selected).",
+            _obj({"hub_id": _STR, "period_s": _NUM, "current": _obj({"period": _INT, "commitment": _STR}),
+                  "previous": {"type": ["object", "null"]}}), auth=False, errors=(429,))},
+        "/v1/audits/pending": {"get": _op(
+            "Request ids of receipts countersigned by the key's gateways that were selected for audit and "
+            "wait for their opening.", _obj({"request_ids": {"type": "array", "items": _STR}}))},
+        "/v1/audits/openings": {"post": _op(
+            "A gateway's opening of a selected receipt (Opening.encode(), base64), or null with a reason when it "
+            "kept none. The hub checks it against the receipt's prompt and output hashes, audits it with the "
+            "reference model and answers the verdict; a failed audit withholds the host's pay for the receipt.",
+            _obj({"request_id": _STR, "status": {"enum": ["passed", "failed", "unopened", "skipped", "pending"]},
+                  "passed": {"type": "boolean"}, "reasons": {"type": "array", "items": _STR},
+                  "withheld_micro": _MICRO, "debt_micro": _MICRO}, ["request_id", "status"]),
+            body=_obj({"request_id": _STR, "opening": {"type": ["string", "null"], "contentEncoding": "base64"},
+                       "reason": _STR}, ["request_id", "opening"]), errors=(400, 404))},
+        "/v1/reputation": {"get": _op(
+            "Every audited host's reputation, each a hub-signed HostReputation (base64): gateways skip hosts "
+            "marked excluded.", _obj({"hub_id": _STR, "reputations": {"type": "array", "items": _B64}}),
+            auth=False, errors=(429,))},
         "/v1/payout-settings": {"put": _op(
             "Host payout threshold and Stripe Connect account",
             _obj({"threshold_micro": {"type": ["integer", "null"]}, "connect_account_id": {"type": ["string", "null"]}}),

@@ -17,11 +17,11 @@ import trio
 from gpunexus.protocol.codec import decode_as
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.ids import public_key_from_peer_id
-from gpunexus.protocol.messages import Allowance, Offer, host_registration_statement
+from gpunexus.protocol.messages import Allowance, HostReputation, Offer, Receipt, host_registration_statement
 from gpunexus.protocol.signing import Signer, verify_signature
 from sqlalchemy.engine import Connection
 
-from . import allowances, keys, ledger, market, receipts
+from . import allowances, honesty, keys, ledger, market, receipts
 from .config import HubConfig
 from .db import Database, default_url, hosts, receipt_log, users
 from .db import allowances as allowance_table
@@ -105,7 +105,13 @@ class Hub:
 
         def work() -> list[receipts.Outcome]:
             checked = self.precheck(blobs, self.config)
-            return self.db.write_sync(receipts.settle, self.signer, self.config, checked, self.clock())
+            now = self.clock()
+            outcomes = self.db.write_sync(receipts.settle, self.signer, self.config, checked, now)
+            settled = {o.request_id for o in outcomes if o.status == "settled"}
+            picked = [(c.receipt, c.data) for c in checked if c.receipt is not None and c.receipt.request_id in settled]
+            if picked:  # audit selection (see hub/honesty.py); settlement stands whatever happens here
+                self.db.write_sync(honesty.select_settled, self.config, picked, now)
+            return outcomes
 
         outcomes = await trio.to_thread.run_sync(work, limiter=self.db.limiter)
         if self.billing and any(o.status == "settled" for o in outcomes):
@@ -114,6 +120,46 @@ class Hub:
 
     async def export(self) -> list[tuple[int, bytes, bytes, bytes]]:
         return await self.db.read(receipts.export)
+
+    # --- audits (hub/honesty.py) -----------------------------------------
+    async def audit_commitments(self) -> dict:
+        out = await self.db.write(honesty.commitments, self.config, self.clock())
+        return {"hub_id": self.hub_id, **out}
+
+    async def pending_audits(self, user: User) -> list[str]:
+        return await self.db.read(honesty.pending_for, user.id)
+
+    async def open_audit(self, user: User, request_id: str, blob: bytes | None, reason: str = "") -> dict:
+        """A gateway's opening of a selected receipt (None: it has none); audits it and returns the verdict."""
+        pending = await self.db.read(honesty.load_pending, request_id)
+        if pending is None or pending.gateway_owner != user.id:
+            raise HubError(404, "not_found", "no audit of this request is waiting for this account's gateways", "request_id")
+        if pending.status != "pending":
+            return {"request_id": request_id, "status": pending.status, "already": True}
+        if blob is None:
+            return await self.db.write(honesty.record_verdict, request_id, "unopened", [f"gateway: {reason or 'no opening'}"], self.clock())
+        receipt = decode_as(Receipt, pending.receipt)
+        try:
+            opening = honesty.decode_opening(blob)
+        except ProtocolError as exc:
+            raise HubError(400, "invalid_opening", f"opening refused: {exc}", "opening") from None
+        problem = honesty.opening_problem(opening, receipt)
+        if problem:
+            raise HubError(400, "invalid_opening", f"opening refused: {problem}", "opening")
+        status, verdict = await trio.to_thread.run_sync(honesty.run_audit, opening, receipt)
+        reasons = list(verdict.reasons) if verdict else [f"model: no reference model with hash {receipt.model_hash[:16]}..."]
+        return await self.db.write(honesty.record_verdict, request_id, status, reasons, self.clock())
+
+    async def reputations(self) -> list[HostReputation]:
+        """Every audited host's reputation, signed by the hub."""
+        from gpunexus.verify import reputation as rep_mod
+
+        now = self.clock()
+        return [
+            HostReputation(self.hub_id, peer, r.p_honest, rep_mod.excluded(r), r.passes + r.fails, r.fails, now)
+            .signed(self.signer)
+            for peer, r in await self.db.read(honesty.reputations)
+        ]
 
     # --- hosts ------------------------------------------------------------
     async def register_host(self, user: User, peer_id: str, proof: bytes) -> None:

@@ -58,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     gw.add_argument("--max-price", metavar="USD_PER_MTOK", help="never pay more than this per million tokens")
     gw.add_argument("--min-tokens-per-s", type=float, help="skip hosts announcing less than this speed")
     gw.add_argument("--first-token-timeout", type=float, default=10.0, help="seconds to wait for a host's first token before trying the next (default 10)")
+    gw.add_argument("--audit-retention", type=float, default=3600.0, metavar="SECONDS", help="with --hub: keep each paid request and its output this long so the hub can audit the host (default 3600)")
+    gw.add_argument("--no-audit-retention", action="store_true", help="with --hub: keep no request text for audits; the hub then cannot audit your requests, so this gateway only uses hosts in good standing (no unrecovered failed audit)")
     _network_args(gw)
     gw.set_defaults(func=_gateway)
 
@@ -185,7 +187,8 @@ def _gateway(args: argparse.Namespace) -> int:
     from .settlement import FreeSettlement
 
     hub = _hub_login(args)
-    options = GatewayOptions(host=args.host, port=args.port, p2p=_p2p(args, "/ip4/127.0.0.1/tcp/0"), config=config, settlement=FreeSettlement(api_key=args.api_key), home=_home(), hub=hub)
+    options = GatewayOptions(host=args.host, port=args.port, p2p=_p2p(args, "/ip4/127.0.0.1/tcp/0"), config=config, settlement=FreeSettlement(api_key=args.api_key), home=_home(), hub=hub,
+                             audit_retention_s=None if args.no_audit_retention else args.audit_retention)
 
     async def main() -> None:
         async with open_gateway(options) as runtime:

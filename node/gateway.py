@@ -30,7 +30,7 @@ from libp2p.peer.id import ID
 from gpunexus.pricing.matching import Matcher, MatchPolicy
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.ids import new_request_id
-from gpunexus.protocol.messages import INFER_PROTOCOL, Chunk, Error, Offer, Order, OutputHasher, Receipt, Sampling
+from gpunexus.protocol.messages import INFER_PROTOCOL, Chunk, Error, Offer, Opening, Order, OutputHasher, Receipt, Sampling
 from gpunexus.protocol.money import cost_micro
 
 from .offers import OfferBook
@@ -87,11 +87,12 @@ class _HostFailed(Exception):
 
 
 class _Outcome:
-    __slots__ = ("text", "tokens", "receipt", "problems")
+    __slots__ = ("text", "tokens", "receipt", "problems", "token_ids")
 
     def __init__(self) -> None:
         self.text = ""
         self.tokens = 0
+        self.token_ids: list[int] = []
         self.receipt: Receipt | None = None
         self.problems: list[str] = []
 
@@ -135,7 +136,9 @@ class GatewayService:
         last_error = "no host serves this model within your price and speed limits"
         for attempt in range(self.config.max_attempts):
             now = time.monotonic()
-            candidates = [o for o in self.matcher.rank(self.book.for_model(request.model), request.model, self.policy(), now) if o.peer_id not in tried]
+            # Hosts the hub's audits excluded (HubSettlement.excluded_host) get no traffic.
+            excluded = getattr(self.settlement, "excluded_host", None)
+            candidates = [o for o in self.matcher.rank(self.book.for_model(request.model), request.model, self.policy(), now, excluded) if o.peer_id not in tried]
             if not candidates:
                 break
             offer = candidates[0]
@@ -165,7 +168,7 @@ class GatewayService:
                 self.stats.receipts_rejected += 1
                 log.warning("refusing to countersign receipt %s from %s: %s", receipt.request_id, offer.peer_id, "; ".join(outcome.problems))
             else:
-                self._settle(receipt)
+                self._settle(receipt, order, outcome, delivered_tokens)
             prompt_tokens = max(0, receipt.tokens_in - delivered_tokens) if delivered_tokens else receipt.tokens_in
             return Finish(receipt.finish_reason, Usage(prompt_tokens, delivered_tokens + outcome.tokens), receipt.model_hash[:32])
         if delivered_tokens:
@@ -226,7 +229,12 @@ class GatewayService:
         return framed
 
     async def _attempt(self, offer: Offer, order: Order, outcome: _Outcome, emit: Emit) -> None:
-        framed = await self._send_order(offer, order)
+        try:
+            framed = await self._send_order(offer, order)
+        except BaseException:
+            if self._pool is not None:
+                self._pool.release(offer)
+            raise
         hasher = OutputHasher()
         parts: list[str] = []
         try:
@@ -246,6 +254,7 @@ class GatewayService:
                     text = []
                     while isinstance(msg, Chunk):
                         hasher.update(msg)
+                        outcome.token_ids.extend(msg.token_ids)
                         outcome.tokens += msg.n_tokens
                         if outcome.tokens > order.max_tokens:
                             raise _HostFailed("host sent more tokens than ordered")
@@ -269,15 +278,27 @@ class GatewayService:
             raise _HostFailed(str(exc)) from None
         finally:
             outcome.text = "".join(parts)
+            if self._pool is not None:
+                self._pool.release(offer)
             if outcome.receipt is None:
                 await framed.reset()
             else:
                 await framed.close()
 
-    def _settle(self, receipt: Receipt) -> None:
+    def _settle(self, receipt: Receipt, order: Order | None = None, outcome: _Outcome | None = None, first_draw: int = 0) -> None:
         countersigned = receipt.signed(self.node.signer, "gateway_sig")
         self.stats.receipts.append(countersigned)
         del self.stats.receipts[:-100]
+        # What an audit of this receipt needs, handed over before the receipt so a
+        # settlement can store both in one write (one with no ``retain`` keeps
+        # nothing: no hub, no audits).
+        retain = getattr(self.settlement, "retain", None)
+        if retain is not None and order is not None and outcome is not None:
+            retain(Opening(
+                request_id=order.request_id, kind=order.kind, messages=order.messages, prompt=order.prompt,
+                continuation=order.continuation, sampling=order.sampling, max_tokens=order.max_tokens,
+                first_draw=first_draw, output_ids=tuple(outcome.token_ids), output_text=outcome.text,
+            ))
         self.settlement.record(countersigned)
 
 

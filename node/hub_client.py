@@ -16,6 +16,13 @@ when it runs with ``--hub URL --api-key KEY``:
   leaves the queue only once the hub answered for it (settled, duplicate, or
   refused for good); the hub settles each request id once, so redelivering
   after a crash or a lost response never bills twice.
+* ``retain`` keeps, next to the queue and for ``audit_retention_s`` (1 h by
+  default), what an audit of each countersigned receipt needs: the order's
+  request and the output received (an :class:`~gpunexus.protocol.messages.Opening`).
+  The background work answers the hub's opening requests
+  (``GET /v1/audits/pending`` -> ``POST /v1/audits/openings``) and fetches
+  the hub-signed host reputations (``GET /v1/reputation``); ``excluded_host``
+  is the matcher's hook, so excluded hosts get no traffic.
 
 :class:`HostHubLink` is a host's: it learns the hub's peer id, proves its own
 peer id to bind it to the host account (so receipts naming it pay that
@@ -43,7 +50,16 @@ import httpx
 import trio
 from gpunexus.protocol.codec import decode_as
 from gpunexus.protocol.errors import ProtocolError
-from gpunexus.protocol.messages import Allowance, Offer, Order, PriceUpdate, Receipt, host_registration_statement
+from gpunexus.protocol.messages import (
+    Allowance,
+    HostReputation,
+    Offer,
+    Opening,
+    Order,
+    PriceUpdate,
+    Receipt,
+    host_registration_statement,
+)
 from gpunexus.protocol.signing import Signer
 
 from .settlement import Grant, SettlementRefused
@@ -51,6 +67,8 @@ from .settlement import Grant, SettlementRefused
 log = logging.getLogger(__name__)
 
 CLOCK_SKEW_S = 60.0
+NO_RETENTION_MIN_P_HONEST = 0.5
+"""Reputation bar of a gateway that keeps no audit openings (see ``HubSettlement.excluded_host``)."""
 _MAX_BACKOFF_S = 30.0
 
 
@@ -112,12 +130,33 @@ class ReceiptQueue:
             "CREATE TABLE IF NOT EXISTS refused (request_id TEXT PRIMARY KEY, reason TEXT NOT NULL, "
             "receipt BLOB NOT NULL, at REAL NOT NULL)"
         )
-
-    def append(self, receipt: Receipt) -> None:
         self._db.execute(
-            "INSERT OR IGNORE INTO pending (request_id, cost_micro, receipt) VALUES (?, ?, ?)",
-            (receipt.request_id, receipt.cost_micro, receipt.encode()),
+            "CREATE TABLE IF NOT EXISTS openings (request_id TEXT PRIMARY KEY, at REAL NOT NULL, opening BLOB NOT NULL)"
         )
+        self._db.execute("CREATE INDEX IF NOT EXISTS openings_by_age ON openings (at)")
+
+    # --- audit openings (kept for ``retention_s``, see HubSettlement) ------
+    def keep_opening(self, opening: Opening, at: float) -> None:
+        self._db.execute("INSERT OR REPLACE INTO openings (request_id, at, opening) VALUES (?, ?, ?)",
+                         (opening.request_id, at, opening.encode()))
+
+    def opening(self, request_id: str) -> bytes | None:
+        row = self._db.execute("SELECT opening FROM openings WHERE request_id = ?", (request_id,)).fetchone()
+        return row[0] if row else None
+
+    def prune_openings(self, before: float) -> int:
+        return self._db.execute("DELETE FROM openings WHERE at < ?", (before,)).rowcount
+
+    def append(self, receipt: Receipt, opening: Opening | None = None, at: float = 0.0) -> None:
+        """Queue the receipt, and keep its audit opening in the same transaction (one sync)."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "INSERT OR IGNORE INTO pending (request_id, cost_micro, receipt) VALUES (?, ?, ?)",
+                (receipt.request_id, receipt.cost_micro, receipt.encode()),
+            )
+            if opening is not None:
+                self.keep_opening(opening, at)
 
     def peek(self, limit: int) -> list[tuple[str, bytes]]:
         """The oldest ``limit`` receipts: (request id, encoded receipt)."""
@@ -167,11 +206,22 @@ class HubSettlement:
     def __init__(self, hub_url: str, api_key: str, gateway_id: str, queue_path: str | Path, *,
                  budget_micro: int | None = None, batch_size: int = 100, flush_interval_s: float = 2.0,
                  timeout_s: float = 10.0, require_bearer: bool = True,
+                 audit_retention_s: float | None = 3600.0, audit_poll_s: float = 5.0,
+                 reputation_poll_s: float = 15.0,
                  transport: httpx.AsyncBaseTransport | None = None, clock: Callable[[], float] = time.time) -> None:
         self.hub_url = hub_url.rstrip("/")
         self.api_key = api_key
         self.gateway_id = gateway_id
         self.queue = ReceiptQueue(queue_path)
+        self.audit_retention_s = audit_retention_s
+        """How long the request and output of each countersigned receipt are kept
+        for the hub's audits; None: keep nothing (``--no-audit-retention``, see
+        :meth:`excluded_host` for what that costs)."""
+        self.audit_poll_s = audit_poll_s
+        self.reputation_poll_s = reputation_poll_s
+        self._openings: dict[str, Opening] = {}
+        self.reputations: dict[str, HostReputation] = {}
+        """The hub's latest signed reputation per host peer id (verified)."""
         self.budget_micro = budget_micro
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
@@ -187,6 +237,7 @@ class HubSettlement:
         self._renew_now = trio.Event()
         self._deliver_now = trio.Event()
         self._deliver_lock = trio.Lock()
+        self._audit_lock = trio.Lock()
 
     # --- request path (no I/O but the local queue) ------------------------
     def authorize(self, bearer: str | None, estimate_micro: int) -> Grant:
@@ -206,7 +257,8 @@ class HubSettlement:
         return Grant(allowance=b.encoded)
 
     def record(self, receipt: Receipt) -> None:
-        self.queue.append(receipt)
+        opening = self._openings.pop(receipt.request_id, None)
+        self.queue.append(receipt, opening, self.clock())
         b = self._budget
         if b is not None:
             b.remaining -= receipt.cost_micro
@@ -214,6 +266,34 @@ class HubSettlement:
                 self._renew_now.set()
         if len(self.queue) >= self.batch_size:
             self._deliver_now.set()
+
+    def retain(self, opening: Opening) -> None:
+        """Keep what an audit of this receipt needs (unless the client opted out).
+
+        Called just before :meth:`record` of the same request: the opening is
+        written with the receipt, in one transaction.
+        """
+        if self.audit_retention_s is not None:
+            self._openings[opening.request_id] = opening
+            if len(self._openings) > 1000:  # retain without record: never expected; stay bounded
+                self._openings.pop(next(iter(self._openings)))
+
+    def excluded_host(self, peer_id: str) -> bool:
+        """The matcher's reputation hook.
+
+        Hosts the hub marked excluded never get traffic. A gateway that keeps no
+        openings (``audit_retention_s=None``) cannot have its receipts audited,
+        so it is stricter: it only uses hosts whose reputation is at least
+        ``NO_RETENTION_MIN_P_HONEST`` (a host is admitted until the hub has
+        reason to suspect it; a single failed audit not yet outweighed by passes
+        keeps it out).
+        """
+        rep = self.reputations.get(peer_id)
+        if rep is None:
+            return False
+        if rep.excluded:
+            return True
+        return self.audit_retention_s is None and rep.p_honest < NO_RETENTION_MIN_P_HONEST
 
     def status(self) -> dict:
         b = self._budget
@@ -233,6 +313,8 @@ class HubSettlement:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._renew_loop)
                 nursery.start_soon(self._deliver_loop)
+                nursery.start_soon(self._audit_loop)
+                nursery.start_soon(self._reputation_loop)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -312,6 +394,74 @@ class HubSettlement:
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
+    async def _audit_loop(self) -> None:
+        while True:
+            await trio.sleep(self.audit_poll_s)
+            try:
+                await self.answer_audits()
+            except (HubUnavailable, HubRefused, ProtocolError) as exc:
+                log.warning("audit openings: %s", exc)
+
+    async def _reputation_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh_reputation()
+            except (HubUnavailable, HubRefused, ProtocolError, KeyError) as exc:
+                log.warning("host reputations: %s", exc)
+            await trio.sleep(self.reputation_poll_s)
+
+    async def answer_audits(self) -> int:
+        """Prune expired openings, then answer every opening the hub asks for; how many were sent.
+
+        A receipt whose opening is gone (expired, or never kept) is answered
+        with ``opening: null`` and a reason, so the hub stops asking.
+        """
+        async with self._audit_lock:  # the background poll and an explicit call never answer twice
+            return await self._answer_audits()
+
+    async def _answer_audits(self) -> int:
+        if self.audit_retention_s is not None:
+            self.queue.prune_openings(self.clock() - self.audit_retention_s)
+        data = await _call(self._http, "GET", "/v1/audits/pending", self.timeout_s)
+        if not isinstance(data, dict):
+            raise ProtocolError("the hub's pending audits are not a JSON object")
+        sent = 0
+        for rid in data.get("request_ids", []):
+            if not isinstance(rid, str):
+                continue
+            blob = self.queue.opening(rid)
+            body: dict[str, Any] = {"request_id": rid}
+            if blob is None:
+                body.update(opening=None, reason="not retained" if self.audit_retention_s is None else "expired")
+            else:
+                body["opening"] = base64.b64encode(blob).decode()
+            try:
+                await _call(self._http, "POST", "/v1/audits/openings", self.timeout_s, json=body)
+            except HubRefused as exc:  # one bad opening must not hold up the others
+                log.warning("hub refused the opening of %s: %s", rid, exc)
+                continue
+            sent += blob is not None
+        return sent
+
+    async def refresh_reputation(self) -> int:
+        """Fetch the hub's signed host reputations (``GET /v1/reputation``); how many are kept."""
+        data = await _call(self._http, "GET", "/v1/reputation", self.timeout_s)
+        if not isinstance(data, dict) or not isinstance(data.get("hub_id"), str):
+            raise ProtocolError("the hub's reputation answer has no hub_id")
+        hub_id = data["hub_id"]
+        fresh: dict[str, HostReputation] = {}
+        for blob in data.get("reputations", []):
+            try:
+                rep = decode_as(HostReputation, base64.b64decode(blob, validate=True))
+                rep.verify()
+            except (ProtocolError, binascii.Error) as exc:
+                log.warning("hub sent an unreadable reputation: %s", exc)
+                continue
+            if rep.hub_id == hub_id:
+                fresh[rep.peer_id] = rep
+        self.reputations = fresh
+        return len(fresh)
+
     async def flush(self) -> int:
         """Deliver the whole queue now, batch by batch; the number acknowledged.
 
@@ -336,7 +486,6 @@ class HubSettlement:
                 self.queue.acknowledge(done, refused)
                 done_total += len(batch)
         return done_total
-
 
 
 class HostHubLink:

@@ -142,6 +142,10 @@ class GatewayOptions:
     home: str | Path | None = None
     hub: HubLogin | None = None
     """With a hub, requests are paid from the key's credits (replaces ``settlement``)."""
+    audit_retention_s: float | None = 3600.0
+    """With a hub: how long each paid request and its output are kept for the hub's
+    audits; None (``--no-audit-retention``) keeps nothing, and the gateway then
+    only uses hosts of good standing (``HubSettlement.excluded_host``)."""
 
 
 @asynccontextmanager
@@ -152,7 +156,8 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
         if options.home is None:
             raise ValueError("a gateway with a hub needs a home folder for its receipt queue")
         queue = node_home(options.home, "gateway") / "receipts.db"
-        settlement = HubSettlement(options.hub.url, options.hub.api_key, signer.peer_id, queue)
+        settlement = HubSettlement(options.hub.url, options.hub.api_key, signer.peer_id, queue,
+                                   audit_retention_s=options.audit_retention_s)
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
         book = OfferBook()
         await nursery.start(follow_offers, node.pubsub, book)

@@ -6,7 +6,8 @@ Inference (stream ``/gpunexus/infer/1``): the gateway sends one
 :class:`Order`; the host answers with :class:`Chunk` frames and ends with a
 host-signed :class:`Receipt`, or with an :class:`Error`.
 Settlement (gateway <-> hub over HTTP): :class:`Allowance`, countersigned
-:class:`Receipt`.
+:class:`Receipt`. Audits (gateway <-> hub over HTTP): :class:`Opening`,
+:class:`HostReputation`.
 """
 
 from __future__ import annotations
@@ -301,6 +302,75 @@ class Allowance(Message):
         _peer(self.gateway_id, "allowance.gateway_id")
         _require(self.budget_micro >= 0, "allowance.budget must be >= 0")
         _require(self.expires_at > self.issued_at, "allowance expires before it is issued")
+
+
+@message
+class Opening(Message):
+    """What a gateway hands the hub to audit one settled receipt.
+
+    The order's request as the host saw it (kind, messages, prompt,
+    continuation, sampling, max_tokens; ``first_draw`` = tokens delivered by
+    an earlier host before a failover) and the output the gateway received:
+    token ids and text, exactly what ``OutputHasher`` covered, so the hub can
+    check both against the receipt's ``output_hash`` and ``prompt_hash``.
+    Unsigned: it is bound to the receipt by those two hashes.
+    """
+
+    TYPE: ClassVar[str] = "opening"
+
+    request_id: str
+    kind: str
+    messages: tuple[ChatMessage, ...]
+    prompt: str
+    continuation: str
+    sampling: Sampling
+    max_tokens: int
+    first_draw: int
+    output_ids: tuple[int, ...]
+    output_text: str
+
+    def check(self) -> None:
+        _require(len(self.request_id) == 32, "opening.request_id must be 32 hex characters")
+        _require(self.kind in ORDER_KINDS, f"opening.kind must be one of {ORDER_KINDS}")
+        _require(len(self.messages) <= MAX_MESSAGES, "opening has too many messages")
+        _require(len(self.prompt) <= MAX_PROMPT_CHARS and len(self.continuation) <= MAX_TEXT_CHARS, "opening prompt too long")
+        _require(1 <= self.max_tokens <= MAX_TOKENS and 0 <= self.first_draw <= MAX_TOKENS, "opening counts out of range")
+        _require(len(self.output_ids) <= MAX_TOKENS and all(0 <= t < 2**32 for t in self.output_ids), "opening.output_ids out of range")
+        _require(len(self.output_text) <= MAX_TEXT_CHARS, "opening.output_text too long")
+
+    def prompt_hash(self) -> bytes:
+        """The same hash as :meth:`Order.prompt_hash` of the order this opens."""
+        body = [self.kind, [m.to_wire() for m in self.messages], self.prompt, self.continuation]
+        return hashlib.sha256(msgpack.packb(body, use_bin_type=True)).digest()
+
+    def output_hash(self) -> bytes:
+        """The :class:`OutputHasher` digest of the delivered output (chunking does not matter)."""
+        hasher = OutputHasher()
+        hasher.update(Chunk(self.output_text, max(1, len(self.output_ids)), self.output_ids, ()))
+        return hasher.digest()
+
+
+@message
+class HostReputation(Message):
+    """The hub's signed word on one host's audit record, for gateways' matching."""
+
+    TYPE: ClassVar[str] = "reputation"
+    SIGNATURES: ClassVar = (("sig", "hub_id"),)
+
+    hub_id: str
+    peer_id: str
+    p_honest: float
+    excluded: bool
+    audits: int
+    failures: int
+    issued_at: float
+    sig: bytes = b""
+
+    def check(self) -> None:
+        _peer(self.hub_id, "reputation.hub_id")
+        _peer(self.peer_id, "reputation.peer_id")
+        _require(0.0 <= self.p_honest <= 1.0, "reputation.p_honest must be in [0, 1]")
+        _require(0 <= self.failures <= self.audits, "reputation counts out of range")
 
 
 ERROR_CODES = ("busy", "bad_request", "unknown_model", "price", "payment", "internal", "protocol", "draining")

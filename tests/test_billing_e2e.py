@@ -39,7 +39,8 @@ async def test_requests_are_paid_from_credits_and_earned_by_the_host(tmp_path):
                 full, streamed = await trio.to_thread.run_sync(use_sdk)
                 assert full.usage.completion_tokens > 0 and streamed
                 settlement = gateway.service.settlement
-                assert await settlement.flush() == 2
+                await settlement.flush()
+                assert len(settlement.queue) == 0
                 receipts = gateway.service.stats.receipts
                 billed = sum(r.cost_micro for r in receipts)
                 assert billed == sum(cost_micro(r.tokens_in + r.tokens_out, 250_000) for r in receipts)

@@ -13,6 +13,7 @@ import time
 
 import trio
 
+from gpunexus.verify.commitment import CommitmentBuilder
 from gpunexus.verify.generate import generate
 from gpunexus.verify.registry import load_reference
 from gpunexus.verify.sampler import SamplingParams
@@ -56,12 +57,18 @@ class ReferenceBackend:
         params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=request.max_tokens, stop=list(s.stop), seed=s.seed)
         stop = threading.Event()
 
+        # The activation commitment (verify/commitment.py) is built as tokens
+        # are drawn, from the same hidden state each one is sampled from: one
+        # top-k per block, so it costs next to nothing per token.
+        builder = CommitmentBuilder(self.model.config.dim)
+
         def work() -> tuple[int, str]:
             count, finish = 0, "length"
             for tok in generate(self.model, self.tokenizer, prompt, params, first_draw):
                 if stop.is_set():
                     break
                 count += 1
+                builder.add(tok.hidden)
                 trio.from_thread.run_sync(tokens.send_nowait, Token(tok.text, tok.token_id, tok.logprob))
                 if tok.finish_reason is not None:
                     finish = tok.finish_reason
@@ -71,7 +78,7 @@ class ReferenceBackend:
             count, finish = await trio.to_thread.run_sync(work, abandon_on_cancel=True)
         finally:
             stop.set()
-        return GenerationResult(prompt_tokens=len(prompt), completion_tokens=count, finish_reason=finish)
+        return GenerationResult(prompt_tokens=len(prompt), completion_tokens=count, finish_reason=finish, commitment=builder.finish())
 
     def measure_tokens_per_s(self, tokens: int = 64) -> float:
         """Decode speed on this machine, for the offer (a short greedy run)."""
