@@ -1,15 +1,13 @@
-"""The gateway's OpenAI-compatible HTTP API (quart-trio).
+"""The gateway's OpenAI-compatible HTTP API.
 
-Routes: ``GET /v1/models``, ``POST /v1/chat/completions``,
-``POST /v1/completions``, ``GET /healthz``. Streaming responses are fed by a
-relay task in the gateway's own nursery through a small channel: the HTTP
-status is decided by the first event (so "no host" is a real 503, not an SSE
-error), and a client that disconnects cancels the relay, which resets the
-host's stream so its GPU stops too.
+Routes: ``GET /v1/models``, ``GET /healthz`` (quart-trio), and
+``POST /v1/chat/completions``, ``POST /v1/completions`` (the hot path). The
+HTTP status of a completion is decided before its first byte (so "no host"
+is a real 503, not an SSE error), and a client that disconnects cancels the
+relay, which resets the host's stream so its GPU stops too.
 
 The two completion routes are served by :class:`_HotRoutes`, a small ASGI
-front in front of Quart: every other route (and every test) goes through
-Quart as before, with the same responses and errors. Measured on the relay
+front in front of Quart that answers them itself. Measured on the relay
 benchmark (bench/relay.py), Quart's per-request and per-body-chunk machinery
 (request context, response wrapper, a timeout task per body chunk) and the
 channel hop between the relay task and the HTTP writer cost more CPU per
@@ -24,27 +22,23 @@ import json
 import logging
 
 import trio
-from quart import request
+from gpunexus.protocol.ids import new_request_id
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from gpunexus.protocol.ids import new_request_id
-
-from .gateway import Delta, Finish, GatewayService
+from .gateway import Delta, GatewayService
 from .openai_api import APIError, ResponseShaper, parse_request, sse_error
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
-STREAM_BUFFER = 64
-"""Deltas buffered between relay and HTTP writer: backpressure past this."""
 
 
 def _error_response(error: APIError):
     return json.dumps(error.body()), error.status, {"content-type": "application/json", **error.headers}
 
 
-def create_app(gateway: GatewayService, nursery: trio.Nursery) -> QuartTrio:
+def create_app(gateway: GatewayService) -> QuartTrio:
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["BODY_TIMEOUT"] = 30
@@ -91,82 +85,6 @@ def create_app(gateway: GatewayService, nursery: trio.Nursery) -> QuartTrio:
             raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
         return {"id": model, "object": "model", "created": 0, "owned_by": "gpunexus"}
 
-    async def _complete(kind: str):
-        raw = await request.get_data()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "We could not parse the JSON body of your request.") from None
-        req = parse_request(body, kind)
-        bearer = _bearer(request.headers.get("authorization"))
-        shaper = ResponseShaper(req, new_request_id())
-        if not req.stream:
-            parts: list[str] = []
-
-            async def collect(delta: Delta) -> None:
-                parts.append(delta.text)
-
-            finish = await gateway.complete(req, bearer, collect)
-            shaper.fingerprint = finish.fingerprint
-            return shaper.full("".join(parts), finish.finish_reason, finish.usage)
-        return await _stream(req, bearer, shaper)
-
-    async def _stream(req, bearer, shaper: ResponseShaper):
-        send, receive = trio.open_memory_channel(STREAM_BUFFER)
-        scope = trio.CancelScope()
-
-        async def relay() -> None:
-            with scope:
-                async with send:
-                    try:
-                        finish = await gateway.complete(req, bearer, send.send)
-                        await send.send(finish)
-                    except APIError as error:
-                        await send.send(error)
-                    except Exception as exc:  # surfaced to the client as an SSE error, logged here
-                        log.exception("relay failed")
-                        await send.send(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
-
-        nursery.start_soon(relay)
-        try:
-            first = await receive.receive()
-        except trio.EndOfChannel:
-            scope.cancel()
-            raise APIError(500, "the relay ended without an answer", type="server_error") from None
-        if isinstance(first, APIError):
-            scope.cancel()
-            raise first
-
-        async def body():
-            try:
-                event = first
-                while True:
-                    if isinstance(event, Delta):
-                        yield shaper.sse_delta(event.text)
-                    elif isinstance(event, Finish):
-                        yield shaper.sse_finish(event.finish_reason, event.usage)
-                        return
-                    else:
-                        yield sse_error(event)
-                        return
-                    event = await receive.receive()
-            except trio.EndOfChannel:
-                return
-            finally:
-                scope.cancel()
-                receive.close()
-
-        headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-accel-buffering": "no"}
-        return body(), 200, headers
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions():
-        return await _complete("chat")
-
-    @app.post("/v1/completions")
-    async def completions():
-        return await _complete("completion")
-
     app.asgi_app = _HotRoutes(app.asgi_app, gateway)
     return app
 
@@ -183,7 +101,7 @@ BODY_TIMEOUT = 30.0
 class _HotRoutes:
     """ASGI front: ``POST /v1/chat/completions`` and ``/v1/completions`` without Quart.
 
-    Same contract as the Quart routes it shadows: OpenAI-shaped JSON errors
+    The OpenAI contract: OpenAI-shaped JSON errors
     with their status (400 bad JSON or parameters, 413 body too large, 404,
     401/402, 503) before the stream starts, an SSE error event after; a
     client disconnect cancels the relay (which resets the host's stream).
@@ -256,7 +174,7 @@ class _HotRoutes:
 class _Response:
     """One response's ASGI sends: the head goes out with the first body chunk."""
 
-    __slots__ = ("send", "started", "done")
+    __slots__ = ("done", "send", "started")
 
     def __init__(self, send) -> None:
         self.send = send

@@ -2,103 +2,102 @@
 
 Hosts announce offers on ``gpunexus/offers/1`` and every gateway must see
 every offer. py-libp2p 0.8.1's :class:`~libp2p.pubsub.gossipsub.GossipSub`
-does not deliver them once the network grows: in a 30-peer star (every peer
-dials one bootstrap peer, loopback, degree 6/4/12, heartbeat 1 s) a leaf's
-message reaches 0 of 29 peers. :class:`OfferGossipSub` corrects the router
-the way go-libp2p-pubsub behaves; :func:`make_gossipsub` builds it with the
-project's parameters and :func:`running_pubsub` starts it.
+stops delivering once the network grows: in a 30-peer star (every peer dials
+one bootstrap peer; loopback; degree 6/4/12; heartbeat 1 s) a leaf that the
+bootstrap pruned reaches 0 of 29 peers. :class:`OfferGossipSub` corrects the
+router the way go-libp2p-pubsub behaves, :func:`make_gossipsub` builds it
+with the project's parameters and :func:`running_pubsub` starts it. Every
+peer must run it: PX only helps if the peer that prunes sends it.
 
-Root causes (measured with real hosts on 127.0.0.1, see tests/test_gossip.py
-and bench/gossip.py)
--------------------------------------------------------------------------
+Root causes (real hosts on 127.0.0.1; tests/test_gossip.py, bench/gossip.py)
+---------------------------------------------------------------------------
 1. **No flood publish.** Upstream sends a peer's *own* message only to its
-   mesh. Every leaf grafts the bootstrap peer, whose mesh then holds all
-   N-1 leaves; its first heartbeat with more than ``degree_high`` of them
-   prunes it down to ``degree``. A pruned leaf backs off the bootstrap for
-   ``prune_back_off`` (60 s), knows no other peer, so its mesh stays empty
-   and what it publishes goes nowhere: "0 of 5, even to the direct
-   neighbour". go-libp2p publishes its own messages to every topic peer
-   (``floodPublish``, on by default).
+   mesh. Every leaf grafts the bootstrap, whose mesh then holds all N-1
+   leaves; its first heartbeat with more than ``degree_high`` of them prunes
+   it to ``degree``. A pruned leaf backs off the bootstrap for
+   ``prune_back_off`` (60 s) and knows no other peer, so its mesh is empty
+   and its offers go nowhere, not even to its only neighbour. go-libp2p
+   sends its own messages to every topic peer (``floodPublish``, default).
 2. **Heartbeat PRUNEs carry neither back-off nor peer exchange.**
-   ``GossipSub._emit_control_msgs`` builds ``ControlPrune(topicID=...)``
-   with nothing else even when ``do_px=True`` (only ``emit_prune`` fills
-   PX), and the pruner does not record a back-off itself. A pruned leaf
-   therefore never learns another peer: the star never becomes a mesh,
-   and the bootstrap forwards everything to its ``degree`` mesh peers only,
-   the others depending on a random IHAVE subset each heartbeat. With flood
-   publish alone: 18 of 29.
-3. **The same function mixes up peers** (a list-reuse bug): the GRAFT,
-   PRUNE and IHAVE lists are created once, outside the per-peer loop, so
-   every peer grafted in a heartbeat also receives the GRAFTs and PRUNEs
-   meant for the peers before it. With two topics (offers and prices) a
-   peer grafted on ``offers`` can receive ``PRUNE(offers)`` meant for
-   someone else in the same RPC: it drops us from its mesh and backs off for
-   60 s while we keep it in ours.
-4. **Opportunistic grafting runs every heartbeat and grafts equal scores.**
-   With ``/meshsub/1.1.0`` or later and no score weights every score is 0;
-   the upstream threshold is ``max(median * 0.5, min * 1.1,
-   gossip_threshold) = 0``, so 2 non-mesh peers are grafted every heartbeat,
-   the mesh climbs over ``degree_high`` and is pruned again. The peers that
-   were just pruned treat that GRAFT as a "flood" and PRUNE back: constant
-   churn and a bootstrap that backs off 23 of its 29 peers. go does it every
-   60 heartbeats, only if the median mesh score is under a threshold, and
-   only with peers scoring above the median.
+   ``GossipSub._emit_control_msgs`` builds ``ControlPrune(topicID=...)`` and
+   nothing else even with ``do_px=True`` (only ``emit_prune`` adds PX), and
+   the pruner records no back-off. Pruned leaves never learn another peer,
+   the star never becomes a mesh, and the bootstrap forwards to its
+   ``degree`` mesh peers only; the rest depend on IHAVE to a random few per
+   heartbeat. Flood publish alone: 21, 16, 10, 7 of 29 for four pruned
+   leaves. Flood publish plus PX on heartbeat PRUNEs: 29 of 29 each.
+3. **The same function mixes up peers.** Its GRAFT, PRUNE and IHAVE lists
+   are created once, outside the per-peer loop, so each grafted peer also
+   gets the control messages meant for the peers before it. With two topics
+   a peer grafted on ``offers`` receives, in the same RPC, a ``PRUNE(offers)``
+   meant for another peer: it drops us and backs off 60 s while we keep it.
+4. **Opportunistic grafting every heartbeat, equal scores included.** With
+   ``/meshsub/1.1.0`` or later and no score weights all scores are 0, the
+   upstream threshold ``max(median * 0.5, min * 1.1, gossip_threshold)`` is
+   0, so 2 more peers are grafted every heartbeat, the mesh overflows, is
+   pruned, and the just-pruned peers answer the next GRAFT with PRUNE ("GRAFT
+   flood detected"): the bootstrap of a 30-peer star ends up backing off 23
+   of its 29 peers. go does it every 60 heartbeats, only when the median mesh
+   score is under a threshold, with peers scoring above the median.
 5. **Adaptive gossip rewrites the heartbeat.** ``_adapt_heartbeat_parameters``
-   sets the interval to ``max(30, ...)`` or ``max(60, ...)`` seconds whenever
-   its health score is under 0.7, which it is for any leaf with a partial
-   mesh (and never above 0.75: the score-health term is 0 without score
-   weights). A 1 s heartbeat becomes 30-60 s after the first 30 s; with the
-   default 120 s it became 90 s in the 6-peer run below. We turn it off
-   (``adaptive_gossip_enabled=False``); the gossip count then is go's
+   sets it to ``max(30, ...)`` or ``max(60, ...)`` s whenever its health
+   score is under 0.7, and that score cannot exceed 0.75 without score
+   weights (its score term is then always 0). Measured: a 4-peer star with a
+   1 s heartbeat runs a 30 s heartbeat after 36 s; the stock 120 s became 90.
+   Turned off (``adaptive_gossip_enabled=False``); gossip then goes to go's
    ``max(Dlazy=6, 0.25 * non-mesh peers)``.
-6. **Blocking PX dials.** ``_do_px`` dials the exchanged peers one after the
-   other inside ``handle_prune``, i.e. inside the read loop of the stream of
-   the peer that pruned us (about 0.25 s per dial), so nothing else from
-   that peer is read meanwhile. go hands them to a small pool of dialers.
+6. **Pubsub loses connected peers.** ``Pubsub._handle_new_peer_with_retry``
+   retries only ``SwarmException``/``StreamClosed``; any other failure to
+   open the pubsub stream (a protocol negotiation timing out on a busy host)
+   leaves the peer connected but unknown to pubsub and the router for good.
+   Under load it left a 30-peer network without a mesh after 60 s.
+7. **Blocking PX dials.** ``_do_px`` dials the exchanged peers one by one
+   inside ``handle_prune``, i.e. inside the read loop of the stream of the
+   peer that pruned us; go hands them to a pool of 8 dialers.
+8. **IDONTWANT for every message.** Upstream sends IDONTWANT to every mesh
+   peer for every message; go only above 1 KiB. For a 300-byte offer it
+   doubles the RPCs (each with a signed peer record the receiver verifies):
+   median propagation to 29 peers 0.55 s with the threshold, 0.95 s without.
 
-Also checked: *eclipse protection* is inert on loopback (every peer is
-127.0.0.1, ``_improve_mesh_diversity`` finds no candidate with a new IP and
-``_prune_for_ip_diversity`` only picks which peers to prune, not how many),
-but off loopback it grafts up to 2 peers per heartbeat without checking
-back-off, so they answer with PRUNE again, every heartbeat; go relies on the
-IP-colocation score instead, so :func:`make_gossipsub` turns it off. The
-per-forwarder *spam protection* (10 messages/s per topic) keys on the peer
-that relayed a message, so a relay that is the only neighbour of a leaf is
-throttled and penalised for the whole topic's traffic; :class:`OfferGossipSub`
-rate-limits per origin instead and never its own messages. Score gates are
-open (all thresholds -inf by default), so scoring never drops anything here.
+Also checked: *eclipse protection* is inert on loopback (all peers share
+127.0.0.1: ``_improve_mesh_diversity`` finds no candidate with a new IP,
+``_prune_for_ip_diversity`` only chooses which peers to prune, not how many)
+but elsewhere grafts up to 2 peers per heartbeat without checking back-off,
+to be pruned again every heartbeat; go relies on the IP-colocation score
+instead, so it is off. *Spam protection* counts messages per *forwarder* (10
+per second and topic by default) and runs before forwarding, own messages
+included: a burst of 15 own messages sends 10 (measured), and a relay that
+is a leaf's only neighbour is throttled for the whole topic. We count per
+origin, never our own, at 100/s. Score gates are open (thresholds -inf), so
+scoring drops nothing. The subscription queue holds 32 messages; a reader
+that falls behind loses messages (logged "fail to deliver message").
 
 The issue's 6-peer case (degree 3/2/4)
 --------------------------------------
-It is not the initial delay as such. With the stock default
-``heartbeat_interval=120`` and ``heartbeat_initial_delay=0.1`` the first
-heartbeat runs 0.1 s after start, before any peer connects, and the next
-one two minutes later: meanwhile the bootstrap's mesh holds all 5 leaves
-(more than ``degree_high=4``, nothing prunes it) and delivery is 5/5 for
-every publisher. The heartbeat at about 120 s prunes it to 3 (cause 1):
-the two pruned leaves then deliver 0-1 of 5, the others 3 of 5 (no gossip
-until the next heartbeat). With ``heartbeat_interval=1`` the same happens
-after one second. The interval only decides *when* the star breaks, not
-*whether*; ``degree_high=12`` "works" at 13 peers only because nothing is
-ever pruned.
+Not the initial delay as such. With the stock ``heartbeat_interval=120``
+the first heartbeat runs 0.1 s after start, before any peer connects, and
+the next two minutes later; meanwhile the bootstrap's mesh holds all 5
+leaves (over ``degree_high=4``, nothing prunes it) and every offer reaches
+5/5. The heartbeat at about 120 s prunes it to 3 (cause 1): the two pruned
+leaves then reach 0 of 5, the others 3 of 5 (the next gossip is 90 s away,
+cause 5). With ``heartbeat_interval=1`` the same happens after one
+second. The interval decides *when* the star breaks, not *whether*;
+``degree_high=12`` "works" up to 13 peers only because nothing is pruned.
 
 Use::
 
-    router = make_gossipsub()                  # degree 6/4/12, heartbeat 1 s, PX on
+    router = make_gossipsub()            # degree 6/4/12, heartbeat 1 s, PX on
     pubsub = Pubsub(host, router)
     async with background_trio_service(pubsub), background_trio_service(router):
         await pubsub.wait_until_ready()
         sub = await pubsub.subscribe(OFFERS_TOPIC)
 
-or ``async with running_pubsub(host) as pubsub: ...``, which does exactly that.
-Every peer of the network must run this router: PX only helps if the peer
-that prunes sends it.
+or ``async with running_pubsub(host) as pubsub:``, which does exactly that.
 """
 
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -126,6 +125,10 @@ GOSSIP_PROTOCOLS = [PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID]
 PX_DIALERS = 8
 """Concurrent peer-exchange dials (go-libp2p: ``Connectors = 8``)."""
 PX_DIAL_TIMEOUT = 10.0
+STRAY_GRACE = 3.0
+"""Seconds a connected peer may stay unknown to pubsub before we register it ourselves."""
+IDONTWANT_MIN_BYTES = 1024
+"""go-libp2p ``IDontWantMessageThreshold``: no IDONTWANT for smaller messages."""
 OPPORTUNISTIC_GRAFT_TICKS = 60
 """go-libp2p ``OpportunisticGraftTicks``: heartbeats between opportunistic grafts."""
 
@@ -165,8 +168,9 @@ class OfferGossipSub(GossipSub):
         hosts on one loaded process that left some runs without a mesh after
         60 s. Every heartbeat, peers connected but missing from
         ``pubsub.peers`` go through the public ``Pubsub.ensure_peer_stream``
-        again, with a per-peer back-off (2 s doubling to 5 min) so a peer that
-        does not speak gossipsub is not retried forever.
+        again, first after ``STRAY_GRACE`` seconds (upstream may still be at
+        it), then with a back-off doubling to 5 min so a peer that does not
+        speak gossipsub is not retried forever.
         """
         while True:
             await trio.sleep(max(self.heartbeat_interval, 1.0))
@@ -174,25 +178,26 @@ class OfferGossipSub(GossipSub):
             if pubsub is None:
                 continue
             now = trio.current_time()
-            for peer_id in list(pubsub.host.get_network().connections):
+            connected = set(pubsub.host.get_network().connections)
+            for peer_id in list(self._register_after):
+                if peer_id not in connected or peer_id in pubsub.peers:
+                    del self._register_after[peer_id]
+            for peer_id in connected:
                 if peer_id in pubsub.peers or peer_id in self._registering or pubsub.is_peer_blacklisted(peer_id):
                     continue
-                next_try, back_off = self._register_after.get(peer_id, (0.0, 1.0))
+                # first sighting: leave upstream's own registration STRAY_GRACE seconds
+                next_try, back_off = self._register_after.setdefault(peer_id, (now + STRAY_GRACE, STRAY_GRACE))
                 if now < next_try:
                     continue
                 back_off = min(back_off * 2, 300.0)
                 self._register_after[peer_id] = (now + back_off, back_off)
                 self._registering.add(peer_id)
                 self.manager.run_task(self._register_stray_peer, peer_id)
-            for peer_id in [p for p in self._register_after if p in pubsub.peers]:
-                del self._register_after[peer_id]
 
     async def _register_stray_peer(self, peer_id: ID) -> None:
-        try:
+        try:  # ensure_peer_stream catches and logs its own failures; the next round retries
             if self.pubsub is not None:
                 await self.pubsub.ensure_peer_stream(peer_id, timeout=PX_DIAL_TIMEOUT)
-        except Exception:  # ensure_peer_stream logs; the next round retries
-            pass
         finally:
             self._registering.discard(peer_id)
 
@@ -232,12 +237,25 @@ class OfferGossipSub(GossipSub):
         excess before forwarding. The forwarder of a leaf's every message is
         its relay, so a relay carrying more than ``max_messages_per_topic_per_second``
         messages of the whole topic gets throttled as a spammer, and a node
-        publishing a burst silently stops forwarding its own messages.
+        publishing a burst of 15 own messages sends only the first 10.
         """
         origin = ID(msg.from_id)
         if self.pubsub is not None and origin == self.pubsub.my_id:
             return True
         return super()._check_spam_protection(origin, msg)
+
+    async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Iterable[str]) -> None:
+        """Send IDONTWANT only for messages of at least 1 KiB, as go-libp2p does.
+
+        Upstream sends an IDONTWANT RPC to every mesh peer for every message
+        it publishes or forwards. For a 300-byte offer that RPC (which also
+        carries our signed peer record, verified by the receiver) costs more
+        than the duplicate it saves, and it doubles the RPCs per message.
+        """
+        msg = self.mcache.get(msg_id)
+        if msg is not None and msg.ByteSize() < IDONTWANT_MIN_BYTES:
+            return
+        await super()._emit_idontwant_for_message(msg_id, topic_ids)
 
     # -- heartbeat --------------------------------------------------------
 
@@ -312,7 +330,8 @@ class OfferGossipSub(GossipSub):
         all its peers until the next heartbeat prunes it. go-libp2p, once the
         mesh has ``Dhi`` peers, only accepts GRAFTs from peers we dialled
         (mesh take-over defence) and answers the others with PRUNE, back-off
-        and peer exchange, which is what turns a star into a mesh.
+        and PX at once, so a joining leaf learns other peers straight away
+        instead of one heartbeat later.
         """
         topic = graft_msg.topicID
         mesh = self.mesh.get(topic)
@@ -335,10 +354,7 @@ class OfferGossipSub(GossipSub):
     def _is_outbound(self, peer_id: ID) -> bool:
         if self.pubsub is None:
             return False
-        try:
-            conns = self.pubsub.host.get_network().get_connections(peer_id)
-        except Exception:
-            return False
+        conns = self.pubsub.host.get_network().get_connections(peer_id)
         return any(getattr(c, "direction", None) == Direction.OUTBOUND for c in conns)
 
     async def _do_px(self, px_peers: list[rpc_pb2.PeerInfo]) -> None:
@@ -395,26 +411,26 @@ def gossipsub_options(
     drops a burst of price updates); see the module docstring. ``kwargs``
     override or extend the result.
     """
-    options: dict[str, Any] = dict(
-        protocols=list(GOSSIP_PROTOCOLS),
-        degree=degree,
-        degree_low=degree_low,
-        degree_high=degree_high,
-        direct_peers=direct_peers,
-        time_to_live=60,
-        gossip_window=3,
-        gossip_history=5,
-        heartbeat_initial_delay=0.1,
-        heartbeat_interval=heartbeat_interval,
-        do_px=do_px,
-        px_peers_count=px_peers_count,
-        prune_back_off=prune_back_off,
-        unsubscribe_back_off=10,
-        adaptive_gossip_enabled=False,
-        eclipse_protection_enabled=False,
-        spam_protection_enabled=True,
-        max_messages_per_topic_per_second=100.0,
-    )
+    options: dict[str, Any] = {
+        "protocols": list(GOSSIP_PROTOCOLS),
+        "degree": degree,
+        "degree_low": degree_low,
+        "degree_high": degree_high,
+        "direct_peers": direct_peers,
+        "time_to_live": 60,
+        "gossip_window": 3,
+        "gossip_history": 5,
+        "heartbeat_initial_delay": 0.1,
+        "heartbeat_interval": heartbeat_interval,
+        "do_px": do_px,
+        "px_peers_count": px_peers_count,
+        "prune_back_off": prune_back_off,
+        "unsubscribe_back_off": 10,
+        "adaptive_gossip_enabled": False,
+        "eclipse_protection_enabled": False,
+        "spam_protection_enabled": True,
+        "max_messages_per_topic_per_second": 100.0,
+    }
     options.update(kwargs)
     return options
 
@@ -425,14 +441,27 @@ def make_gossipsub(**kwargs: Any) -> OfferGossipSub:
 
 
 @asynccontextmanager
-async def running_pubsub(host: Any, router: GossipSub | None = None, **pubsub_kwargs: Any) -> AsyncIterator[Pubsub]:
+async def running_pubsub(
+    host: Any, router: GossipSub | None = None, *, close_host: bool = True, **pubsub_kwargs: Any
+) -> AsyncIterator[Pubsub]:
     """Attach pubsub with our router to a running ``host`` and run both services.
 
     ``async with host.run(listen), running_pubsub(host) as pubsub:`` then
     ``await pubsub.subscribe(topic)`` / ``await pubsub.publish(topic, data)``.
+
+    On exit the host's network is closed *before* the services stop
+    (``close_host=False`` to skip): the host runs pubsub's stream readers,
+    and a message arriving after pubsub stopped makes one spawn into the
+    closed pubsub nursery, "Nursery is closed to new arrivals", which
+    crashes the host's task group.
     """
     router = router if router is not None else make_gossipsub()
     pubsub = Pubsub(host, router, **pubsub_kwargs)
     async with background_trio_service(pubsub), background_trio_service(router):
         await pubsub.wait_until_ready()
-        yield pubsub
+        try:
+            yield pubsub
+        finally:
+            if close_host:
+                with trio.CancelScope(shield=True):
+                    await host.close()

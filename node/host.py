@@ -76,6 +76,8 @@ class HostService:
         self.max_queue = 4 * max_slots if max_queue is None else max_queue
         self._slots = trio.CapacityLimiter(max_slots)
         self.order_check = order_check
+        self.on_receipt: list[Callable[[Receipt], None]] = []
+        """Called with every receipt this host signs, before it is sent (the hub link's period roots)."""
         self.stats = HostStats()
         self.enabled = False
         self._idle = trio.Event()
@@ -299,6 +301,8 @@ class HostService:
             commitment=result.commitment,
             issued_at=time.time(),
         ).signed(self.node.signer, "host_sig")
+        for hook in self.on_receipt:
+            hook(receipt)
         with trio.fail_after(SEND_TIMEOUT):
             await framed.send(receipt)
         self.stats.served += 1

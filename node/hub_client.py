@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hmac
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable
@@ -58,6 +60,7 @@ from gpunexus.protocol.messages import (
     Order,
     PriceUpdate,
     Receipt,
+    ReceiptRoot,
     host_registration_statement,
 )
 from gpunexus.protocol.signing import Signer
@@ -498,6 +501,12 @@ class HostHubLink:
         self.timeout_s = timeout_s
         self.clock = clock
         self.hub_id: str | None = None
+        self.audit_period_s = 3600.0
+        """The hub's audit period (``GET /v1/hub``); receipts are grouped by ``floor(issued_at / audit_period_s)``."""
+        self.leaves: dict[int, list[bytes]] = {}
+        """Per period not yet published: ``merkle.receipt_leaf`` of each receipt signed, in issue order."""
+        self.roots: dict[int, ReceiptRoot] = {}
+        """Roots published (or refused by the hub) for the last periods, by period."""
         self._http = httpx.AsyncClient(base_url=self.hub_url, headers={"authorization": f"Bearer {api_key}"},
                                        transport=transport, timeout=timeout_s)
 
@@ -509,6 +518,9 @@ class HostHubLink:
         """
         info = await _call(self._http, "GET", "/v1/hub", self.timeout_s)
         hub_id = info["hub_id"]
+        period = info.get("audit_period_s")
+        if isinstance(period, (int, float)) and period > 0:
+            self.audit_period_s = float(period)
         proof = self.signer.sign(host_registration_statement(hub_id, self.signer.peer_id))
         await _call(self._http, "POST", "/v1/hosts/register", self.timeout_s,
                     json={"peer_id": self.signer.peer_id, "proof": base64.b64encode(proof).decode()})
@@ -544,6 +556,60 @@ class HostHubLink:
     async def post_offer(self, offer: Offer) -> None:
         """Tell the hub what this host offers: market supply, and the prices its receipts may carry."""
         await _call(self._http, "POST", "/v1/offers", self.timeout_s, json={"offer": base64.b64encode(offer.encode()).decode()})
+
+    # --- receipt roots (hub/honesty.py selects audits with them) ----------
+    def record_receipt(self, receipt: Receipt) -> None:
+        """Note a receipt this host signed (host signature only) for its period's Merkle root."""
+        from gpunexus.verify.merkle import receipt_leaf
+
+        period = math.floor(receipt.issued_at / self.audit_period_s)
+        signed = dataclasses.replace(receipt, gateway_sig=b"")
+        self.leaves.setdefault(period, []).append(receipt_leaf(receipt.request_id, signed.encode()))
+
+    def root_for(self, period: int) -> ReceiptRoot:
+        from gpunexus.verify.merkle import merkle_root
+
+        leaves = self.leaves.get(period, [])
+        return ReceiptRoot(self.signer.peer_id, period, len(leaves), merkle_root(leaves), self.clock()).signed(self.signer)
+
+    async def publish_roots(self, now: float | None = None) -> list[ReceiptRoot]:
+        """Post the signed root of every period that ended by ``now`` (default: the clock); the ones posted.
+
+        A period the hub refuses (too late, say) is dropped; one it cannot be
+        reached for stays for the next try.
+        """
+        now = self.clock() if now is None else now
+        done = []
+        for period in sorted(p for p in self.leaves if (p + 1) * self.audit_period_s <= now):
+            root = self.root_for(period)
+            try:
+                await _call(self._http, "POST", "/v1/audits/roots", self.timeout_s,
+                            json={"root": base64.b64encode(root.encode()).decode()})
+            except HubRefused as exc:
+                log.warning("hub refused the receipt root of period %d: %s", period, exc)
+            except HubUnavailable as exc:
+                log.info("receipt root of period %d not published yet: %s", period, exc)
+                continue
+            else:
+                done.append(root)
+            self.roots[period] = root
+            del self.leaves[period]
+        for old in sorted(self.roots)[:-8]:
+            del self.roots[old]
+        return done
+
+    async def run_roots(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Each period: make sure the hub committed to its secret, then publish the root once the period ends."""
+        task_status.started()
+        while True:
+            try:  # the first use of a period creates its secret: before this host's root, as it must be
+                await _call(self._http, "GET", "/v1/audits/commitment", self.timeout_s)
+            except (HubRefused, HubUnavailable) as exc:
+                log.info("audit commitment not fetched: %s", exc)
+            await self.publish_roots()
+            now = self.clock()
+            next_end = (math.floor(now / self.audit_period_s) + 1) * self.audit_period_s
+            await trio.sleep(max(0.5, min(next_end - now + 0.5, 60.0)))
 
     async def aclose(self) -> None:
         await self._http.aclose()

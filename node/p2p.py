@@ -14,6 +14,7 @@ import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import AsyncIterator
 
 import multiaddr
@@ -25,11 +26,10 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.tools.anyio_service import background_trio_service
 
 from gpunexus.protocol.signing import Signer
 
-from .gossip import make_gossipsub
+from .gossip import running_pubsub
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,10 @@ class P2PNode:
         with trio.fail_after(timeout):
             await self.host.connect(info)
 
+    def on_disconnect(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(peer_id)`` whenever the last connection to a peer closes."""
+        self.host.get_network().register_notifee(_DisconnectNotifee(self, callback))
+
     def is_connected(self, peer_id: str) -> bool:
         return any(str(p) == peer_id for p in self.host.get_network().connections)
 
@@ -122,6 +126,25 @@ class P2PNode:
             await trio.sleep(REDIAL_INTERVAL)
 
 
+class _DisconnectNotifee:
+    """The slice of libp2p's INotifee the node needs: peers going away."""
+
+    def __init__(self, node: P2PNode, callback: Callable[[str], None]) -> None:
+        self._node = node
+        self._callback = callback
+
+    async def disconnected(self, network, conn) -> None:
+        peer_id = str(conn.muxed_conn.peer_id)
+        if not self._node.is_connected(peer_id):
+            self._callback(peer_id)
+
+    async def connected(self, network, conn) -> None: ...
+    async def opened_stream(self, network, stream) -> None: ...
+    async def closed_stream(self, network, stream) -> None: ...
+    async def listen(self, network, multiaddr) -> None: ...
+    async def listen_close(self, network, multiaddr) -> None: ...
+
+
 @asynccontextmanager
 async def open_p2p(signer: Signer, config: P2PConfig) -> AsyncIterator[P2PNode]:
     """Start a libp2p host, pubsub and bootstrap dialling; stop them on exit."""
@@ -134,10 +157,7 @@ async def open_p2p(signer: Signer, config: P2PConfig) -> AsyncIterator[P2PNode]:
         listen_addrs=listen,
         psk=config.swarm_key,
     )
-    router = make_gossipsub()
-    pubsub = Pubsub(host, router)
-    async with host.run(listen), background_trio_service(pubsub), background_trio_service(router):
-        await pubsub.wait_until_ready()
+    async with host.run(listen), running_pubsub(host) as pubsub:
         node = P2PNode(host, pubsub, signer)
         async with trio.open_nursery() as nursery:
             if config.bootstrap:

@@ -118,6 +118,8 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
             service.follow_market_price(options.price_micro_per_mtok)
         if link is not None:
             service.announcer.on_announce.append(link.post_offer)
+            service.on_receipt.append(link.record_receipt)
+            nursery.start_soon(link.run_roots)  # each period's signed receipt root (audit selection)
             nursery.start_soon(functools.partial(relay_hub_prices, options.hub.url, node.pubsub, service.prices, interval=options.price_poll_s))
         await nursery.start(service.run)
         runtime = HostRuntime(node, service, hub=link)
@@ -160,6 +162,8 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
                                    audit_retention_s=options.audit_retention_s)
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
         book = OfferBook()
+        # A host whose connection dies leaves the book at once, not when its offer expires.
+        node.on_disconnect(book.drop_host)
         await nursery.start(follow_offers, node.pubsub, book)
         prices = PriceBook()
         await nursery.start(follow_prices, node.pubsub, prices)
@@ -168,7 +172,7 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
         await nursery.start(settlement.run)
         service = GatewayService(node, book, settlement, options.config, prices=prices)
         await nursery.start(service.run)
-        app = create_app(service, nursery)
+        app = create_app(service)
         bound = await nursery.start(_serve_http, app, options.host, options.port)
         base_url = bound[0].replace("0.0.0.0", "127.0.0.1") + "/v1"
         try:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import trio
-
 from gpunexus.protocol.messages import Offer
 
 from .wire import FramedStream
@@ -26,6 +26,18 @@ from .wire import FramedStream
 log = logging.getLogger(__name__)
 
 SPARES_PER_HOST = 2
+"""Spares kept for a host in steady, sequential use."""
+MAX_SPARES_PER_HOST = 32
+"""Most spares kept for a host that gets bursts of concurrent requests."""
+DEMAND_WINDOW = 10.0
+"""The most requests in flight to a host at once within this many seconds sets how many spares it gets.
+
+A burst of N concurrent requests otherwise pays N - 2 stream negotiations on
+the request path, one after another on the CPU (at 32 concurrent streams that
+was a large share of the added time to first token in bench/relay.py). The
+replacements are opened after the first token, as always, so a burst's
+spares are ready for the next burst.
+"""
 MAX_IDLE_AGE = 20.0
 """Spares older than this are closed: well under the host's idle limit."""
 
@@ -36,6 +48,8 @@ class StreamPool:
         self._nursery = nursery
         self._spares: dict[str, list[tuple[float, FramedStream]]] = {}
         self._opening: dict[str, int] = {}
+        self._busy: dict[str, int] = {}
+        self._peaks: dict[str, deque[tuple[float, int]]] = {}
 
     def take(self, offer: Offer) -> FramedStream | None:
         """A fresh-enough spare for this host, if any.
@@ -47,6 +61,11 @@ class StreamPool:
         spares = self._spares.get(offer.peer_id, [])
         found = None
         now = time.monotonic()
+        busy = self._busy[offer.peer_id] = self._busy.get(offer.peer_id, 0) + 1
+        peaks = self._peaks.setdefault(offer.peer_id, deque())
+        peaks.append((now, busy))
+        while now - peaks[0][0] > DEMAND_WINDOW:
+            peaks.popleft()
         while spares:
             born, stream = spares.pop(0)
             if now - born < MAX_IDLE_AGE:
@@ -55,13 +74,20 @@ class StreamPool:
             self._nursery.start_soon(stream.close)
         return found
 
+    def release(self, offer: Offer) -> None:
+        """The request that called :meth:`take` for this host is over."""
+        self._busy[offer.peer_id] = max(0, self._busy.get(offer.peer_id, 0) - 1)
+
     def forget(self, peer_id: str) -> None:
+        self._peaks.pop(peer_id, None)
         for _, stream in self._spares.pop(peer_id, []):
             self._nursery.start_soon(stream.reset)
 
     def refill(self, offer: Offer) -> None:
         have = len(self._spares.get(offer.peer_id, ())) + self._opening.get(offer.peer_id, 0)
-        for _ in range(SPARES_PER_HOST - have):
+        peak = max((n for _, n in self._peaks.get(offer.peer_id, ())), default=0)
+        want = min(MAX_SPARES_PER_HOST, max(SPARES_PER_HOST, peak))
+        for _ in range(want - have):
             self._opening[offer.peer_id] = self._opening.get(offer.peer_id, 0) + 1
             self._nursery.start_soon(self._open_spare, offer)
 

@@ -100,3 +100,29 @@ def test_swarm_key_is_written_once(tmp_path):
     text = path.read_text().splitlines()
     assert text[0] == "/key/swarm/psk/1.0.0/" and len(text[2]) == 64
     assert run("node", "swarm-key", str(path)).returncode != 0
+
+
+async def test_a_killed_host_leaves_the_offer_book_before_its_offer_expires(home):
+    """kill -9 sends no Withdraw: the gateway notices the dead connection instead of waiting out the offer."""
+    import signal
+
+    import trio
+
+    from peers import running_gateway
+
+    host = subprocess.Popen([*GPUNEXUS, "node", "serve", "--model", "tiny", "--listen", "/ip4/127.0.0.1/tcp/0", "--tokens-per-s", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=home)
+    try:
+        addr = (await trio.to_thread.run_sync(host.stdout.readline)).strip().split(" ", 1)[1]
+        async with running_gateway([addr]) as gateway:
+            with trio.fail_after(30):
+                while not gateway.book.for_model("tiny"):
+                    await gateway.book.changed.wait()
+            [offer] = gateway.book.for_model("tiny")
+            host.send_signal(signal.SIGKILL)
+            with trio.fail_after(30):
+                while gateway.book.for_model("tiny"):
+                    await gateway.book.changed.wait()
+            assert time.time() < offer.expires_at  # gone on the broken connection, not on expiry
+    finally:
+        host.kill()
+        host.wait(timeout=20)

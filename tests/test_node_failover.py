@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 import trio
 
 from gpunexus.node.gateway import GatewayConfig

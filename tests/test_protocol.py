@@ -126,7 +126,7 @@ def test_specific_malformed_messages():
         "wrong type": [*good[:6], "sixteen", *good[7:]],
         "bool for int": [*good[:6], True, *good[7:]],
     }
-    for name, value in cases.items():
+    for value in cases.values():
         with pytest.raises(ProtocolError):
             decode(msgpack.packb(value, use_bin_type=True))
     with pytest.raises(ProtocolError, match="extension"):

@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-from gpunexus.verify.model import ContextOverflowError, ModelConfig, ReferenceModel
+from gpunexus.verify.model import ContextOverflowError, ReferenceModel
 from gpunexus.verify.registry import REFERENCE_CONFIGS, load_reference
 from gpunexus.verify.tokenizer import ByteTokenizer
 

@@ -22,6 +22,7 @@ import json
 import httpx
 import trio
 
+from . import lean_http
 from .base import BackendError, GenerationRequest, GenerationResult, ModelInfo, Token
 
 CONNECT_TIMEOUT = 5.0
@@ -43,6 +44,8 @@ class OpenAIUpstreamBackend:
             timeout=httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
+        # Plain-HTTP upstreams (the usual local server) are read with a lean client: see lean_http.
+        self._lean = lean_http.LeanClient(self.base_url, headers, connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT) if lean_http.usable(self.base_url) else None
 
     def _body(self, request: GenerationRequest) -> tuple[str, dict]:
         s = request.sampling
@@ -73,43 +76,24 @@ class OpenAIUpstreamBackend:
 
     async def generate(self, request: GenerationRequest, tokens: trio.MemorySendChannel[Token]) -> GenerationResult:
         url, body = self._body(request)
-        chat = request.kind == "chat"
-        produced = 0
-        prompt_tokens = completion_tokens = None
-        finish_reason = "length"
+        events = _Events(request.kind == "chat", tokens)
         try:
-            async with self._client.stream("POST", url, json=body) as response:
-                if response.status_code != 200:
-                    detail = (await response.aread())[:300].decode(errors="replace")
-                    raise BackendError(f"upstream answered {response.status_code}: {detail}", retryable=response.status_code >= 500 or response.status_code == 429)
-                buffer = b""
-                async for data in response.aiter_bytes():
-                    buffer += data
-                    *events, buffer = buffer.split(b"\n\n")
-                    for event in events:
-                        if not event.startswith(b"data:"):
-                            continue
-                        payload = event[5:].strip()
-                        if payload == b"[DONE]":
-                            continue
-                        obj = json.loads(payload)
-                        usage = obj.get("usage")
-                        if usage:
-                            prompt_tokens = usage.get("prompt_tokens")
-                            completion_tokens = usage.get("completion_tokens")
-                        for choice in obj.get("choices") or ():
-                            text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                            if text:
-                                produced += 1
-                                tokens.send_nowait(Token(text, None, None))
-                            if choice.get("finish_reason"):
-                                finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
-        except httpx.HTTPError as exc:
-            if produced:
+            if self._lean is not None:
+                await self._stream_lean(url[len(self.base_url):], body, events)
+            else:
+                async with self._client.stream("POST", url, json=body) as response:
+                    if response.status_code != 200:
+                        detail = (await response.aread())[:300].decode(errors="replace")
+                        raise BackendError(f"upstream answered {response.status_code}: {detail}", retryable=response.status_code >= 500 or response.status_code == 429)
+                    async for data in response.aiter_bytes():
+                        events.feed(data)
+        except (httpx.HTTPError, lean_http.UpstreamHTTPError) as exc:
+            if events.produced:
                 raise BackendError(f"upstream broke mid-stream: {exc}", retryable=True) from None
             raise BackendError(f"upstream unreachable: {type(exc).__name__}: {exc}", retryable=True) from None
         except (ValueError, AttributeError) as exc:
             raise BackendError(f"upstream sent something that is not an OpenAI stream: {exc}", retryable=True) from None
+        produced, prompt_tokens, completion_tokens, finish_reason = events.produced, events.prompt_tokens, events.completion_tokens, events.finish_reason
         if completion_tokens is not None and completion_tokens > produced:
             # The upstream streamed several tokens per event: the rest of the count travels
             # as one text-less token, so the gateway counts what the upstream reports.
@@ -119,8 +103,67 @@ class OpenAIUpstreamBackend:
             prompt_tokens = _estimate_prompt_tokens(request)
         return GenerationResult(prompt_tokens=int(prompt_tokens), completion_tokens=produced, finish_reason=finish_reason)
 
+    async def _stream_lean(self, path: str, body: dict, events: _Events) -> None:
+        assert self._lean is not None
+        response = await self._lean.post(path, json.dumps(body).encode())
+        try:
+            if response.status != 200:
+                detail = (await response.read_all(300))[:300].decode(errors="replace")
+                raise BackendError(f"upstream answered {response.status}: {detail}", retryable=response.status >= 500 or response.status == 429)
+            # One cancel scope for the whole body; its deadline moves with each read.
+            with trio.CancelScope() as waiting:
+                while True:
+                    waiting.deadline = trio.current_time() + READ_TIMEOUT
+                    data = await response.read()
+                    if not data:
+                        break
+                    events.feed(data)
+            if waiting.cancelled_caught:
+                raise lean_http.UpstreamHTTPError(f"no data for {READ_TIMEOUT:.0f} s")
+        finally:
+            await response.aclose()
+
     async def aclose(self) -> None:
         await self._client.aclose()
+        if self._lean is not None:
+            await self._lean.aclose()
+
+
+class _Events:
+    """Server-sent events of an OpenAI stream, fed as bytes arrive; tokens go out as they are parsed."""
+
+    __slots__ = ("buffer", "chat", "completion_tokens", "finish_reason", "produced", "prompt_tokens", "tokens")
+
+    def __init__(self, chat: bool, tokens: trio.MemorySendChannel[Token]) -> None:
+        self.chat = chat
+        self.tokens = tokens
+        self.buffer = b""
+        self.produced = 0
+        self.prompt_tokens = None
+        self.completion_tokens = None
+        self.finish_reason = "length"
+
+    def feed(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        *events, self.buffer = buffer.split(b"\n\n")
+        for event in events:
+            if not event.startswith(b"data:"):
+                continue
+            payload = event[5:].strip()
+            if payload == b"[DONE]":
+                continue
+            obj = json.loads(payload)
+            usage = obj.get("usage")
+            if usage:
+                self.prompt_tokens = usage.get("prompt_tokens")
+                self.completion_tokens = usage.get("completion_tokens")
+            for choice in obj.get("choices") or ():
+                text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
+                if text:
+                    self.produced += 1
+                    self.tokens.send_nowait(Token(text, None, None))
+                if choice.get("finish_reason"):
+                    self.finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
 
 
 def _estimate_prompt_tokens(request: GenerationRequest) -> int:
