@@ -68,10 +68,15 @@ def test_a_moving_price_keeps_moving_until_u_crosses_the_target(price, above) ->
     assert next_price(price, CFG.target_utilisation - above, 1, 10**10, CFG, direction=-1) < price
 
 
-@given(prices, bounds(), directions)
-def test_above_target_never_lowers_below_target_never_raises(price, fc, direction) -> None:
-    floor, ceiling = fc
-    assume(floor <= price <= ceiling)
+@st.composite
+def price_within_bounds(draw) -> tuple[int, int, int]:
+    floor, ceiling = draw(bounds())
+    return draw(st.integers(floor, ceiling)), floor, ceiling
+
+
+@given(price_within_bounds(), directions)
+def test_above_target_never_lowers_below_target_never_raises(pfc, direction) -> None:
+    price, floor, ceiling = pfc
     assert next_price(price, 5.0, floor, ceiling, CFG, direction) >= price
     assert next_price(price, 0.0, floor, ceiling, CFG, direction) <= price
 
