@@ -34,6 +34,7 @@ from gpunexus.node.backends.exllamav2 import (
     model_folder_hash,
 )
 from gpunexus.protocol.messages import ChatMessage, Sampling
+from gpunexus.verify.commitment import decode_commitment
 from gpunexus.verify.generate import generate
 from gpunexus.verify.registry import load_reference
 from gpunexus.verify.sampler import SamplingParams, sample, uniform
@@ -263,6 +264,8 @@ async def test_generate_streams_through_the_channel_and_returns_the_cache() -> N
     assert len(streamed) == results[0].completion_tokens * 2
     assert all(t.token_id is not None and t.logprob is not None for t in streamed)
     assert backend._caches.qsize() == 2
+    # Every receipt carries an activation commitment over exactly the tokens generated.
+    assert decode_commitment(results[0].commitment).n_tokens == results[0].completion_tokens
 
 
 async def _collect(backend, request, send, results) -> None:

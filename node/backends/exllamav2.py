@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from gpunexus.verify.commitment import CommitmentBuilder
 from gpunexus.verify.generate import GeneratedToken, _drain, _StopStringFilter
 from gpunexus.verify.sampler import SamplingParams, sample, uniform
 
@@ -286,14 +287,21 @@ class ExLlamaV2Backend:
         if self._closed:
             raise BackendError("the backend is shutting down", code="internal", retryable=True)
         stop = threading.Event()
+        # The activation commitment (verify/commitment.py), built from each token's last
+        # hidden state where this exllamav2 exposes it (``return_last_state``).
+        builder: CommitmentBuilder | None = None
 
         def work() -> tuple[int, str]:
+            nonlocal builder
             count, finish = 0, "length"
             with contextlib.closing(self.generate_ids(prompt, params, first_draw, stop)) as stream:
                 for tok in stream:
                     if stop.is_set():
                         break
                     count += 1
+                    if tok.hidden.size:
+                        builder = builder or CommitmentBuilder(tok.hidden.shape[-1])
+                        builder.add(tok.hidden)
                     trio.from_thread.run_sync(tokens.send_nowait, Token(tok.text, tok.token_id, tok.logprob))
                     if tok.finish_reason is not None:
                         finish = tok.finish_reason
@@ -307,7 +315,8 @@ class ExLlamaV2Backend:
             raise BackendError(f"exllamav2 failed: {type(exc).__name__}: {exc}", code="internal", retryable=True) from exc
         finally:
             stop.set()
-        return GenerationResult(prompt_tokens=len(prompt), completion_tokens=count, finish_reason=finish)
+        commitment = builder.finish() if builder is not None else b""
+        return GenerationResult(prompt_tokens=len(prompt), completion_tokens=count, finish_reason=finish, commitment=commitment)
 
     def measure_tokens_per_s(self, tokens: int = 64) -> float:
         """Decode speed on this GPU, for the offer (a short greedy run, prefill excluded)."""
