@@ -66,14 +66,14 @@ class Procs:
         return p
 
     def stop(self) -> None:
-        for _name, p in reversed(self.procs):
+        for name, p in reversed(self.procs):
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + 5
-        for _name, p in reversed(self.procs):
+        for name, p in reversed(self.procs):
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -106,6 +106,7 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         cfg = hub.config
         return jsonify({"hub_id": hub.hub_id, "version": VERSION, "fee_bps": cfg.fee_bps,
                         "allowance_ttl_s": cfg.allowance_ttl_s, "max_batch": cfg.max_batch,
+                        "audit_period_s": cfg.audit_period_s, "audit_root_grace_s": cfg.audit_root_grace_s,
                         "billing": "stripe" if hub.billing else "manual"})
 
     @app.post("/v1/allowances")
@@ -180,6 +181,15 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
     async def audit_commitment() -> Response:
         public()
         return jsonify(await hub.audit_commitments())
+
+    @app.post("/v1/audits/roots")
+    async def audit_root() -> Response:
+        user = await current_user()
+        try:
+            blob = base64.b64decode(_str(await body(), "root"), validate=True)
+        except binascii.Error:
+            raise HubError(400, "invalid_request_error", "root must be base64", "root") from None
+        return jsonify(await hub.post_root(user, blob))
 
     @app.get("/v1/audits/pending")
     async def audits_pending() -> Response:

@@ -6,6 +6,15 @@ gateway), the cost against tokens and price, the fee split, and that no
 request id is settled twice. Then the balances the log implies (each client's
 spending, each host's earnings, the platform's fees) are recomputed and
 printed; they must add up to zero. Every fault names its entry and receipt.
+
+With ``--openings FILE`` (and the audit log ``gpunexus hub receipts export``
+writes next to the receipt log, ``RECEIPT_LOG.audits``, or ``--audits``), the
+hub's audits are rechecked as well (:func:`check_audits`): each audited
+receipt was selected by the revealed secret and its host's root, and each
+verdict is what ``verify.audit.audit`` on the reference model gives for the
+gateway's opening. The openings file is JSON lines ``{"request_id",
+"opening": base64 Opening}`` (``gpunexus hub audits export FILE`` writes the
+ones the hub received).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -30,6 +40,10 @@ class AuditReport:
     entries: int = 0
     faults: list[str] = field(default_factory=list)
     balances: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    receipts: dict[str, bytes] = field(default_factory=dict)
+    """Receipt bytes by request id, of the entries that checked out."""
+    notes: list[str] = field(default_factory=list)
+    """What could not be rechecked (not faults): unrevealed secrets, missing openings."""
 
     @property
     def ok(self) -> bool:
@@ -85,6 +99,7 @@ def audit_file(path: str, *, hub_id: str | None = None) -> AuditReport:
                 faults.append(f"{who} {peer} billed to {owner}, earlier to {table[peer]}")
         report.faults += [f"{where}: {f}" for f in faults]
         if not faults:
+            report.receipts.setdefault(receipt.request_id, entry.receipt)
             report.balances[entry.client] -= entry.cost
             report.balances[entry.host] += entry.host_amount
             report.balances["platform:fee"] += entry.fee
@@ -122,13 +137,148 @@ def _check_receipt(receipt: Receipt, entry: chain.LogEntry) -> list[str]:
     return faults
 
 
-def run(path: str, hub_id: str | None = None) -> int:
-    """CLI body: print the verdict and implied balances; 0 if all holds, else 1."""
+def audit_log_path(receipt_log: str) -> str:
+    """Where ``gpunexus hub receipts export FILE`` writes the audit log: ``FILE.audits``."""
+    return receipt_log + ".audits"
+
+
+def check_audits(report: AuditReport, audit_log: str, openings: str | None) -> None:
+    """Recheck the hub's audits against the receipt log in ``report``; faults and notes go into it.
+
+    ``audit_log`` is the hub's export (:func:`gpunexus.hub.honesty.export_audits`). For every
+    verdict: its receipt is in the receipt log; its period is the receipt's; when the period's
+    secret is revealed, the secret matches the commitment and the receipt is selected by it
+    (``verify.selection.is_selected`` with the host's signed root at the stated rate, or rate 1
+    when the host published no root). With ``openings`` (JSON lines ``{"request_id", "opening":
+    base64 Opening}``), every ``passed``/``failed``/``skipped`` verdict is recomputed: the opening
+    must match the receipt, and ``verify.audit.audit`` on the reference model must give the same
+    status and the same reason codes (the text before the first ':'; the numbers in a reason may
+    differ in the last digits between machines).
+    """
+    from gpunexus.protocol.messages import ReceiptRoot
+    from gpunexus.verify import selection
+
+    from . import honesty
+
+    def fault(text: str) -> None:
+        report.faults.append(text)
+
+    try:
+        with open(audit_log, encoding="utf-8") as f:
+            lines = [json.loads(x) for x in f.read().splitlines() if x.strip()]
+    except (OSError, ValueError) as exc:
+        fault(f"audit log {audit_log}: unreadable ({exc})")
+        return
+    header = lines[0] if lines and isinstance(lines[0], dict) else {}
+    if header.get("format") != honesty.AUDIT_LOG_FORMAT or not isinstance(header.get("period_s"), (int, float)):
+        fault(f"audit log {audit_log}: not a gpunexus audit log")
+        return
+    period_s = float(header["period_s"])
+    secrets: dict[int, bytes] = {}
+    roots: dict[tuple[str, int], bytes] = {}
+    verdicts: list[dict] = []
+    for n, line in enumerate(lines[1:], start=2):
+        try:
+            kind = line["kind"]
+            if kind == "period":
+                secret = bytes.fromhex(line["secret"])
+                if not selection.check_reveal(bytes.fromhex(line["commitment"]), secret):
+                    fault(f"audit log line {n}: period {line['period']}'s secret does not match its commitment")
+                    continue
+                secrets[int(line["period"])] = secret
+            elif kind == "root":
+                msg = decode_as(ReceiptRoot, base64.b64decode(line["root"], validate=True))
+                msg.verify()
+                if (msg.host_id, msg.period) != (line["host_id"], line["period"]):
+                    fault(f"audit log line {n}: root names host {msg.host_id} period {msg.period}")
+                    continue
+                roots[(msg.host_id, msg.period)] = msg.root
+            elif kind == "verdict":
+                verdicts.append(line)
+        except (KeyError, TypeError, ValueError, binascii.Error, ProtocolError) as exc:
+            fault(f"audit log line {n}: unreadable ({exc})")
+    opened: dict[str, bytes] = {}
+    if openings is not None:
+        try:
+            with open(openings, encoding="utf-8") as f:
+                for n, x in enumerate(f.read().splitlines(), start=1):
+                    if not x.strip():
+                        continue
+                    try:
+                        item = json.loads(x)
+                        opened[item["request_id"]] = base64.b64decode(item["opening"], validate=True)
+                    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+                        fault(f"openings line {n}: unreadable ({exc})")
+        except OSError as exc:
+            fault(f"openings {openings}: unreadable ({exc})")
+    for v in verdicts:
+        rid, status = str(v.get("request_id")), v.get("status")
+        where = f"audit of receipt {rid}"
+        data = report.receipts.get(rid)
+        if data is None:
+            fault(f"{where}: not a receipt of the receipt log")
+            continue
+        receipt = decode_as(Receipt, data)
+        try:
+            period, rate = int(v["period"]), float(v["rate"])
+        except (KeyError, TypeError, ValueError):
+            fault(f"{where}: period or rate missing")
+            continue
+        if period != math.floor(receipt.issued_at / period_s) or v.get("host_id") != receipt.host_id:
+            fault(f"{where}: period {period} / host are not the receipt's")
+        secret = secrets.get(period)
+        if secret is None:
+            report.notes.append(f"{where}: selection not rechecked (period {period}'s secret is not revealed yet)")
+        else:
+            root = roots.get((receipt.host_id, period))
+            if root is None and rate < 1.0:
+                fault(f"{where}: selected at rate {rate} but its host published no root for period {period}")
+            elif not (0.0 <= rate <= 1.0) or not selection.is_selected(secret, root or bytes(32), rid, rate):
+                fault(f"{where}: not selected by the revealed secret (rate {rate})")
+        if status not in ("passed", "failed", "skipped"):
+            continue
+        if openings is None:
+            continue
+        blob = opened.get(rid)
+        if blob is None:
+            report.notes.append(f"{where}: verdict {status} not rechecked (no opening)")
+            continue
+        try:
+            opening = honesty.decode_opening(blob)
+        except ProtocolError as exc:
+            fault(f"{where}: opening unreadable ({exc})")
+            continue
+        problem = honesty.opening_problem(opening, receipt)
+        if problem:
+            fault(f"{where}: {problem}")
+            continue
+        again, verdict = honesty.run_audit(opening, receipt)
+        reasons = list(verdict.reasons) if verdict else []
+        recorded = v.get("reasons") if isinstance(v.get("reasons"), list) else []
+        if again != status or (again != "skipped" and _codes(reasons) != _codes(recorded)):
+            fault(f"{where}: recorded {status} {_codes(recorded)}, recomputed {again} {_codes(reasons)}")
+
+
+def _codes(reasons: list) -> list[str]:
+    """The sorted distinct check codes of a verdict's reasons ('seed-replay: ...' -> 'seed-replay')."""
+    return sorted({str(r).split(":", 1)[0] for r in reasons})
+
+
+def run(path: str, hub_id: str | None = None, openings: str | None = None, audits: str | None = None) -> int:
+    """CLI body: print the verdict and implied balances; 0 if all holds, else 1.
+
+    With ``openings`` or ``audits``, the hub's audit verdicts and selections are rechecked too
+    (:func:`check_audits`; the audit log defaults to the one exported next to the receipt log).
+    """
     try:
         report = audit_file(path, hub_id=hub_id)
     except OSError as exc:
         print(f"audit: cannot read {path}: {exc}")
         return 1
+    if audits or openings:
+        check_audits(report, audits or audit_log_path(path), openings)
+    for note in report.notes:
+        print(f"note {note}")
     for fault in report.faults:
         print(f"FAULT {fault}")
     print(f"hub {report.hub_id or '?'}: {report.entries} entries, {len(report.faults)} faults")

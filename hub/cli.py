@@ -12,6 +12,7 @@ import functools
 import os
 import signal
 import sys
+import time
 import uuid
 
 import trio
@@ -49,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             f"a bare USD sets it for every other model (default {micro_to_usd(HubConfig().reference_price_micro_per_mtok)})")
     serve.add_argument("--audit-rate", type=float, default=HubConfig().audit_rate, metavar="FRACTION",
                        help="fraction of settled receipts audited (default 0.05; suspect hosts are audited more)")
+    _audit_timing(serve)
     serve.add_argument("--challenge-account", action="append", default=[], metavar="EMAIL",
                        help="an account whose requests are the hub's challenges: all its receipts are audited; repeatable")
     serve.set_defaults(func=_serve)
@@ -78,9 +80,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     grant.set_defaults(func=_grant)
 
     rec = actions.add_parser("receipts", help="the settled-receipt log").add_subparsers(dest="receipts_command", metavar="ACTION", required=True)
-    export = _with_db(rec.add_parser("export", help="write the signed, hash-chained receipt log (JSON lines)"))
+    export = _with_db(rec.add_parser("export", help="write the signed, hash-chained receipt log (JSON lines)",
+                                     description="Write the receipt log to FILE and the audit log (verdicts, revealed "
+                                                 "secrets, hosts' signed roots; see hub/honesty.py export_audits) to FILE.audits."))
     export.add_argument("file")
+    _audit_timing(export)
     export.set_defaults(func=_export)
+
+    aud_admin = actions.add_parser("audits", help="the audits' openings").add_subparsers(dest="audits_command", metavar="ACTION", required=True)
+    openings = _with_db(aud_admin.add_parser("export", help="write the openings the hub audited (JSON lines)",
+                                             description='Write one JSON line {"request_id", "opening": base64 Opening} per '
+                                                         "opening the hub received, for 'gpunexus audit LOG --openings FILE'."))
+    openings.add_argument("file")
+    openings.set_defaults(func=_export_openings)
 
     hosts = _with_db(actions.add_parser("hosts", help="hosts' audit reputation and recent verdicts",
                                         description="Every audited host: audits, failures, probability of honesty, "
@@ -104,7 +116,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "exactly-once settlement and the balances the log implies. Exit 0 when all holds, 1 naming each fault.")
     aud.add_argument("file", metavar="RECEIPT_LOG")
     aud.add_argument("--hub-id", help="the hub peer id the log must be signed by")
-    aud.set_defaults(func=lambda a: audit.run(a.file, a.hub_id))
+    aud.add_argument("--openings", metavar="FILE", help="JSON lines {request_id, opening: base64 Opening}: recompute every "
+                     "audited receipt's verdict with the reference model and recheck its selection")
+    aud.add_argument("--audits", metavar="FILE", help="the hub's audit log (default RECEIPT_LOG.audits)")
+    aud.set_defaults(func=lambda a: audit.run(a.file, a.hub_id, a.openings, a.audits))
+
+
+def _audit_timing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--audit-period-s", type=float, default=HubConfig().audit_period_s, metavar="S",
+                   help="audit period: secrets and hosts' receipt roots are per period (default 3600; "
+                        "the same for 'hub serve' and 'hub receipts export')")
+    p.add_argument("--audit-root-grace-s", type=float, default=HubConfig().audit_root_grace_s, metavar="S",
+                   help="how long after a period hosts may publish its root; then its secret is revealed (default 300)")
 
 
 def _with_db(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -113,8 +136,12 @@ def _with_db(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+_now = time.time
+"""The clock of hubs the CLI opens (a test seam)."""
+
+
 def _open(args: argparse.Namespace, config: HubConfig | None = None) -> Hub:
-    return Hub.open(_home(), args.db, config)
+    return Hub.open(_home(), args.db, config, clock=lambda: _now())
 
 
 def _fail(text: str) -> int:
@@ -209,9 +236,35 @@ def _challenge(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    hub = _open(args)
+    import json
+
+    from . import honesty
+
+    try:
+        config = HubConfig(audit_period_s=args.audit_period_s, audit_root_grace_s=args.audit_root_grace_s)
+    except ValueError as exc:
+        return _fail(str(exc))
+    hub = _open(args, config)
     n = chain.write_log(args.file, hub.hub_id, hub.db.read_sync(receipts.export))
-    print(f"wrote {n} entries to {args.file} (hub {hub.hub_id})")
+    lines = hub.db.read_sync(honesty.export_audits, config, hub.clock())
+    path = audit.audit_log_path(args.file)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(x) + "\n" for x in lines)
+    verdicts = sum(x.get("kind") == "verdict" for x in lines)
+    print(f"wrote {n} entries to {args.file} (hub {hub.hub_id}) and {verdicts} audits to {path}")
+    return 0
+
+
+def _export_openings(args: argparse.Namespace) -> int:
+    import base64
+    import json
+
+    from . import honesty
+
+    rows = _open(args).db.read_sync(honesty.export_openings)
+    with open(args.file, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"request_id": rid, "opening": base64.b64encode(blob).decode()}) + "\n" for rid, blob in rows)
+    print(f"wrote {len(rows)} openings to {args.file}")
     return 0
 
 
@@ -240,6 +293,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         default_ref, refs = _reference_prices(args.reference_price)
         config = HubConfig(fee_bps=args.fee_bps, epoch_s=args.epoch_s, reference_prices=refs, audit_rate=args.audit_rate,
+                           audit_period_s=args.audit_period_s, audit_root_grace_s=args.audit_root_grace_s,
                            challenge_accounts=frozenset(args.challenge_account),
                            **({"reference_price_micro_per_mtok": default_ref} if default_ref else {}))
     except ValueError as exc:

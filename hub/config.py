@@ -44,6 +44,10 @@ class HubConfig:
     """Fraction of settled receipts audited; raised per host by ``verify.reputation.audit_rate``."""
     audit_period_s: float = 3600.0
     """Lifetime of one audit-selection secret (its commitment is public, then the secret)."""
+    audit_root_grace_s: float = 300.0
+    """How long after its period ends a host may still publish its receipt root; the
+    period's secret is revealed, and receipts of hosts without a root are all
+    selected, once it is over."""
     challenge_accounts: frozenset[str] = frozenset()
     """Emails of the hub's own client accounts that send challenge requests through
     ordinary gateways (``gpunexus hub challenge``): every receipt they pay is audited."""
@@ -57,6 +61,8 @@ class HubConfig:
             raise ValueError("reference prices must be >= 1 micro-USD per million tokens")
         if not 0 <= self.audit_rate <= 1 or self.audit_period_s <= 0:
             raise ValueError("audit_rate must be in [0, 1] and audit_period_s > 0")
+        if self.audit_root_grace_s < 0:
+            raise ValueError("audit_root_grace_s must be >= 0")
         if self.offer_lookback_s < 0 or self.max_offer_ttl_s <= 0:
             raise ValueError("offer_lookback_s must be >= 0 and max_offer_ttl_s > 0")
 

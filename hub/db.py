@@ -270,6 +270,42 @@ opening: no verdict on the host), ``skipped`` (no reference model for its hash).
 ``reasons`` is JSON (a list of strings); ``withheld`` is what a failed audit took
 back from the host, ``debt`` what it could not (already paid out)."""
 
+audit_roots = sa.Table(
+    "audit_roots",
+    metadata,
+    sa.Column("host_id", sa.String(64), primary_key=True),
+    sa.Column("period", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Column("root", sa.LargeBinary(32), nullable=False),
+    sa.Column("issued_at", sa.Float, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("blob", sa.LargeBinary, nullable=False),
+)
+"""Hosts' signed receipt roots (``ReceiptRoot``), one per host and period: the first one wins."""
+
+audit_waiting = sa.Table(
+    "audit_waiting",
+    metadata,
+    sa.Column("request_id", sa.String(32), primary_key=True),
+    sa.Column("host_id", sa.String(64), nullable=False),
+    sa.Column("gateway_id", sa.String(64), nullable=False),
+    sa.Column("period", sa.BigInteger, nullable=False),
+    sa.Column("rate", sa.Float, nullable=False),
+    sa.Column("receipt", sa.LargeBinary, nullable=False),
+    sa.Column("settled_at", sa.Float, nullable=False),
+    sa.Index("audit_waiting_by_host", "host_id", "period"),
+)
+"""Settled receipts whose selection waits for their host's root of their period (or its deadline)."""
+
+audit_openings = sa.Table(
+    "audit_openings",
+    metadata,
+    sa.Column("request_id", sa.String(32), primary_key=True),
+    sa.Column("opening", sa.LargeBinary, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+)
+"""The gateways' openings (``Opening.encode()``) the hub audited, for ``gpunexus hub audits export``."""
+
 host_reputation = sa.Table(
     "host_reputation",
     metadata,

@@ -3,17 +3,26 @@
 1. **Selection** (:func:`select_settled`, in the settlement's worker thread,
    right after a batch settled). Each period of ``audit_period_s`` has a
    secret (:mod:`gpunexus.verify.selection`); its commitment is public at
-   ``GET /v1/audits/commitment`` from the period's first receipt on, and the
-   secret is revealed there once the period is over. A receipt is selected iff
-   ``is_selected(secret, SHA-256(receipt bytes), request_id, rate)`` with
-   ``rate = max(audit_rate, verify.reputation.audit_rate(host))``: the host
-   signed the receipt before it could know the secret, and the hub fixed the
-   secret before it saw the receipt, so neither side picks which receipts are
-   audited, and anyone holding the receipt can recheck the choice after the
-   reveal. (The receipt's own hash stands in for the per-host Merkle root of
-   ``verify.selection``: hosts do not publish period roots yet.) Receipts paid
-   by one of ``challenge_accounts`` (the hub's own probes, sent through an
-   ordinary gateway by ``gpunexus hub challenge``) are always selected.
+   ``GET /v1/audits/commitment`` from the period's first use on, and the
+   secret is revealed there once the period's root deadline (period end +
+   ``audit_root_grace_s``) passed. Each host publishes, for each period, the
+   signed Merkle root of the receipts it signed in it
+   (:class:`~gpunexus.protocol.messages.ReceiptRoot`, ``POST
+   /v1/audits/roots``, first one per host and period wins, refused after the
+   deadline). A receipt of period ``p`` (``floor(issued_at /
+   audit_period_s)``) is selected iff ``is_selected(secret_p, root_(host, p),
+   request_id, rate)`` with ``rate = max(audit_rate,
+   verify.reputation.audit_rate(host))``: the host fixed its root before the
+   secret was revealed and the hub fixed the secret before it saw the root,
+   so neither side picks which receipts are audited, and anyone holding the
+   secret and the root can recheck the choice. A receipt settled before its
+   root arrives waits (``audit_waiting``) for the root or the deadline; **a
+   host that publishes no root for a period has all of that period's
+   receipts selected** (rate 1) once the deadline passed, so withholding the
+   root never pays. At rate 1 (challenges, suspects, ``audit_rate=1``) the
+   choice does not depend on the root and is made at settlement. Receipts
+   paid by one of ``challenge_accounts`` (the hub's own probes, sent through
+   an ordinary gateway by ``gpunexus hub challenge``) are always selected.
 2. **Opening**: a selected receipt is pending until the gateway that
    countersigned it posts the :class:`~gpunexus.protocol.messages.Opening`
    (the request and the output it received). It must match the receipt's
@@ -31,14 +40,14 @@
 
 from __future__ import annotations
 
-import hashlib
+import base64
 import json
 import math
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 from gpunexus.protocol.codec import decode_as
-from gpunexus.protocol.messages import Opening, Receipt
+from gpunexus.protocol.messages import Opening, Receipt, ReceiptRoot
 from gpunexus.verify import reputation as rep_mod
 from gpunexus.verify import selection
 from gpunexus.verify.audit import AuditRequest, Verdict, audit
@@ -47,7 +56,16 @@ from sqlalchemy.engine import Connection
 
 from . import ledger
 from .config import HubConfig
-from .db import audit_periods, audits, host_reputation, receipt_log, users
+from .db import (
+    audit_openings,
+    audit_periods,
+    audit_roots,
+    audit_waiting,
+    audits,
+    host_reputation,
+    receipt_log,
+    users,
+)
 from .ledger import Journal
 
 
@@ -77,12 +95,38 @@ def host_rate(cfg: HubConfig, reputation: rep_mod.Reputation) -> float:
     return min(1.0, max(cfg.audit_rate, rep_mod.audit_rate(reputation)))
 
 
+def root_deadline(cfg: HubConfig, period: int) -> float:
+    """When ``period``'s roots are due: its end plus ``audit_root_grace_s``; its secret is revealed then."""
+    return (period + 1) * cfg.audit_period_s + cfg.audit_root_grace_s
+
+
+def _root_of(conn: Connection, host_id: str, period: int) -> bytes | None:
+    return conn.execute(sa.select(audit_roots.c.root).where(audit_roots.c.host_id == host_id,
+                                                            audit_roots.c.period == period)).scalar()
+
+
+def _choose(conn: Connection, rows: list[dict], secret: bytes, root: bytes | None, now: float) -> list[str]:
+    """Decide waiting-shaped ``rows`` of one host and period; insert the selected as pending audits."""
+    out = []
+    for w in rows:
+        rate = w["rate"] if root is not None else 1.0  # no root by the deadline: everything is audited
+        if rate >= 1.0 or selection.is_selected(secret, root, w["request_id"], rate):
+            conn.execute(ledger.insert_ignore(conn, audits).values(
+                request_id=w["request_id"], host_id=w["host_id"], gateway_id=w["gateway_id"], period=w["period"],
+                rate=rate, receipt=w["receipt"], status="pending", reasons="", selected_at=now, withheld=0, debt=0))
+            out.append(w["request_id"])
+    return out
+
+
 def select_settled(conn: Connection, cfg: HubConfig, settled: list[tuple[Receipt, bytes]], now: float) -> list[str]:
-    """Mark the selected ones among just-settled receipts as pending audits; their request ids."""
+    """Select among just-settled receipts, or park them until their host's root; the selected request ids.
+
+    A receipt's period is that of its ``issued_at``. At rate 1 (challenges, suspects, ``audit_rate=1``)
+    it is selected at once; otherwise with the host's root of that period once the root is there, or at
+    rate 1 once the root's deadline passed without one; until then it waits in ``audit_waiting``.
+    """
     if not settled:
         return []
-    period = period_of(cfg, now)
-    secret, _ = period_secret(conn, period, now)
     reps = reputation_of(conn, sorted({r.host_id for r, _ in settled}))
     challenged: set[str] = set()
     if cfg.challenge_accounts:
@@ -90,26 +134,64 @@ def select_settled(conn: Connection, cfg: HubConfig, settled: list[tuple[Receipt
             sa.select(receipt_log.c.request_id).join(users, users.c.id == receipt_log.c.client_user_id)
             .where(receipt_log.c.request_id.in_([r.request_id for r, _ in settled]),
                    users.c.email.in_(sorted(e.strip().lower() for e in cfg.challenge_accounts)))).scalars())
-    rows = []
+    picked = []
     for receipt, data in settled:
+        period = period_of(cfg, receipt.issued_at)
+        secret, _ = period_secret(conn, period, now)
         rate = 1.0 if receipt.request_id in challenged else host_rate(cfg, reps[receipt.host_id])
-        if selection.is_selected(secret, hashlib.sha256(data).digest(), receipt.request_id, rate):
-            rows.append({"request_id": receipt.request_id, "host_id": receipt.host_id, "gateway_id": receipt.gateway_id,
-                         "period": period, "rate": rate, "receipt": data, "status": "pending", "reasons": "",
-                         "selected_at": now, "withheld": 0, "debt": 0})
-    for row in rows:
-        conn.execute(ledger.insert_ignore(conn, audits).values(**row))
-    return [r["request_id"] for r in rows]
+        row = {"request_id": receipt.request_id, "host_id": receipt.host_id, "gateway_id": receipt.gateway_id,
+               "period": period, "rate": rate, "receipt": data, "settled_at": now}
+        root = _root_of(conn, receipt.host_id, period)
+        if rate >= 1.0 or root is not None or now >= root_deadline(cfg, period):
+            picked += _choose(conn, [row], secret, root, now)
+        else:
+            conn.execute(ledger.insert_ignore(conn, audit_waiting).values(**row))
+    return picked
+
+
+def _decide_waiting(conn: Connection, where, root_for, now: float) -> list[str]:
+    rows = [dict(r._mapping) for r in conn.execute(sa.select(audit_waiting).where(where)
+                                                    .order_by(audit_waiting.c.host_id, audit_waiting.c.period))]
+    picked = []
+    for r in rows:
+        secret, _ = period_secret(conn, r["period"], now)
+        picked += _choose(conn, [r], secret, root_for(r), now)
+    if rows:
+        conn.execute(sa.delete(audit_waiting).where(audit_waiting.c.request_id.in_([r["request_id"] for r in rows])))
+    return picked
+
+
+def accept_root(conn: Connection, cfg: HubConfig, root_msg: ReceiptRoot, blob: bytes, now: float) -> dict:
+    """Store a host's root (first one per host and period wins) and decide the receipts waiting for it."""
+    period_secret(conn, root_msg.period, now)  # the secret exists at the latest now, before any reveal
+    conn.execute(ledger.insert_ignore(conn, audit_roots).values(
+        host_id=root_msg.host_id, period=root_msg.period, count=root_msg.count, root=root_msg.root,
+        issued_at=root_msg.issued_at, received_at=now, blob=blob))
+    stored = conn.execute(sa.select(audit_roots.c.root, audit_roots.c.count).where(
+        audit_roots.c.host_id == root_msg.host_id, audit_roots.c.period == root_msg.period)).one()
+    picked = _decide_waiting(conn, sa.and_(audit_waiting.c.host_id == root_msg.host_id,
+                                           audit_waiting.c.period == root_msg.period), lambda r: stored.root, now)
+    return {"host_id": root_msg.host_id, "period": root_msg.period, "root": stored.root.hex(), "count": stored.count,
+            "accepted": stored.root == root_msg.root and stored.count == root_msg.count, "selected": len(picked)}
+
+
+def decide_overdue(conn: Connection, cfg: HubConfig, now: float) -> list[str]:
+    """Receipts still waiting after their period's root deadline: their host published no root, all selected."""
+    last = math.floor((now - cfg.audit_root_grace_s) / cfg.audit_period_s) - 1  # last period whose deadline passed
+    return _decide_waiting(conn, audit_waiting.c.period <= last,
+                           lambda r: _root_of(conn, r["host_id"], r["period"]), now)
 
 
 def commitments(conn: Connection, cfg: HubConfig, now: float) -> dict:
-    """The current period's commitment and the previous period's revealed secret."""
+    """The current period's commitment and the latest revealed secret (its roots' deadline passed)."""
     period = period_of(cfg, now)
     _, commitment = period_secret(conn, period, now)
+    last = math.floor((now - cfg.audit_root_grace_s) / cfg.audit_period_s) - 1
     prev = conn.execute(sa.select(audit_periods.c.period, audit_periods.c.secret, audit_periods.c.commitment)
-                        .where(audit_periods.c.period < period).order_by(audit_periods.c.period.desc()).limit(1)).first()
+                        .where(audit_periods.c.period <= last).order_by(audit_periods.c.period.desc()).limit(1)).first()
     return {
         "period_s": cfg.audit_period_s,
+        "root_grace_s": cfg.audit_root_grace_s,
         "current": {"period": period, "commitment": commitment.hex()},
         "previous": None if prev is None else {"period": prev.period, "commitment": prev.commitment.hex(),
                                                "secret": prev.secret.hex()},
@@ -181,12 +263,15 @@ def run_audit(opening: Opening, receipt: Receipt) -> tuple[str, Verdict | None]:
     return ("passed" if verdict.passed else "failed"), verdict
 
 
-def record_verdict(conn: Connection, request_id: str, status: str, reasons: list[str], now: float) -> dict:
-    """Store the verdict; update reputation and withhold pay for a failed audit. Idempotent."""
+def record_verdict(conn: Connection, request_id: str, status: str, reasons: list[str], now: float,
+                   opening: bytes | None = None) -> dict:
+    """Store the verdict (and the opening it rests on); update reputation and withhold pay for a failed audit. Idempotent."""
     row = conn.execute(sa.select(audits.c.status, audits.c.host_id).where(audits.c.request_id == request_id)
                        .with_for_update()).one()
     if row.status != "pending":
         return {"request_id": request_id, "status": row.status, "already": True}
+    if opening is not None:
+        conn.execute(ledger.insert_ignore(conn, audit_openings).values(request_id=request_id, opening=opening, received_at=now))
     withheld = debt = 0
     if status in ("passed", "failed"):
         passed = status == "passed"
@@ -243,6 +328,43 @@ def host_report(conn: Connection, recent: int = 5) -> list[dict]:
                         "decided_at": x.decided_at, "withheld_micro": x.withheld, "debt_micro": x.debt} for x in rows],
         })
     return out
+
+
+AUDIT_LOG_FORMAT = "gpunexus/audit-log/1"
+
+
+def export_audits(conn: Connection, cfg: HubConfig, now: float) -> list[dict]:
+    """The audit log (JSON-able lines) written next to the receipt log by ``gpunexus hub receipts export``.
+
+    Line 1, the header: ``{"format": "gpunexus/audit-log/1", "period_s", "root_grace_s", "exported_at"}``.
+    Then one line per kind:
+
+    * ``{"kind": "period", "period", "commitment": hex, "secret": hex}`` for every period whose root
+      deadline passed (its secret is public); later periods are not listed (their secret stays hidden).
+    * ``{"kind": "root", "host_id", "period", "root": base64 ReceiptRoot}``: every host-signed root.
+    * ``{"kind": "verdict", "request_id", "host_id", "period", "rate", "status", "reasons": [..],
+      "decided_at"}``: every selected receipt (the receipt itself is in the receipt log), ``status``
+      ``pending``, ``passed``, ``failed``, ``unopened`` or ``skipped``.
+    """
+    last = math.floor((now - cfg.audit_root_grace_s) / cfg.audit_period_s) - 1
+    out: list[dict] = [{"format": AUDIT_LOG_FORMAT, "period_s": cfg.audit_period_s,
+                        "root_grace_s": cfg.audit_root_grace_s, "exported_at": now}]
+    for r in conn.execute(sa.select(audit_periods).where(audit_periods.c.period <= last).order_by(audit_periods.c.period)):
+        out.append({"kind": "period", "period": r.period, "commitment": r.commitment.hex(), "secret": r.secret.hex()})
+    for r in conn.execute(sa.select(audit_roots).order_by(audit_roots.c.period, audit_roots.c.host_id)):
+        out.append({"kind": "root", "host_id": r.host_id, "period": r.period,
+                    "root": base64.b64encode(r.blob).decode()})
+    for r in conn.execute(sa.select(audits).order_by(audits.c.selected_at, audits.c.request_id)):
+        out.append({"kind": "verdict", "request_id": r.request_id, "host_id": r.host_id, "period": r.period,
+                    "rate": r.rate, "status": r.status, "reasons": json.loads(r.reasons or "[]"),
+                    "decided_at": r.decided_at})
+    return out
+
+
+def export_openings(conn: Connection) -> list[tuple[str, bytes]]:
+    """(request id, Opening bytes) of every opening the hub audited, in the order received."""
+    return [tuple(r) for r in conn.execute(sa.select(audit_openings.c.request_id, audit_openings.c.opening)
+                                           .order_by(audit_openings.c.received_at, audit_openings.c.request_id))]
 
 
 def decode_opening(blob: bytes) -> Opening:

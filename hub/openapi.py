@@ -48,6 +48,7 @@ def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/v1/hub": {"get": _op("Hub identity and policy", _obj({
             "hub_id": _STR, "version": _STR, "fee_bps": _INT, "allowance_ttl_s": _NUM, "max_batch": _INT,
+            "audit_period_s": _NUM, "audit_root_grace_s": _NUM,
             "billing": {"enum": ["manual", "stripe"]}}), auth=False)},
         "/v1/allowances": {"post": _op(
             "Issue a hub-signed, short-lived budget for a gateway peer id, reserved from the balance. "
@@ -94,11 +95,22 @@ def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
                 "history": {"type": "array", "items": {"type": "array", "prefixItems": [_NUM, _MICRO]}}})}}),
             auth=False, errors=(429,))},
         "/v1/audits/commitment": {"get": _op(
-            "Audit selection: the SHA-256 commitment to the current period's secret, and the previous period's "
-            "secret revealed. A settled receipt is audited iff SHA-256('gpunexus-audit-select/1\\0' || len(secret):u16 "
-            "|| secret || SHA-256(receipt bytes) || request_id) < rate * 2**256 (verify.selection.is_selected).",
-            _obj({"hub_id": _STR, "period_s": _NUM, "current": _obj({"period": _INT, "commitment": _STR}),
+            "Audit selection: the SHA-256 commitment to the current period's secret, and the latest revealed "
+            "secret (of the last period whose root deadline, period end + root_grace_s, passed). A settled receipt "
+            "of period p = floor(issued_at / period_s) is audited iff SHA-256('gpunexus-audit-select/1\\0' || "
+            "len(secret):u16 || secret || root || request_id) < rate * 2**256 (verify.selection.is_selected), root "
+            "being its host's published ReceiptRoot for p; without one every receipt of p is audited.",
+            _obj({"hub_id": _STR, "period_s": _NUM, "root_grace_s": _NUM,
+                  "current": _obj({"period": _INT, "commitment": _STR}),
                   "previous": {"type": ["object", "null"]}}), auth=False, errors=(429,))},
+        "/v1/audits/roots": {"post": _op(
+            "A host's signed Merkle root of the receipts it signed in one period (ReceiptRoot.encode(), base64): "
+            "verify.merkle.merkle_root over receipt_leaf(request_id, receipt as the host signed it) in issue order. "
+            "One per host and period, the first wins (accepted: false when another was stored); refused (409) "
+            "after the period's deadline. The hub then selects that period's receipts with it.",
+            _obj({"host_id": _STR, "period": _INT, "root": _STR, "count": _INT, "accepted": {"type": "boolean"},
+                  "selected": _INT}),
+            body=_obj({"root": _B64}, ["root"]), errors=(400, 403, 409))},
         "/v1/audits/pending": {"get": _op(
             "Request ids of receipts countersigned by the key's gateways that were selected for audit and "
             "wait for their opening.", _obj({"request_ids": {"type": "array", "items": _STR}}))},

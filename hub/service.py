@@ -17,7 +17,7 @@ import trio
 from gpunexus.protocol.codec import decode_as
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.ids import public_key_from_peer_id
-from gpunexus.protocol.messages import Allowance, HostReputation, Offer, Receipt, host_registration_statement
+from gpunexus.protocol.messages import Allowance, HostReputation, Offer, Receipt, ReceiptRoot, host_registration_statement
 from gpunexus.protocol.signing import Signer, verify_signature
 from sqlalchemy.engine import Connection
 
@@ -127,7 +127,31 @@ class Hub:
         return {"hub_id": self.hub_id, **out}
 
     async def pending_audits(self, user: User) -> list[str]:
+        await self.decide_overdue()
         return await self.db.read(honesty.pending_for, user.id)
+
+    async def decide_overdue(self) -> list[str]:
+        """Select the receipts whose host published no root by its period's deadline (all of them)."""
+        return await self.db.write(honesty.decide_overdue, self.config, self.clock())
+
+    async def post_root(self, user: User, blob: bytes) -> dict:
+        """A host's signed receipt root for one period (``POST /v1/audits/roots``)."""
+        if user.role not in ("host", "admin"):
+            raise HubError(403, "permission_denied", "only a host account can publish receipt roots")
+        try:
+            msg = decode_as(ReceiptRoot, blob)
+            msg.verify()
+        except ProtocolError as exc:
+            raise HubError(400, "invalid_root", f"root refused: {exc}", "root") from None
+        now = self.clock()
+        if await self.db.read(_host_owner, msg.host_id) != user.id:
+            raise HubError(403, "permission_denied", "this peer id is not registered to this account", "root")
+        if msg.issued_at > now + self.config.clock_skew_s:
+            raise HubError(400, "invalid_root", "root issued in the future", "root")
+        if now > honesty.root_deadline(self.config, msg.period):
+            raise HubError(409, "root_too_late", "this period's roots were due by "
+                           f"{honesty.root_deadline(self.config, msg.period):.0f}; its receipts are all audited", "root")
+        return await self.db.write(honesty.accept_root, self.config, msg, blob, now)
 
     async def open_audit(self, user: User, request_id: str, blob: bytes | None, reason: str = "") -> dict:
         """A gateway's opening of a selected receipt (None: it has none); audits it and returns the verdict."""
@@ -148,7 +172,7 @@ class Hub:
             raise HubError(400, "invalid_opening", f"opening refused: {problem}", "opening")
         status, verdict = await trio.to_thread.run_sync(honesty.run_audit, opening, receipt)
         reasons = list(verdict.reasons) if verdict else [f"model: no reference model with hash {receipt.model_hash[:16]}..."]
-        return await self.db.write(honesty.record_verdict, request_id, status, reasons, self.clock())
+        return await self.db.write(honesty.record_verdict, request_id, status, reasons, self.clock(), blob)
 
     async def reputations(self) -> list[HostReputation]:
         """Every audited host's reputation, signed by the hub."""
@@ -244,6 +268,7 @@ class Hub:
             task_status.started()
             while True:
                 await self.release_expired()
+                await self.decide_overdue()
                 await trio.sleep(period_s)
 
 

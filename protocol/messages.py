@@ -373,6 +373,35 @@ class HostReputation(Message):
         _require(0 <= self.failures <= self.audits, "reputation counts out of range")
 
 
+@message
+class ReceiptRoot(Message):
+    """A host's signed Merkle root of the receipts it signed in one audit period.
+
+    ``root`` is ``verify.merkle.merkle_root`` over ``receipt_leaf(request_id,
+    receipt bytes)`` of each receipt the host signed with ``issued_at`` in
+    ``period`` (``floor(issued_at / audit_period_s)``), in issue order; the
+    receipt bytes are the receipt as the host signed it (``gateway_sig``
+    empty). The hub selects that period's audits with this root
+    (``verify.selection``); a host that publishes none has every receipt of
+    the period audited.
+    """
+
+    TYPE: ClassVar[str] = "receipt_root"
+    SIGNATURES: ClassVar = (("sig", "host_id"),)
+
+    host_id: str
+    period: int
+    count: int
+    root: bytes
+    issued_at: float
+    sig: bytes = b""
+
+    def check(self) -> None:
+        _peer(self.host_id, "receipt_root.host_id")
+        _require(self.period >= 0 and self.count >= 0, "receipt_root.period and count must be >= 0")
+        _require(len(self.root) == 32, "receipt_root.root must be 32 bytes")
+
+
 ERROR_CODES = ("busy", "bad_request", "unknown_model", "price", "payment", "internal", "protocol", "draining")
 
 

@@ -216,7 +216,7 @@ async def test_cheaters_fail_audits_lose_pay_and_are_excluded_honest_host_keeps_
 
 async def test_selection_is_recheckable_and_unopened_audits_leave_the_host_alone(tmp_path):
     """A gateway without audit retention: its receipts' audits end 'unopened', the host is not judged."""
-    config = HubConfig(audit_rate=1.0, audit_period_s=100.0)
+    config = HubConfig(audit_rate=1.0, audit_period_s=100.0, audit_root_grace_s=10.0)
     async with running_hub(tmp_path / "hub", config) as hub:
         client_key = hub.add_user("dev@example.com", "client", USD)
         host_key = hub.add_user("gpu@example.com", "host")
@@ -248,16 +248,22 @@ async def test_selection_is_recheckable_and_unopened_audits_leave_the_host_alone
                                                                           audits.c.request_id, audits.c.rate)).all())
                 assert [r.status for r in rows] == ["unopened"] and "not retained" in json.loads(rows[0].reasons)[0]
                 assert hub.hub.db.read_sync(honesty.reputations) == []
-                # The next period reveals this period's secret: anyone can recheck the selection.
+                # The secret is revealed once the period's roots are due (period end + grace), not before:
+                # then anyone can recheck the selection.
                 period = hub.hub.db.read_sync(lambda c: c.execute(sa.select(audits.c.period)).scalar_one())
                 async with httpx.AsyncClient(base_url=hub.url) as pub:
                     hub.hub.clock = lambda: (period + 1) * config.audit_period_s + 1.0
+                    early = (await pub.get("/v1/audits/commitment")).json()
+                    assert early["previous"] is None or early["previous"]["period"] < period
+                    hub.hub.clock = lambda: (period + 1) * config.audit_period_s + config.audit_root_grace_s + 1.0
                     later = (await pub.get("/v1/audits/commitment")).json()
                 prev = later["previous"]
                 assert prev["period"] == period and later["current"]["period"] == period + 1
                 secret = bytes.fromhex(prev["secret"])
                 assert selection.check_reveal(bytes.fromhex(prev["commitment"]), secret)
                 r = rows[0]
+                # At rate 1 the choice does not depend on the host's root (made at settlement, before any root).
+                assert r.rate == 1.0
                 assert selection.is_selected(secret, hashlib.sha256(r.receipt).digest(), r.request_id, r.rate)
                 assert not selection.is_selected(secret, hashlib.sha256(r.receipt).digest(), r.request_id, 0.0)
                 host_paid = hub.hub.db.read_sync(lambda c: c.execute(sa.select(receipt_log.c.cost - receipt_log.c.fee)).scalar_one())
@@ -428,3 +434,168 @@ def _receipt_for(request_id: str, gateway) -> object:
     host = Signer.generate()
     return Receipt(request_id, host.peer_id, gateway.peer_id, "tiny", "h", 1, 1, 2, 0, b"\0" * 32, b"\0" * 32, 3,
                    "length", b"", 1.0).signed(host, "host_sig").signed(gateway, "gateway_sig")
+
+
+async def test_hosts_publish_signed_period_roots_and_a_host_without_one_has_every_receipt_audited(tmp_path):
+    """Periods are driven explicitly: host A publishes its root, host B never does (it is refused once late)."""
+    from gpunexus.hub.db import audit_periods, audit_roots, audit_waiting
+    from gpunexus.protocol.messages import ReceiptRoot
+    from gpunexus.verify import merkle
+
+    config = HubConfig(audit_rate=0.5, audit_period_s=1e6, audit_root_grace_s=60.0)  # one period for the whole test
+    async with running_hub(tmp_path / "hub", config) as hub:
+        client_key = hub.add_user("dev@example.com", "client", USD)
+        ka, kb = hub.add_user("a@example.com", "host"), hub.add_user("b@example.com", "host")
+        async with (
+            running_host(hub=HubLogin(hub.url, ka), price=100_000) as a,
+            running_host(hub=HubLogin(hub.url, kb), price=200_000) as b,
+        ):
+            assert a.hub.audit_period_s == config.audit_period_s  # learnt from GET /v1/hub
+            boot = [h.node.listen_addrs()[0] for h in (a, b)]
+            async with running_gateway(boot, hub=HubLogin(hub.url, client_key), home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway, count=2)
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60,
+                                             headers={"authorization": f"Bearer {client_key}"}) as http:
+                    for i in range(6):
+                        await _ask(http, f"root question {i}")
+                    await a.service.disable()  # the rest goes to B
+                    for i in range(3):
+                        await _ask(http, f"late question {i}")
+                got = {n: [r for r in gateway.service.stats.receipts if r.host_id == h.node.peer_id] for n, h in (("a", a), ("b", b))}
+                assert len(got["a"]) == 6 and len(got["b"]) == 3
+                settlement = gateway.service.settlement
+                await settlement.flush()
+                assert len(settlement.queue) == 0
+                db = hub.hub.db
+                # Settled before any root: selection waits (nothing pending, everything parked).
+                waiting = db.read_sync(lambda c: c.execute(sa.select(audit_waiting.c.request_id, audit_waiting.c.rate)).all())
+                assert len(waiting) == 9 and db.read_sync(lambda c: c.execute(sa.select(sa.func.count()).select_from(audits)).scalar_one()) == 0
+                rate = waiting[0].rate
+                assert 0.5 <= rate < 1.0
+                assert await settlement.answer_audits() == 0
+
+                # A's period ends (driven, not slept): it publishes the signed root of what it signed.
+                published = await a.hub.publish_roots(now=2e12)
+                assert [r.count for r in published] == [6] and not a.hub.leaves
+                period = published[0].period
+                stored = db.read_sync(lambda c: c.execute(sa.select(audit_roots)).all())
+                assert [(s.host_id, s.period, s.count) for s in stored] == [(a.node.peer_id, period, 6)]
+                msg = decode_as(ReceiptRoot, stored[0].blob)
+                msg.verify()
+                assert msg.host_id == a.node.peer_id and msg.root == stored[0].root
+                # The root proves inclusion of every receipt A signed, in issue order (gateway signature off).
+                ordered = sorted(got["a"], key=lambda r: r.issued_at)
+                leaves = [merkle.receipt_leaf(r.request_id, dataclasses.replace(r, gateway_sig=b"").encode()) for r in ordered]
+                assert merkle.merkle_root(leaves) == msg.root
+                for i, leaf in enumerate(leaves):
+                    assert merkle.verify_proof(msg.root, leaf, i, len(leaves), merkle.prove(leaves, i))
+                foreign = merkle.receipt_leaf(got["b"][0].request_id, dataclasses.replace(got["b"][0], gateway_sig=b"").encode())
+                assert not merkle.verify_proof(msg.root, foreign, 0, len(leaves), merkle.prove(leaves, 0))
+                # A second root for the same period does not replace the first.
+                again = dataclasses.replace(msg, root=bytes(32), sig=b"").signed(a.node.signer)
+                async with httpx.AsyncClient(base_url=hub.url, headers={"authorization": f"Bearer {ka}"}) as api:
+                    r = await api.post("/v1/audits/roots", json={"root": base64.b64encode(again.encode()).decode()})
+                    assert r.status_code == 200 and r.json()["accepted"] is False and r.json()["root"] == msg.root.hex()
+                    r = await api.post("/v1/audits/roots", json={"root": base64.b64encode(b"junk").decode()})
+                    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_root"
+                # ... and A's receipts were selected with it, exactly as anyone can recompute.
+                secret = db.read_sync(lambda c: c.execute(sa.select(audit_periods.c.secret)
+                                                          .where(audit_periods.c.period == period)).scalar_one())
+                expected = {r.request_id for r in ordered if selection.is_selected(secret, msg.root, r.request_id, rate)}
+                rows = db.read_sync(lambda c: c.execute(sa.select(audits.c.request_id, audits.c.host_id, audits.c.rate)).all())
+                assert {x.request_id for x in rows} == expected and all(x.rate == rate for x in rows)
+
+                # B never publishes: once the deadline passed, every one of its receipts is audited, and its
+                # late root is refused.
+                hub.hub.clock = lambda: (period + 1) * config.audit_period_s + config.audit_root_grace_s + 1.0
+                answered = await settlement.answer_audits()
+                assert answered == len(expected) + 3
+                rows = db.read_sync(lambda c: c.execute(sa.select(audits.c.request_id, audits.c.host_id, audits.c.rate,
+                                                                  audits.c.status)).all())
+                mine = {x.request_id: x for x in rows if x.host_id == b.node.peer_id}
+                assert set(mine) == {r.request_id for r in got["b"]} and all(x.rate == 1.0 for x in mine.values())
+                assert all(x.status == "passed" for x in rows)
+                assert db.read_sync(lambda c: c.execute(sa.select(sa.func.count()).select_from(audit_waiting)).scalar_one()) == 0
+                assert await b.hub.publish_roots(now=2e12) == []
+                assert db.read_sync(lambda c: c.execute(sa.select(audit_roots.c.host_id)).scalars().all()) == [a.node.peer_id]
+
+
+async def test_audit_cli_recomputes_verdicts_from_openings_and_names_a_tampered_one(tmp_path, monkeypatch, capsys):
+    """`hub receipts export` + `hub audits export` + `gpunexus audit LOG --openings FILE`, end to end."""
+    config = HubConfig(audit_rate=1.0, audit_period_s=1e6, audit_root_grace_s=60.0)
+    async with running_hub(tmp_path / "hub", config) as hub:
+        client_key = hub.add_user("dev@example.com", "client", 5 * USD)
+        kc, kh = hub.add_user("cheat@example.com", "host"), hub.add_user("honest@example.com", "host")
+        async with (
+            running_host(WrongSeedBackend(), hub=HubLogin(hub.url, kc), price=100_000) as cheat,
+            running_host(hub=HubLogin(hub.url, kh), price=200_000) as honest,
+        ):
+            boot = [h.node.listen_addrs()[0] for h in (cheat, honest)]
+            async with running_gateway(boot, hub=HubLogin(hub.url, client_key), home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway, count=2)
+                settlement = gateway.service.settlement
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60,
+                                             headers={"authorization": f"Bearer {client_key}"}) as http:
+                    for phase in ("cheat", "honest"):
+                        for i in range(2):
+                            await _ask(http, f"{phase} recheck {i}")
+                        await settlement.flush()
+                        await settlement.answer_audits()
+                        await settlement.refresh_reputation()
+                assert await honest.hub.publish_roots(now=2e12)  # the honest host's root; the cheat withholds its own
+        rows = {r.request_id: r for r in hub.hub.db.read_sync(lambda c: c.execute(sa.select(audits)).all())}
+        assert sorted(r.status for r in rows.values()) == ["failed", "failed", "passed", "passed"]
+        failed = sorted(rid for rid, r in rows.items() if r.status == "failed")
+        passed = sorted(rid for rid, r in rows.items() if r.status == "passed")
+
+    # The operator exports once every period's secret is revealed (its root deadline passed).
+    period = next(iter(rows.values())).period
+    monkeypatch.setattr(hub_cli, "_now", lambda: (period + 1) * config.audit_period_s + config.audit_root_grace_s + 1.0)
+    monkeypatch.setenv("GPUNEXUS_HOME", str(tmp_path / "hub"))
+    parser = argparse.ArgumentParser(prog="gpunexus")
+    hub_cli.register(parser.add_subparsers(dest="command", required=True))
+
+    def cli(*argv: str) -> tuple[int, str]:
+        args = parser.parse_args(list(argv))
+        code = args.func(args)
+        return code, capsys.readouterr().out
+
+    log, openings = str(tmp_path / "receipts.jsonl"), str(tmp_path / "openings.jsonl")
+    timing = ["--audit-period-s", str(config.audit_period_s), "--audit-root-grace-s", str(config.audit_root_grace_s)]
+    code, out = cli("hub", "receipts", "export", log, *timing)
+    assert code == 0 and "4 audits" in out
+    code, out = cli("hub", "audits", "export", openings)
+    assert code == 0 and "wrote 4 openings" in out
+    with open(log + ".audits", encoding="utf-8") as f:  # noqa: ASYNC230 (a test, after the network is gone)
+        lines = [json.loads(x) for x in f]
+    assert lines[0]["format"] == "gpunexus/audit-log/1"
+    assert [x["kind"] for x in lines[1:]].count("period") == 1 and [x["kind"] for x in lines[1:]].count("root") == 1
+
+    code, out = cli("audit", log, "--openings", openings)
+    assert code == 0, out
+    assert "FAULT" not in out and "OK" in out and "note" not in out
+
+    def rewrite(edit) -> None:
+        with open(log + ".audits", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(edit(dict(x))) + "\n" for x in lines)
+
+    # The hub recorded a pass where the recomputation fails (and a failure of an honest answer).
+    rewrite(lambda x: {**x, "status": "passed", "reasons": []} if x.get("request_id") == failed[0] else
+            {**x, "status": "failed", "reasons": ["seed-replay: made up"]} if x.get("request_id") == passed[0] else x)
+    code, out = cli("audit", log, "--openings", openings)
+    assert code == 1
+    faults = [x for x in out.splitlines() if x.startswith("FAULT")]
+    assert len(faults) == 2, out
+    assert failed[0] in out and "recorded passed [], recomputed failed ['seed-replay']" in out
+    assert passed[0] in out and "recomputed passed []" in out
+    # A receipt of the host that published its root, claimed selected at a rate its root does not select it at;
+    # one of the host without a root, claimed selected at a rate below 1.
+    rewrite(lambda x: {**x, "rate": 0.0} if x.get("request_id") in (passed[1], failed[1]) else x)
+    code, out = cli("audit", log, "--openings", openings)
+    assert code == 1
+    assert f"audit of receipt {passed[1]}: not selected by the revealed secret" in out
+    assert f"audit of receipt {failed[1]}: selected at rate 0.0 but its host published no root" in out
+    # Without openings the verdicts stand unchecked, but the selection is still rechecked.
+    rewrite(lambda x: x)
+    code, out = cli("audit", log, "--audits", log + ".audits")
+    assert code == 0 and "OK" in out
