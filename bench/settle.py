@@ -23,11 +23,12 @@ from gpunexus.hub.config import HubConfig
 from gpunexus.hub.db import Database, metadata
 from gpunexus.hub.receipts import ParallelPrecheck
 from gpunexus.hub.service import Hub, host_registration_statement
-from gpunexus.protocol.messages import Receipt
+from gpunexus.protocol.messages import Offer, Receipt
 from gpunexus.protocol.money import cost_micro
 from gpunexus.protocol.signing import Signer, verify_signature
 
 BATCHES = (1, 100, 1000)
+PRICE = 200_000
 
 
 def ed25519_per_s(seconds: float = 1.0) -> float:
@@ -46,8 +47,8 @@ def receipts_for(host: Signer, gateway: Signer, n: int, issued_at: float) -> lis
     out = []
     for i in range(n):
         r = Receipt(request_id=os.urandom(16).hex(), host_id=host.peer_id, gateway_id=gateway.peer_id, model="bench",
-                    model_hash="h", price_micro_per_mtok=200_000, tokens_in=300, tokens_out=200,
-                    cost_micro=cost_micro(500, 200_000), output_hash=os.urandom(32), prompt_hash=os.urandom(32),
+                    model_hash="h", price_micro_per_mtok=PRICE, tokens_in=300, tokens_out=200,
+                    cost_micro=cost_micro(500, PRICE), output_hash=os.urandom(32), prompt_hash=os.urandom(32),
                     seed=i, finish_reason="stop", commitment=b"", issued_at=issued_at)
         out.append(r.signed(host, "host_sig").signed(gateway, "gateway_sig").encode())
     return out
@@ -67,6 +68,11 @@ async def settle_rate(url: str, batch: int, total: int, workers: int) -> float:
     hub.grant_sync("client@bench", 10**12, "bench")
     host, gateway = Signer.generate(), Signer.generate()
     await hub.register_host(host_user, host.peer_id, host.sign(host_registration_statement(hub.hub_id, host.peer_id)))
+    now = time.time()
+    offer = Offer(peer_id=host.peer_id, model="bench", model_hash="h", price_micro_per_mtok=PRICE, tokens_per_s=50.0,
+                  free_slots=4, max_slots=4, max_context=2048, region="", license="", follows_market=False, addrs=(),
+                  seq=1, issued_at=now, expires_at=now + 600).signed(host)
+    await hub.post_offer(host_user, offer.encode())  # receipts settle only at a price the host offered
     allowance = await hub.allowance(client, gateway.peer_id, 50_000_000)
     blobs = receipts_for(host, gateway, total, allowance.issued_at + 1)
     start = time.perf_counter()

@@ -107,15 +107,16 @@ def _root_of(conn: Connection, host_id: str, period: int) -> bytes | None:
 
 def _choose(conn: Connection, rows: list[dict], secret: bytes, root: bytes | None, now: float) -> list[str]:
     """Decide waiting-shaped ``rows`` of one host and period; insert the selected as pending audits."""
-    out = []
+    chosen = []
     for w in rows:
         rate = w["rate"] if root is not None else 1.0  # no root by the deadline: everything is audited
         if rate >= 1.0 or selection.is_selected(secret, root, w["request_id"], rate):
-            conn.execute(ledger.insert_ignore(conn, audits).values(
-                request_id=w["request_id"], host_id=w["host_id"], gateway_id=w["gateway_id"], period=w["period"],
-                rate=rate, receipt=w["receipt"], status="pending", reasons="", selected_at=now, withheld=0, debt=0))
-            out.append(w["request_id"])
-    return out
+            chosen.append({"request_id": w["request_id"], "host_id": w["host_id"], "gateway_id": w["gateway_id"],
+                           "period": w["period"], "rate": rate, "receipt": w["receipt"], "status": "pending",
+                           "reasons": "", "selected_at": now, "withheld": 0, "debt": 0})
+    if chosen:  # one multi-row statement: a batch of 1000 receipts must not cost 1000 round trips
+        conn.execute(ledger.insert_ignore(conn, audits), chosen)
+    return [c["request_id"] for c in chosen]
 
 
 def select_settled(conn: Connection, cfg: HubConfig, settled: list[tuple[Receipt, bytes]], now: float) -> list[str]:
@@ -134,28 +135,42 @@ def select_settled(conn: Connection, cfg: HubConfig, settled: list[tuple[Receipt
             sa.select(receipt_log.c.request_id).join(users, users.c.id == receipt_log.c.client_user_id)
             .where(receipt_log.c.request_id.in_([r.request_id for r, _ in settled]),
                    users.c.email.in_(sorted(e.strip().lower() for e in cfg.challenge_accounts)))).scalars())
-    picked = []
+    secrets: dict[int, bytes] = {}
+    roots: dict[tuple[str, int], bytes | None] = {}
+    groups: dict[tuple[str, int], list[dict]] = {}  # (host, period) -> rows decided now
+    waiting = []
     for receipt, data in settled:
         period = period_of(cfg, receipt.issued_at)
-        secret, _ = period_secret(conn, period, now)
+        if period not in secrets:
+            secrets[period], _ = period_secret(conn, period, now)
+        key = (receipt.host_id, period)
+        if key not in roots:
+            roots[key] = _root_of(conn, receipt.host_id, period)
         rate = 1.0 if receipt.request_id in challenged else host_rate(cfg, reps[receipt.host_id])
         row = {"request_id": receipt.request_id, "host_id": receipt.host_id, "gateway_id": receipt.gateway_id,
                "period": period, "rate": rate, "receipt": data, "settled_at": now}
-        root = _root_of(conn, receipt.host_id, period)
-        if rate >= 1.0 or root is not None or now >= root_deadline(cfg, period):
-            picked += _choose(conn, [row], secret, root, now)
+        if rate >= 1.0 or roots[key] is not None or now >= root_deadline(cfg, period):
+            groups.setdefault(key, []).append(row)
         else:
-            conn.execute(ledger.insert_ignore(conn, audit_waiting).values(**row))
+            waiting.append(row)
+    if waiting:
+        conn.execute(ledger.insert_ignore(conn, audit_waiting), waiting)
+    picked = []
+    for (host_id, period), rows in groups.items():
+        picked += _choose(conn, rows, secrets[period], roots[(host_id, period)], now)
     return picked
 
 
 def _decide_waiting(conn: Connection, where, root_for, now: float) -> list[str]:
     rows = [dict(r._mapping) for r in conn.execute(sa.select(audit_waiting).where(where)
                                                     .order_by(audit_waiting.c.host_id, audit_waiting.c.period))]
-    picked = []
+    groups: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
-        secret, _ = period_secret(conn, r["period"], now)
-        picked += _choose(conn, [r], secret, root_for(r), now)
+        groups.setdefault((r["host_id"], r["period"]), []).append(r)
+    picked = []
+    for (_, period), group in groups.items():
+        secret, _ = period_secret(conn, period, now)
+        picked += _choose(conn, group, secret, root_for(group[0]), now)
     if rows:
         conn.execute(sa.delete(audit_waiting).where(audit_waiting.c.request_id.in_([r["request_id"] for r in rows])))
     return picked
