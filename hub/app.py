@@ -29,6 +29,7 @@ from .ratelimit import RateLimiter
 from .service import VERSION, Hub, HubError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_REVOCATION_WAIT_S = 30.0
 _TYPES = {401: "invalid_request_error", 402: "insufficient_quota", 403: "permission_error", 429: "rate_limit_error"}
 
 
@@ -55,10 +56,10 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     limiter = limiter or RateLimiter(hub.config.rate_per_s, hub.config.rate_burst)
 
-    async def current_user() -> User:
+    async def current_user(*, allow_revoked: bool = False) -> User:
         header = request.headers.get("authorization", "")
         token = header[7:].strip() if header[:7].lower() == "bearer " else None
-        user = await hub.authenticate(token)
+        user = await hub.authenticate(token, allow_revoked=allow_revoked)
         wait = limiter.take(token.split("_")[1])
         if wait:
             raise RateLimited(wait)
@@ -115,13 +116,18 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         data = await body()
         budget = _int(data, "budget_micro", optional=True)
         a = await hub.allowance(user, _str(data, "gateway_id"), budget)
+        target = min(budget or hub.config.allowance_budget_micro, hub.config.allowance_max_micro)
         return jsonify({"allowance": base64.b64encode(a.encode()).decode(), "allowance_id": a.allowance_id,
                         "hub_id": a.hub_id, "account": a.account, "budget_micro": a.budget_micro,
-                        "issued_at": a.issued_at, "expires_at": a.expires_at})
+                        "issued_at": a.issued_at, "expires_at": a.expires_at,
+                        "limited_by_balance": a.budget_micro < target})
 
     @app.post("/v1/receipts")
     async def submit() -> Response:
-        await current_user()
+        # A revoked key still delivers: these receipts are work served under its
+        # allowance before the revocation, and they prove themselves (both
+        # signatures, an allowance window); the allowance, not the key, pays.
+        await current_user(allow_revoked=True)
         items = (await body()).get("receipts")
         if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
             raise HubError(400, "invalid_request_error", "receipts must be a list of base64 strings", "receipts")
@@ -131,6 +137,16 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
             raise HubError(400, "invalid_request_error", "receipts must be base64", "receipts") from None
         outcomes = await hub.submit(blobs)
         return jsonify({"results": [o.to_json() for o in outcomes]})
+
+    @app.get("/v1/revocations")
+    async def revocations() -> Response:
+        user = await current_user(allow_revoked=True)
+        after = _query_float("after", 0.0, 0.0, 1e12)
+        wait_s = _query_float("wait_s", 0.0, 0.0, MAX_REVOCATION_WAIT_S)
+        found = await hub.revocations(user, after, wait_s)
+        cursor = max([after, *(r.revoked_at for r in found)])
+        return jsonify({"hub_id": hub.hub_id, "cursor": cursor,
+                        "revocations": [base64.b64encode(r.encode()).decode() for r in found]})
 
     @app.get("/v1/balance")
     async def balance() -> Response:
@@ -237,6 +253,19 @@ class RateLimited(Exception):
     def __init__(self, wait_s: float) -> None:
         super().__init__(f"retry in {wait_s:.2f}s")
         self.wait_s = wait_s
+
+
+def _query_float(name: str, default: float, lo: float, hi: float) -> float:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not lo <= value <= hi:  # NaN fails too
+        raise HubError(400, "invalid_request_error", f"{name} must be a number in [{lo:g}, {hi:g}]", name)
+    return value
 
 
 def _str(data: dict, name: str) -> str:

@@ -9,7 +9,8 @@ returned once, at creation, and never again.
 
 Authentication reads the key row on every request (no cache), so a revocation
 takes effect on the very next request, on every hub process sharing the
-database.
+database. Gateways, which answer requests without asking the hub, hear of a
+revocation through a long poll (:meth:`gpunexus.hub.service.Hub.revocations`).
 """
 
 from __future__ import annotations
@@ -128,8 +129,14 @@ def revoke_key(conn: Connection, key_id: str) -> bool:
     return conn.execute(stmt).first() is not None
 
 
-def authenticate(conn: Connection, token: str | None) -> User:
-    """The user owning bearer ``token``, or AuthError (same message for every failure)."""
+def authenticate(conn: Connection, token: str | None, allow_revoked: bool = False) -> User:
+    """The user owning bearer ``token``, or AuthError (same message for every failure).
+
+    ``allow_revoked`` admits a revoked key: for what a revoked key may still
+    do, delivering receipts of work served before the revocation (they
+    authenticate themselves by their signatures and allowance) and hearing
+    of its own revocation.
+    """
     parts = (token or "").split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX:
         raise AuthError("Incorrect API key provided.")
@@ -138,6 +145,21 @@ def authenticate(conn: Connection, token: str | None) -> User:
         .join(users, users.c.id == api_keys.c.user_id)
         .where(api_keys.c.key_id == parts[1])
     ).first()
-    if row is None or not hmac.compare_digest(row.secret_hash, _hash(parts[2])) or row.revoked_at is not None:
+    if row is None or not hmac.compare_digest(row.secret_hash, _hash(parts[2])) or (row.revoked_at is not None and not allow_revoked):
         raise AuthError("Incorrect API key provided.")
     return _user(row)
+
+
+def revocations_since(conn: Connection, user_id: int, after: float) -> list[tuple[str, float]]:
+    """(key id, revoked at) of ``user_id``'s keys revoked after ``after``, oldest first."""
+    q = (
+        sa.select(api_keys.c.key_id, api_keys.c.revoked_at)
+        .where(api_keys.c.user_id == user_id, api_keys.c.revoked_at > after)
+        .order_by(api_keys.c.revoked_at)
+    )
+    return [(r.key_id, r.revoked_at) for r in conn.execute(q)]
+
+
+def last_revocation(conn: Connection) -> float:
+    """When the latest revocation on this hub happened (0.0 if none): what a watcher polls."""
+    return conn.execute(sa.select(sa.func.coalesce(sa.func.max(api_keys.c.revoked_at), 0.0))).scalar_one()

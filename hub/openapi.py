@@ -54,7 +54,8 @@ def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
             "Issue a hub-signed, short-lived budget for a gateway peer id, reserved from the balance. "
             "A renewal rolls the unspent budget of the previous allowance over.",
             _obj({"allowance": _B64, "allowance_id": _STR, "hub_id": _STR, "account": _STR,
-                  "budget_micro": _MICRO, "issued_at": _NUM, "expires_at": _NUM}),
+                  "budget_micro": _MICRO, "issued_at": _NUM, "expires_at": _NUM,
+                  "limited_by_balance": {"type": "boolean", "description": "the account's balance, not the asked budget, set the size"}}),
             body=_obj({"gateway_id": _STR, "budget_micro": _MICRO}, ["gateway_id"]), errors=(400, 402, 409))},
         "/v1/receipts": {"post": _op(
             "Settle a batch of countersigned receipts (Receipt.encode(), base64). Each is settled exactly once; "
@@ -64,6 +65,16 @@ def spec(extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
                 "request_id": _STR, "status": {"enum": ["settled", "duplicate", "refused"]},
                 "reason": _STR, "seq": {"type": ["integer", "null"]}, "cost_micro": _MICRO})}}),
             body=_obj({"receipts": {"type": "array", "items": _B64, "maxItems": 1000}}), errors=(400, 413))},
+        "/v1/revocations": {"get": {**_op(
+            "A long poll for revocations of the key's account's keys after 'after' (unix s): answers at once when "
+            "there are some, else when one happens or after wait_s. Each is a hub-signed Revocation (base64); "
+            "'cursor' is the 'after' of the next poll. A revoked key may still poll (it hears of its own "
+            "revocation) and still deliver receipts of work served before it.",
+            _obj({"hub_id": _STR, "cursor": _NUM, "revocations": {"type": "array", "items": _B64}}), errors=(400,)),
+            "parameters": [
+                {"name": "after", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0, "maximum": 1e12}},
+                {"name": "wait_s", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0, "maximum": 30}},
+            ]}},
         "/v1/balance": {"get": _op("Available and held credit of the key's account",
                                    _obj({"account": _STR, "available_micro": _MICRO, "held_micro": _MICRO}))},
         "/v1/usage": {"get": _op("What the key's account spent, by model", SUMMARY)},

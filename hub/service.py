@@ -17,7 +17,7 @@ import trio
 from gpunexus.protocol.codec import decode_as
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.ids import public_key_from_peer_id
-from gpunexus.protocol.messages import Allowance, HostReputation, Offer, Receipt, ReceiptRoot, host_registration_statement
+from gpunexus.protocol.messages import Allowance, HostReputation, Offer, Receipt, ReceiptRoot, Revocation, host_registration_statement
 from gpunexus.protocol.signing import Signer, verify_signature
 from sqlalchemy.engine import Connection
 
@@ -29,6 +29,8 @@ from .keys import User
 from .ledger import Journal
 
 VERSION = "1"
+REVOCATION_POLL_S = 0.2
+"""How often the hub looks for revocations made by other processes (a revocation reaches gateways within this)."""
 
 
 class HubError(Exception):
@@ -63,6 +65,8 @@ class Hub:
         """Offers, epochs and published prices (:mod:`gpunexus.hub.market`)."""
         self.precheck: Callable[[list[bytes], HubConfig], list[receipts.Checked]] = receipts.precheck
         """Swap in :class:`~gpunexus.hub.receipts.ParallelPrecheck` to verify on several cores."""
+        self._revoked = trio.Event()
+        """Set (and replaced) each time a revocation lands: wakes :meth:`revocations`."""
 
     @classmethod
     def open(cls, home: str, db_url: str | None = None, config: HubConfig | None = None, **kw) -> Hub:
@@ -77,11 +81,44 @@ class Hub:
         return self.signer.peer_id
 
     # --- auth -------------------------------------------------------------
-    async def authenticate(self, token: str | None) -> User:
+    async def authenticate(self, token: str | None, *, allow_revoked: bool = False) -> User:
         try:
-            return await self.db.read(keys.authenticate, token)
+            return await self.db.read(keys.authenticate, token, allow_revoked)
         except keys.AuthError as exc:
             raise HubError(401, "invalid_api_key", str(exc)) from None
+
+    async def revocations(self, user: User, after: float, wait_s: float) -> list[Revocation]:
+        """Signed revocations of ``user``'s keys after ``after``; waits up to ``wait_s`` for one.
+
+        A long poll: the gateway keeps one open, so a revocation reaches it
+        within :attr:`REVOCATION_POLL_S` of the database write, whichever hub
+        process (or ``gpunexus hub key revoke``) made it.
+        """
+        with trio.move_on_after(wait_s):
+            while True:
+                changed = self._revoked
+                found = await self.db.read(keys.revocations_since, user.id, after)
+                if found:
+                    return [Revocation(self.hub_id, key_id, user.account, at).signed(self.signer) for key_id, at in found]
+                await changed.wait()
+        return []
+
+    async def _watch_revocations(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Wake the long polls whenever the latest revocation in the database changes.
+
+        Polled, because revocations are written by other processes too (the
+        CLI, other hub processes on one PostgreSQL); one cheap indexed max()
+        per interval for the whole hub, however many gateways are waiting.
+        """
+        last = await self.db.read(keys.last_revocation)
+        task_status.started()
+        while True:
+            await trio.sleep(REVOCATION_POLL_S)
+            now = await self.db.read(keys.last_revocation)
+            if now != last:
+                last = now
+                self._revoked.set()
+                self._revoked = trio.Event()
 
     # --- allowances -------------------------------------------------------
     async def allowance(self, user: User, gateway_id: str, budget_micro: int | None) -> Allowance:
@@ -265,6 +302,7 @@ class Hub:
             if self.billing:
                 await nursery.start(self.billing.run)
             await nursery.start(self.market.run)
+            await nursery.start(self._watch_revocations)
             task_status.started()
             while True:
                 await self.release_expired()

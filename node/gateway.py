@@ -9,8 +9,12 @@ client's:
 * no first token within ``first_token_timeout``, a refusal, or a stream that
   breaks before any content: try the next host, invisibly;
 * a host that dies mid-stream: continue on another host from the text
-  already delivered (the order's ``continuation``), so the client's stream
-  simply goes on; the dead host gets no receipt and is not paid;
+  already delivered (the order's ``continuation``, and its token ids where
+  the host streamed them, so the continuation is exact), so the client's
+  stream simply goes on; the dead host gets no receipt and is not paid;
+* money first: each attempt reserves its worst-case cost from the
+  allowance (:func:`worst_case_tokens`) before the order leaves, so a
+  request the allowance cannot cover gets 402 before any host works;
 * nothing left to try: a clean error (HTTP 503 before content, an SSE error
   event after), never a hang.
 """
@@ -124,14 +128,14 @@ class GatewayService:
         if not self.book.for_model(request.model):
             raise APIError(404, f"The model '{request.model}' does not exist or no host serves it right now.", param="model", code="model_not_found")
         try:
-            grant = self.settlement.authorize(bearer, 0)
+            grant = self.settlement.authorize(bearer)
         except SettlementRefused as refused:
-            headers = {"x-should-retry": "false"} if refused.status == 402 else {}
-            raise APIError(refused.status, refused.message, type="insufficient_quota" if refused.status == 402 else "invalid_request_error", code=refused.code, headers=headers) from None
+            raise _refusal_error(refused) from None
         request_id = new_request_id()
         seed = _seed(request, request_id)
         delivered_text = ""
         delivered_tokens = 0
+        delivered_ids: list[int] | None = []  # None once a host streamed tokens without ids
         tried: set[str] = set()
         last_error = "no host serves this model within your price and speed limits"
         for attempt in range(self.config.max_attempts):
@@ -143,7 +147,16 @@ class GatewayService:
                 break
             offer = candidates[0]
             tried.add(offer.peer_id)
-            order = self._order(request, offer, request_id if attempt == 0 else new_request_id(), seed, delivered_text, request.max_tokens - delivered_tokens, grant.allowance)
+            continuation_ids = tuple(delivered_ids) if delivered_ids else ()
+            order = self._order(request, offer, request_id if attempt == 0 else new_request_id(), seed, delivered_text,
+                                continuation_ids, request.max_tokens - delivered_tokens, grant.allowance)
+            reserved = cost_micro(worst_case_tokens(order), order.price_micro_per_mtok)
+            try:
+                self.settlement.reserve(grant, reserved)
+            except SettlementRefused as refused:
+                if delivered_tokens:
+                    raise _MidStreamExhausted(f"the rest of the response cannot be paid for: {refused.message}") from None
+                raise _refusal_error(refused) from None
             outcome = _Outcome()
             try:
                 await self._attempt(offer, order, outcome, emit)
@@ -152,6 +165,10 @@ class GatewayService:
                 self.matcher.report_failure(offer.peer_id, time.monotonic())
                 delivered_text += outcome.text
                 delivered_tokens += outcome.tokens
+                if delivered_ids is not None and len(outcome.token_ids) == outcome.tokens:
+                    delivered_ids.extend(outcome.token_ids)
+                else:
+                    delivered_ids = None
                 if outcome.tokens:
                     self.stats.failovers += 1
                     log.warning("host %s failed mid-stream after %d tokens (%s); continuing elsewhere", offer.peer_id, outcome.tokens, failure)
@@ -160,6 +177,10 @@ class GatewayService:
                 if delivered_tokens >= request.max_tokens:
                     return Finish("length", Usage(0, delivered_tokens))
                 continue
+            finally:
+                # Released before the receipt is recorded, with no await between the
+                # two: the receipt's actual cost takes the reservation's place.
+                self.settlement.release(grant, reserved)
             self.matcher.report_success(offer.peer_id)
             receipt = outcome.receipt
             assert receipt is not None
@@ -168,6 +189,8 @@ class GatewayService:
                 self.stats.receipts_rejected += 1
                 log.warning("refusing to countersign receipt %s from %s: %s", receipt.request_id, offer.peer_id, "; ".join(outcome.problems))
             else:
+                if receipt.cost_micro > reserved:
+                    log.warning("receipt %s costs %d micro-USD, over the %d reserved for it", receipt.request_id, receipt.cost_micro, reserved)
                 self._settle(receipt, order, outcome, delivered_tokens)
             prompt_tokens = max(0, receipt.tokens_in - delivered_tokens) if delivered_tokens else receipt.tokens_in
             return Finish(receipt.finish_reason, Usage(prompt_tokens, delivered_tokens + outcome.tokens), receipt.model_hash[:32])
@@ -175,7 +198,8 @@ class GatewayService:
             raise _MidStreamExhausted(f"every host failed mid-response: {last_error}")
         raise APIError(503, f"No host available for '{request.model}': {last_error}.", type="server_error", code="no_host_available")
 
-    def _order(self, request: CompletionRequest, offer: Offer, request_id: str, seed: int, continuation: str, max_tokens: int, allowance: bytes) -> Order:
+    def _order(self, request: CompletionRequest, offer: Offer, request_id: str, seed: int, continuation: str,
+               continuation_ids: tuple[int, ...], max_tokens: int, allowance: bytes) -> Order:
         return Order(
             request_id=request_id,
             gateway_id=self.node.peer_id,
@@ -187,6 +211,7 @@ class GatewayService:
             messages=request.messages,
             prompt=request.prompt,
             continuation=continuation,
+            continuation_ids=continuation_ids,
             sampling=Sampling(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, stop=request.stop, seed=seed),
             allowance=allowance,
             issued_at=time.time(),
@@ -298,8 +323,40 @@ class GatewayService:
                 request_id=order.request_id, kind=order.kind, messages=order.messages, prompt=order.prompt,
                 continuation=order.continuation, sampling=order.sampling, max_tokens=order.max_tokens,
                 first_draw=first_draw, output_ids=tuple(outcome.token_ids), output_text=outcome.text,
+                continuation_ids=order.continuation_ids,
             ))
         self.settlement.record(countersigned)
+
+
+PROMPT_OVERHEAD_TOKENS = 64
+"""Tokens a chat template or a tokenizer may add around a whole prompt (BOS, the assistant's turn, a default system line)."""
+MESSAGE_OVERHEAD_TOKENS = 16
+"""Tokens a chat template may add around each message (role headers, separators)."""
+
+
+def worst_case_tokens(order: Order) -> int:
+    """An upper bound on ``tokens_in + tokens_out`` of the receipt this order can earn.
+
+    Prompt tokens are bounded by UTF-8 bytes: a byte-level tokenizer makes
+    one token per byte, and a BPE or sentencepiece vocabulary with byte
+    fallback never makes a token of less than one byte. Templates add a
+    bounded number of special tokens (``*_OVERHEAD_TOKENS``). The gateway
+    reserves this bound's cost before it sends the order, so the estimate
+    errs high; the receipt's exact cost replaces it.
+    """
+    text_bytes = sum(len(m.content.encode("utf-8", "surrogatepass")) for m in order.messages) + len(order.prompt.encode("utf-8", "surrogatepass"))
+    continued = len(order.continuation_ids) if order.continuation_ids else len(order.continuation.encode("utf-8", "surrogatepass"))
+    overhead = PROMPT_OVERHEAD_TOKENS + MESSAGE_OVERHEAD_TOKENS * len(order.messages)
+    return text_bytes + continued + overhead + order.max_tokens
+
+
+def _refusal_error(refused: SettlementRefused) -> APIError:
+    """The settlement hook's refusal as the OpenAI error a client expects."""
+    if refused.status == 402:
+        return APIError(402, refused.message, type="insufficient_quota", code=refused.code, headers={"x-should-retry": "false"})
+    if refused.status >= 500:
+        return APIError(refused.status, refused.message, type="server_error", code=refused.code, headers={"retry-after": "1"})
+    return APIError(refused.status, refused.message, type="invalid_request_error", code=refused.code)
 
 
 class _MidStreamExhausted(APIError):

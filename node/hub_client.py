@@ -8,11 +8,21 @@ when it runs with ``--hub URL --api-key KEY``:
   revoked (or the caller's bearer is not the key), 402 ``insufficient_quota``
   when the hub has no more credit to give, 503 ``hub_unreachable`` when the
   allowance ran out of time while the hub could not be reached.
+* ``reserve`` holds each order's worst-case cost before the order is sent,
+  ``release`` gives it back when the order ends (its receipt is recorded
+  right after): the orders in flight plus the receipts not yet delivered
+  never promise more than the allowance holds, so a host is never sent an
+  order the allowance cannot pay.
+* Revocations arrive through a long poll (``GET /v1/revocations``): the key
+  is refused from the moment the hub's signed revocation arrives, while the
+  receipts already served under its allowance are still delivered (the hub
+  takes them from a revoked key: the allowance, not the key, pays).
 * ``record`` appends the countersigned receipt to a SQLite queue on disk
   (``synchronous=FULL``) before it returns, so a killed gateway loses nothing.
 * :meth:`HubSettlement.run` renews the allowance in the background (at half
   its lifetime or half its budget, whichever comes first) and delivers the
-  queue in batches, with back-off while the hub is unreachable. A receipt
+  queue in batches, with a short, capped back-off while the hub is
+  unreachable that ends the moment the hub answers any call. A receipt
   leaves the queue only once the hub answered for it (settled, duplicate, or
   refused for good); the hub settles each request id once, so redelivering
   after a crash or a lost response never bills twice.
@@ -61,6 +71,7 @@ from gpunexus.protocol.messages import (
     PriceUpdate,
     Receipt,
     ReceiptRoot,
+    Revocation,
     host_registration_statement,
 )
 from gpunexus.protocol.signing import Signer
@@ -73,6 +84,10 @@ CLOCK_SKEW_S = 60.0
 NO_RETENTION_MIN_P_HONEST = 0.5
 """Reputation bar of a gateway that keeps no audit openings (see ``HubSettlement.excluded_host``)."""
 _MAX_BACKOFF_S = 30.0
+_MAX_DELIVERY_BACKOFF_S = 5.0
+"""Receipts are money owed to hosts: never wait long to retry them."""
+REVOCATION_WAIT_S = 20.0
+"""How long one revocation long poll waits at the hub before it is renewed."""
 
 
 class HubUnavailable(Exception):
@@ -194,6 +209,9 @@ class _Budget:
     allowance: Allowance
     encoded: bytes
     remaining: int
+    """The budget less the cost of receipts recorded but not yet acknowledged by the hub."""
+    limited_by_balance: bool
+    """The hub gave less than asked: this allowance holds all the account's credit."""
 
 
 class HubSettlement:
@@ -234,16 +252,23 @@ class HubSettlement:
         self._http = httpx.AsyncClient(base_url=self.hub_url, headers={"authorization": f"Bearer {api_key}"},
                                        transport=transport, timeout=timeout_s)
         self._budget: _Budget | None = None
+        self._reserved = 0
+        """Worst-case cost of the orders in flight (see :meth:`reserve`)."""
+        self._want_micro: int | None = None
+        """A larger budget to ask at the next renewal, when requests in flight need it."""
+        self._revocation_cursor = 0.0
         self._key_refused: str | None = None
         self._no_credit = False
         self._hub_reached = False
+        self.key_id = api_key.split("_")[1] if api_key.count("_") >= 2 else ""
         self._renew_now = trio.Event()
         self._deliver_now = trio.Event()
+        self._hub_back = trio.Event()
         self._deliver_lock = trio.Lock()
         self._audit_lock = trio.Lock()
 
     # --- request path (no I/O but the local queue) ------------------------
-    def authorize(self, bearer: str | None, estimate_micro: int) -> Grant:
+    def authorize(self, bearer: str | None) -> Grant:
         if self._key_refused is not None:
             raise SettlementRefused(401, "invalid_api_key", self._key_refused)
         if self.require_bearer and not hmac.compare_digest((bearer or "").encode(), self.api_key.encode()):
@@ -254,10 +279,37 @@ class HubSettlement:
             if self._no_credit or (b is None and self._hub_reached):
                 raise SettlementRefused(402, "insufficient_quota", "You exceeded your current quota, please add credits.")
             raise SettlementRefused(503, "hub_unreachable", "The settlement hub cannot be reached right now; retry shortly.")
-        if b.remaining <= 0 or b.remaining < min(estimate_micro, b.allowance.budget_micro):
+        if self.available_micro() <= 0 and b.limited_by_balance:
             self._renew_now.set()
             raise SettlementRefused(402, "insufficient_quota", "You exceeded your current quota, please add credits.")
         return Grant(allowance=b.encoded)
+
+    def available_micro(self) -> int:
+        """What the allowance can still promise: budget less queued receipts and requests in flight."""
+        b = self._budget
+        return 0 if b is None else b.remaining - self._reserved
+
+    def reserve(self, grant: Grant, micro: int) -> None:
+        """Hold one order's worst-case cost, or refuse it before any host works.
+
+        402 when the allowance already holds all the credit the account has;
+        503 (retry) when requests in flight hold the allowance but the account
+        has more: a larger allowance is asked for at once.
+        """
+        if micro <= self.available_micro():
+            self._reserved += micro
+            return
+        self._renew_now.set()
+        b = self._budget
+        if b is None or b.limited_by_balance or self._no_credit:
+            raise SettlementRefused(402, "insufficient_quota",
+                                    "You exceeded your current quota, please add credits "
+                                    f"(this request may cost up to {micro} micro-USD).")
+        self._want_micro = max(self._want_micro or 0, 2 * (self._reserved + micro + self.queue.pending_cost()))
+        raise SettlementRefused(503, "allowance_renewing", "Requests in flight hold this gateway's allowance; a larger one is on its way, retry shortly.")
+
+    def release(self, grant: Grant, micro: int) -> None:
+        self._reserved -= micro
 
     def record(self, receipt: Receipt) -> None:
         opening = self._openings.pop(receipt.request_id, None)
@@ -302,7 +354,7 @@ class HubSettlement:
         b = self._budget
         return {
             "hub": self.hub_url, "pending_receipts": len(self.queue), "key_refused": self._key_refused is not None,
-            "allowance_remaining_micro": b.remaining if b else 0,
+            "allowance_remaining_micro": b.remaining if b else 0, "reserved_micro": self._reserved,
             "allowance_expires_at": b.allowance.expires_at if b else None,
         }
 
@@ -318,6 +370,7 @@ class HubSettlement:
                 nursery.start_soon(self._deliver_loop)
                 nursery.start_soon(self._audit_loop)
                 nursery.start_soon(self._reputation_loop)
+                nursery.start_soon(self._revocation_loop)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -331,8 +384,16 @@ class HubSettlement:
     async def renew(self) -> Allowance:
         """Ask the hub for a fresh allowance now (also called by the background loop)."""
         body: dict[str, Any] = {"gateway_id": self.gateway_id}
-        if self.budget_micro is not None:
-            body["budget_micro"] = self.budget_micro
+        want = max(self.budget_micro or 0, self._want_micro or 0)
+        if want:
+            body["budget_micro"] = want
+        # Under the delivery lock: the budget left is the new allowance less the
+        # receipts still queued, which a concurrent delivery must not change between
+        # the hub's answer and the count.
+        async with self._deliver_lock:
+            return await self._renew(body)
+
+    async def _renew(self, body: dict[str, Any]) -> Allowance:
         try:
             data = await _call(self._http, "POST", "/v1/allowances", self.timeout_s, json=body)
         except HubRefused as exc:
@@ -351,9 +412,12 @@ class HubSettlement:
         allowance.verify()
         if allowance.gateway_id != self.gateway_id:
             raise ProtocolError("the hub issued an allowance for another gateway")
-        self._budget = _Budget(allowance, encoded, allowance.budget_micro - self.queue.pending_cost())
+        self._budget = _Budget(allowance, encoded, allowance.budget_micro - self.queue.pending_cost(),
+                               data.get("limited_by_balance") is True)
+        self._want_micro = None
         self._key_refused = None
         self._no_credit = False
+        self._hub_answered()
         return allowance
 
     def _renew_due_in(self) -> float:
@@ -374,28 +438,85 @@ class HubSettlement:
                 backoff = 1.0
             except (HubUnavailable, HubRefused, ProtocolError) as exc:
                 log.warning("allowance renewal failed: %s", exc)
-                await trio.sleep(backoff)  # back-off: never hammer a hub that is down or says no
+                # Back-off: never hammer a hub that is down or says no, but retry as
+                # soon as it answers anything else (it is back).
+                with trio.move_on_after(backoff):
+                    await self._hub_back.wait()
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
+    def _hub_answered(self) -> None:
+        """Any hub answer ends a delivery back-off at once: queued receipts go now."""
+        self._hub_back.set()
+        self._hub_back = trio.Event()
+        if len(self.queue):
+            self._deliver_now.set()
+
     async def _deliver_loop(self) -> None:
-        backoff = 1.0
+        """Deliver every ``flush_interval_s``, at once when a batch fills, and right after an outage.
+
+        A failed delivery waits (doubling, capped at ``_MAX_DELIVERY_BACKOFF_S``)
+        but no longer than until the hub answers any other call (a renewal,
+        the revocation poll): the queue drains as soon as the hub is back.
+        """
+        backoff = 0.5
         while True:
             with trio.move_on_after(self.flush_interval_s):
                 await self._deliver_now.wait()
             self._deliver_now = trio.Event()
             try:
                 await self.flush()
-                backoff = 1.0
+                backoff = 0.5
+                continue
             except HubUnavailable as exc:
                 log.warning("receipt delivery failed (%d queued): %s", len(self.queue), exc)
-                await trio.sleep(max(backoff, exc.retry_after or 0.0))
-                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                delay = max(backoff, exc.retry_after or 0.0)
             except HubRefused as exc:
-                if exc.status == 401:
-                    self._key_refused = exc.message
                 log.warning("hub refused a receipt batch: %s", exc)
+                delay = backoff
+            backoff = min(backoff * 2, _MAX_DELIVERY_BACKOFF_S)
+            with trio.move_on_after(delay):
+                await self._hub_back.wait()
+            self._deliver_now.set()
+
+    async def _revocation_loop(self) -> None:
+        """Hold a long poll on ``GET /v1/revocations``: a revoked key stops serving within a second.
+
+        Stops once this gateway's key is refused (nothing left to hear).
+        """
+        backoff = 0.5
+        while self._key_refused is None:
+            try:
+                data = await _call(self._http, "GET", "/v1/revocations", REVOCATION_WAIT_S + self.timeout_s,
+                                   params={"after": self._revocation_cursor, "wait_s": REVOCATION_WAIT_S},
+                                   timeout=REVOCATION_WAIT_S + self.timeout_s)
+                self._hub_answered()
+                self._take_revocations(data)
+                backoff = 0.5
+            except (HubUnavailable, HubRefused, ProtocolError) as exc:
+                if isinstance(exc, HubRefused) and exc.status == 401:
+                    self._key_refused = exc.message
+                    return
+                log.debug("revocation poll: %s", exc)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    def _take_revocations(self, data: Any) -> None:
+        if not isinstance(data, dict) or not isinstance(data.get("revocations"), list):
+            raise ProtocolError("the hub's revocations answer is not a list")
+        hub_id = self._budget.allowance.hub_id if self._budget else data.get("hub_id")
+        for blob in data["revocations"]:
+            try:
+                revocation = decode_as(Revocation, base64.b64decode(blob, validate=True))
+                revocation.verify()
+            except (ProtocolError, binascii.Error, TypeError, ValueError) as exc:
+                log.warning("hub sent an unreadable revocation: %s", exc)
+                continue
+            if revocation.hub_id == hub_id and revocation.key_id == self.key_id:
+                log.warning("API key %s was revoked at the hub: refusing its requests from now on", self.key_id)
+                self._key_refused = "Incorrect API key provided."
+        cursor = data.get("cursor")
+        if isinstance(cursor, (int, float)) and math.isfinite(cursor):
+            self._revocation_cursor = max(self._revocation_cursor, float(cursor))
 
     async def _audit_loop(self) -> None:
         while True:

@@ -1,10 +1,13 @@
 """The gateway's settlement hook: who may spend, and where receipts go.
 
-The gateway asks this hook two things on the request path, both answered from
-local state with no network round trip: may this caller spend (and with which
-hub-signed allowance), and what to do with a countersigned receipt. Anything
-slow (renewing allowances, delivering receipts to a hub) happens in the
-hook's own background task.
+The gateway asks this hook, on the request path and from local state with no
+network round trip: may this caller spend (and with which hub-signed
+allowance), may it hold back a request's worst-case cost before a host is
+sent the order, and what to do with a countersigned receipt. Reserving
+before the order is what keeps hosts paid: an allowance can never be
+promised to more work than it can pay for, however many requests run at
+once. Anything slow (renewing allowances, delivering receipts to a hub)
+happens in the hook's own background task.
 
 A private swarm (no hub) uses :class:`FreeSettlement`; the hub plugs in its own
 implementation (``gpunexus.node.hub_client``) without the gateway changing.
@@ -41,8 +44,14 @@ class Settlement(Protocol):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background work (renewals, receipt delivery); started in the gateway's nursery."""
 
-    def authorize(self, bearer: str | None, estimate_micro: int) -> Grant:
+    def authorize(self, bearer: str | None) -> Grant:
         """Grant or raise SettlementRefused (401 bad key, 402 out of credits). No I/O."""
+
+    def reserve(self, grant: Grant, micro: int) -> None:
+        """Hold ``micro`` of the grant's allowance for one order, or raise SettlementRefused (402). No I/O."""
+
+    def release(self, grant: Grant, micro: int) -> None:
+        """Give back a reservation: the order ended (its receipt, if any, is recorded right after)."""
 
     def record(self, receipt: Receipt) -> None:
         """Take a countersigned receipt; must make it durable before returning."""
@@ -58,10 +67,16 @@ class FreeSettlement:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
 
-    def authorize(self, bearer: str | None, estimate_micro: int) -> Grant:
+    def authorize(self, bearer: str | None) -> Grant:
         if self.api_key is not None and bearer != self.api_key:
             raise SettlementRefused(401, "invalid_api_key", "Incorrect API key provided.")
         return Grant(allowance=b"")
+
+    def reserve(self, grant: Grant, micro: int) -> None:
+        """Nothing to hold: a private swarm does not bill."""
+
+    def release(self, grant: Grant, micro: int) -> None:
+        """Nothing was held."""
 
     def record(self, receipt: Receipt) -> None:
         self.receipts.append(receipt)

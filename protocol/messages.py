@@ -7,7 +7,7 @@ Inference (stream ``/gpunexus/infer/1``): the gateway sends one
 host-signed :class:`Receipt`, or with an :class:`Error`.
 Settlement (gateway <-> hub over HTTP): :class:`Allowance`, countersigned
 :class:`Receipt`. Audits (gateway <-> hub over HTTP): :class:`Opening`,
-:class:`HostReputation`.
+:class:`HostReputation`, :class:`Revocation`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,15 @@ def _require(cond: bool, text: str) -> None:
 
 def _peer(value: str, what: str) -> None:
     public_key_from_peer_id(value) if value else _require(False, f"{what} is empty")
+
+
+def _token_ids_ok(ids: tuple[int, ...]) -> bool:
+    return len(ids) <= MAX_TOKENS and all(0 <= t < 2**32 for t in ids)
+
+
+def _prompt_hash(kind: str, messages: tuple[ChatMessage, ...], prompt: str, continuation: str, continuation_ids: tuple[int, ...]) -> bytes:
+    body = [kind, [m.to_wire() for m in messages], prompt, continuation, list(continuation_ids)]
+    return hashlib.sha256(msgpack.packb(body, use_bin_type=True)).digest()
 
 
 def _name(value: str, what: str) -> None:
@@ -171,9 +180,14 @@ class Order(Message):
     """A gateway's signed request to a host: what to run, at what price, for whom.
 
     ``continuation`` is assistant text already delivered to the client by a
-    host that failed mid-stream: the new host continues after it, and the
-    sampler's draw index starts at ``continuation_tokens`` so the seed
-    schedule is not reused.
+    host that failed mid-stream: the new host continues after it.
+    ``continuation_ids`` are the token ids of that text as the failed host
+    produced them, when its backend exposes ids: a host of the same model
+    continues from those ids rather than from re-tokenized text, because a
+    delivered output need not survive a decode/encode round trip (a byte
+    token that is not whole UTF-8 alone, a merge the tokenizer would make
+    differently). Either way the sampler's draw index starts at the number
+    of continued tokens, so the seed schedule is not reused.
     """
 
     TYPE: ClassVar[str] = "order"
@@ -192,6 +206,7 @@ class Order(Message):
     sampling: Sampling
     allowance: bytes
     issued_at: float
+    continuation_ids: tuple[int, ...] = ()
     sig: bytes = b""
 
     def check(self) -> None:
@@ -206,12 +221,12 @@ class Order(Message):
             _require(0 < len(self.messages) <= MAX_MESSAGES, "a chat order needs 1..1024 messages")
         _require(len(self.prompt) <= MAX_PROMPT_CHARS, "order.prompt too long")
         _require(len(self.continuation) <= MAX_TEXT_CHARS, "order.continuation too long")
+        _require(_token_ids_ok(self.continuation_ids), "order.continuation_ids out of range")
         _require(len(self.allowance) <= 4096, "order.allowance too long")
 
     def prompt_hash(self) -> bytes:
-        """SHA-256 of exactly what the model is asked: kind, messages, prompt, continuation."""
-        body = [self.kind, [m.to_wire() for m in self.messages], self.prompt, self.continuation]
-        return hashlib.sha256(msgpack.packb(body, use_bin_type=True)).digest()
+        """SHA-256 of exactly what the model is asked: kind, messages, prompt, continuation (text and ids)."""
+        return _prompt_hash(self.kind, self.messages, self.prompt, self.continuation, self.continuation_ids)
 
 
 @message
@@ -328,6 +343,7 @@ class Opening(Message):
     first_draw: int
     output_ids: tuple[int, ...]
     output_text: str
+    continuation_ids: tuple[int, ...] = ()
 
     def check(self) -> None:
         _require(len(self.request_id) == 32, "opening.request_id must be 32 hex characters")
@@ -335,13 +351,13 @@ class Opening(Message):
         _require(len(self.messages) <= MAX_MESSAGES, "opening has too many messages")
         _require(len(self.prompt) <= MAX_PROMPT_CHARS and len(self.continuation) <= MAX_TEXT_CHARS, "opening prompt too long")
         _require(1 <= self.max_tokens <= MAX_TOKENS and 0 <= self.first_draw <= MAX_TOKENS, "opening counts out of range")
-        _require(len(self.output_ids) <= MAX_TOKENS and all(0 <= t < 2**32 for t in self.output_ids), "opening.output_ids out of range")
+        _require(_token_ids_ok(self.output_ids), "opening.output_ids out of range")
         _require(len(self.output_text) <= MAX_TEXT_CHARS, "opening.output_text too long")
+        _require(_token_ids_ok(self.continuation_ids), "opening.continuation_ids out of range")
 
     def prompt_hash(self) -> bytes:
         """The same hash as :meth:`Order.prompt_hash` of the order this opens."""
-        body = [self.kind, [m.to_wire() for m in self.messages], self.prompt, self.continuation]
-        return hashlib.sha256(msgpack.packb(body, use_bin_type=True)).digest()
+        return _prompt_hash(self.kind, self.messages, self.prompt, self.continuation, self.continuation_ids)
 
     def output_hash(self) -> bytes:
         """The :class:`OutputHasher` digest of the delivered output (chunking does not matter)."""
@@ -371,6 +387,30 @@ class HostReputation(Message):
         _peer(self.peer_id, "reputation.peer_id")
         _require(0.0 <= self.p_honest <= 1.0, "reputation.p_honest must be in [0, 1]")
         _require(0 <= self.failures <= self.audits, "reputation counts out of range")
+
+
+@message
+class Revocation(Message):
+    """The hub's signed word that an API key was revoked at ``revoked_at``.
+
+    Gateways hold a long poll open for these (``GET /v1/revocations``) and
+    stop serving the key the moment one arrives. Work already served under
+    the key's allowance still settles: the allowance, not the key, pays.
+    """
+
+    TYPE: ClassVar[str] = "revocation"
+    SIGNATURES: ClassVar = (("sig", "hub_id"),)
+
+    hub_id: str
+    key_id: str
+    account: str
+    revoked_at: float
+    sig: bytes = b""
+
+    def check(self) -> None:
+        _peer(self.hub_id, "revocation.hub_id")
+        _name(self.key_id, "revocation.key_id")
+        _name(self.account, "revocation.account")
 
 
 @message

@@ -9,9 +9,8 @@ import trio
 
 import sqlalchemy as sa
 
-from gpunexus.hub import keys
+from gpunexus.hub import keys, ledger
 from gpunexus.hub.db import receipt_log
-from gpunexus.node.hub_client import HubRefused
 from gpunexus.node.runtime import HubLogin
 from gpunexus.protocol.money import cost_micro
 from market import running_hub
@@ -78,11 +77,50 @@ async def test_out_of_credits_is_402_and_a_revoked_key_is_401(tmp_path):
                     assert ok.status_code == 200
                     key_id = rich_key.split("_")[1]
                     assert hub.hub.db.write_sync(keys.revoke_key, key_id)
-                    # The gateway hears of the revocation at its next renewal; make it now.
-                    with pytest.raises(HubRefused):
-                        await gateway.service.settlement.renew()
-                    r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
-                assert r.status_code == 401
+                    # The gateway hears of it through its long poll, with no renewal: the next requests get 401.
+                    with trio.fail_after(10):
+                        while (r := await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4})).status_code == 200:
+                            pass
+                    assert r.status_code == 401
+                # Everything served before the revocation is still paid to the host.
+                settlement = gateway.service.settlement
+                await settlement.flush()
+                assert len(settlement.queue) == 0 and not settlement.queue.refused()
+                assert (await host.hub.earnings())["requests"] == len(gateway.service.stats.receipts)
+
+
+async def test_a_small_balance_under_load_never_leaves_a_host_unpaid(tmp_path):
+    """Concurrent requests on a balance that covers only some of them: each is paid or refused up front."""
+    async with running_hub(tmp_path / "hub") as hub:
+        client_key = hub.add_user("small@example.com", "client", 500)  # 500 micro-USD: a few dozen requests
+        host_key = hub.add_user("gpu@example.com", "host")
+        async with running_host(hub=HubLogin(hub.url, host_key), max_slots=8, max_queue=200) as host:
+            async with running_gateway([host.node.listen_addrs()[0]], hub=HubLogin(hub.url, client_key), home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway)
+                codes: list[int] = []
+                body = {"model": "tiny", "messages": [{"role": "user", "content": "spend it"}], "max_tokens": 16}
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers={"authorization": f"Bearer {client_key}"},
+                                             limits=httpx.Limits(max_connections=100)) as http:
+
+                    async def ask() -> None:
+                        codes.append((await http.post("/chat/completions", json=body)).status_code)
+
+                    for _ in range(2):
+                        async with trio.open_nursery() as nursery:
+                            for _ in range(40):
+                                nursery.start_soon(ask)
+                    for _ in range(20):
+                        await ask()
+                settlement = gateway.service.settlement
+                await settlement.flush()
+                served = codes.count(200)
+                assert set(codes) <= {200, 402} and served and codes.count(402)
+                # Every request a host served was paid; none was refused for lack of funds.
+                assert len(settlement.queue) == 0 and settlement.queue.refused() == []
+                assert host.service.stats.served == served
+                assert (await host.hub.earnings())["requests"] == served
+                assert hub.hub.db.read_sync(ledger.verify).ok
+                assert hub.balance("small@example.com") >= 0
 
 
 async def test_a_paid_host_refuses_orders_without_an_allowance(tmp_path):

@@ -213,10 +213,12 @@ def test_from_order_matches_the_reference_backend() -> None:
 
     sampling = Sampling(temperature=0.9, top_p=0.95, top_k=50, stop=("\n\n",), seed=77)
     order = SimpleNamespace(kind="chat", messages=(ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="hi ✓")),
-                            prompt="", continuation="Hel", sampling=sampling, max_tokens=30)
+                            prompt="", continuation="Hel", continuation_ids=(72, 101, 0xC3), sampling=sampling, max_tokens=30)
     backend_ids, first_draw = ReferenceBackend().prompt_ids(
-        GenerationRequest(order.kind, order.messages, order.prompt, order.continuation, sampling, order.max_tokens)
+        GenerationRequest(order.kind, order.messages, order.prompt, order.continuation, sampling, order.max_tokens,
+                          order.continuation_ids)
     )
+    assert backend_ids[-3:] == [72, 101, 0xC3] and first_draw == 3  # the ids, not the text, are continued
     p = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_tokens=30, stop=("\n\n",), seed=77)
     h = honest(host16, tok, backend_ids, p, first_draw=first_draw)
     receipt = SimpleNamespace(seed=77, tokens_in=h.tokens_in, tokens_out=h.tokens_out, finish_reason=h.finish_reason,

@@ -80,6 +80,7 @@ class AuditRequest:
     messages: tuple[Mapping[str, Any], ...] = ()
     prompt: str = ""
     continuation: str = ""
+    continuation_ids: tuple[int, ...] = ()
 
     def resolve_prompt(self, tokenizer: ByteTokenizer) -> tuple[list[int], int]:
         """(prompt ids the model saw, draw index of the first output token)."""
@@ -91,7 +92,7 @@ class AuditRequest:
             ids = tokenizer.completion_prompt(self.prompt)
         else:
             raise ValueError(f"unknown request kind {self.kind!r} and no prompt_ids")
-        continued = tokenizer.encode(self.continuation)
+        continued = list(self.continuation_ids) or tokenizer.encode(self.continuation)
         return ids + continued, len(continued)
 
     @classmethod
@@ -111,7 +112,7 @@ class AuditRequest:
             tokens_out=receipt.tokens_out, finish_reason=receipt.finish_reason,
             commitment=receipt.commitment, model_hash=receipt.model_hash, kind=order.kind,
             messages=tuple({"role": m.role, "content": m.content} for m in order.messages),
-            prompt=order.prompt, continuation=order.continuation,
+            prompt=order.prompt, continuation=order.continuation, continuation_ids=tuple(order.continuation_ids),
         )
 
 

@@ -53,6 +53,11 @@ def generate(
     ``first_draw`` is the index of the first uniform to use: a host that
     continues another host's response (failover) starts after the draws the
     delivered tokens used, so no draw of the seed's schedule is used twice.
+    Those delivered tokens are then the last ``first_draw`` ids of the
+    prompt: they are fed through the text decoder and the stop-string filter
+    first (their text was already shown), so that a character or a possible
+    stop string cut by the failover comes out exactly as in the
+    uninterrupted stream.
 
     The limit is ``params.max_tokens`` or what fits in the context window
     (prompt + output <= max_seq_len), whichever comes first; a prompt that
@@ -71,6 +76,8 @@ def generate(
     limit = min(params.max_tokens, window - len(prompt))
     decoder = tokenizer.stream_decoder()
     held = _StopStringFilter(params.stop)
+    for delivered in prompt[len(prompt) - first_draw:] if first_draw else ():
+        held.push(decoder.feed(delivered))
     for index in range(limit):
         token, logprob = sample(out.logits, params, uniform(params.seed, first_draw + index))
         if token in tokenizer.stop_ids:

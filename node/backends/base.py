@@ -34,10 +34,15 @@ class GenerationRequest:
     continuation: str
     sampling: Sampling
     max_tokens: int
+    continuation_ids: tuple[int, ...] = ()
+    """The continuation as token ids (see ``Order.continuation_ids``): a backend
+    that knows the model's tokenizer continues from these, never from
+    re-encoded text; one that does not (an upstream server) uses the text."""
 
     @classmethod
     def from_order(cls, order: Order) -> GenerationRequest:
-        return cls(order.kind, order.messages, order.prompt, order.continuation, order.sampling, order.max_tokens)
+        return cls(order.kind, order.messages, order.prompt, order.continuation, order.sampling, order.max_tokens,
+                   order.continuation_ids)
 
 
 @dataclass(frozen=True, slots=True)

@@ -163,7 +163,8 @@ class ExLlamaV2Backend:
         """Prompt token ids (continuation included) and how many the continuation took.
 
         The continuation (failover: assistant text another host already
-        delivered) is encoded together with the prompt text, so that a
+        delivered) is taken as its token ids when the order carries them;
+        otherwise it is encoded together with the prompt text, so that a
         sentencepiece tokenizer does not add a word-start space in front of
         it; it counts as the tokens by which the joint encoding is longer
         than the prompt's alone.
@@ -174,6 +175,8 @@ class ExLlamaV2Backend:
         else:
             text, bos, special = request.prompt, True, False
         base = self._encode(text, bos=bos, special=special)
+        if request.continuation_ids:  # the ids a host of this model already delivered: exact
+            return base + list(request.continuation_ids), len(request.continuation_ids)
         if not request.continuation:
             return base, 0
         full = self._encode(text + request.continuation, bos=bos, special=special)

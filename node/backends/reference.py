@@ -43,7 +43,7 @@ class ReferenceBackend:
             ids = self.tokenizer.chat_prompt([{"role": m.role, "content": m.content} for m in request.messages])
         else:
             ids = self.tokenizer.completion_prompt(request.prompt)
-        continued = self.tokenizer.encode(request.continuation)
+        continued = list(request.continuation_ids) or self.tokenizer.encode(request.continuation)
         return ids + continued, len(continued)
 
     async def generate(self, request: GenerationRequest, tokens: trio.MemorySendChannel[Token]) -> GenerationResult:
