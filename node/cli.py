@@ -11,16 +11,17 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import trio
 
 from gpunexus.protocol.money import micro_to_usd, usd_to_micro
 
-from .backends.base import Backend, BackendError
-from .gateway import GatewayConfig
-from .p2p import P2PConfig, format_swarm_key, load_swarm_key
-from .runtime import CONTROL_FILE, GatewayOptions, HostOptions, HubLogin, node_home, open_gateway, open_host
+if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .p2p import P2PConfig
+    from .runtime import HubLogin
 
 log = logging.getLogger("gpunexus.node")
 
@@ -94,6 +95,8 @@ def _network_args(p: argparse.ArgumentParser) -> None:
 
 
 def _p2p(args: argparse.Namespace, default_listen: str) -> P2PConfig:
+    from .p2p import P2PConfig, load_swarm_key
+
     return P2PConfig(
         listen=args.listen or [default_listen],
         bootstrap=list(args.bootstrap),
@@ -102,6 +105,8 @@ def _p2p(args: argparse.Namespace, default_listen: str) -> P2PConfig:
 
 
 def _hub_login(args: argparse.Namespace) -> HubLogin | None:
+    from .runtime import HubLogin
+
     if not args.hub:
         return None
     if not args.api_key:
@@ -128,6 +133,9 @@ def make_backend(args: argparse.Namespace) -> Backend:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .backends.base import BackendError
+    from .runtime import HostOptions, open_host
+
     follow_market = args.price == "market"
     if follow_market and not args.hub:
         raise SystemExit("--price market needs --hub URL: market prices come from the hub")
@@ -178,6 +186,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
+    from .gateway import GatewayConfig
+    from .runtime import GatewayOptions, open_gateway
+
     config = GatewayConfig(first_token_timeout=args.first_token_timeout, min_tokens_per_s=args.min_tokens_per_s)
     if args.max_price:
         try:
@@ -201,6 +212,8 @@ def _gateway(args: argparse.Namespace) -> int:
 
 
 def _control(args: argparse.Namespace) -> int:
+    from .runtime import CONTROL_FILE, node_home
+
     path = node_home(_home(), "host") / CONTROL_FILE
     if not path.exists():
         print(f"no host is running under {_home()} (no {path})", file=sys.stderr)
@@ -233,6 +246,8 @@ def _control(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from .backends.base import BackendError
+
     print(f"machine      {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     try:
         pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
@@ -284,6 +299,8 @@ def _gpu_summary() -> str:
 
 
 def _swarm_key(args: argparse.Namespace) -> int:
+    from .p2p import format_swarm_key
+
     if args.path.exists():
         raise SystemExit(f"{args.path} exists; refusing to overwrite a swarm key")
     fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
