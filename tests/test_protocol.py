@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpunexus.protocol.codec import decode, decode_as
+from gpunexus.protocol.codec import _REGISTRY, decode, decode_as
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.framing import FrameDecoder, encode_frame
 from gpunexus.protocol.ids import b58decode, b58encode, peer_id_from_public_key, public_key_from_peer_id
-from gpunexus.protocol.limits import MAX_FRAME_BYTES
+from gpunexus.protocol.limits import MAX_FRAME_BYTES, PROTOCOL_VERSION
 from gpunexus.protocol.messages import Chunk, Error, Offer, Order, OutputHasher, Receipt, Sampling, ChatMessage, Withdraw
 from gpunexus.protocol.money import cost_micro, micro_to_usd, usd_to_micro
 from gpunexus.protocol.signing import Signer
@@ -115,6 +115,27 @@ def test_well_formed_msgpack_with_wrong_shapes_is_rejected(values):
             decode(msgpack.packb([kind, 1, *values]))
         except ProtocolError:
             pass
+
+
+_WIRE_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=40),
+              st.binary(max_size=40)),
+    lambda inner: st.lists(inner, max_size=6),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400)
+@given(kind=st.sampled_from(sorted(_REGISTRY)), data=st.data())
+def test_every_message_type_decodes_or_refuses_and_round_trips(kind, data):
+    """Any msgpack shaped like a message of any type: a validated message or a ProtocolError, nothing else."""
+    cls = _REGISTRY[kind]
+    fields = data.draw(st.lists(_WIRE_VALUES, min_size=len(cls._checkers), max_size=len(cls._checkers)))
+    try:
+        msg = decode(msgpack.packb([kind, PROTOCOL_VERSION, *fields], use_bin_type=True))
+    except ProtocolError:
+        return
+    assert type(msg) is cls and decode(msg.encode()) == msg
 
 
 def test_specific_malformed_messages():
