@@ -44,16 +44,26 @@ from quart_trio import QuartTrio
 from sqlalchemy.engine import Connection
 
 from . import ledger
+from .body import Body, Int, Nullable
 from .db import payouts, stripe_events, users
 from .keys import User, user_by_id
 from .ledger import Journal
+from .openapi import operation
 from .service import Hub, HubError
 
 log = logging.getLogger(__name__)
 
 MICRO_PER_CENT = 10_000
 MIN_TOPUP_MICRO = 500_000  # Stripe's card minimum is 0.50 USD
+MAX_CHARGE_MICRO = 99_999_999 * MICRO_PER_CENT  # Stripe's maximum charge: 999,999.99 USD
 CREDIT_EVENTS = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
+
+_CHARGE = Int(MIN_TOPUP_MICRO, MAX_CHARGE_MICRO, MICRO_PER_CENT, description="micro-USD, whole cents, 0.50 USD at least")
+CHECKOUT = Body({"amount_micro": _CHARGE}, required=("amount_micro",))
+AUTO_RECHARGE = Body({
+    "threshold_micro": Nullable(Int(description="recharge when the balance falls under this (micro-USD)")),
+    "amount_micro": Nullable(_CHARGE),
+}, together=("threshold_micro", "amount_micro"), description="both set, or both null/absent (auto-recharge off)")
 
 
 class StripeBilling:
@@ -230,14 +240,11 @@ class StripeBilling:
             await self.process_pending()
 
     # --- HTTP -------------------------------------------------------------------
-    def routes(self, app: QuartTrio, current_user, body) -> None:
+    def routes(self, app: QuartTrio, current_user, read) -> None:
         @app.post("/v1/checkout")
         async def checkout() -> Response:
             user = await current_user()
-            amount = (await body()).get("amount_micro")
-            if type(amount) is not int:
-                raise HubError(400, "invalid_request_error", "amount_micro must be an integer", "amount_micro")
-            return jsonify(await self.checkout(user, amount))
+            return jsonify(await self.checkout(user, (await read(CHECKOUT))["amount_micro"]))
 
         @app.get("/v1/billing")
         async def billing_status() -> Response:
@@ -246,28 +253,32 @@ class StripeBilling:
         @app.put("/v1/billing/auto-recharge")
         async def auto_recharge() -> Response:
             user = await current_user()
-            data = await body()
-            values = [data.get(k) for k in ("threshold_micro", "amount_micro")]
-            if any(v is not None and (type(v) is not int or v < 0) for v in values):
-                raise HubError(400, "invalid_request_error", "amounts must be non-negative integers")
-            return jsonify(await self.set_auto_recharge(user, *values))
+            data = await read(AUTO_RECHARGE)
+            return jsonify(await self.set_auto_recharge(user, data["threshold_micro"], data["amount_micro"]))
 
         @app.post("/v1/stripe/webhook")
         async def webhook() -> Response:
             return jsonify(await self.webhook(await request.get_data(), request.headers.get("stripe-signature")))
 
     def openapi_paths(self) -> dict[str, Any]:
-        ok = {"200": {"description": "OK"}, "400": {"description": "error"}}
+        status = {"type": "object", "required": ["auto_recharge"], "properties": {"auto_recharge": {
+            "type": "object", "required": ["threshold_micro", "amount_micro", "card_saved", "error"],
+            "properties": {"threshold_micro": {"type": ["integer", "null"]}, "amount_micro": {"type": ["integer", "null"]},
+                           "card_saved": {"type": "boolean"}, "error": {"type": ["string", "null"]}}}}}
+        signature = {"name": "Stripe-Signature", "in": "header", "required": True, "schema": {"type": "string"}}
         return {
-            "/v1/checkout": {"post": {"summary": "Open a Stripe Checkout Session to buy credits (card saved for auto-recharge)",
-                                      "requestBody": {"content": {"application/json": {"schema": {
-                                          "type": "object", "properties": {"amount_micro": {"type": "integer"}}}}}},
-                                      "responses": ok}},
-            "/v1/billing": {"get": {"summary": "Auto-recharge settings and state", "responses": ok}},
-            "/v1/billing/auto-recharge": {"put": {"summary": "Recharge amount_micro when the balance falls under threshold_micro",
-                                                  "responses": ok}},
-            "/v1/stripe/webhook": {"post": {"summary": "Stripe webhook (Stripe-Signature checked on the raw body)",
-                                            "security": [], "responses": ok}},
+            "/v1/checkout": {"post": operation(
+                "Open a Stripe Checkout Session to buy credits (card saved for auto-recharge)",
+                {"type": "object", "required": ["id", "url"], "properties": {"id": {"type": "string"}, "url": {"type": "string"}}},
+                body=CHECKOUT.schema())},
+            "/v1/billing": {"get": operation("Auto-recharge settings and state", status)},
+            "/v1/billing/auto-recharge": {"put": operation(
+                "Recharge amount_micro when the balance falls under threshold_micro", status, body=AUTO_RECHARGE.schema())},
+            "/v1/stripe/webhook": {"post": operation(
+                "Stripe webhook (Stripe-Signature checked on the raw body)",
+                {"type": "object", "required": ["applied"], "properties": {"applied": {"type": "boolean"}}},
+                body={"type": "object", "description": "a Stripe event, exactly as Stripe signed it"},
+                auth=False, parameters=[signature])},
         }
 
 

@@ -211,3 +211,17 @@ async def test_settlement_triggers_recharge_and_payout(billed):
     assert _balance(market, market.client) == 11_000_000 - 1_000_000 + 5_000_000
     await billing.process_pending()  # nothing new noted: no more calls
     assert len(fake.calls) == len(calls)
+
+
+async def test_bodies_are_checked_before_stripe_is_called(billed):
+    market, billing, fake, app = billed
+    client = app.test_client()
+    auth = {"authorization": f"Bearer {market.client_key}"}
+    for amount in (2**63, 499_999, 500_001, "5", None):
+        r = await client.post("/v1/checkout", json={"amount_micro": amount}, headers=auth)
+        assert r.status_code == 400 and (await r.get_json())["error"]["param"] == "amount_micro", amount
+    r = await client.put("/v1/billing/auto-recharge", json={"threshold_micro": 1}, headers=auth)
+    assert r.status_code == 400
+    r = await client.put("/v1/billing/auto-recharge", json={"threshold_micro": 2**63, "amount_micro": 500_000}, headers=auth)
+    assert r.status_code == 400 and (await r.get_json())["error"]["param"] == "threshold_micro"
+    assert fake.calls == []
