@@ -25,12 +25,16 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from . import bodies
 from .body import Body
+from .drain import DrainBody
 from .keys import User
 from .openapi import spec
 from .ratelimit import RateLimiter
 from .service import VERSION, Hub, HubError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+DRAIN_BYTES = 1024 * 1024
+"""Unread request body the hub still waits for after an early answer, to keep the connection (see hub/drain.py)."""
+DRAIN_TIMEOUT_S = 5.0
 _TYPES = {401: "invalid_request_error", 402: "insufficient_quota", 403: "permission_error", 429: "rate_limit_error"}
 
 
@@ -59,6 +63,7 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
     """The ASGI app for ``hub``, with ``billing``'s routes when Stripe is configured."""
     app = QuartTrio("gpunexus.hub")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.asgi_app = DrainBody(app.asgi_app, max_bytes=DRAIN_BYTES, timeout_s=DRAIN_TIMEOUT_S)  # type: ignore[method-assign]
     receipts_body = bodies.receipts(hub.config.max_batch)
     limiter = limiter or RateLimiter(hub.config.rate_per_s, hub.config.rate_burst)
 
