@@ -39,6 +39,11 @@ _NUM = {"type": "number"}
 _B64 = {"type": "string", "contentEncoding": "base64"}
 _MICRO = {"type": "integer", "description": "integer micro-USD (1 USD = 1,000,000)"}
 
+_PAIR = {"type": "array", "items": _NUM, "minItems": 2, "maxItems": 2,
+         "description": "[epoch start (unix s), price (integer micro-USD per million tokens)]"}
+"""A fixed pair, said without ``prefixItems``: tools that convert the schema to older JSON Schema drafts
+(schemathesis does) turn ``prefixItems`` into the tuple form of ``items``, which OpenAPI 3.1 forbids."""
+
 ERROR = _obj({"error": _obj({"message": _STR, "type": _STR, "param": {"type": ["string", "null"]}, "code": _STR})})
 SUMMARY = _obj({
     "account": _STR, "requests": _INT, "tokens": _INT, "amount_micro": _MICRO,
@@ -117,7 +122,7 @@ def spec(max_batch: int, extra_paths: dict[str, Any] | None = None) -> dict[str,
                 "model": _STR, "epoch": _INT, "price_micro_per_mtok": _MICRO, "demand_tps": _NUM, "supply_tps": _NUM,
                 "utilisation": {"type": ["number", "null"]}, "hosts": _INT, "floor_micro_per_mtok": _MICRO,
                 "ceiling_micro_per_mtok": _MICRO, "earnings_micro_per_gpu_hour": _MICRO,
-                "history": {"type": "array", "items": {"type": "array", "prefixItems": [_NUM, _MICRO]}}})}}),
+                "history": {"type": "array", "items": _PAIR}})}}),
             auth=False, errors=(429,))},
         "/v1/audits/commitment": {"get": operation(
             "Audit selection: the SHA-256 commitment to the current period's secret, and the latest revealed "
