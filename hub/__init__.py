@@ -12,6 +12,9 @@ One module per job:
 ``audit``          ``gpunexus audit``: verify an exported log from scratch
 ``service``        the ``Hub`` object the HTTP app and the CLI both drive
 ``app``            quart-trio HTTP API and the hypercorn runner
+``body``           request body decoding and field specs (validation and JSON Schema from one source)
+``bodies``         the request body of every JSON route
+``drain``          ASGI middleware: no kept-alive connection hangs on an unread request body
 ``openapi``        the API contract served at ``/openapi.json``
 ``ratelimit``      per-key token buckets (429 + ``retry-after``)
 ``stripe_billing`` Checkout top-ups, webhooks, auto-recharge, Connect payouts

@@ -13,7 +13,6 @@ in :mod:`gpunexus.hub.openapi`, served at ``/openapi.json``.
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -22,14 +21,20 @@ import hypercorn.trio
 import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from . import bodies
+from .body import Body
+from .drain import DrainBody
 from .keys import User
 from .openapi import spec
 from .ratelimit import RateLimiter
 from .service import VERSION, Hub, HubError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
-MAX_REVOCATION_WAIT_S = 30.0
+DRAIN_BYTES = 1024 * 1024
+"""Unread request body the hub still waits for after an early answer, to keep the connection (see hub/drain.py)."""
+DRAIN_TIMEOUT_S = 5.0
 _TYPES = {401: "invalid_request_error", 402: "insufficient_quota", 403: "permission_error", 429: "rate_limit_error"}
 
 
@@ -43,9 +48,13 @@ def error_response(status: int, code: str, message: str, param: str | None = Non
 
 
 class Extension(Protocol):
-    """Routes a billing layer adds (Stripe): its handlers and their OpenAPI paths."""
+    """Routes a billing layer adds (Stripe): its handlers and their OpenAPI paths.
 
-    def routes(self, app: QuartTrio, current_user: Callable[[], Awaitable[User]], body: Callable[[], Awaitable[dict]]) -> None: ...
+    ``read(spec)`` is the request's JSON body checked against ``spec`` (400 otherwise).
+    """
+
+    def routes(self, app: QuartTrio, current_user: Callable[[], Awaitable[User]],
+               read: Callable[[Body], Awaitable[dict[str, Any]]]) -> None: ...
 
     def openapi_paths(self) -> dict[str, Any]: ...
 
@@ -54,6 +63,8 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
     """The ASGI app for ``hub``, with ``billing``'s routes when Stripe is configured."""
     app = QuartTrio("gpunexus.hub")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.asgi_app = DrainBody(app.asgi_app, max_bytes=DRAIN_BYTES, timeout_s=DRAIN_TIMEOUT_S)  # type: ignore[method-assign]
+    receipts_body = bodies.receipts(hub.config.max_batch)
     limiter = limiter or RateLimiter(hub.config.rate_per_s, hub.config.rate_burst)
 
     async def current_user(*, allow_revoked: bool = False) -> User:
@@ -70,11 +81,8 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         if wait:
             raise RateLimited(wait)
 
-    async def body() -> dict[str, Any]:
-        data = await request.get_json(force=True, silent=True)
-        if not isinstance(data, dict):
-            raise HubError(400, "invalid_json", "the body must be a JSON object")
-        return data
+    async def read(body: Body) -> dict[str, Any]:
+        return body.parse(await request.get_data())
 
     @app.errorhandler(HubError)
     async def on_hub_error(exc: HubError) -> Response:
@@ -86,21 +94,24 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         resp.headers["retry-after"] = RateLimiter.retry_after(exc.wait_s)
         return resp
 
-    @app.errorhandler(413)
-    async def on_too_large(_exc) -> Response:
-        return error_response(413, "body_too_large", f"request body above {MAX_BODY_BYTES} bytes")
-
-    @app.errorhandler(404)
-    async def on_not_found(_exc) -> Response:
-        return error_response(404, "not_found", f"no route {request.method} {request.path}")
-
-    @app.errorhandler(405)
-    async def on_bad_method(_exc) -> Response:
-        return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}")
+    @app.errorhandler(HTTPException)
+    async def on_http_error(exc: HTTPException) -> Response:
+        """Quart's own refusals (routing, body size, malformed requests) in the API's error shape."""
+        status = exc.code or 500
+        if status == 413:
+            return error_response(413, "body_too_large", f"request body above {MAX_BODY_BYTES} bytes")
+        if status == 404:
+            return error_response(404, "not_found", f"no route {request.method} {request.path}")
+        if isinstance(exc, MethodNotAllowed):
+            resp = error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}")
+            resp.headers["allow"] = ", ".join(sorted(exc.valid_methods or ()))
+            return resp
+        return error_response(status, (exc.name or "error").lower().replace(" ", "_"), exc.description or exc.name)
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
-        return jsonify(spec(billing.openapi_paths() if billing else None))
+        return jsonify(spec(hub.config.max_batch, billing.openapi_paths() if billing else None,
+                            max_long_poll_s=hub.config.max_long_poll_s))
 
     @app.get("/v1/hub")
     async def info() -> Response:
@@ -113,10 +124,9 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
     @app.post("/v1/allowances")
     async def allowance() -> Response:
         user = await current_user()
-        data = await body()
-        budget = _int(data, "budget_micro", optional=True)
-        a = await hub.allowance(user, _str(data, "gateway_id"), budget)
-        target = min(budget or hub.config.allowance_budget_micro, hub.config.allowance_max_micro)
+        data = await read(bodies.ALLOWANCE)
+        a = await hub.allowance(user, data["gateway_id"], data["budget_micro"])
+        target = min(data["budget_micro"] or hub.config.allowance_budget_micro, hub.config.allowance_max_micro)
         return jsonify({"allowance": base64.b64encode(a.encode()).decode(), "allowance_id": a.allowance_id,
                         "hub_id": a.hub_id, "account": a.account, "budget_micro": a.budget_micro,
                         "issued_at": a.issued_at, "expires_at": a.expires_at,
@@ -128,21 +138,14 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         # allowance before the revocation, and they prove themselves (both
         # signatures, an allowance window); the allowance, not the key, pays.
         await current_user(allow_revoked=True)
-        items = (await body()).get("receipts")
-        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
-            raise HubError(400, "invalid_request_error", "receipts must be a list of base64 strings", "receipts")
-        try:
-            blobs = [base64.b64decode(x, validate=True) for x in items]
-        except binascii.Error:
-            raise HubError(400, "invalid_request_error", "receipts must be base64", "receipts") from None
-        outcomes = await hub.submit(blobs)
+        outcomes = await hub.submit((await read(receipts_body))["receipts"])
         return jsonify({"results": [o.to_json() for o in outcomes]})
 
     @app.get("/v1/revocations")
     async def revocations() -> Response:
         user = await current_user(allow_revoked=True)
         after = _query_float("after", 0.0, 0.0, 1e12)
-        wait_s = _query_float("wait_s", 0.0, 0.0, MAX_REVOCATION_WAIT_S)
+        wait_s = _query_float("wait_s", 0.0, 0.0, hub.config.max_long_poll_s)
         found = await hub.revocations(user, after, wait_s)
         cursor = max([after, *(r.revoked_at for r in found)])
         return jsonify({"hub_id": hub.hub_id, "cursor": cursor,
@@ -163,23 +166,14 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
     @app.post("/v1/hosts/register")
     async def register_host() -> Response:
         user = await current_user()
-        data = await body()
-        try:
-            proof = base64.b64decode(_str(data, "proof"), validate=True)
-        except binascii.Error:
-            raise HubError(400, "invalid_request_error", "proof must be base64", "proof") from None
-        peer_id = _str(data, "peer_id")
-        await hub.register_host(user, peer_id, proof)
-        return jsonify({"peer_id": peer_id, "account": user.account})
+        data = await read(bodies.HOST_REGISTER)
+        await hub.register_host(user, data["peer_id"], data["proof"])
+        return jsonify({"peer_id": data["peer_id"], "account": user.account})
 
     @app.post("/v1/offers")
     async def post_offer() -> Response:
         user = await current_user()
-        try:
-            blob = base64.b64decode(_str(await body(), "offer"), validate=True)
-        except binascii.Error:
-            raise HubError(400, "invalid_request_error", "offer must be base64", "offer") from None
-        await hub.post_offer(user, blob)
+        await hub.post_offer(user, (await read(bodies.OFFER))["offer"])
         return jsonify({"accepted": True})
 
     @app.get("/v1/prices")
@@ -201,11 +195,7 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
     @app.post("/v1/audits/roots")
     async def audit_root() -> Response:
         user = await current_user()
-        try:
-            blob = base64.b64decode(_str(await body(), "root"), validate=True)
-        except binascii.Error:
-            raise HubError(400, "invalid_request_error", "root must be base64", "root") from None
-        return jsonify(await hub.post_root(user, blob))
+        return jsonify(await hub.post_root(user, (await read(bodies.ROOT))["root"]))
 
     @app.get("/v1/audits/pending")
     async def audits_pending() -> Response:
@@ -215,19 +205,8 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
     @app.post("/v1/audits/openings")
     async def audit_opening() -> Response:
         user = await current_user()
-        data = await body()
-        rid = _str(data, "request_id")
-        raw = data.get("opening")
-        if raw is None:
-            reason = data.get("reason")
-            return jsonify(await hub.open_audit(user, rid, None, reason if isinstance(reason, str) else ""))
-        if not isinstance(raw, str):
-            raise HubError(400, "invalid_request_error", "opening must be a base64 string or null", "opening")
-        try:
-            blob = base64.b64decode(raw, validate=True)
-        except binascii.Error:
-            raise HubError(400, "invalid_request_error", "opening must be base64", "opening") from None
-        return jsonify(await hub.open_audit(user, rid, blob))
+        data = await read(bodies.OPENING)
+        return jsonify(await hub.open_audit(user, data["request_id"], data["opening"], data["reason"] or ""))
 
     @app.get("/v1/reputation")
     async def reputation() -> Response:
@@ -238,14 +217,11 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
     @app.put("/v1/payout-settings")
     async def payout_settings() -> Response:
         user = await current_user()
-        data = await body()
-        connect = data.get("connect_account_id")
-        if connect is not None and not isinstance(connect, str):
-            raise HubError(400, "invalid_request_error", "connect_account_id must be a string", "connect_account_id")
-        return jsonify(await hub.set_payout_settings(user, _int(data, "threshold_micro", optional=True), connect))
+        data = await read(bodies.PAYOUT_SETTINGS)
+        return jsonify(await hub.set_payout_settings(user, data["threshold_micro"], data["connect_account_id"]))
 
     if billing:
-        billing.routes(app, current_user, body)
+        billing.routes(app, current_user, read)
     return app
 
 
@@ -266,23 +242,6 @@ def _query_float(name: str, default: float, lo: float, hi: float) -> float:
     if not lo <= value <= hi:  # NaN fails too
         raise HubError(400, "invalid_request_error", f"{name} must be a number in [{lo:g}, {hi:g}]", name)
     return value
-
-
-def _str(data: dict, name: str) -> str:
-    value = data.get(name)
-    if not isinstance(value, str) or not value:
-        raise HubError(400, "invalid_request_error", f"{name} must be a non-empty string", name)
-    return value
-
-
-def _int(data: dict, name: str, *, optional: bool = False) -> int | None:
-    value = data.get(name)
-    if value is None and optional:
-        return None
-    if type(value) is not int or value < 0:
-        raise HubError(400, "invalid_request_error", f"{name} must be a non-negative integer", name)
-    return value
-
 
 
 async def serve(hub: Hub, app: QuartTrio, *, host: str = "127.0.0.1", port: int = 8080,

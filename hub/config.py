@@ -33,6 +33,8 @@ class HubConfig:
     clock_skew_s: float = 60.0
     max_price_micro_per_mtok: int = 1000 * MICRO_PER_USD
     max_batch: int = 1000
+    max_long_poll_s: float = 30.0
+    """Longest a long poll (``GET /v1/revocations``) may ask the hub to wait."""
     rate_per_s: float = 20.0
     rate_burst: int = 100
     epoch_s: float = 60.0

@@ -22,6 +22,9 @@ clearing account in the ledger (so it cannot be paid twice or spent), then a
 Transfer is created with the payout id as idempotency key; if Stripe refuses,
 the ledger move is reversed.
 
+Webhook answers follow Stripe's retry rules (it retries every non-2xx answer
+for days): see :meth:`StripeBilling.webhook`.
+
 Stripe's API is called with the sync client in worker threads (the library's
 async layer is asyncio-bound; trio runs it no better than aiosqlite), with a
 20-second timeout.
@@ -30,7 +33,6 @@ async layer is asyncio-bound; trio runs it no better than aiosqlite), with a
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import secrets
 import time
@@ -44,16 +46,30 @@ from quart_trio import QuartTrio
 from sqlalchemy.engine import Connection
 
 from . import ledger
+from .body import MAX_INT, Body, Int, Nullable, decode_object
 from .db import payouts, stripe_events, users
-from .keys import User, user_by_id
+from .keys import User
 from .ledger import Journal
+from .openapi import operation
 from .service import Hub, HubError
 
 log = logging.getLogger(__name__)
 
 MICRO_PER_CENT = 10_000
 MIN_TOPUP_MICRO = 500_000  # Stripe's card minimum is 0.50 USD
+MAX_CHARGE_MICRO = 99_999_999 * MICRO_PER_CENT  # Stripe's maximum charge: 999,999.99 USD
 CREDIT_EVENTS = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
+
+_CHARGE = Int(MIN_TOPUP_MICRO, MAX_CHARGE_MICRO, MICRO_PER_CENT, description="micro-USD, whole cents, 0.50 USD at least")
+CHECKOUT = Body({"amount_micro": _CHARGE}, required=("amount_micro",))
+AUTO_RECHARGE = Body({
+    "threshold_micro": Nullable(Int(description="recharge when the balance falls under this (micro-USD)")),
+    "amount_micro": Nullable(_CHARGE),
+}, together=("threshold_micro", "amount_micro"), description="both set, or both null/absent (auto-recharge off)")
+
+
+class Ignored(Exception):
+    """A correctly signed webhook event the hub cannot use (malformed, unknown user): acknowledged, not applied."""
 
 
 class StripeBilling:
@@ -115,28 +131,46 @@ class StripeBilling:
         return customer.id
 
     async def webhook(self, payload: bytes, signature: str | None) -> dict:
-        """Verify and apply one webhook event, exactly once; {"applied": bool}."""
+        """Verify and apply one webhook event, exactly once.
+
+        The answer tells Stripe whether to retry (it retries every non-2xx):
+
+        * 400 ``invalid_signature``: the signature does not verify (or the
+          body is not even UTF-8); nothing from Stripe looks like that.
+        * 200 ``{"applied": true}``: applied now; ``{"applied": false}``: this
+          event id was applied before.
+        * 200 ``{"applied": false, "ignored": reason}``: correctly signed but
+          unusable (not an event, no or non-numeric ``metadata.user_id``, a user
+          that does not exist, an amount that is not a positive integer). A
+          retry would carry the same bytes, so it is acknowledged, logged at
+          WARNING and changes nothing, not even the record of event ids.
+        * 503 ``stripe_unavailable``: a transient failure (Stripe's API failed
+          while the card was being looked up); nothing was recorded, so
+          Stripe's retry applies it later. Database errors answer 500 and
+          are retried the same way.
+        """
         try:
             stripe.WebhookSignature.verify_header(payload, signature, self.webhook_secret, stripe.Webhook.DEFAULT_TOLERANCE)
-            event = json.loads(payload)  # the bytes the signature covers, so plain dicts are safe to read
-            obj = event["data"]["object"]
         except stripe.SignatureVerificationError as exc:
             raise HubError(400, "invalid_signature", f"webhook rejected: {exc.user_message or exc}") from None
-        except (ValueError, KeyError, TypeError):
-            raise HubError(400, "invalid_request_error", "webhook body is not a Stripe event") from None
-        credit: tuple[str, int, int] | None = None  # (journal key, user id, micro)
-        save_card: tuple[int, str, str] | None = None
-        if event["type"] in CREDIT_EVENTS and obj.get("payment_status") == "paid":
-            user_id = int(obj["metadata"]["user_id"])
-            credit = (f"stripe:checkout:{obj['id']}", user_id, int(obj["amount_total"]) * MICRO_PER_CENT)
-            if obj.get("payment_intent") and obj.get("customer"):
-                pi = await self._stripe(self.client.v1.payment_intents.retrieve, obj["payment_intent"])
-                if pi.payment_method:
-                    save_card = (user_id, obj["customer"], pi.payment_method)
-        elif event["type"] == "payment_intent.succeeded" and obj.get("metadata", {}).get("kind") == "auto_recharge":
-            credit = (f"stripe:pi:{obj['id']}", int(obj["metadata"]["user_id"]), int(obj["amount_received"]) * MICRO_PER_CENT)
-        applied = await self.hub.db.write(_apply_event, event["id"], event["type"], credit, save_card, time.time())
+        except (UnicodeError, TypeError):  # a body that is not UTF-8, a header that is not ASCII
+            raise HubError(400, "invalid_signature", "webhook rejected: not a signed Stripe event") from None
+        try:
+            event_id, kind, credit, card = _read_event(payload)
+            save_card = await self._card_to_save(*card) if card else None
+            applied = await self.hub.db.write(_apply_event, event_id, kind, credit, save_card, time.time())
+        except Ignored as exc:
+            log.warning("Stripe webhook event ignored: %s", exc)
+            return {"applied": False, "ignored": str(exc)}
         return {"applied": applied}
+
+    async def _card_to_save(self, user_id: int, customer: str, payment_intent: str) -> tuple[int, str, str] | None:
+        """(user, customer, payment method) of a paid Checkout's card, for auto-recharge."""
+        try:
+            pi = await self._stripe(self.client.v1.payment_intents.retrieve, payment_intent)
+        except stripe.StripeError as exc:
+            raise HubError(503, "stripe_unavailable", f"could not read the payment from Stripe: {exc}") from None
+        return (user_id, customer, pi.payment_method) if isinstance(pi.payment_method, str) else None
 
     # --- auto-recharge --------------------------------------------------------
     async def set_auto_recharge(self, user: User, threshold_micro: int | None, amount_micro: int | None) -> dict:
@@ -230,14 +264,11 @@ class StripeBilling:
             await self.process_pending()
 
     # --- HTTP -------------------------------------------------------------------
-    def routes(self, app: QuartTrio, current_user, body) -> None:
+    def routes(self, app: QuartTrio, current_user, read) -> None:
         @app.post("/v1/checkout")
         async def checkout() -> Response:
             user = await current_user()
-            amount = (await body()).get("amount_micro")
-            if type(amount) is not int:
-                raise HubError(400, "invalid_request_error", "amount_micro must be an integer", "amount_micro")
-            return jsonify(await self.checkout(user, amount))
+            return jsonify(await self.checkout(user, (await read(CHECKOUT))["amount_micro"]))
 
         @app.get("/v1/billing")
         async def billing_status() -> Response:
@@ -246,41 +277,105 @@ class StripeBilling:
         @app.put("/v1/billing/auto-recharge")
         async def auto_recharge() -> Response:
             user = await current_user()
-            data = await body()
-            values = [data.get(k) for k in ("threshold_micro", "amount_micro")]
-            if any(v is not None and (type(v) is not int or v < 0) for v in values):
-                raise HubError(400, "invalid_request_error", "amounts must be non-negative integers")
-            return jsonify(await self.set_auto_recharge(user, *values))
+            data = await read(AUTO_RECHARGE)
+            return jsonify(await self.set_auto_recharge(user, data["threshold_micro"], data["amount_micro"]))
 
         @app.post("/v1/stripe/webhook")
         async def webhook() -> Response:
             return jsonify(await self.webhook(await request.get_data(), request.headers.get("stripe-signature")))
 
     def openapi_paths(self) -> dict[str, Any]:
-        ok = {"200": {"description": "OK"}, "400": {"description": "error"}}
+        status = {"type": "object", "required": ["auto_recharge"], "properties": {"auto_recharge": {
+            "type": "object", "required": ["threshold_micro", "amount_micro", "card_saved", "error"],
+            "properties": {"threshold_micro": {"type": ["integer", "null"]}, "amount_micro": {"type": ["integer", "null"]},
+                           "card_saved": {"type": "boolean"}, "error": {"type": ["string", "null"]}}}}}
+        signature = {"name": "Stripe-Signature", "in": "header", "required": True, "schema": {"type": "string"}}
         return {
-            "/v1/checkout": {"post": {"summary": "Open a Stripe Checkout Session to buy credits (card saved for auto-recharge)",
-                                      "requestBody": {"content": {"application/json": {"schema": {
-                                          "type": "object", "properties": {"amount_micro": {"type": "integer"}}}}}},
-                                      "responses": ok}},
-            "/v1/billing": {"get": {"summary": "Auto-recharge settings and state", "responses": ok}},
-            "/v1/billing/auto-recharge": {"put": {"summary": "Recharge amount_micro when the balance falls under threshold_micro",
-                                                  "responses": ok}},
-            "/v1/stripe/webhook": {"post": {"summary": "Stripe webhook (Stripe-Signature checked on the raw body)",
-                                            "security": [], "responses": ok}},
+            "/v1/checkout": {"post": operation(
+                "Open a Stripe Checkout Session to buy credits (card saved for auto-recharge)",
+                {"type": "object", "required": ["id", "url"], "properties": {"id": {"type": "string"}, "url": {"type": "string"}}},
+                body=CHECKOUT.schema())},
+            "/v1/billing": {"get": operation("Auto-recharge settings and state", status)},
+            "/v1/billing/auto-recharge": {"put": operation(
+                "Recharge amount_micro when the balance falls under threshold_micro", status, body=AUTO_RECHARGE.schema())},
+            "/v1/stripe/webhook": {"post": operation(
+                "Stripe webhook (Stripe-Signature checked on the raw body). 200 also for a correctly signed event the hub "
+                "ignores (ignored says why), so Stripe does not retry it; 503 for a transient failure, which it does.",
+                {"type": "object", "required": ["applied"],
+                 "properties": {"applied": {"type": "boolean"}, "ignored": {"type": "string"}}},
+                body={"type": "object", "description": "a Stripe event, exactly as Stripe signed it"},
+                auth=False, errors=(400, 503), parameters=[signature])},
         }
+
+
+def _read_event(payload: bytes) -> tuple[str, str, tuple[str, int, int] | None, tuple[int, str, str] | None]:
+    """(event id, type, credit, card to look up) of a verified event, or :class:`Ignored`.
+
+    ``credit`` is (journal key, user id, micro-USD); ``card`` is (user id,
+    customer, PaymentIntent id) of a paid Checkout whose card is saved.
+    """
+    try:
+        event = decode_object(payload)
+    except HubError as exc:
+        raise Ignored(exc.message) from None
+    event_id, kind, data = event.get("id"), event.get("type"), event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not (_short_str(event_id, stripe_events.c.event_id) and _short_str(kind, stripe_events.c.type)
+            and isinstance(obj, dict)):
+        raise Ignored("not a Stripe event (id, type or data.object missing or malformed)")
+    label = f"{kind} {event_id}"
+    if kind in CREDIT_EVENTS and obj.get("payment_status") == "paid":
+        user_id = _user_id(obj, label)
+        credit = (f"stripe:checkout:{_object_id(obj, label)}", user_id, _cents(obj, "amount_total", label) * MICRO_PER_CENT)
+        pi, customer = obj.get("payment_intent"), obj.get("customer")
+        card = (user_id, customer, pi) if isinstance(pi, str) and pi and isinstance(customer, str) and customer else None
+        return event_id, kind, credit, card
+    metadata = obj.get("metadata")
+    if kind == "payment_intent.succeeded" and isinstance(metadata, dict) and metadata.get("kind") == "auto_recharge":
+        credit = (f"stripe:pi:{_object_id(obj, label)}", _user_id(obj, label),
+                  _cents(obj, "amount_received", label) * MICRO_PER_CENT)
+        return event_id, kind, credit, None
+    return event_id, kind, None, None
+
+
+def _short_str(value: Any, column) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= column.type.length
+
+
+def _object_id(obj: dict, label: str) -> str:
+    oid = obj.get("id")
+    if not isinstance(oid, str) or not 0 < len(oid) <= 150:  # the journal key holds 200 characters
+        raise Ignored(f"{label}: the object has no usable id")
+    return oid
+
+
+def _user_id(obj: dict, label: str) -> int:
+    metadata = obj.get("metadata")
+    raw = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not isinstance(raw, str) or not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise Ignored(f"{label}: metadata.user_id is missing or not a user id ({raw!r:.40})")
+    return int(raw)
+
+
+def _cents(obj: dict, name: str, label: str) -> int:
+    value = obj.get(name)
+    if type(value) is not int or not 0 < value <= MAX_INT // MICRO_PER_CENT:
+        raise Ignored(f"{label}: {name} is not a positive number of cents ({value!r:.40})")
+    return value
 
 
 def _apply_event(conn: Connection, event_id: str, kind: str, credit: tuple[str, int, int] | None,
                  save_card: tuple[int, str, str] | None, now: float) -> bool:
-    """Record a Stripe event once, with its credit and saved card, in one transaction."""
+    """Record a Stripe event once, with its credit and saved card, in one transaction (:class:`Ignored`: none of it)."""
     fresh = conn.execute(ledger.insert_ignore(conn, stripe_events)
                          .values(event_id=event_id, type=kind, received_at=now).returning(stripe_events.c.event_id)).first()
     if fresh is None:
         return False
     if credit:
         key, user_id, micro = credit
-        account = user_by_id(conn, user_id).account_id
+        account = conn.execute(sa.select(users.c.account_id).where(users.c.id == user_id)).scalar()
+        if account is None:
+            raise Ignored(f"{kind} {event_id}: no user {user_id}")  # rolls the event record back too
         ledger.post(conn, Journal(key, "topup", ((ledger.system_account(conn, ledger.CLEARING), -micro), (account, micro))), now=now)
     if save_card:
         user_id, customer, method = save_card

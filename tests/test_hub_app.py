@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 
 import httpx
+import sqlalchemy as sa
 from gpunexus.hub import keys
 from gpunexus.hub.app import create_app
+from gpunexus.hub.db import users
 from gpunexus.protocol.messages import host_registration_statement
 from test_hub_support import backend, db, make_offer, served  # noqa: F401
 
@@ -108,3 +110,45 @@ async def test_openapi_describes_every_route(served):
               if m not in ("HEAD", "OPTIONS") and rule.rule.startswith("/v1/")}
     described = {(p, m) for p, ops in doc["paths"].items() for m in ops}
     assert routes == described
+
+
+JSON_POSTS = ["/v1/allowances", "/v1/receipts", "/v1/hosts/register", "/v1/offers", "/v1/audits/roots", "/v1/audits/openings"]
+
+
+async def test_malformed_bodies_are_400s_that_change_nothing(served):
+    """What an operator measured as 500s: each is a 400 in the error shape, naming the param where there is one."""
+    market, url, _ = served
+    auth = _auth(market.host_key)
+    gateway = market.gateway.peer_id
+    cases = [("POST", path, b'{"a": "\xff\xfe"}', None) for path in JSON_POSTS] + [
+        ("POST", "/v1/allowances", b"[" * 100_000 + b"]" * 100_000, None),
+        ("PUT", "/v1/payout-settings", b'{"threshold_micro": %d}' % 2**63, "threshold_micro"),
+        ("PUT", "/v1/payout-settings", b'{"connect_account_id": "acct_' + b"x" * 100_000 + b'"}', "connect_account_id"),
+        ("POST", "/v1/receipts", '{"receipts": ["\u00e9\u00e9\u00e9\u00e9"]}'.encode(), "receipts"),
+        ("POST", "/v1/offers", '{"offer": "\u00e9AAA"}'.encode(), "offer"),
+        ("POST", "/v1/audits/roots", '{"root": "\u00e9AAA"}'.encode(), "root"),
+        ("POST", "/v1/hosts/register", ('{"peer_id": "%s", "proof": "\u00e9AAA"}' % gateway).encode(), "proof"),
+        ("POST", "/v1/audits/openings", ('{"request_id": "%s", "opening": "\u00e9AAA"}' % ("a" * 32)).encode(), "opening"),
+        ("POST", "/v1/allowances", b'{"gateway_id": "%s", "budget_micro": -1}' % gateway.encode(), "budget_micro"),
+    ]
+    async with httpx.AsyncClient(base_url=url, timeout=10, headers=auth) as http:
+        before = (await http.get("/v1/earnings")).json()
+        for method, path, raw, param in cases:
+            r = await http.request(method, path, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400, (path, raw[:40], r.text)
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, (path, error)
+        settings = market.hub.db.read_sync(lambda c: c.execute(
+            sa.select(users.c.payout_threshold_micro, users.c.connect_account_id).where(users.c.id == market.host.id)).one())
+        assert tuple(settings) == (None, None)
+        assert (await http.get("/v1/earnings")).json() == before
+
+
+async def test_405_names_the_allowed_methods(served):
+    _, url, _ = served
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        r = await http.delete("/v1/hub")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+        assert {m.strip() for m in r.headers["allow"].split(",")} == {"GET", "HEAD", "OPTIONS"}
+        r = await http.get("/v1/receipts")
+        assert r.status_code == 405 and "POST" in r.headers["allow"]

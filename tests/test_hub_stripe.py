@@ -11,9 +11,11 @@ import json
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import sqlalchemy as sa
 import stripe
 from gpunexus.hub import ledger
 from gpunexus.hub.app import create_app
+from gpunexus.hub.db import stripe_events
 from gpunexus.hub.stripe_billing import StripeBilling
 from test_hub_support import Market, backend, db  # noqa: F401
 
@@ -28,6 +30,7 @@ class FakeStripe(stripe.HTTPClient):
         self.calls: list[tuple[str, str, dict]] = []
         self.charge_error: str | None = None
         self.transfer_error = False
+        self.retrieve_error = False
         self._n = 0
 
     def _id(self, prefix: str) -> str:
@@ -45,6 +48,8 @@ class FakeStripe(stripe.HTTPClient):
             sid = self._id("cs_test")
             body = {"id": sid, "object": "checkout.session", "url": f"https://checkout.stripe.com/c/pay/{sid}",
                     "amount_total": int(form["line_items[0][price_data][unit_amount]"]), "payment_status": "unpaid"}
+        elif path.startswith("/v1/payment_intents/") and self.retrieve_error:
+            status, body = 500, {"error": {"type": "api_error", "message": "Stripe is down"}}
         elif path.startswith("/v1/payment_intents/"):
             body = {"id": path.rsplit("/", 1)[1], "object": "payment_intent", "payment_method": "pm_card_saved", "status": "succeeded"}
         elif path == "/v1/payment_intents":
@@ -211,3 +216,85 @@ async def test_settlement_triggers_recharge_and_payout(billed):
     assert _balance(market, market.client) == 11_000_000 - 1_000_000 + 5_000_000
     await billing.process_pending()  # nothing new noted: no more calls
     assert len(fake.calls) == len(calls)
+
+
+def _malformed_events(user_id: int) -> dict[str, bytes]:
+    def checkout(**changes) -> bytes:
+        obj = {**_session("cs_bad", user_id, 2000), **changes}
+        return _event("evt_bad", "checkout.session.completed", obj)
+
+    def recharge(metadata, amount) -> bytes:
+        return _event("evt_bad", "payment_intent.succeeded", {"id": "pi_bad", "object": "payment_intent",
+                                                               "amount_received": amount, "metadata": metadata})
+
+    return {
+        "no metadata": checkout(metadata=None),
+        "metadata without user": checkout(metadata={}),
+        "non-numeric user": checkout(metadata={"user_id": "abc"}),
+        "negative user": checkout(metadata={"user_id": "-1"}),
+        "huge user": checkout(metadata={"user_id": "9" * 40}),
+        "unknown user": checkout(metadata={"user_id": "987654"}),
+        "non-numeric amount": checkout(amount_total="2000"),
+        "negative amount": checkout(amount_total=-2000),
+        "zero amount": checkout(amount_total=0),
+        "float amount": checkout(amount_total=20.5),
+        "overflowing amount": checkout(amount_total=2**70),
+        "no object id": checkout(id=None),
+        "recharge, unknown user": recharge({"kind": "auto_recharge", "user_id": "987654"}, 500),
+        "recharge, no amount": recharge({"kind": "auto_recharge", "user_id": str(user_id)}, None),
+        "not an event": b'{"hello": "world"}',
+        "not JSON": b"{nope",
+        "too deep": b"[" * 100_000 + b"]" * 100_000,
+    }
+
+
+async def test_signed_but_malformed_events_are_acknowledged_and_change_nothing(billed, caplog):
+    """Stripe retries every non-2xx: a permanently malformed event is a 200 that applies nothing."""
+    market, billing, fake, app = billed
+    client = app.test_client()
+    start = _balance(market, market.client)
+    for name, payload in _malformed_events(market.client.id).items():
+        caplog.clear()
+        r = await _post_webhook(client, payload)
+        body = await r.get_json()
+        assert r.status_code == 200 and body["applied"] is False and body["ignored"], (name, body)
+        assert any(rec.levelname == "WARNING" and "ignored" in rec.getMessage() for rec in caplog.records), name
+    assert _balance(market, market.client) == start
+    assert market.hub.db.read_sync(lambda c: c.execute(sa.select(sa.func.count()).select_from(stripe_events)).scalar()) == 0
+    assert market.hub.db.read_sync(ledger.verify).ok
+
+
+async def test_unsigned_garbage_is_400_not_500(billed):
+    market, billing, fake, app = billed
+    client = app.test_client()
+    for payload, header in [(b"\xff\xfe", "t=1,v1=abc"), (b"{}", "t=1,v1=\u00ff"), (b"{}", "garbage"), (b"{}", "t=x,v1=1")]:
+        r = await client.post("/v1/stripe/webhook", data=payload, headers={"stripe-signature": header})
+        assert r.status_code == 400 and (await r.get_json())["error"]["code"] == "invalid_signature"
+
+
+async def test_stripe_api_failure_is_a_retryable_503(billed):
+    market, billing, fake, app = billed
+    client = app.test_client()
+    fake.retrieve_error = True
+    start = _balance(market, market.client)
+    payload = _event("evt_1", "checkout.session.completed", _session("cs_1", market.client.id, 100))
+    r = await _post_webhook(client, payload)
+    assert r.status_code == 503 and (await r.get_json())["error"]["code"] == "stripe_unavailable"
+    assert _balance(market, market.client) == start
+    fake.retrieve_error = False  # Stripe's retry of the same event applies it
+    assert (await (await _post_webhook(client, payload)).get_json()) == {"applied": True}
+    assert _balance(market, market.client) == start + 1_000_000
+
+
+async def test_bodies_are_checked_before_stripe_is_called(billed):
+    market, billing, fake, app = billed
+    client = app.test_client()
+    auth = {"authorization": f"Bearer {market.client_key}"}
+    for amount in (2**63, 499_999, 500_001, "5", None):
+        r = await client.post("/v1/checkout", json={"amount_micro": amount}, headers=auth)
+        assert r.status_code == 400 and (await r.get_json())["error"]["param"] == "amount_micro", amount
+    r = await client.put("/v1/billing/auto-recharge", json={"threshold_micro": 1}, headers=auth)
+    assert r.status_code == 400
+    r = await client.put("/v1/billing/auto-recharge", json={"threshold_micro": 2**63, "amount_micro": 500_000}, headers=auth)
+    assert r.status_code == 400 and (await r.get_json())["error"]["param"] == "threshold_micro"
+    assert fake.calls == []
