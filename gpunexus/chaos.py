@@ -168,7 +168,7 @@ def make_schedule(seed: int, rounds: int, round_s: float, hosts: int = 3) -> Sch
             if kind == "kill_host":
                 events.append(Event(at, kind, f"host{rng.randrange(hosts)}", round(rng.uniform(0.5, 2.5), 2)))
                 # Long streams just before the kill, one per host, so the killed one dies mid-stream.
-                streams += [Stream(round(max(0.0, at - 0.3), 2), "rich", rng.choice(longest)) for _ in range(hosts)]
+                streams += [Stream(round(max(0.0, at - 0.6), 2), "rich", rng.choice(longest)) for _ in range(hosts)]
             elif kind == "kill_hub":
                 events.append(Event(at, kind, "hub", round(rng.uniform(1.0, 3.0), 2)))
             elif kind == "busy":
@@ -249,6 +249,7 @@ class LedgerFigures:
 class ChaosResult:
     seed: int
     rounds: int
+    hosts: int
     wall_s: float = 0.0
     streams: list[StreamResult] = field(default_factory=list)
     events: Counter = field(default_factory=Counter)
@@ -328,7 +329,7 @@ class ChaosResult:
                       f"small grants {self.events['grant']}, revocations {self.events['revoke']}"),
             ("mid-stream failovers", str(self.mid_stream_failovers)),
             ("hosts in books", "; ".join(f"r{i}: {'/'.join(map(str, n))}" for i, n in enumerate(self.hosts_seen))
-             + f" (of {max((max(n) for n in self.hosts_seen if n), default=0)}, per gateway, after each round)"),
+             + f" (of {self.hosts}, per gateway, after each round)"),
             ("receipts", f"countersigned {r.countersigned}, settled {r.settled}, refused by hub {len(r.refused_by_hub)}, "
                          f"lost {len(r.lost)}, double-billed {len(r.double_billed)}"),
             ("unpaid work", f"{r.unpaid_work} (not countersigned by the gateway: {r.not_countersigned}); "
@@ -480,7 +481,8 @@ class Swarm:
 
     async def setup(self) -> None:
         """Accounts and credits first (the CLI works on the database), then the processes."""
-        await self.cli("hub", "user", "add", "hosts@chaos.test", "--role", "host")  # creates the schema, alone
+        # The first command creates the schema, so it runs alone; all hosts share its account.
+        host_key = (await self.cli("hub", "user", "add", "hosts@chaos.test", "--role", "host")).strip().splitlines()[-1]
         keys: dict[str, str] = {}
 
         async def add(name: str) -> None:
@@ -491,7 +493,6 @@ class Swarm:
             for name in CLIENTS:
                 nursery.start_soon(add, name)
             nursery.start_soon(self.hub.start)
-        host_key = (await self.cli("hub", "key", "create", "hosts@chaos.test", "--name", "hosts")).strip().splitlines()[-1]
         for i, port in enumerate(self.host_ports):
             self.hosts.append(Proc(f"host{i}", [
                 # One slot and one queue place: a burst of a few streams makes every host busy.
@@ -555,7 +556,7 @@ def run(config: ChaosConfig) -> ChaosResult:
 
 async def _run(config: ChaosConfig) -> ChaosResult:
     schedule = make_schedule(config.seed, config.rounds, config.round_s, config.hosts)
-    result = ChaosResult(config.seed, config.rounds)
+    result = ChaosResult(config.seed, config.rounds, config.hosts)
     root = Path(config.work_dir) if config.work_dir else Path(tempfile.mkdtemp(prefix="gpunexus-chaos-"))
     root.mkdir(parents=True, exist_ok=True)
     result.work_dir = str(root)
@@ -573,11 +574,8 @@ async def _run(config: ChaosConfig) -> ChaosResult:
                 log.info("%.1f s: round %d done", trio.current_time() - started, rnd.index)
             await _drain(swarm, config, result)
             log.info("%.1f s: queues drained; stopping", trio.current_time() - started)
-            for proc in reversed(swarm.procs):  # gateways, hosts, then the hub they talk to
-                sig = signal.SIGTERM if proc is swarm.hub else signal.SIGINT
-                if not await proc.stop(sig):
-                    result.left_running.append(f"{proc.name} (pid {proc.pids[-1]}): still running {STOP_S:.0f} s "
-                                               f"after {sig.name}; killed")
+            await _stop(swarm, result)
+            log.info("%.1f s: stopped; judging", trio.current_time() - started)
             result.left_running += _left_running(swarm.procs)
             _judge_streams(result, references)
             result.served_after_revocation = sum(
@@ -600,6 +598,24 @@ async def _run(config: ChaosConfig) -> ChaosResult:
         if not config.work_dir:
             shutil.rmtree(root, ignore_errors=True)
     return result
+
+
+async def _stop(swarm: Swarm, result: ChaosResult) -> None:
+    """Gateways, then hosts, then the hub they talk to, each group at once.
+
+    The node commands stop cleanly on SIGINT (trio unwinds every nursery); the
+    hub handles SIGTERM. One that does not stop within ``STOP_S`` is killed
+    and counts as left running.
+    """
+    async def stop(proc: Proc, sig: signal.Signals) -> None:
+        if not await proc.stop(sig):
+            result.left_running.append(f"{proc.name} (pid {proc.pids[-1]}): still running {STOP_S:.0f} s after {sig.name}; killed")
+
+    for group, sig in (([c.gateway for c in swarm.clients.values()], signal.SIGINT), (swarm.hosts, signal.SIGINT),
+                       ([swarm.hub], signal.SIGTERM)):
+        async with trio.open_nursery() as nursery:
+            for proc in group:
+                nursery.start_soon(stop, proc, sig)
 
 
 async def _reference_runs(swarm: Swarm, schedule: Schedule, config: ChaosConfig, result: ChaosResult,
