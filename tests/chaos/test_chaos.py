@@ -2,10 +2,9 @@
 
 The run happens once per module; each test reads one invariant from the
 returned :class:`~gpunexus.chaos.ChaosResult`, so a failure names the
-invariant and lists its cases. Three invariants fail on today's code for
-known reasons (the first whenever the schedule's timing meets the bug, the
-other two every run); they are marked ``xfail(strict=False)`` until the
-fixes land.
+invariant and lists its cases. One invariant still fails when the
+schedule's timing meets a known bug; it is marked ``xfail(strict=False)``
+until the fix lands.
 """
 
 from __future__ import annotations
@@ -61,15 +60,11 @@ def test_no_receipt_is_settled_twice_and_the_log_passes_audit(result):
     assert result.receipts.billed_without_stream == 0
 
 
-@pytest.mark.xfail(strict=False, reason="receipts of a revoked key stay in the gateway's queue: the hub answers "
-                                        "their delivery with 401 (receipts settling after revocation)")
 def test_no_receipt_is_lost(result):
     assert not result.receipts.lost, result.receipts.lost
     assert not result.receipts.refused_by_hub, result.receipts.refused_by_hub
 
 
-@pytest.mark.xfail(strict=False, reason="work served under a revoked key, or past the allowance's budget, has no "
-                                        "settled receipt (receipts settling after revocation; per-request reservation)")
 def test_every_stream_a_client_saw_complete_is_paid(result):
     assert result.receipts.unpaid_work == 0
 
