@@ -101,8 +101,24 @@ class P2PNode:
 
     async def connect(self, addr: str, timeout: float = CONNECT_TIMEOUT) -> None:
         info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        self.allow_redial(str(info.peer_id))
         with trio.fail_after(timeout):
             await self.host.connect(info)
+
+    def allow_redial(self, peer_id: str) -> None:
+        """Let the next dial to ``peer_id`` through py-libp2p's negative cache.
+
+        py-libp2p 0.8 refuses every dial to a peer for 60 s after one dial to
+        it failed (``Swarm._negative_peer_cache``), so a host restarted a few
+        seconds after a crash stayed out of reach for a minute although its
+        bootstrap address answered again. Our own dials are already paced
+        (``REDIAL_INTERVAL``, the matcher's back-off), so an explicit dial
+        clears the entry first. The cache is private to py-libp2p: absent, this
+        does nothing.
+        """
+        cache = getattr(self.host.get_network(), "_negative_peer_cache", None)
+        if cache is not None:
+            cache.evict(peer_id)
 
     def on_disconnect(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(peer_id)`` whenever the last connection to a peer closes."""
