@@ -28,7 +28,7 @@ from .backends.base import Backend
 from .gateway import GatewayConfig, GatewayService
 from .gateway_app import create_app, hypercorn_config
 from .host import HostService, OrderCheck
-from .hub_client import HostHubLink, HubSettlement
+from .hub_client import HostHubLink, HubSettlement, HubUnavailable
 from .offers import OfferBook, follow_offers
 from .p2p import P2PConfig, P2PNode, open_p2p
 from .prices import PriceBook, follow_prices, relay_hub_prices
@@ -93,6 +93,26 @@ class HostOptions:
     price_poll_s: float = 15.0
 
 
+HUB_CONNECT_MAX_DELAY_S = 15.0
+
+
+async def _connect_to_hub(link: HostHubLink) -> str:
+    """Register with the hub, waiting (capped back-off) while it is unreachable.
+
+    A host must not take paid orders before it knows its hub, so it waits
+    rather than serving; but a hub that is down for a moment (a restart) is
+    no reason to exit. A refusal (bad key, peer id of another account) is.
+    """
+    delay = 0.5
+    while True:
+        try:
+            return await link.connect()
+        except HubUnavailable as exc:
+            log.warning("hub %s not reachable yet (%s); retrying in %.1f s", link.hub_url, exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, HUB_CONNECT_MAX_DELAY_S)
+
+
 @asynccontextmanager
 async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
     signer = load_identity(options.home, "host")
@@ -100,7 +120,7 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
     order_check = options.order_check
     if options.hub is not None:
         link = HostHubLink(options.hub.url, options.hub.api_key, signer)
-        hub_id = await link.connect()
+        hub_id = await _connect_to_hub(link)
         log.info("registered host %s with hub %s", signer.peer_id, hub_id)
         order_check = link.check_order
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:

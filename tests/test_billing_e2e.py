@@ -133,3 +133,45 @@ async def test_a_paid_host_refuses_orders_without_an_allowance(tmp_path):
                     r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
                 assert r.status_code == 503 and "allowance" in r.json()["error"]["message"]
                 assert host.service.stats.refused == 1 and host.service.stats.served == 0
+
+
+async def test_a_host_started_while_its_hub_is_down_waits_and_then_serves(tmp_path):
+    import functools
+    import logging
+    import socket
+
+    from gpunexus.hub.app import create_app, serve
+    from gpunexus.hub.service import Hub
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hub = Hub.open(str(tmp_path / "hub"))
+    _, host_key = hub.db.write_sync(keys.add_user, "gpu@example.com", "host")
+    retried = trio.Event()
+
+    class OnRetry(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "not reachable yet" in record.getMessage():
+                retried.set()
+
+    handler = OnRetry()
+    logging.getLogger("gpunexus.node").addHandler(handler)
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                up = trio.Event()
+
+                async def host() -> None:
+                    async with running_host(hub=HubLogin(f"http://127.0.0.1:{port}", host_key)) as runtime:
+                        assert runtime.hub is not None and runtime.hub.hub_id == hub.hub_id
+                        up.set()
+
+                nursery.start_soon(host)
+                await retried.wait()  # the hub is down: the host waits instead of exiting
+                stop = trio.Event()
+                await nursery.start(functools.partial(serve, hub, create_app(hub), port=port, shutdown_trigger=stop.wait))
+                await up.wait()
+                stop.set()
+    finally:
+        logging.getLogger("gpunexus.node").removeHandler(handler)
