@@ -8,6 +8,10 @@ client's:
 
 * no first token within ``first_token_timeout``, a refusal, or a stream that
   breaks before any content: try the next host, invisibly;
+* a host that answered "busy" (its slots and queue are full) is asked again
+  after the others;
+* a host whose connection is gone leaves the candidate set at once, for
+  every request, instead of when its offer expires;
 * a host that dies mid-stream: continue on another host from the text
   already delivered (the order's ``continuation``), so the client's stream
   simply goes on; the dead host gets no receipt and is not paid;
@@ -52,6 +56,8 @@ class GatewayConfig:
     """Dial + stream negotiation with one host."""
     first_token_timeout: float = 10.0
     """From order sent to first chunk: past it, the next host gets the request."""
+    busy_retry_s: float = 3.0
+    """How long to wait for a fresh offer (one heartbeat) before asking a host that answered "busy" again."""
     stall_timeout: float = 30.0
     """Longest silence mid-stream before the host is treated as dead."""
     max_attempts: int = 5
@@ -83,7 +89,18 @@ Emit = Callable[[Delta], Awaitable[None]]
 
 
 class _HostFailed(Exception):
-    """This host did not deliver; the relay moves on to the next one."""
+    """This host did not deliver; the relay moves on to the next one.
+
+    ``busy``: it refused because its slots and queue are full; it is alive
+    and may be asked again, after the others. ``unreachable``: the
+    connection to it is gone (a failed dial, a connection closed under the
+    stream), not just one stream.
+    """
+
+    def __init__(self, message: str, *, busy: bool = False, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
+        self.unreachable = unreachable
 
 
 class _Outcome:
@@ -133,23 +150,20 @@ class GatewayService:
         delivered_text = ""
         delivered_tokens = 0
         tried: set[str] = set()
+        refused: set[str] = set()
         last_error = "no host serves this model within your price and speed limits"
         for attempt in range(self.config.max_attempts):
-            now = time.monotonic()
-            # Hosts the hub's audits excluded (HubSettlement.excluded_host) get no traffic.
-            excluded = getattr(self.settlement, "excluded_host", None)
-            candidates = [o for o in self.matcher.rank(self.book.for_model(request.model), request.model, self.policy(), now, excluded) if o.peer_id not in tried]
+            candidates = await self._candidates(request.model, tried, refused)
             if not candidates:
                 break
             offer = candidates[0]
-            tried.add(offer.peer_id)
             order = self._order(request, offer, request_id if attempt == 0 else new_request_id(), seed, delivered_text, request.max_tokens - delivered_tokens, grant.allowance)
             outcome = _Outcome()
             try:
                 await self._attempt(offer, order, outcome, emit)
             except _HostFailed as failure:
                 last_error = str(failure)
-                self.matcher.report_failure(offer.peer_id, time.monotonic())
+                self._note_failure(offer, failure, tried, refused)
                 delivered_text += outcome.text
                 delivered_tokens += outcome.tokens
                 if outcome.tokens:
@@ -174,6 +188,57 @@ class GatewayService:
         if delivered_tokens:
             raise _MidStreamExhausted(f"every host failed mid-response: {last_error}")
         raise APIError(503, f"No host available for '{request.model}': {last_error}.", type="server_error", code="no_host_available")
+
+    def _rank(self, model: str, tried: set[str], refused: set[str]) -> list[Offer]:
+        # Hosts the hub's audits excluded (HubSettlement.excluded_host) get no traffic.
+        excluded = getattr(self.settlement, "excluded_host", None)
+        ranked = self.matcher.rank(self.book.for_model(model), model, self.policy(), time.monotonic(), excluded)
+        # Stable: hosts that answered "busy" go last, in ranking order.
+        return sorted((o for o in ranked if o.peer_id not in tried), key=lambda o: o.peer_id in refused)
+
+    async def _candidates(self, model: str, tried: set[str], refused: set[str]) -> list[Offer]:
+        """A fresh ranking for the next attempt, without the hosts that failed this request.
+
+        A host that answered "busy" (slots and queue full) is alive, so it
+        stays a candidate, behind every other. When only such hosts are
+        left, the best is asked again once its next offer arrives (at most
+        ``busy_retry_s``), not at once: a full queue a millisecond ago is
+        full now. ``max_attempts`` bounds the retries.
+        """
+        candidates = self._rank(model, tried, refused)
+        if candidates and candidates[0].peer_id in refused:
+            first = candidates[0]
+            with trio.move_on_after(self.config.busy_retry_s):
+                while (current := self.book.get(first.peer_id, model)) is not None and current.seq == first.seq:
+                    await self.book.changed.wait()
+            candidates = self._rank(model, tried, refused)
+        return candidates
+
+    def _note_failure(self, offer: Offer, failure: _HostFailed, tried: set[str], refused: set[str]) -> None:
+        """What a failed attempt means for the rest of this request and for the next ones.
+        """
+        if failure.busy:
+            refused.add(offer.peer_id)  # full, not broken: no back-off, asked again last
+            return
+        tried.add(offer.peer_id)
+        self.matcher.report_failure(offer.peer_id, time.monotonic())
+        if failure.unreachable:
+            # Out of the candidate set for every request now, not when its offer
+            # expires (its stale offer still promises free slots); a new offer brings it back.
+            self.book.drop_host(offer.peer_id)
+            if self._pool is not None:
+                self._pool.forget(offer.peer_id)
+
+    def _connection_lost(self, framed: FramedStream, peer_id: str) -> bool:
+        """Whether the connection under ``framed`` is gone, not just this one stream.
+
+        yamux resets every stream of a dying connection before libp2p drops
+        the connection, so ``is_connected`` can still say yes when the stream
+        breaks; the muxer's shutdown flag is set first.
+        """
+        muxer = getattr(framed.stream, "muxed_conn", None)
+        shutting = getattr(muxer, "event_shutting_down", None)
+        return (shutting is not None and shutting.is_set()) or not self.node.is_connected(peer_id)
 
     def _order(self, request: CompletionRequest, offer: Offer, request_id: str, seed: int, continuation: str, max_tokens: int, allowance: bytes) -> Order:
         return Order(
@@ -219,13 +284,11 @@ class GatewayService:
         try:
             framed = await self._open(offer)
         except Exception as exc:  # any dial failure (timeout included) means: next host
-            if self._pool is not None:
-                self._pool.forget(offer.peer_id)
-            raise _HostFailed(f"cannot open a stream: {type(exc).__name__}: {exc}") from None
+            raise _HostFailed(f"cannot open a stream: {type(exc).__name__}: {exc}", unreachable=True) from None
         try:
             await framed.send(order)
         except PeerGone as exc:
-            raise _HostFailed(str(exc)) from None
+            raise _HostFailed(str(exc), unreachable=self._connection_lost(framed, offer.peer_id)) from None
         return framed
 
     async def _attempt(self, offer: Offer, order: Order, outcome: _Outcome, emit: Emit) -> None:
@@ -272,9 +335,11 @@ class GatewayService:
                 if isinstance(msg, Error):
                     if not msg.retryable and not outcome.tokens and msg.code == "bad_request":
                         raise APIError(400, f"The host rejected the request: {msg.message}")
-                    raise _HostFailed(f"host error {msg.code}: {msg.message}")
+                    raise _HostFailed(f"host error {msg.code}: {msg.message}", busy=msg.code == "busy")
                 raise _HostFailed(f"unexpected {msg.TYPE} message")
-        except (PeerGone, ProtocolError) as exc:
+        except PeerGone as exc:
+            raise _HostFailed(str(exc), unreachable=self._connection_lost(framed, offer.peer_id)) from None
+        except ProtocolError as exc:
             raise _HostFailed(str(exc)) from None
         finally:
             outcome.text = "".join(parts)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import httpx
 import trio
 
 from gpunexus.node.gateway import GatewayConfig
+from gpunexus.node.offers import next_seq
+from gpunexus.protocol.messages import Offer
+from gpunexus.protocol.signing import Signer
 from peers import GatedBackend, reference_backend, running_gateway, running_host, wait_for_offers
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 40, "temperature": 0.9, "seed": 3}
 
 
 async def _stream_text(http: httpx.AsyncClient, body: dict) -> tuple[str, list[dict]]:
-    import json
-
     events = []
     async with http.stream("POST", "/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         assert r.status_code == 200
@@ -136,3 +140,60 @@ async def test_orders_past_the_slots_queue_instead_of_failing():
                     slow.release.set()
             assert [r.status_code for r in results] == [200, 200, 200]
             assert host.service.stats.refused == 0 and host.service.stats.served == 3
+
+
+# --- issue 8: hosts that are gone, hosts that are full ------------------------
+
+
+async def _until(condition, timeout: float = 20.0) -> None:
+    """Wait for a condition the peers reach on their own (no event to wait on)."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+async def test_unreachable_host_leaves_the_book_at_once():
+    """A dial failure takes the host out of the candidate set now, not when its offer expires."""
+    ghost = Signer.generate()
+    now = time.time()
+    async with running_host(price=300_000) as live:
+        async with running_gateway([live.node.listen_addrs()[0]]) as gateway:
+            await wait_for_offers(gateway)
+            # A cheaper host that advertises free slots at an address where nobody listens.
+            stale = Offer(
+                peer_id=ghost.peer_id, model="tiny", model_hash=live.service.terms.model_hash, price_micro_per_mtok=100_000,
+                tokens_per_s=100.0, free_slots=4, max_slots=4, max_context=2048, region="", license="", follows_market=False,
+                addrs=("/ip4/127.0.0.1/tcp/1",), seq=next_seq(), issued_at=now, expires_at=now + 60,
+            ).signed(ghost)
+            assert gateway.book.apply(stale)
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
+                r = await http.post("/chat/completions", json=CHAT)
+            assert r.status_code == 200 and live.service.stats.served == 1
+            assert gateway.book.get(ghost.peer_id, "tiny") is None
+            assert not gateway.book.apply(stale)  # its stale offer cannot bring it back
+            assert gateway.service.matcher.backed_off(ghost.peer_id, time.monotonic())
+
+
+async def test_busy_answer_is_asked_again_after_the_hosts_next_offer():
+    """A host whose slots and queue are full is not dropped from the request: it is asked again later."""
+    holding = GatedBackend(reference_backend(), pause_after=1)
+    async with running_host(holding, max_slots=1, max_queue=0) as host:
+        async with running_gateway([host.node.listen_addrs()[0]]) as gateway:
+            await wait_for_offers(gateway)
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as http, trio.open_nursery() as clients:
+                answers: list[httpx.Response] = []
+
+                async def ask() -> None:
+                    answers.append(await http.post("/chat/completions", json=CHAT))
+
+                clients.start_soon(ask)
+                with trio.fail_after(20):
+                    await holding.paused.wait()
+                clients.start_soon(ask)
+                await _until(lambda: host.service.stats.refused >= 1)
+                # Refused as full, yet neither out of the book nor backed off: it is alive.
+                assert gateway.book.get(host.node.peer_id, "tiny") is not None
+                assert not gateway.service.matcher.backed_off(host.node.peer_id, time.monotonic())
+                holding.release.set()
+    assert [r.status_code for r in answers] == [200, 200]
+    assert host.service.stats.served == 2
