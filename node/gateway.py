@@ -8,8 +8,9 @@ client's:
 
 * no first token within ``first_token_timeout``, a refusal, or a stream that
   breaks before any content: try the next host, invisibly;
-* a host that answered "busy" (its slots and queue are full) is asked again
-  after the others;
+* a host that announces it is full may be queueing the order: wait for it
+  (up to ``queue_timeout``, see `_QueueWait`) instead; one that answered
+  "busy" (its queue is full too) is asked again after the others;
 * a host whose connection is gone leaves the candidate set at once, for
   every request, instead of when its offer expires;
 * a host that dies mid-stream: continue on another host from the text
@@ -55,7 +56,10 @@ class GatewayConfig:
     open_timeout: float = 5.0
     """Dial + stream negotiation with one host."""
     first_token_timeout: float = 10.0
-    """From order sent to first chunk: past it, the next host gets the request."""
+    """From order sent to first chunk: past it, the next host gets the request
+    (unless the host says it is full and so may be queueing it: see `_QueueWait`)."""
+    queue_timeout: float = 120.0
+    """Longest wait for the first token from a host that keeps announcing it is full."""
     busy_retry_s: float = 3.0
     """How long to wait for a fresh offer (one heartbeat) before asking a host that answered "busy" again."""
     stall_timeout: float = 30.0
@@ -81,6 +85,8 @@ class Finish:
 class GatewayStats:
     requests: int = 0
     failovers: int = 0
+    queue_waits: int = 0
+    """First-token deadlines passed while the host announced it was full, and waited through."""
     receipts_rejected: int = 0
     receipts: list[Receipt] = field(default_factory=list)
 
@@ -216,6 +222,9 @@ class GatewayService:
 
     def _note_failure(self, offer: Offer, failure: _HostFailed, tried: set[str], refused: set[str]) -> None:
         """What a failed attempt means for the rest of this request and for the next ones.
+
+        A host whose queue wait ran out (``queue_timeout``) failed like any
+        other: asking it again would put the order at the back of the same queue.
         """
         if failure.busy:
             refused.add(offer.peer_id)  # full, not broken: no back-off, asked again last
@@ -239,6 +248,13 @@ class GatewayService:
         muxer = getattr(framed.stream, "muxed_conn", None)
         shutting = getattr(muxer, "event_shutting_down", None)
         return (shutting is not None and shutting.is_set()) or not self.node.is_connected(peer_id)
+
+    def _still_queued(self, offer: Offer, framed: FramedStream, wait: _QueueWait) -> bool:
+        """Past a first-token deadline: wait one more for this host (see `_QueueWait`)?"""
+        if self._connection_lost(framed, offer.peer_id) or not wait.keeps_waiting(self.book.get(offer.peer_id, offer.model), time.monotonic()):
+            return False
+        self.stats.queue_waits += 1
+        return True
 
     def _order(self, request: CompletionRequest, offer: Offer, request_id: str, seed: int, continuation: str, max_tokens: int, allowance: bytes) -> Order:
         return Order(
@@ -300,6 +316,7 @@ class GatewayService:
             raise
         hasher = OutputHasher()
         parts: list[str] = []
+        queue = _QueueWait(offer, self.config.queue_timeout)
         try:
             deadline = self.config.first_token_timeout
             msg = None
@@ -308,6 +325,8 @@ class GatewayService:
                     with trio.move_on_after(deadline) as waited:
                         msg = await framed.receive()
                     if waited.cancelled_caught:
+                        if not outcome.tokens and self._still_queued(offer, framed, queue):
+                            continue
                         raise _HostFailed("no first token in time" if not outcome.tokens else "stream stalled")
                     deadline = self.config.stall_timeout
                 if isinstance(msg, Chunk):
@@ -365,6 +384,44 @@ class GatewayService:
                 first_draw=first_draw, output_ids=tuple(outcome.token_ids), output_text=outcome.text,
             ))
         self.settlement.record(countersigned)
+
+
+class _QueueWait:
+    """Whether a host that has sent no first token yet is queueing the order or hanging.
+
+    A host past its slots queues orders (``--queue``) and starts them in
+    arrival order as slots free, which can take longer than
+    ``first_token_timeout``; failing over then, as the gateway used to,
+    turned a busy survivor's queue into 503s (issue 8). The gateway judges
+    from what the host already says, signed, every few seconds: its offer's
+    free slots. We chose that over a new "queued" message from the host:
+    that would be a wire-protocol change older peers refuse, and a host's
+    word that it queued an order tells a queue from a hang no better than
+    its offers saying it is full. We also rejected a longer deadline for
+    hosts whose offer showed 0 free slots at ranking time: that offer is a
+    heartbeat old either way (a host that filled since would get the short
+    deadline) and nothing is checked again during the long one.
+
+    The rule: each time the first-token deadline passes, wait one more if
+    the host's live offer now, or at the previous check (the ranked offer at
+    the first), showed no free slot, up to ``queue_timeout`` in all (the
+    caller also requires the connection to be up). Slots are given out in
+    arrival order, so a host that advertised a free slot at two checks in a
+    row with no token for us is not serving us: it fails as before. A host
+    whose offer is gone (expired, withdrawn, dropped) gets no more patience.
+    """
+
+    def __init__(self, offer: Offer, limit: float) -> None:
+        self._was_full = offer.free_slots <= 0
+        self._until = time.monotonic() + limit
+
+    def keeps_waiting(self, current: Offer | None, now: float) -> bool:
+        if current is None or now >= self._until:
+            return False
+        full = current.free_slots <= 0
+        keep = full or self._was_full
+        self._was_full = full
+        return keep
 
 
 class _MidStreamExhausted(APIError):
