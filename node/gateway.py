@@ -8,6 +8,11 @@ client's:
 
 * no first token within ``first_token_timeout``, a refusal, or a stream that
   breaks before any content: try the next host, invisibly;
+* a host that announces it is full may be queueing the order: wait for it
+  (up to ``queue_timeout``, see `_QueueWait`) instead; one that answered
+  "busy" (its queue is full too) is asked again after the others;
+* a host whose connection is gone leaves the candidate set at once, for
+  every request, instead of when its offer expires;
 * a host that dies mid-stream: continue on another host from the text
   already delivered (the order's ``continuation``, and its token ids where
   the host streamed them, so the continuation is exact), so the client's
@@ -55,7 +60,12 @@ class GatewayConfig:
     open_timeout: float = 5.0
     """Dial + stream negotiation with one host."""
     first_token_timeout: float = 10.0
-    """From order sent to first chunk: past it, the next host gets the request."""
+    """From order sent to first chunk: past it, the next host gets the request
+    (unless the host says it is full and so may be queueing it: see `_QueueWait`)."""
+    queue_timeout: float = 120.0
+    """Longest wait for the first token from a host that keeps announcing it is full."""
+    busy_retry_s: float = 3.0
+    """How long to wait for a fresh offer (one heartbeat) before asking a host that answered "busy" again."""
     stall_timeout: float = 30.0
     """Longest silence mid-stream before the host is treated as dead."""
     max_attempts: int = 5
@@ -79,6 +89,8 @@ class Finish:
 class GatewayStats:
     requests: int = 0
     failovers: int = 0
+    queue_waits: int = 0
+    """First-token deadlines passed while the host announced it was full, and waited through."""
     receipts_rejected: int = 0
     receipts: list[Receipt] = field(default_factory=list)
 
@@ -87,7 +99,18 @@ Emit = Callable[[Delta], Awaitable[None]]
 
 
 class _HostFailed(Exception):
-    """This host did not deliver; the relay moves on to the next one."""
+    """This host did not deliver; the relay moves on to the next one.
+
+    ``busy``: it refused because its slots and queue are full; it is alive
+    and may be asked again, after the others. ``unreachable``: the
+    connection to it is gone (a failed dial, a connection closed under the
+    stream), not just one stream.
+    """
+
+    def __init__(self, message: str, *, busy: bool = False, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
+        self.unreachable = unreachable
 
 
 class _Outcome:
@@ -129,40 +152,37 @@ class GatewayService:
             raise APIError(404, f"The model '{request.model}' does not exist or no host serves it right now.", param="model", code="model_not_found")
         try:
             grant = self.settlement.authorize(bearer)
-        except SettlementRefused as refused:
-            raise _refusal_error(refused) from None
+        except SettlementRefused as unpaid:
+            raise _refusal_error(unpaid) from None
         request_id = new_request_id()
         seed = _seed(request, request_id)
         delivered_text = ""
         delivered_tokens = 0
         delivered_ids: list[int] | None = []  # None once a host streamed tokens without ids
         tried: set[str] = set()
+        refused: set[str] = set()
         last_error = "no host serves this model within your price and speed limits"
         for attempt in range(self.config.max_attempts):
-            now = time.monotonic()
-            # Hosts the hub's audits excluded (HubSettlement.excluded_host) get no traffic.
-            excluded = getattr(self.settlement, "excluded_host", None)
-            candidates = [o for o in self.matcher.rank(self.book.for_model(request.model), request.model, self.policy(), now, excluded) if o.peer_id not in tried]
+            candidates = await self._candidates(request.model, tried, refused)
             if not candidates:
                 break
             offer = candidates[0]
-            tried.add(offer.peer_id)
             continuation_ids = tuple(delivered_ids) if delivered_ids else ()
             order = self._order(request, offer, request_id if attempt == 0 else new_request_id(), seed, delivered_text,
                                 continuation_ids, request.max_tokens - delivered_tokens, grant.allowance)
             reserved = cost_micro(worst_case_tokens(order), order.price_micro_per_mtok)
             try:
                 self.settlement.reserve(grant, reserved)
-            except SettlementRefused as refused:
+            except SettlementRefused as unpaid:
                 if delivered_tokens:
-                    raise _MidStreamExhausted(f"the rest of the response cannot be paid for: {refused.message}") from None
-                raise _refusal_error(refused) from None
+                    raise _MidStreamExhausted(f"the rest of the response cannot be paid for: {unpaid.message}") from None
+                raise _refusal_error(unpaid) from None
             outcome = _Outcome()
             try:
                 await self._attempt(offer, order, outcome, emit)
             except _HostFailed as failure:
                 last_error = str(failure)
-                self.matcher.report_failure(offer.peer_id, time.monotonic())
+                self._note_failure(offer, failure, tried, refused)
                 delivered_text += outcome.text
                 delivered_tokens += outcome.tokens
                 if delivered_ids is not None and len(outcome.token_ids) == outcome.tokens:
@@ -198,6 +218,67 @@ class GatewayService:
             raise _MidStreamExhausted(f"every host failed mid-response: {last_error}")
         raise APIError(503, f"No host available for '{request.model}': {last_error}.", type="server_error", code="no_host_available")
 
+    def _rank(self, model: str, tried: set[str], refused: set[str]) -> list[Offer]:
+        # Hosts the hub's audits excluded (HubSettlement.excluded_host) get no traffic.
+        excluded = getattr(self.settlement, "excluded_host", None)
+        ranked = self.matcher.rank(self.book.for_model(model), model, self.policy(), time.monotonic(), excluded)
+        # Stable: hosts that answered "busy" go last, in ranking order.
+        return sorted((o for o in ranked if o.peer_id not in tried), key=lambda o: o.peer_id in refused)
+
+    async def _candidates(self, model: str, tried: set[str], refused: set[str]) -> list[Offer]:
+        """A fresh ranking for the next attempt, without the hosts that failed this request.
+
+        A host that answered "busy" (slots and queue full) is alive, so it
+        stays a candidate, behind every other. When only such hosts are
+        left, the best is asked again once its next offer arrives (at most
+        ``busy_retry_s``), not at once: a full queue a millisecond ago is
+        full now. ``max_attempts`` bounds the retries.
+        """
+        candidates = self._rank(model, tried, refused)
+        if candidates and candidates[0].peer_id in refused:
+            first = candidates[0]
+            with trio.move_on_after(self.config.busy_retry_s):
+                while (current := self.book.get(first.peer_id, model)) is not None and current.seq == first.seq:
+                    await self.book.changed.wait()
+            candidates = self._rank(model, tried, refused)
+        return candidates
+
+    def _note_failure(self, offer: Offer, failure: _HostFailed, tried: set[str], refused: set[str]) -> None:
+        """What a failed attempt means for the rest of this request and for the next ones.
+
+        A host whose queue wait ran out (``queue_timeout``) failed like any
+        other: asking it again would put the order at the back of the same queue.
+        """
+        if failure.busy:
+            refused.add(offer.peer_id)  # full, not broken: no back-off, asked again last
+            return
+        tried.add(offer.peer_id)
+        self.matcher.report_failure(offer.peer_id, time.monotonic())
+        if failure.unreachable:
+            # Out of the candidate set for every request now, not when its offer
+            # expires (its stale offer still promises free slots); a new offer brings it back.
+            self.book.drop_host(offer.peer_id)
+            if self._pool is not None:
+                self._pool.forget(offer.peer_id)
+
+    def _connection_lost(self, framed: FramedStream, peer_id: str) -> bool:
+        """Whether the connection under ``framed`` is gone, not just this one stream.
+
+        yamux resets every stream of a dying connection before libp2p drops
+        the connection, so ``is_connected`` can still say yes when the stream
+        breaks; the muxer's shutdown flag is set first.
+        """
+        muxer = getattr(framed.stream, "muxed_conn", None)
+        shutting = getattr(muxer, "event_shutting_down", None)
+        return (shutting is not None and shutting.is_set()) or not self.node.is_connected(peer_id)
+
+    def _still_queued(self, offer: Offer, framed: FramedStream, wait: _QueueWait) -> bool:
+        """Past a first-token deadline: wait one more for this host (see `_QueueWait`)?"""
+        if self._connection_lost(framed, offer.peer_id) or not wait.keeps_waiting(self.book.get(offer.peer_id, offer.model), time.monotonic()):
+            return False
+        self.stats.queue_waits += 1
+        return True
+
     def _order(self, request: CompletionRequest, offer: Offer, request_id: str, seed: int, continuation: str,
                continuation_ids: tuple[int, ...], max_tokens: int, allowance: bytes) -> Order:
         return Order(
@@ -228,6 +309,10 @@ class GatewayService:
                 continue
         if addrs:
             store.add_addrs(peer, addrs, 600)
+        if not self.node.is_connected(offer.peer_id):
+            # A live offer says the host is up: a dial that failed while it was
+            # down must not block this one (the matcher paces retries).
+            self.node.allow_redial(offer.peer_id)
         with trio.fail_after(self.config.open_timeout):
             stream = await self.node.host.new_stream(peer, [INFER_PROTOCOL])
         return FramedStream(stream)
@@ -244,13 +329,11 @@ class GatewayService:
         try:
             framed = await self._open(offer)
         except Exception as exc:  # any dial failure (timeout included) means: next host
-            if self._pool is not None:
-                self._pool.forget(offer.peer_id)
-            raise _HostFailed(f"cannot open a stream: {type(exc).__name__}: {exc}") from None
+            raise _HostFailed(f"cannot open a stream: {type(exc).__name__}: {exc}", unreachable=True) from None
         try:
             await framed.send(order)
         except PeerGone as exc:
-            raise _HostFailed(str(exc)) from None
+            raise _HostFailed(str(exc), unreachable=self._connection_lost(framed, offer.peer_id)) from None
         return framed
 
     async def _attempt(self, offer: Offer, order: Order, outcome: _Outcome, emit: Emit) -> None:
@@ -262,6 +345,7 @@ class GatewayService:
             raise
         hasher = OutputHasher()
         parts: list[str] = []
+        queue = _QueueWait(offer, self.config.queue_timeout)
         try:
             deadline = self.config.first_token_timeout
             msg = None
@@ -270,6 +354,8 @@ class GatewayService:
                     with trio.move_on_after(deadline) as waited:
                         msg = await framed.receive()
                     if waited.cancelled_caught:
+                        if not outcome.tokens and self._still_queued(offer, framed, queue):
+                            continue
                         raise _HostFailed("no first token in time" if not outcome.tokens else "stream stalled")
                     deadline = self.config.stall_timeout
                 if isinstance(msg, Chunk):
@@ -297,9 +383,11 @@ class GatewayService:
                 if isinstance(msg, Error):
                     if not msg.retryable and not outcome.tokens and msg.code == "bad_request":
                         raise APIError(400, f"The host rejected the request: {msg.message}")
-                    raise _HostFailed(f"host error {msg.code}: {msg.message}")
+                    raise _HostFailed(f"host error {msg.code}: {msg.message}", busy=msg.code == "busy")
                 raise _HostFailed(f"unexpected {msg.TYPE} message")
-        except (PeerGone, ProtocolError) as exc:
+        except PeerGone as exc:
+            raise _HostFailed(str(exc), unreachable=self._connection_lost(framed, offer.peer_id)) from None
+        except ProtocolError as exc:
             raise _HostFailed(str(exc)) from None
         finally:
             outcome.text = "".join(parts)
@@ -357,6 +445,44 @@ def _refusal_error(refused: SettlementRefused) -> APIError:
     if refused.status >= 500:
         return APIError(refused.status, refused.message, type="server_error", code=refused.code, headers={"retry-after": "1"})
     return APIError(refused.status, refused.message, type="invalid_request_error", code=refused.code)
+
+
+class _QueueWait:
+    """Whether a host that has sent no first token yet is queueing the order or hanging.
+
+    A host past its slots queues orders (``--queue``) and starts them in
+    arrival order as slots free, which can take longer than
+    ``first_token_timeout``; failing over then, as the gateway used to,
+    turned a busy survivor's queue into 503s (issue 8). The gateway judges
+    from what the host already says, signed, every few seconds: its offer's
+    free slots. We chose that over a new "queued" message from the host:
+    that would be a wire-protocol change older peers refuse, and a host's
+    word that it queued an order tells a queue from a hang no better than
+    its offers saying it is full. We also rejected a longer deadline for
+    hosts whose offer showed 0 free slots at ranking time: that offer is a
+    heartbeat old either way (a host that filled since would get the short
+    deadline) and nothing is checked again during the long one.
+
+    The rule: each time the first-token deadline passes, wait one more if
+    the host's live offer now, or at the previous check (the ranked offer at
+    the first), showed no free slot, up to ``queue_timeout`` in all (the
+    caller also requires the connection to be up). Slots are given out in
+    arrival order, so a host that advertised a free slot at two checks in a
+    row with no token for us is not serving us: it fails as before. A host
+    whose offer is gone (expired, withdrawn, dropped) gets no more patience.
+    """
+
+    def __init__(self, offer: Offer, limit: float) -> None:
+        self._was_full = offer.free_slots <= 0
+        self._until = time.monotonic() + limit
+
+    def keeps_waiting(self, current: Offer | None, now: float) -> bool:
+        if current is None or now >= self._until:
+            return False
+        full = current.free_slots <= 0
+        keep = full or self._was_full
+        self._was_full = full
+        return keep
 
 
 class _MidStreamExhausted(APIError):

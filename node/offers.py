@@ -36,13 +36,17 @@ class OfferBook:
     """The live offers a gateway knows, keyed by (host peer id, model).
 
     Only verified, unexpired offers get in; a withdrawal removes the host's
-    offers and blocks any older one that arrives late (gossip reorders).
+    offers and blocks any older one that arrives late (gossip reorders). A
+    host dropped for a dead connection is blocked the same way up to the
+    newest offer it had: only an offer issued after that one (the host is
+    alive and announcing) brings it back.
     """
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._offers: dict[tuple[str, str], Offer] = {}
         self._withdrawn: dict[str, int] = {}
+        self._dropped: dict[str, int] = {}
         self.changed = trio.Event()
 
     def apply(self, msg: Offer | Withdraw) -> bool:
@@ -59,7 +63,7 @@ class OfferBook:
             return self._touch(bool(gone))
         if msg.expires_at <= now or msg.issued_at > now + CLOCK_SKEW:
             return False
-        if msg.seq <= self._withdrawn.get(msg.peer_id, -1):
+        if msg.seq <= max(self._withdrawn.get(msg.peer_id, -1), self._dropped.get(msg.peer_id, -1)):
             return False
         key = (msg.peer_id, msg.model)
         current = self._offers.get(key)
@@ -84,6 +88,11 @@ class OfferBook:
     def for_model(self, model: str) -> list[Offer]:
         return [o for o in self.live() if o.model == model]
 
+    def get(self, peer_id: str, model: str) -> Offer | None:
+        """This host's current offer for ``model``, if it is live."""
+        offer = self._offers.get((peer_id, model))
+        return offer if offer is not None and offer.expires_at > self._clock() else None
+
     def models(self) -> dict[str, list[Offer]]:
         out: dict[str, list[Offer]] = {}
         for offer in self.live():
@@ -91,8 +100,15 @@ class OfferBook:
         return out
 
     def drop_host(self, peer_id: str) -> None:
-        """Forget a host now (its connection died); its next offer brings it back."""
+        """Forget a host now (its connection died); its next offer brings it back.
+
+        Copies of the offers dropped here may still be in flight on other
+        gossip paths; they are refused, so a dead host's last word cannot put
+        it back into the candidate set until its offers expire.
+        """
         gone = [k for k in self._offers if k[0] == peer_id]
+        if gone:
+            self._dropped[peer_id] = max(self._dropped.get(peer_id, -1), *(self._offers[k].seq for k in gone))
         for key in gone:
             del self._offers[key]
         self._touch(bool(gone))

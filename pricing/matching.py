@@ -12,17 +12,24 @@ Rules, in the order they apply:
    ``min_tokens_per_s``, and not excluded by reputation. Nothing filtered
    here is ever returned: a client's limits and a failed audit are promises,
    not preferences.
-2. **Full hosts only as a last resort.** An offer with ``free_slots == 0``
-   is dropped whenever some candidate has a free slot. When every candidate
-   is full they are all returned: ``free_slots`` comes from a heartbeat a
-   few seconds old and a slot may have freed since, so trying beats
-   answering 503 at once.
+2. **Free, then full, then backed off.** Candidates are ranked in three
+   tiers: healthy hosts with a free slot, healthy hosts whose last offer
+   showed ``free_slots == 0``, then hosts in back-off (rule 3). A full host
+   is never dropped: ``free_slots`` comes from a heartbeat a few seconds old,
+   and a live host past its slots still queues an order (``--queue``), so a
+   busy live host is the right next try once the free ones have failed. The
+   free-slot count of a backed-off host does not lift it over a busy live
+   one: a host that just failed, or whose connection died, advertises free
+   slots from before its failure (a dead host's last offer says it is idle),
+   and preferring that stale promise over a live queue is what turned
+   failovers into 503s (issue 8).
 3. **Back-off after failure.** `report_failure` puts a host into exponential
    back-off (``backoff_base_s`` doubling per consecutive failure up to
    ``backoff_max_s``; `report_success` resets it). Backed-off hosts go after
-   every healthy candidate instead of vanishing, so a request is not refused
-   because every host hiccupped once; once its back-off has run out a host is
-   healthy again, and one more failure doubles the next wait.
+   every healthy candidate, free or full, instead of vanishing, so a request
+   is not refused because every host hiccupped once; once its back-off has
+   run out a host is healthy again, and one more failure doubles the next
+   wait.
 4. **Cheapest first, faster breaks ties.** Within a tier, by ascending price,
    then by descending throughput group.
 5. **Round-robin among equals.** Offers with the same price and the same
@@ -159,11 +166,11 @@ class Matcher:
             for o in offers
             if o.model == model and policy.admits(o) and not (excluded is not None and excluded(o.peer_id))
         ]
-        if any(o.free_slots > 0 for o in candidates):
-            candidates = [o for o in candidates if o.free_slots > 0]
         healthy = [o for o in candidates if not self.backed_off(o.peer_id, now)]
+        free = [o for o in healthy if o.free_slots > 0]
+        full = [o for o in healthy if o.free_slots <= 0]
         waiting = [o for o in candidates if self.backed_off(o.peer_id, now)]
-        ranked = self._order(healthy, model) + self._order(waiting, model)
+        ranked = self._order(free, model) + self._order(full, model) + self._order(waiting, model)
         if ranked:
             self._sequence += 1
             self._last_first[(model, ranked[0].peer_id)] = self._sequence

@@ -82,12 +82,30 @@ def test_round_robin_is_per_model() -> None:
     assert matcher.rank(offers, "m", ANY, 0.0)[0].peer_id == "b"
 
 
-def test_full_hosts_dropped_while_a_free_one_exists_else_returned() -> None:
+def test_full_hosts_go_after_free_ones_and_are_never_dropped() -> None:
     free = Offer("free", price_micro_per_mtok=500)
     full = Offer("full", price_micro_per_mtok=100, free_slots=0)
     full2 = Offer("full2", price_micro_per_mtok=200, free_slots=0)
-    assert ids(Matcher().rank([full, free, full2], "m", ANY, 0.0)) == ["free"]
+    assert ids(Matcher().rank([full, free, full2], "m", ANY, 0.0)) == ["free", "full", "full2"]
     assert ids(Matcher().rank([full2, full], "m", ANY, 0.0)) == ["full", "full2"]
+
+
+def test_failed_host_with_free_slots_ranks_after_a_live_busy_host() -> None:
+    # Issue 8: the cheap host died mid-stream; its last offer still says it is idle.
+    dead = Offer("dead", price_micro_per_mtok=100, free_slots=4)
+    busy = Offer("busy", price_micro_per_mtok=300, free_slots=0)
+    m = Matcher()
+    m.report_failure("dead", now=10.0)
+    assert ids(m.rank([dead, busy], "m", ANY, now=10.5)) == ["busy", "dead"]
+
+
+def test_backed_off_free_host_does_not_push_out_busy_live_hosts() -> None:
+    stale = Offer("stale", price_micro_per_mtok=100, free_slots=2)
+    busy = Offer("busy", price_micro_per_mtok=300, free_slots=0)
+    idle = Offer("idle", price_micro_per_mtok=900, free_slots=1)
+    m = Matcher()
+    m.report_failure("stale", now=0.0)
+    assert ids(m.rank([stale, busy, idle], "m", ANY, now=1.0)) == ["idle", "busy", "stale"]
 
 
 def test_backoff_doubles_caps_and_resets_on_success() -> None:
@@ -174,12 +192,11 @@ def test_rank_properties(offers, max_price, min_tps, banned, failed) -> None:
     eligible = [o for o in offers if o.model == "m" and policy.admits(o) and o.peer_id not in banned]
     assert len(ranked) == len({o.peer_id for o in ranked})
     assert set(ranked) <= set(eligible)
-    if any(o.free_slots > 0 for o in eligible):
-        assert {o for o in eligible if o.free_slots > 0} == set(ranked)
-    else:
-        assert set(eligible) == set(ranked)
+    assert set(eligible) == set(ranked)  # nothing admitted is dropped, full or backed off
     healthy = [o for o in ranked if o.peer_id not in failed]
     assert ranked[: len(healthy)] == healthy  # healthy ones first
-    for tier in (healthy, ranked[len(healthy) :]):
+    free = [o for o in healthy if o.free_slots > 0]
+    assert healthy[: len(free)] == free  # among them, those with a free slot first
+    for tier in (free, healthy[len(free) :], ranked[len(healthy) :]):
         prices = [o.price_micro_per_mtok for o in tier]
         assert prices == sorted(prices)
