@@ -2,9 +2,7 @@
 
 The run happens once per module; each test reads one invariant from the
 returned :class:`~gpunexus.chaos.ChaosResult`, so a failure names the
-invariant and lists its cases. One invariant still fails when the
-schedule's timing meets a known bug; it is marked ``xfail(strict=False)``
-until the fix lands.
+invariant and lists its cases.
 """
 
 from __future__ import annotations
@@ -46,8 +44,6 @@ def test_every_completed_stream_has_the_exact_uninterrupted_text(result):
     assert not bad, bad
 
 
-@pytest.mark.xfail(strict=False, reason="busy-survivor failover: a host that dies mid-stream while the survivors are "
-                                        "busy ends the stream with an SSE error after content")
 def test_no_stream_breaks_after_its_first_token_or_hangs(result):
     bad = [f"{s.client} req{s.request} r{s.round}: {s.status}: {s.detail}" for s in result.streams
            if s.status in ("broken", "hung")]
