@@ -92,12 +92,13 @@ class Lines:
         return next((line for line in self.lines if needle in line), None)
 
     async def wait_for(self, needle: str, timeout: float) -> str:
-        with trio.fail_after(timeout):
+        with trio.move_on_after(timeout):
             while (line := self.find(needle)) is None:
                 if self.closed:
-                    raise AssertionError(f"{self.name} ended before printing {needle!r}; last lines:\n" + "\n".join(self.lines[-30:]))
+                    raise AssertionError(f"{self.name} ended before printing {needle!r}; last lines:\n{self.tail()}")
                 await self._changed.wait()
-        return line
+            return line
+        raise AssertionError(f"{self.name} printed no {needle!r} within {timeout:g} s; last lines:\n{self.tail()}")
 
     def tail(self, n: int = 30) -> str:
         return "\n".join(self.lines[-n:])
