@@ -233,6 +233,7 @@ check_user() {
     else
         act "create system user $USER_NAME" useradd --system --home-dir "$STATE" --no-create-home --shell /usr/sbin/nologin "$USER_NAME"
     fi
+    if ((docker)); then note "state: docker volume $DOCKER_VOLUME"; return; fi
     if [[ -d $STATE ]] && [[ $(stat -c '%a %U' "$STATE") == "700 $USER_NAME" ]]; then
         already "$STATE (mode 700, $USER_NAME) holds the host's identity and state"
     else
@@ -309,10 +310,16 @@ serve_args() {
     echo "${args[*]}"
 }
 
-docker_run() {  # docker run ARGS... for the service and for the one-off steps
-    local gpus=()
-    [[ -z $gpu ]] || gpus=(--gpus all)
-    echo "$(command -v docker || echo /usr/bin/docker) run --rm --network host --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges -v $DOCKER_VOLUME:$STATE ${gpus[*]}"
+# `docker run ...` for the service and the one-off steps: host network (libp2p
+# announces the machine's own addresses), read-only root, no capabilities,
+# state in a named volume. Only exllamav2 needs the GPU inside (an image built
+# on CUDA, and the NVIDIA Container Toolkit): openai forwards to a server outside.
+docker_run() {
+    local run
+    run="$(command -v docker || echo /usr/bin/docker) run --rm --network host --read-only --tmpfs /tmp"
+    run+=" --cap-drop ALL --security-opt no-new-privileges -v $DOCKER_VOLUME:$STATE"
+    [[ $backend != exllamav2 ]] || run+=" --gpus all"
+    echo "$run"
 }
 
 as_host() {  # run gpunexus (or its python) the way the service will

@@ -172,6 +172,13 @@ async def test_dry_run_prints_every_step_and_changes_nothing(base_image: str, so
             assert "GPUNEXUS_API_KEY=<api key>" in out and "gnx_secret_key" not in out, "a dry run shows no key"
             assert "ExecStart=/opt/gpunexus/venv/bin/gpunexus node serve --model tiny --backend reference --price 0.25" in out
             assert "would start gpunexus-host.service" in out and "dry run: " in out.splitlines()[-1]
+            rc, out = await root.install("--dry-run --docker --source /src")  # the image instead of a venv
+            assert rc == 0, out
+            assert "would install docker.io" in out
+            assert "would build gpunexus-host:latest: docker build --force-rm -f /src/docker/host.Dockerfile" in out
+            assert ("ExecStart=/usr/bin/docker run --rm --network host --read-only --tmpfs /tmp --cap-drop ALL --security-opt "
+                    "no-new-privileges -v gpunexus-host:/var/lib/gpunexus --name gpunexus-host") in out
+            assert "ExecStop=/usr/bin/docker stop -t 600 gpunexus-host" in out and "SupplementaryGroups=docker" in out
             assert await root.text(changed) == before, "a dry run wrote files"
             assert (await root.sh("id gpunexus", check=False)).returncode != 0
             calls = await root.text("cat /var/log/systemctl.calls 2>/dev/null || true")
