@@ -219,3 +219,44 @@ async def test_sigterm_drains_a_plain_host_process_too(tmp_path) -> None:
 
     with trio.fail_after(120):
         await _drain_while_streaming(start, sigterm)
+
+
+HUB_IMAGE = "gpunexus-hub:test"
+
+
+@pytest.fixture(scope="session")
+def hub_image() -> str:
+    ensure_base_image()
+    out = subprocess.run(["docker", "build", "--force-rm", "--network", "host", "-f", "docker/hub.Dockerfile", "-t", HUB_IMAGE, "."],
+                         cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, f"docker build failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return HUB_IMAGE
+
+
+async def test_the_hub_image_serves_reports_health_and_stops_cleanly(hub_image: str) -> None:
+    """Its own CMD and HEALTHCHECK, on the container's own loopback (--network none: no port of this machine)."""
+    name = f"gpunexus-test-hub-{uuid.uuid4().hex[:8]}"
+    started = int(time.time()) - 1
+    await adocker("run", "-d", "--name", name, "--network", "none", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+                  "--health-interval", "1s", hub_image)
+    events = await trio.lowlevel.open_process(
+        ["docker", "events", "--filter", f"container={name}", "--filter", "event=health_status", "--since", str(started)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(120):
+            health = Lines("docker events")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(health.pump, events.stdout)
+                await health.wait_for("health_status: healthy", timeout=90)
+                nursery.cancel_scope.cancel()
+            added = await adocker("exec", name, "gpunexus", "hub", "user", "add", "ops@example.com", "--role", "admin")
+            assert added.stdout.decode().strip().splitlines()[-1].startswith("gnx_")
+            await adocker("exec", name, "python3", "-c", "import psycopg")  # the postgres extra, for docker/compose.yaml
+            await adocker("stop", "-t", "30", name)
+            state = await adocker("inspect", "--format", "{{.State.ExitCode}}", name)
+            assert state.stdout.strip() == b"0", (await adocker("logs", name)).stderr.decode()[-2000:]
+    finally:
+        events.kill()
+        with trio.CancelScope(shield=True):
+            await events.wait()
+            await adocker("rm", "-f", name, check=False)
