@@ -21,17 +21,23 @@ RUN apt-get update \
 ENV PATH=/opt/gpunexus/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/gpunexus/venv
 # The dependencies first, in their own layer: a change to the source then
-# reinstalls only gpunexus itself, not numpy, cryptography and libp2p.
-COPY pyproject.toml README.md /src/
+# reinstalls only gpunexus itself, not numpy, cryptography and libp2p. With the
+# build backend here too, that install needs no download (--no-build-isolation).
+COPY pyproject.toml /src/
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" >/tmp/requirements.txt \
-    && pip install -q -r /tmp/requirements.txt
+    && pip install -q -r /tmp/requirements.txt 'setuptools>=77' wheel
+COPY README.md /src/
 COPY gpunexus /src/gpunexus
 COPY protocol /src/protocol
 COPY pricing /src/pricing
 COPY verify /src/verify
 COPY node /src/node
 COPY hub /src/hub
-RUN pip install -q --no-deps /src && gpunexus --help >/dev/null
+# EXTRAS=exllamav2 on a CUDA base (see README "Run a host"); empty here.
+ARG EXTRAS=""
+RUN pip install -q --no-deps --no-build-isolation /src \
+    && if [ -n "$EXTRAS" ]; then pip install -q "/src[$EXTRAS]"; fi \
+    && gpunexus --help >/dev/null
 
 # --- runtime --------------------------------------------------------------
 FROM ${BASE}

@@ -15,17 +15,19 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 ENV PATH=/opt/gpunexus/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/gpunexus/venv
-COPY pyproject.toml README.md /src/
-# Dependencies first (their own layer), with the postgres extra.
+COPY pyproject.toml /src/
+# Dependencies first (their own layer), with the postgres extra and the build
+# backend: a change to the source reinstalls only gpunexus, offline.
 RUN python3 -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres']))" >/tmp/requirements.txt \
-    && pip install -q -r /tmp/requirements.txt
+    && pip install -q -r /tmp/requirements.txt 'setuptools>=77' wheel
+COPY README.md /src/
 COPY gpunexus /src/gpunexus
 COPY protocol /src/protocol
 COPY pricing /src/pricing
 COPY verify /src/verify
 COPY node /src/node
 COPY hub /src/hub
-RUN pip install -q --no-deps /src && gpunexus hub --help >/dev/null
+RUN pip install -q --no-deps --no-build-isolation /src && gpunexus hub --help >/dev/null
 
 # --- runtime --------------------------------------------------------------
 FROM ${BASE}
