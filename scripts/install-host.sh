@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a gpunexus host on Debian or Ubuntu, as a systemd service.
 #
-#   sudo scripts/install-host.sh --model tiny                      # CPU, reference model, from PyPI
+#   sudo scripts/install-host.sh --model tiny                      # CPU, reference model, this checkout
 #   sudo scripts/install-host.sh --source ./gpunexus-checkout --model llama3.1:8b \
 #        --backend openai --upstream http://127.0.0.1:11434/v1 --price 0.15 \
 #        --hub https://hub.example --api-key gnx_...
@@ -40,7 +40,8 @@ What to serve:
   --hub URL --api-key KEY   register with a hub (the key goes to /etc/gpunexus/host.env, mode 600)
 
 How to install:
-  --source PATH|SPEC    a gpunexus checkout or a pip requirement (default: gpunexus, from PyPI)
+  --source PATH|SPEC    a gpunexus checkout, or a pip requirement such as 'gpunexus==0.1.0'
+                        (default: the checkout this script is in)
   --docker              run the container image instead of a virtual environment
   --image TAG           the image for --docker (default: gpunexus-host:latest; built from
                         --source PATH with docker/host.Dockerfile when absent)
@@ -113,7 +114,7 @@ safe_word() {
 # --- options -------------------------------------------------------------------
 model=tiny backend=reference backend_given=0 upstream="" upstream_model="" model_dir=""
 price=0.20 listen=/ip4/0.0.0.0/tcp/4001 hub="" api_key=""
-source=gpunexus docker=0 image=gpunexus-host:latest require_gpu=0 skip_check=0
+source="" docker=0 image=gpunexus-host:latest require_gpu=0 skip_check=0
 
 parse_args() {
     while (($#)); do
@@ -151,6 +152,12 @@ parse_args() {
         value=${!name}
         [[ -z $value ]] || safe_word "--${name//_/-}" "$value"
     done
+    if [[ -z $source ]]; then
+        # Run from a checkout: install that checkout (never guess a name on PyPI).
+        source=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+        grep -qs '^name = "gpunexus"' "$source/pyproject.toml" \
+            || die "give --source PATH (a gpunexus checkout) or --source 'gpunexus==VERSION' (a pip requirement)"
+    fi
     if [[ -d $source ]]; then source=$(cd "$source" && pwd); fi
 }
 

@@ -233,7 +233,7 @@ async def running_hub(home: Path) -> AsyncIterator[tuple[str, str]]:
 async def test_installs_for_real_and_a_second_run_changes_nothing(base_image: str, source: Path, tmp_path: Path) -> None:
     with trio.fail_after(540):
         async with running_hub(tmp_path / "hub") as (hub_url, host_key), throwaway_root(base_image, source, caches=True) as root:
-            args = f"--source /src --model tiny --price 0.25 --listen /ip4/127.0.0.1/tcp/0 --hub {hub_url} --api-key {host_key}"
+            args = f"--model tiny --price 0.25 --listen /ip4/127.0.0.1/tcp/0 --hub {hub_url} --api-key {host_key}"
             rc, first = await root.install(args)
             assert rc == 0, first
             assert "WARNING: no NVIDIA driver (nvidia-smi): CPU mode, the reference backend" in first
