@@ -8,9 +8,11 @@ a wait for a line, never a sleep.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,27 @@ def ensure_base_image() -> str:
     out = subprocess.run([str(REPO / "docker" / "make-base.sh"), BASE_IMAGE], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"make-base.sh failed:\n{out.stdout}\n{out.stderr}"
     return BASE_IMAGE
+
+
+# Names of what the tests leave for their next run, one set per checkout, so
+# that two checkouts testing at once never build over each other's images.
+CHECKOUT = hashlib.sha256(str(REPO).encode()).hexdigest()[:8]
+
+
+def build_image(dockerfile: str, name: str) -> str:
+    """``docker build`` a tag of this checkout; the image it replaces is removed
+    (its layers would pile up, one venv per source change), the cache kept."""
+    tag = f"{name}:test-{CHECKOUT}"
+    old = docker("image", "inspect", "--format", "{{.Id}}", tag, check=False).stdout.strip()
+    start = time.monotonic()
+    out = subprocess.run(["docker", "build", "--force-rm", "--network", "host", "-f", dockerfile, "-t", tag, "."],
+                         cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, f"docker build -f {dockerfile} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    new = docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+    if old and old != new:
+        docker("rmi", old, check=False)
+    print(f"\nbuilt {tag} in {time.monotonic() - start:.0f} s")
+    return tag
 
 
 def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -25,10 +25,9 @@ import pytest
 import trio
 from openai import APIStatusError, OpenAI
 
-from docker_support import REPO, Lines, adocker, docker, ensure_base_image
+from docker_support import Lines, adocker, build_image, docker, ensure_base_image
 from peers import GatedBackend, reference_backend, running_gateway, running_host, wait_for_offers
 
-IMAGE = "gpunexus-host:test"
 LOOPBACK_LISTEN = ["--listen", "/ip4/127.0.0.1/tcp/0", "--tokens-per-s", "100"]
 PROMPT = [{"role": "user", "content": "Tell me a story"}]
 
@@ -36,12 +35,7 @@ PROMPT = [{"role": "user", "content": "Tell me a story"}]
 @pytest.fixture(scope="session")
 def host_image() -> str:
     ensure_base_image()
-    start = time.monotonic()
-    out = subprocess.run(["docker", "build", "--force-rm", "--network", "host", "-f", "docker/host.Dockerfile", "-t", IMAGE, "."],
-                         cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert out.returncode == 0, f"docker build failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    print(f"\nbuilt {IMAGE} in {time.monotonic() - start:.0f} s")
-    return IMAGE
+    return build_image("docker/host.Dockerfile", "gpunexus-host")
 
 
 @dataclass
@@ -83,7 +77,7 @@ def _container(image: str, name: str, args: list[str], *, volume: str | None = N
         cmd += ["-v", f"{volume}:/var/lib/gpunexus"]
 
     async def remove(running: Running) -> None:  # whatever happened: no container is left behind
-        await adocker("rm", "-f", name, check=False)
+        await adocker("rm", "-f", "-v", name, check=False)  # -v: and its anonymous volumes
 
     return _process([*cmd, image, *args], remove)
 
@@ -221,16 +215,10 @@ async def test_sigterm_drains_a_plain_host_process_too(tmp_path) -> None:
         await _drain_while_streaming(start, sigterm)
 
 
-HUB_IMAGE = "gpunexus-hub:test"
-
-
 @pytest.fixture(scope="session")
 def hub_image() -> str:
     ensure_base_image()
-    out = subprocess.run(["docker", "build", "--force-rm", "--network", "host", "-f", "docker/hub.Dockerfile", "-t", HUB_IMAGE, "."],
-                         cwd=REPO, capture_output=True, text=True, timeout=1200)
-    assert out.returncode == 0, f"docker build failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
-    return HUB_IMAGE
+    return build_image("docker/hub.Dockerfile", "gpunexus-hub")
 
 
 async def test_the_hub_image_serves_reports_health_and_stops_cleanly(hub_image: str) -> None:
@@ -259,4 +247,4 @@ async def test_the_hub_image_serves_reports_health_and_stops_cleanly(hub_image: 
         events.kill()
         with trio.CancelScope(shield=True):
             await events.wait()
-            await adocker("rm", "-f", name, check=False)
+            await adocker("rm", "-f", "-v", name, check=False)  # -v: and its anonymous volumes

@@ -29,12 +29,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from docker_support import REPO, Lines, adocker, ensure_base_image
+from docker_support import CHECKOUT, REPO, Lines, adocker, ensure_base_image
 
 SCRIPT = REPO / "scripts" / "install-host.sh"
-CACHES = {"gpunexus-test-pip-cache": "/root/.cache/pip",
-          "gpunexus-test-apt-archives": "/var/cache/apt/archives",
-          "gpunexus-test-apt-lists": "/var/lib/apt/lists"}
+CACHES = {f"gpunexus-test-pip-cache-{CHECKOUT}": "/root/.cache/pip",  # one set per checkout: apt locks them
+          f"gpunexus-test-apt-archives-{CHECKOUT}": "/var/cache/apt/archives",
+          f"gpunexus-test-apt-lists-{CHECKOUT}": "/var/lib/apt/lists"}
 
 SYSTEMCTL_SHIM = r"""#!/bin/bash
 # A stand-in for systemctl where systemd is not PID 1: logs each call, and
@@ -142,7 +142,7 @@ async def throwaway_root(image: str, source: Path, *, systemd: bool = True, cach
         yield root
     finally:
         with trio.CancelScope(shield=True):
-            await adocker("rm", "-f", name, check=False)
+            await adocker("rm", "-f", "-v", name, check=False)  # -v: and its anonymous volumes
 
 
 def test_scripts_are_shellcheck_clean() -> None:
