@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -179,10 +180,30 @@ def _serve(args: argparse.Namespace) -> int:
             log.info("serving %s (%s) at %s USD/Mtok, %.1f tokens/s, %d slots", backend.info.name, backend.info.model_hash, micro_to_usd(price), tokens_per_s, slots)
             for addr in addrs[1:]:
                 log.info("also reachable at %s", addr)
-            await trio.sleep_forever()
+            await _drain_on_signal(runtime.service)
 
     trio.run(main)
     return 0
+
+
+async def _drain_on_signal(service) -> None:
+    """Wait for SIGTERM or SIGINT, then leave like ``node disable``: no new orders,
+    the ones in flight finish, the offer is withdrawn. This is what ``docker stop``
+    and ``systemctl stop`` send; a second signal stops at once."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        first = await signals.__anext__()
+        log.info("%s: draining %d request(s) in flight, then leaving", signal.Signals(first).name, service.stats.in_flight)
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_second_signal() -> None:
+                await signals.__anext__()
+                log.warning("second signal: stopping without waiting for requests in flight")
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_second_signal)
+            await service.disable()
+            nursery.cancel_scope.cancel()
+    log.info("stopped: %d requests served, %d cut off", service.stats.served, service.stats.in_flight)
 
 
 def _gateway(args: argparse.Namespace) -> int:
