@@ -47,13 +47,13 @@ def _series(rows: Iterable[DayModel], days: list[dt.date], value: Callable[[DayM
 
 
 def daily_chart(title: str, rows: Iterable[DayModel], days: list[dt.date], value: Callable[[DayModel], float],
-                formatter: Callable[[float], str]) -> Markup:
-    """A bar per day, stacked by model, as inline SVG."""
+                formatter: Callable[[float], str], *, width: int = 860) -> Markup:
+    """A bar per day, stacked by model, as inline SVG (``width``: the drawing's own size, so text stays legible)."""
     chart = pygal.StackedBar(
-        style=_STYLE, js=[], disable_xml_declaration=True, width=860, height=300, explicit_size=False,
+        style=_STYLE, js=[], disable_xml_declaration=True, width=width, height=320, explicit_size=False,
         title=title, legend_at_bottom=True, legend_at_bottom_columns=4, show_minor_x_labels=False,
-        x_labels_major_every=max(1, len(days) // 8), truncate_legend=28, print_values=False,
-        value_formatter=formatter, no_data_text="No requests in this range", margin=12,
+        x_labels_major_every=max(1, len(days) // (8 if width > 600 else 4)), truncate_legend=28, truncate_label=-1, print_values=False,
+        value_formatter=formatter, no_data_text="No requests in this range", margin=12, margin_bottom=30,
     )
     chart.x_labels = [d.strftime("%b %d") for d in days]
     for model, values in _series(rows, days, value).items():
@@ -66,4 +66,5 @@ def usd_axis(value: float) -> str:
 
 
 def count_axis(value: float) -> str:
-    return f"{value:,.0f}"
+    """Whole counts; the axis's fractional steps (2.5 requests) stay unlabelled."""
+    return f"{value:,.0f}" if float(value).is_integer() else ""

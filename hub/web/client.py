@@ -93,8 +93,10 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
         return await render_template(
             "usage.html", span=span, error=error, rows=rows, by_model=sorted(by_model.values(), key=lambda m: m["model"]),
             spend_chart=charts.daily_chart("Spend per day (USD)", rows, days, lambda r: r.amount_micro / 1e6, charts.usd_axis),
-            tokens_chart=charts.daily_chart("Tokens per day", rows, days, lambda r: r.tokens, charts.count_axis),
-            requests_chart=charts.daily_chart("Requests per day", rows, days, lambda r: r.requests, charts.count_axis),
+            tokens_chart=charts.daily_chart("Tokens per day", rows, days, lambda r: r.tokens, charts.count_axis,
+                                            width=430),
+            requests_chart=charts.daily_chart("Requests per day", rows, days, lambda r: r.requests, charts.count_axis,
+                                              width=430),
         ), 400 if error else 200
 
     @bp.get("/requests")

@@ -15,6 +15,8 @@ from gpunexus.hub.app import create_app
 from test_hub_support import Market
 
 PASSWORD = "correct horse battery"
+SCREENSHOTS: list[str] = []
+"""Folders the browser tests saved screenshots in (listed at the end of the run by conftest.py)."""
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 _NONCE = re.compile(r'name="nonce" value="([^"]+)"')
 
