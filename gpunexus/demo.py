@@ -4,7 +4,9 @@ A hub (SQLite in a temporary folder, manual-credits mode), a host serving the
 reference model and a gateway bootstrapped to it, all on loopback with
 throwaway identities and nothing from outside. It prints the base URL and a
 client API key with credits for the official ``openai`` SDK; requests are
-paid, receipts settled and the host's earnings grow, as in production.
+paid, receipts settled and the host's earnings grow, as in production. It
+also prints the hub's dashboard URL and a demo login (a fresh password per
+run) for the client, the host and an operator account.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import secrets
 import sys
 import tempfile
+import time
 import uuid
 
 import httpx
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, home: str) -> int:
-    from gpunexus.hub import keys
+    from gpunexus.hub import accounts, keys
     from gpunexus.hub.app import create_app, serve
     from gpunexus.hub.service import Hub
     from gpunexus.node.backends.reference import ReferenceBackend
@@ -53,6 +57,11 @@ async def _main(args: argparse.Namespace, home: str) -> int:
     _, client_key = hub.db.write_sync(keys.add_user, "client@demo.local", "client")
     _, host_key = hub.db.write_sync(keys.add_user, "host@demo.local", "host")
     hub.grant_sync("client@demo.local", DEMO_CREDITS_MICRO, uuid.uuid4().hex)
+    demo_password = "demo-" + secrets.token_hex(6)
+    hub.db.write_sync(keys.create_user, "admin@demo.local", "admin")
+    encoded = accounts.hash_password(demo_password)
+    for email in ("client@demo.local", "host@demo.local", "admin@demo.local"):
+        hub.db.write_sync(accounts.set_password, hub.db.read_sync(keys.get_user, email).id, encoded, time.time())
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(functools.partial(serve, hub, create_app(hub), host="127.0.0.1", port=0, shutdown_trigger=stop.wait))
@@ -66,6 +75,8 @@ async def _main(args: argparse.Namespace, home: str) -> int:
                     while not gateway.book.for_model(backend.info.name):
                         await gateway.book.changed.wait()
                 print(f"hub:       {hub_url} (manual credits; client has 5.00 USD)")
+                print(f"dashboard: {hub_url}/ (log in as client@demo.local, host@demo.local or admin@demo.local, "
+                      f"password {demo_password})")
                 print(f"host:      {addr} ({backend.info.name}, {tokens_per_s:.0f} tokens/s, 0.20 USD/Mtok)")
                 print(f"base_url:  {gateway.base_url}")
                 print(f"api_key:   {client_key}")

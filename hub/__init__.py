@@ -10,8 +10,12 @@ One module per job:
 ``market``         hosts' offers, market epochs, signed prices, the receipt price check
 ``chain``          the signed, hash-chained log of settled receipts
 ``audit``          ``gpunexus audit``: verify an exported log from scratch
-``service``        the ``Hub`` object the HTTP app and the CLI both drive
+``accounts``       people: sign-up, argon2id passwords, login sessions, suspension
+``reports``        usage, earnings, request logs, ledger totals, host views (read-only)
+``catalogue``      the operator's model catalogue and availability
+``service``        the ``Hub`` object the HTTP app, the dashboard and the CLI all drive
 ``app``            quart-trio HTTP API and the hypercorn runner
+``web``            the dashboard: server-rendered pages at ``/`` over the same service layer
 ``body``           request body decoding and field specs (validation and JSON Schema from one source)
 ``bodies``         the request body of every JSON route
 ``drain``          ASGI middleware: no kept-alive connection hangs on an unread request body

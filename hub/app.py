@@ -23,7 +23,7 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from . import bodies
+from . import bodies, web
 from .body import Body
 from .drain import DrainBody
 from .keys import User
@@ -222,6 +222,7 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
 
     if billing:
         billing.routes(app, current_user, read)
+    web.mount(app, hub, billing if isinstance(billing, web.Checkout) else None)
     return app
 
 

@@ -7,6 +7,14 @@ request id is settled twice. Then the balances the log implies (each client's
 spending, each host's earnings, the platform's fees) are recomputed and
 printed; they must add up to zero. Every fault names its entry and receipt.
 
+An *account extract* (a header naming an ``account``: what a user downloads
+from the dashboard, :func:`gpunexus.hub.chain.log_lines`) holds only the
+entries that account paid or earned. Each entry is checked the same way; the
+chain links are checked between entries whose sequence numbers follow each
+other (the entries between two others are someone else's, so the link across
+a gap cannot be rechecked: a note says how many gaps), sequence numbers must
+increase, and every entry must name the account as its client or its host.
+
 With ``--openings FILE`` (and the audit log ``gpunexus hub receipts export``
 writes next to the receipt log, ``RECEIPT_LOG.audits``, or ``--audits``), the
 hub's audits are rechecked as well (:func:`check_audits`): each audited
@@ -66,7 +74,12 @@ def audit_file(path: str, *, hub_id: str | None = None) -> AuditReport:
     if hub_id and hub_id != report.hub_id:
         report.faults.append(f"header: log signed by {report.hub_id}, expected {hub_id}")
         return report
+    account = header.get("account")
+    if account is not None and not isinstance(account, str):
+        report.faults.append("header: account is not a string")
+        return report
     prev, seen, host_owner, gateway_owner = chain.GENESIS, {}, {}, {}
+    last_seq, gaps = 0, 0
     for lineno, line in enumerate(lines[1:], start=2):
         report.entries += 1
         where = f"line {lineno}"
@@ -79,9 +92,19 @@ def audit_file(path: str, *, hub_id: str | None = None) -> AuditReport:
             report.faults.append(f"{where}: unreadable entry ({exc})")
             continue
         where = f"entry {entry.seq}"
-        faults = _check_entry(report.hub_id, entry, data, digest, sig, prev)
-        if entry.seq != report.entries:
-            faults.append(f"out of sequence: expected entry {report.entries}")
+        if account is None:
+            faults = _check_entry(report.hub_id, entry, data, digest, sig, prev)
+            if entry.seq != report.entries:
+                faults.append(f"out of sequence: expected entry {report.entries}")
+        else:  # an extract: links only across consecutive entries
+            gap = entry.seq != last_seq + 1
+            gaps += gap
+            faults = _check_entry(report.hub_id, entry, data, digest, sig, entry.prev_hash if gap else prev)
+            if entry.seq <= last_seq:
+                faults.append(f"out of sequence: after entry {last_seq}")
+            if account not in (entry.client, entry.host):
+                faults.append(f"not an entry of {account}")
+            last_seq = max(last_seq, entry.seq)
         prev = digest
         try:
             receipt = decode_as(Receipt, entry.receipt)
@@ -105,6 +128,9 @@ def audit_file(path: str, *, hub_id: str | None = None) -> AuditReport:
             report.balances["platform:fee"] += entry.fee
     if header.get("entries") != report.entries:
         report.faults.append(f"header says {header.get('entries')} entries, the file has {report.entries}")
+    if account is not None:
+        report.notes.append(f"extract of {account}'s entries: chain links checked between consecutive entries "
+                            f"({gaps} gap{'s' if gaps != 1 else ''} where other accounts' entries were left out)")
     return report
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import msgpack
@@ -74,11 +75,26 @@ def verify_hash(hub_id: str, digest: bytes, sig: bytes) -> None:
     verify_signature(hub_id, _SIG_PREFIX + digest, sig)
 
 
+def log_lines(hub_id: str, rows: list[tuple[int, bytes, bytes, bytes]], account: str | None = None) -> Iterator[str]:
+    """The export as JSON lines: a header naming the hub, then one entry per line.
+
+    With ``account``, the rows are an *extract*: only the entries that
+    account paid or earned (what the dashboard lets a user download). The
+    header names the account, and ``gpunexus audit`` then checks each entry
+    and the chain links between consecutive ones, and that every entry
+    names the account (see :func:`gpunexus.hub.audit.audit_file`).
+    """
+    header = {"format": FORMAT, "hub_id": hub_id, "entries": len(rows)}
+    if account is not None:
+        header["account"] = account
+    yield json.dumps(header) + "\n"
+    for seq, entry, digest, sig in rows:
+        yield json.dumps({"seq": seq, "entry": base64.b64encode(entry).decode(),
+                          "hash": digest.hex(), "sig": base64.b64encode(sig).decode()}) + "\n"
+
+
 def write_log(path: str, hub_id: str, rows: list[tuple[int, bytes, bytes, bytes]]) -> int:
-    """Export entries as JSON lines: a header naming the hub, then one entry per line."""
+    """Export every entry to ``path`` (:func:`log_lines`)."""
     with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"format": FORMAT, "hub_id": hub_id, "entries": len(rows)}) + "\n")
-        for seq, entry, digest, sig in rows:
-            f.write(json.dumps({"seq": seq, "entry": base64.b64encode(entry).decode(),
-                                "hash": digest.hex(), "sig": base64.b64encode(sig).decode()}) + "\n")
+        f.writelines(log_lines(hub_id, rows))
     return len(rows)

@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument("--fee-bps", type=int, default=HubConfig().fee_bps, help="platform fee in basis points (default 1000 = 10%%)")
-    serve.add_argument("--public-url", default=None, help="URL users reach the hub at (Stripe Checkout return links)")
+    serve.add_argument("--public-url", default=None, help="URL people reach the hub at: Stripe Checkout return links; "
+                       "https:// also makes the dashboard's cookies Secure")
     serve.add_argument("--verify-workers", type=int, default=0, metavar="N",
                        help="verify receipt signatures in N worker processes (default 0: in the request's thread)")
     serve.add_argument("--epoch-s", type=float, default=HubConfig().epoch_s, metavar="S",
@@ -60,6 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add.add_argument("email")
     add.add_argument("--role", choices=keys.ROLES, required=True)
     add.set_defaults(func=_user_add)
+    password = _with_db(user.add_parser("password", help="set a user's dashboard password (read from the terminal or stdin)",
+                                        description="Set or replace the password EMAIL logs in to the dashboard with; "
+                                                    "the user's open dashboard sessions end. Admins get theirs this way."))
+    password.add_argument("email")
+    password.set_defaults(func=_user_password)
 
     key = actions.add_parser("key", help="manage API keys").add_subparsers(dest="key_command", metavar="ACTION", required=True)
     create = _with_db(key.add_parser("create", help="create an API key for a user (shown once)"))
@@ -157,6 +163,30 @@ def _user_add(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print(f"user {user.email} ({user.role}) created; API key (shown once, store it now):")
     print(key)
+    return 0
+
+
+def _user_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from . import accounts
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("new password: ")
+        if getpass.getpass("again: ") != password:
+            return _fail("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    hub = _open(args)
+    try:
+        user = hub.db.read_sync(keys.get_user, args.email)
+    except keys.UserError as exc:
+        return _fail(str(exc))
+    problem = accounts.password_problem(password, user.email)
+    if problem:
+        return _fail(problem)
+    hub.db.write_sync(accounts.set_password, user.id, accounts.hash_password(password), time.time())
+    print(f"password set for {user.email}; log in at the hub's dashboard (/login)")
     return 0
 
 
@@ -294,7 +324,7 @@ def _serve(args: argparse.Namespace) -> int:
         default_ref, refs = _reference_prices(args.reference_price)
         config = HubConfig(fee_bps=args.fee_bps, epoch_s=args.epoch_s, reference_prices=refs, audit_rate=args.audit_rate,
                            audit_period_s=args.audit_period_s, audit_root_grace_s=args.audit_root_grace_s,
-                           challenge_accounts=frozenset(args.challenge_account),
+                           challenge_accounts=frozenset(args.challenge_account), public_url=args.public_url or "",
                            **({"reference_price_micro_per_mtok": default_ref} if default_ref else {}))
     except ValueError as exc:
         return _fail(str(exc))
@@ -317,6 +347,7 @@ def _serve(args: argparse.Namespace) -> int:
                                                           shutdown_trigger=stop.wait))
             mode = "stripe" if billing else "manual credits"
             print(f"hub {hub.hub_id} listening on {binds[0]} ({mode}; db {hub.db.url.split('@')[-1]})", flush=True)
+            print(f"dashboard: {args.public_url or binds[0]}/", flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     stop.set()  # drain in-flight requests, then stop

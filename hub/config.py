@@ -50,6 +50,9 @@ class HubConfig:
     """How long after its period ends a host may still publish its receipt root; the
     period's secret is revealed, and receipts of hosts without a root are all
     selected, once it is over."""
+    public_url: str = ""
+    """The URL people reach the hub at (``hub serve --public-url``). When it is ``https://``, the
+    dashboard's cookies are ``Secure`` (see :mod:`gpunexus.hub.web.auth`); empty: plain loopback HTTP."""
     challenge_accounts: frozenset[str] = frozenset()
     """Emails of the hub's own client accounts that send challenge requests through
     ordinary gateways (``gpunexus hub challenge``): every receipt they pay is audited."""

@@ -82,6 +82,7 @@ users = sa.Table(
     sa.Column("recharge_error", sa.String(200)),
     sa.Column("payout_threshold_micro", sa.BigInteger),
     sa.Column("connect_account_id", sa.String(255)),
+    sa.Column("suspended_at", sa.Float),
 )
 
 api_keys = sa.Table(
@@ -93,6 +94,7 @@ api_keys = sa.Table(
     sa.Column("name", sa.String(200), nullable=False, default=""),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float),
+    sa.Column("expires_at", sa.Float),
 )
 
 hosts = sa.Table(
@@ -316,6 +318,72 @@ host_reputation = sa.Table(
 )
 """Audit record per host peer id (``verify.reputation.Reputation``)."""
 
+passwords = sa.Table(
+    "passwords",
+    metadata,
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id"), primary_key=True, autoincrement=False),
+    sa.Column("hash", sa.String(200), nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+"""Argon2id hashes of dashboard passwords (never the password); a user without a row cannot log in.
+
+A table of its own rather than a column of ``users``, so that no query that
+reads whole user rows (billing, listings) ever carries a hash along."""
+
+terms_acceptances = sa.Table(
+    "terms_acceptances",
+    metadata,
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id"), primary_key=True, autoincrement=False),
+    sa.Column("version", sa.String(32), primary_key=True),
+    sa.Column("accepted_at", sa.Float, nullable=False),
+    sa.Column("address", sa.String(64), nullable=False, default=""),
+)
+"""Which version of the terms each user accepted, when, and from which address."""
+
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("token_hash", sa.LargeBinary(32), primary_key=True),
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id"), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+"""Dashboard logins. The cookie carries a random token (signed); only its SHA-256 is
+kept, so a copy of the database opens no session. Logging out, suspension and
+expiry delete or ignore the row, whatever cookie a browser still holds."""
+
+key_requests = sa.Table(
+    "key_requests",
+    metadata,
+    sa.Column("nonce", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.String(32), sa.ForeignKey("api_keys.key_id"), nullable=False),
+)
+"""The one-time form nonce each dashboard key creation came with: a resubmitted form creates no second key."""
+
+hub_secrets = sa.Table(
+    "hub_secrets",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
+)
+"""Secrets every process of one hub must share (the dashboard's cookie-signing key), made once."""
+
+models = sa.Table(
+    "models",
+    metadata,
+    sa.Column("model", sa.String(256), primary_key=True),
+    sa.Column("display_name", sa.String(200), nullable=False),
+    sa.Column("licence_name", sa.String(200), nullable=False, default=""),
+    sa.Column("licence_url", sa.String(500), nullable=False, default=""),
+    sa.Column("context_length", sa.Integer),
+    sa.Column("available", sa.Boolean, nullable=False, default=True),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+"""The operator's model catalogue: what a model id is, under which licence, and whether it is offered."""
+
+_ADDED_COLUMNS = (users.c.suspended_at, api_keys.c.expires_at)
+"""Nullable columns added after the first release; :meth:`Database.create_schema` adds them to older databases."""
+
 _RETRY_PGCODES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
 
 
@@ -366,6 +434,7 @@ class Database:
         metadata.create_all(self.engine)
         for index in receipt_log.indexes:  # indexes added after a database was created
             index.create(self.engine, checkfirst=True)
+        _add_missing_columns(self.engine)
         with self.engine.begin() as conn:
             if conn.execute(sa.select(chain_head.c.id)).first() is None:
                 conn.execute(chain_head.insert().values(id=1, seq=0, head_hash=GENESIS))
@@ -394,3 +463,18 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` for each of :data:`_ADDED_COLUMNS` an existing table lacks.
+
+    ``metadata.create_all`` creates missing tables only; a database made by an
+    earlier release keeps its tables as they were.
+    """
+    with engine.begin() as conn:
+        inspector = sa.inspect(conn)
+        for column in _ADDED_COLUMNS:
+            present = {c["name"] for c in inspector.get_columns(column.table.name)}
+            if column.name not in present:
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {column.table.name} ADD COLUMN {column.name} {kind}")

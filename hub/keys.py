@@ -7,6 +7,10 @@ human password, so the digest cannot be brute-forced, and a fast hash keeps
 authentication off the request path's critical budget. The full key is
 returned once, at creation, and never again.
 
+A key may carry an expiry; it authenticates until then. A suspended user's
+keys authenticate nothing (suspension also revokes them, so gateways hear
+of it; see :mod:`gpunexus.hub.accounts`).
+
 Authentication reads the key row on every request (no cache), so a revocation
 takes effect on the very next request, on every hub process sharing the
 database. Gateways, which answer requests without asking the hub, hear of a
@@ -59,6 +63,13 @@ class KeyInfo:
     name: str
     created_at: float
     revoked_at: float | None
+    expires_at: float | None = None
+
+    def status(self, now: float) -> str:
+        """``active``, ``revoked`` or ``expired``."""
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if self.expires_at is not None and self.expires_at <= now else "active"
 
 
 def _hash(secret: str) -> bytes:
@@ -71,6 +82,12 @@ def _user(row) -> User:
 
 def add_user(conn: Connection, email: str, role: str) -> tuple[User, str]:
     """Create a user with an empty account and a first API key: (user, full key)."""
+    user = create_user(conn, email, role)
+    return user, create_key(conn, user, "first key")
+
+
+def create_user(conn: Connection, email: str, role: str) -> User:
+    """Create a user with an empty account and no key."""
     email = email.strip().lower()
     if role not in ROLES:
         raise UserError(f"role must be one of {', '.join(ROLES)}")
@@ -82,8 +99,7 @@ def add_user(conn: Connection, email: str, role: str) -> tuple[User, str]:
     uid = conn.execute(
         users.insert().values(email=email, role=role, account_id=account_id, created_at=time.time()).returning(users.c.id)
     ).scalar_one()
-    user = User(id=uid, email=email, role=role, account_id=account_id)
-    return user, create_key(conn, user, "first key")
+    return User(id=uid, email=email, role=role, account_id=account_id)
 
 
 def get_user(conn: Connection, email: str) -> User:
@@ -97,42 +113,54 @@ def user_by_id(conn: Connection, user_id: int) -> User:
     return _user(conn.execute(sa.select(users).where(users.c.id == user_id)).one())
 
 
-def create_key(conn: Connection, user: User, name: str = "") -> str:
-    """A new key for ``user``; the returned string is the only copy of the secret."""
+def create_key(conn: Connection, user: User, name: str = "", expires_at: float | None = None) -> str:
+    """A new key for ``user`` (valid until ``expires_at`` if given); the returned string is the only copy of the secret."""
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     conn.execute(
         api_keys.insert().values(
-            key_id=key_id, user_id=user.id, secret_hash=_hash(secret), name=name[:200], created_at=time.time()
+            key_id=key_id, user_id=user.id, secret_hash=_hash(secret), name=name[:200], created_at=time.time(),
+            expires_at=expires_at,
         )
     )
     return f"{KEY_PREFIX}_{key_id}_{secret}"
 
 
-def list_keys(conn: Connection, email: str | None = None) -> list[KeyInfo]:
+def key_id_of(key: str) -> str:
+    """The public id of a full key (``gnx_<id>_<secret>``)."""
+    return key.split("_")[1]
+
+
+def list_keys(conn: Connection, email: str | None = None, *, user_id: int | None = None) -> list[KeyInfo]:
+    """Keys of every user, of ``email``'s or of ``user_id``'s, oldest first (never their secrets)."""
     q = sa.select(api_keys, users.c.email).join(users, users.c.id == api_keys.c.user_id).order_by(api_keys.c.created_at)
     if email:
         q = q.where(users.c.email == email.strip().lower())
-    return [KeyInfo(r.key_id, r.email, r.name, r.created_at, r.revoked_at) for r in conn.execute(q)]
+    if user_id is not None:
+        q = q.where(api_keys.c.user_id == user_id)
+    return [KeyInfo(r.key_id, r.email, r.name, r.created_at, r.revoked_at, r.expires_at) for r in conn.execute(q)]
 
 
-def revoke_key(conn: Connection, key_id: str) -> bool:
-    """Revoke by key id (or full key); False if no such unrevoked key."""
+def revoke_key(conn: Connection, key_id: str, *, user_id: int | None = None) -> bool:
+    """Revoke by key id (or full key), only among ``user_id``'s keys if given; False if no such unrevoked key."""
     if key_id.startswith(KEY_PREFIX + "_"):
-        key_id = key_id.split("_")[1]
+        key_id = key_id_of(key_id)
     stmt = (
         sa.update(api_keys)
         .where(api_keys.c.key_id == key_id, api_keys.c.revoked_at.is_(None))
         .values(revoked_at=time.time())
         .returning(api_keys.c.key_id)
     )
+    if user_id is not None:
+        stmt = stmt.where(api_keys.c.user_id == user_id)
     return conn.execute(stmt).first() is not None
 
 
 def authenticate(conn: Connection, token: str | None, allow_revoked: bool = False) -> User:
     """The user owning bearer ``token``, or AuthError (same message for every failure).
 
-    ``allow_revoked`` admits a revoked key: for what a revoked key may still
+    ``allow_revoked`` admits a revoked or expired key (or one of a suspended
+    user): for what a revoked key may still
     do, delivering receipts of work served before the revocation (they
     authenticate themselves by their signatures and allowance) and hearing
     of its own revocation.
@@ -141,11 +169,15 @@ def authenticate(conn: Connection, token: str | None, allow_revoked: bool = Fals
     if len(parts) != 3 or parts[0] != KEY_PREFIX:
         raise AuthError("Incorrect API key provided.")
     row = conn.execute(
-        sa.select(api_keys.c.secret_hash, api_keys.c.revoked_at, users)
+        sa.select(api_keys.c.secret_hash, api_keys.c.revoked_at, api_keys.c.expires_at, users)
         .join(users, users.c.id == api_keys.c.user_id)
         .where(api_keys.c.key_id == parts[1])
     ).first()
-    if row is None or not hmac.compare_digest(row.secret_hash, _hash(parts[2])) or (row.revoked_at is not None and not allow_revoked):
+    if row is None or not hmac.compare_digest(row.secret_hash, _hash(parts[2])):
+        raise AuthError("Incorrect API key provided.")
+    spent = row.revoked_at is not None or row.suspended_at is not None or (
+        row.expires_at is not None and row.expires_at <= time.time())
+    if spent and not allow_revoked:
         raise AuthError("Incorrect API key provided.")
     return _user(row)
 

@@ -7,6 +7,7 @@ expired holds, billing checks, closing market epochs) in :meth:`Hub.run`.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from gpunexus.protocol.messages import Allowance, HostReputation, Offer, Receipt
 from gpunexus.protocol.signing import Signer, verify_signature
 from sqlalchemy.engine import Connection
 
-from . import allowances, honesty, keys, ledger, market, receipts
+from . import accounts, allowances, catalogue, honesty, keys, ledger, market, receipts, reports
 from .config import HubConfig
 from .db import Database, default_url, hosts, receipt_log, users
 from .db import allowances as allowance_table
@@ -286,15 +287,146 @@ class Hub:
     async def earnings(self, user: User) -> dict:
         return await self.db.read(_summary, user, receipt_log.c.host_user_id)
 
+    # --- people: dashboard accounts, keys, reports (hub/accounts.py, hub/reports.py) ---------
+    async def sign_up(self, email: str, password: str, role: str, *, terms_version: str, address: str = "") -> User:
+        """A new client or host account with a password; refused whole (HubError 400 naming the field) or made whole."""
+        try:
+            email = accounts.normalise_email(email)
+            problem = accounts.password_problem(password, email)
+            if problem:
+                raise accounts.AccountError("password", problem)
+            encoded = await trio.to_thread.run_sync(accounts.hash_password, password)
+            return await self.db.write(accounts.sign_up, email, role, encoded, terms_version, address, self.clock())
+        except accounts.AccountError as exc:
+            raise HubError(400, "invalid_request_error", exc.message, exc.field) from None
+        except sa.exc.IntegrityError:  # the same email signed up at the same moment elsewhere
+            raise HubError(400, "invalid_request_error", "An account with this email already exists. Log in instead.",
+                           "email") from None
+
+    async def log_in(self, email: str, password: str) -> tuple[User, str]:
+        """(user, session token) for a right password; 401 with one message for any wrong email or password."""
+        wrong = HubError(401, "invalid_login", "Wrong email or password.", "password")
+        try:
+            email = accounts.normalise_email(email)
+        except accounts.AccountError:
+            raise wrong from None
+        login = await self.db.read(accounts.login_record, email)
+        if not await trio.to_thread.run_sync(accounts.verify_password, login, password):
+            raise wrong
+        assert login is not None and login.hash is not None
+        if login.suspended:
+            raise HubError(403, "account_suspended", "This account is suspended. Contact the operator.", "email")
+        if accounts.needs_rehash(login.hash):
+            encoded = await trio.to_thread.run_sync(accounts.hash_password, password)
+            await self.db.write(accounts.set_password, login.user.id, encoded, self.clock())
+        return login.user, await self.db.write(accounts.open_session, login.user.id, self.clock())
+
+    async def session_user(self, token: str) -> User | None:
+        return await self.db.read(accounts.session_user, token, self.clock())
+
+    async def log_out(self, token: str) -> None:
+        await self.db.write(accounts.close_session, token)
+
+    async def create_key(self, user: User, name: str, expires_at: float | None, nonce: str) -> str | None:
+        """A new API key (the only copy of its secret), or None if this form ``nonce`` already made one."""
+        if expires_at is not None and expires_at <= time.time():
+            raise HubError(400, "invalid_request_error", "The expiry must be in the future.", "expires")
+        return await self.db.write(accounts.create_key_once, user, name, expires_at, nonce)
+
+    async def list_keys(self, user: User) -> list[keys.KeyInfo]:
+        return await self.db.read(functools.partial(keys.list_keys, user_id=user.id))
+
+    async def revoke_key(self, user: User, key_id: str) -> None:
+        """Revoke one of ``user``'s own keys (404 for a key that is not theirs or not active)."""
+        if not await self.db.write(functools.partial(keys.revoke_key, user_id=user.id), key_id):
+            raise HubError(404, "not_found", "No active key with this id on your account.", "key_id")
+
+    async def daily(self, user: User, side: str, start: float, end: float) -> list[reports.DayModel]:
+        return await self.db.read(reports.daily, user.id, side, start, end)
+
+    async def request_log(self, user: User, side: str, start: float, end: float, *, limit: int = 100,
+                          before_seq: int | None = None) -> list[reports.LoggedRequest]:
+        return await self.db.read(functools.partial(reports.request_log, limit=limit, before_seq=before_seq),
+                                  user.id, side, start, end)
+
+    async def request_detail(self, user: User, request_id: str) -> tuple[reports.LoggedRequest, str, list[str]]:
+        """One of ``user``'s settled requests (as client or host); 404 for any other id."""
+        found = await self.db.read(reports.request_detail, user.id, request_id)
+        if found is None:
+            raise HubError(404, "not_found", "No request with this id on your account.", "request_id")
+        return found
+
+    async def receipt_extract(self, user: User) -> list[tuple[int, bytes, bytes, bytes]]:
+        """The signed log entries ``user`` paid or earned: ``chain.write_log`` rows that ``gpunexus audit`` checks."""
+        return await self.db.read(reports.receipt_extract, user.id)
+
+    async def host_view(self, user: User) -> dict:
+        self._require(user, "host")
+        return await self.db.read(reports.host_view, user.id)
+
+    async def payouts(self, user: User) -> dict:
+        self._require(user, "host")
+        return await self.db.read(reports.payout_summary, user.id)
+
+    async def models(self) -> list[catalogue.Model]:
+        return await self.db.read(catalogue.list_models)
+
+    # --- admin --------------------------------------------------------------
+    @staticmethod
+    def _require(user: User, role: str) -> None:
+        """403 unless ``user`` has ``role`` (an admin has every role)."""
+        if user.role not in (role, "admin"):
+            raise HubError(403, "permission_denied", f"This needs a {role} account.")
+
+    async def ledger_totals(self, admin: User) -> dict:
+        self._require(admin, "admin")
+        return await self.db.read(reports.ledger_totals)
+
+    async def users(self, admin: User, query: str = "") -> list[dict]:
+        self._require(admin, "admin")
+        return await self.db.read(reports.user_rows, query)
+
+    async def set_suspended(self, admin: User, user_id: int, suspended: bool) -> None:
+        """Suspend or restore a user (see :func:`accounts.set_suspended`); an admin cannot suspend itself."""
+        self._require(admin, "admin")
+        if user_id == admin.id and suspended:
+            raise HubError(400, "invalid_request_error", "You cannot suspend your own account.", "user_id")
+        if not await self.db.write(accounts.set_suspended, user_id, suspended, self.clock()):
+            raise HubError(404, "not_found", "No such user.", "user_id")
+
+    async def grant(self, admin: User, user_id: int, micro: int, key: str) -> bool:
+        """Manual credits (no Stripe): once per ``key``; False if that key was used already."""
+        self._require(admin, "admin")
+        if self.billing is not None:
+            raise HubError(409, "stripe_configured", "Credits come from Stripe top-ups on this hub, not grants.")
+        if micro <= 0:
+            raise HubError(400, "invalid_request_error", "Grant a positive amount.", "usd")
+        try:
+            return await self.db.write(_grant, user_id, micro, key)
+        except keys.UserError as exc:
+            raise HubError(404, "not_found", str(exc), "user_id") from None
+
+    async def admin_hosts(self, admin: User) -> list[dict]:
+        self._require(admin, "admin")
+        return await self.db.read(reports.admin_hosts)
+
+    async def save_model(self, admin: User, entry: catalogue.Model) -> None:
+        self._require(admin, "admin")
+        await self.db.write(catalogue.upsert, entry)
+
+    async def set_model_available(self, admin: User, model: str, available: bool) -> None:
+        self._require(admin, "admin")
+        if not await self.db.write(catalogue.set_available, model, available, self.clock()):
+            raise HubError(404, "not_found", "No such model in the catalogue.", "model")
+
+    async def uncatalogued_models(self, admin: User) -> list[str]:
+        self._require(admin, "admin")
+        return await self.db.read(catalogue.uncatalogued, self.clock())
+
     # --- operator ---------------------------------------------------------
     def grant_sync(self, email: str, micro: int, key: str) -> bool:
         """Manual credits: move ``micro`` from ``platform:grants`` to the user (once per key)."""
-        def work(conn: Connection) -> bool:
-            user = keys.get_user(conn, email)
-            src = ledger.system_account(conn, ledger.GRANTS)
-            return ledger.post(conn, Journal(f"grant:{key}", "grant", ((src, -micro), (user.account_id, micro))))
-
-        return self.db.write_sync(work)
+        return self.db.write_sync(lambda conn: _grant(conn, keys.get_user(conn, email).id, micro, key))
 
     async def run(self, *, period_s: float = 30.0, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background duties: return unspent holds of long-expired allowances; billing; market epochs."""
@@ -308,6 +440,15 @@ class Hub:
                 await self.release_expired()
                 await self.decide_overdue()
                 await trio.sleep(period_s)
+
+
+def _grant(conn: Connection, user_id: int, micro: int, key: str) -> bool:
+    """Move ``micro`` from ``platform:grants`` to the user, once per ``key``."""
+    account = conn.execute(sa.select(users.c.account_id).where(users.c.id == user_id)).scalar()
+    if account is None:
+        raise keys.UserError(f"no user {user_id}")
+    src = ledger.system_account(conn, ledger.GRANTS)
+    return ledger.post(conn, Journal(f"grant:{key}", "grant", ((src, -micro), (account, micro))))
 
 
 def _bind_host(conn: Connection, peer_id: str, user_id: int, now: float) -> int:

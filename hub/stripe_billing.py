@@ -8,7 +8,11 @@ webhook: the signature is checked on the raw body with the library's
 journal key is the Checkout Session id, so ``checkout.session.completed`` and
 a later ``checkout.session.async_payment_succeeded`` for one session can never
 credit twice. A session completed with its payment still pending credits
-nothing until the async success event.
+nothing until the async success event. The dashboard's success page credits
+through the same journal key (:meth:`StripeBilling.confirm_checkout`, which
+reads the session back from Stripe), so the person sees the credit at once,
+and however often the page is reloaded and whichever of page and webhook
+comes first, the session credits once.
 
 Auto-recharge. A client who set a threshold and an amount is charged
 off-session with the saved card when a settled batch leaves their balance
@@ -116,6 +120,33 @@ class StripeBilling:
             "cancel_url": f"{self.public_url}/billing/cancelled",
         })
         return {"id": session.id, "url": session.url}
+
+    async def confirm_checkout(self, user: User, session_id: str) -> dict:
+        """Read a Checkout Session back from Stripe and credit it if paid (once: its journal key is the session's).
+
+        Only the amount Stripe reports counts, and only for a session made
+        for ``user`` (404 for anyone else's or an unknown id).
+        """
+        unknown = HubError(404, "not_found", "No such payment on your account.", "session")
+        if not session_id.startswith("cs_") or len(session_id) > 150:
+            raise unknown
+        try:
+            session = await self._stripe(self.client.v1.checkout.sessions.retrieve, session_id)
+        except stripe.InvalidRequestError:
+            raise unknown from None
+        except stripe.StripeError as exc:
+            raise HubError(503, "stripe_unavailable", f"Could not reach Stripe to confirm the payment: {exc}") from None
+        data = session.to_dict()
+        metadata = data.get("metadata") or {}
+        if not isinstance(metadata, dict) or metadata.get("user_id") != str(user.id):
+            raise unknown
+        paid = data.get("payment_status") == "paid"
+        cents = data.get("amount_total")
+        if not paid or type(cents) is not int or cents <= 0:
+            return {"paid": False, "amount_micro": 0, "credited": False}
+        micro = cents * MICRO_PER_CENT
+        credited = await self.hub.db.write(_credit, f"stripe:checkout:{session_id}", user.id, micro, time.time())
+        return {"paid": True, "amount_micro": micro, "credited": credited}
 
     async def _customer(self, user: User) -> str:
         existing = await self.hub.db.read(lambda c: c.execute(
@@ -373,15 +404,21 @@ def _apply_event(conn: Connection, event_id: str, kind: str, credit: tuple[str, 
         return False
     if credit:
         key, user_id, micro = credit
-        account = conn.execute(sa.select(users.c.account_id).where(users.c.id == user_id)).scalar()
-        if account is None:
+        if _credit(conn, key, user_id, micro, now) is None:
             raise Ignored(f"{kind} {event_id}: no user {user_id}")  # rolls the event record back too
-        ledger.post(conn, Journal(key, "topup", ((ledger.system_account(conn, ledger.CLEARING), -micro), (account, micro))), now=now)
     if save_card:
         user_id, customer, method = save_card
         conn.execute(sa.update(users).where(users.c.id == user_id)
                      .values(stripe_customer_id=customer, payment_method_id=method, recharge_error=None))
     return True
+
+
+def _credit(conn: Connection, key: str, user_id: int, micro: int, now: float) -> bool | None:
+    """Credit a top-up from the Stripe clearing account once per ``key``: posted now, posted before (False), no such user (None)."""
+    account = conn.execute(sa.select(users.c.account_id).where(users.c.id == user_id)).scalar()
+    if account is None:
+        return None
+    return ledger.post(conn, Journal(key, "topup", ((ledger.system_account(conn, ledger.CLEARING), -micro), (account, micro))), now=now)
 
 
 def _user_and_balance(conn: Connection, user_id: int):

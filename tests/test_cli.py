@@ -50,6 +50,7 @@ def test_demo_once_answers_a_request():
     lines = dict(line.split(":", 1) for line in out.stdout.splitlines() if ":" in line)
     assert lines["base_url"].strip().startswith("http://127.0.0.1:")
     assert lines["api_key"].strip().startswith("gnx_")
+    assert "client@demo.local" in lines["dashboard"] and "password demo-" in lines["dashboard"]
     assert "host earned" in out.stdout
     assert "completion_tokens" in lines["usage"]
 

@@ -1,0 +1,97 @@
+"""Operator pages: ledger totals and the conservation check, users, hosts, the model catalogue.
+
+Every route needs an admin session (403 for anyone else), and every service
+call checks the role again (:meth:`Hub._require`), so a page added later
+without the guard still refuses. A form value that does not parse answers
+400 with what to fix (the blueprint's :class:`~.forms.FormError` handler).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from quart import Blueprint, Response, flash, render_template, request
+
+from ..catalogue import Model
+from ..keys import User
+from ..service import Hub
+from . import auth, forms
+from .billing import Checkout
+
+MAX_GRANT_MICRO = 100_000 * 1_000_000
+
+
+def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
+    @bp.get("/admin")
+    @auth.page(hub, "admin")
+    async def admin(user: User) -> str:
+        return await render_template("admin/overview.html", totals=await hub.ledger_totals(user),
+                                     market=await hub.market.overview())
+
+    @bp.get("/admin/users")
+    @auth.page(hub, "admin")
+    async def users(user: User) -> str:
+        query = (request.args.get("q") or "").strip()[:320]
+        return await render_template("admin/users.html", users=await hub.users(user, query), q=query,
+                                     nonce=secrets.token_urlsafe(24), manual=checkout is None)
+
+    @bp.post("/admin/users/<int:user_id>/suspend")
+    @auth.page(hub, "admin")
+    async def suspend(user: User, user_id: int) -> Response:
+        form = await request.form
+        suspended = forms.choice(form, "suspended", ("1", "0"), "Choose suspend or restore.") == "1"
+        await hub.set_suspended(user, user_id, suspended)
+        await flash("User suspended: sessions ended, keys revoked." if suspended else "User restored.")
+        return auth.see_other("web.users", q=form.get("q", "")[:320])
+
+    @bp.post("/admin/users/<int:user_id>/grant")
+    @auth.page(hub, "admin")
+    async def grant(user: User, user_id: int) -> Response:
+        form = await request.form
+        micro = forms.usd(form, "usd", whole_cents=False, maximum_micro=MAX_GRANT_MICRO)
+        fresh = await hub.grant(user, user_id, micro, forms.nonce(form))
+        await flash("Credits granted." if fresh else "That grant was already made (the form was sent twice).")
+        return auth.see_other("web.users", q=form.get("q", "")[:320])
+
+    @bp.get("/admin/hosts")
+    @auth.page(hub, "admin")
+    async def hosts(user: User) -> str:
+        return await render_template("admin/hosts.html", hosts=await hub.admin_hosts(user))
+
+    async def models_page(user: User, *, errors: dict | None = None, values: dict | None = None,
+                          status: int = 200) -> tuple[str, int]:
+        return await render_template("admin/models.html", models=await hub.models(), errors=errors or {},
+                                     values=values or {}, uncatalogued=await hub.uncatalogued_models(user)), status
+
+    @bp.route("/admin/models", methods=["GET", "POST"])  # one rule per path: other methods answer 405
+    @auth.page(hub, "admin")
+    async def models_admin(user: User) -> Response | tuple[str, int]:
+        if request.method == "GET":
+            return await models_page(user, values={"model": (request.args.get("model") or "")[:256]})
+        form = await request.form
+        values = {k: (form.get(k) or "").strip() for k in ("model", "display_name", "licence_name", "licence_url",
+                                                            "context_length", "available")}
+        try:
+            entry = Model(
+                model=forms.text(form, "model", max_chars=256, label="model id"),
+                display_name=forms.text(form, "display_name", max_chars=200, label="display name"),
+                licence_name=forms.text(form, "licence_name", max_chars=200, required=False, label="licence name"),
+                licence_url=forms.url(form, "licence_url", max_chars=500, label="licence URL"),
+                context_length=forms.optional_int(form, "context_length", minimum=1, maximum=10_000_000,
+                                                  label="context length"),
+                available=form.get("available") == "1", updated_at=hub.clock())
+        except forms.FormError as exc:
+            return await models_page(user, errors={exc.field: exc.message}, values=values, status=400)
+        await hub.save_model(user, entry)
+        await flash(f"Saved {entry.model}.")
+        return auth.see_other("web.models_admin")
+
+    @bp.post("/admin/models/availability")
+    @auth.page(hub, "admin")
+    async def availability(user: User) -> Response:
+        form = await request.form
+        model = forms.text(form, "model", max_chars=256, label="model id")
+        available = forms.choice(form, "available", ("1", "0"), "Choose on or off.") == "1"
+        await hub.set_model_available(user, model, available)
+        await flash(f"{model} is now {'available' if available else 'switched off'}.")
+        return auth.see_other("web.models_admin")

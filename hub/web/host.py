@@ -1,0 +1,63 @@
+"""Pages of a host account: earnings per day and model, payouts and threshold; offers, reputation, verdicts.
+
+The payout threshold is set through the same service call as
+``PUT /v1/payout-settings`` (:meth:`Hub.set_payout_settings`); the Connect
+account already on file is kept as it is.
+"""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response, flash, render_template, request
+
+from ..keys import User
+from ..service import Hub
+from . import auth, charts, forms
+from .billing import Checkout
+
+MAX_THRESHOLD_MICRO = 100_000 * 1_000_000
+
+
+def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
+    async def earnings_page(user: User, *, error: str | None = None, status: int = 200) -> tuple[str, int]:
+        today = forms.today_utc(hub.clock())
+        try:
+            span = forms.date_range(request.args, today)
+        except forms.FormError as exc:
+            span, error, status = forms.date_range({}, today), exc.message, 400
+        rows = await hub.daily(user, "host", span.start, span.end)
+        by_model: dict[str, dict] = {}
+        for r in rows:
+            m = by_model.setdefault(r.model, {"model": r.model, "requests": 0, "tokens": 0, "amount_micro": 0})
+            m["requests"] += r.requests
+            m["tokens"] += r.tokens
+            m["amount_micro"] += r.amount_micro
+        return await render_template(
+            "earnings.html", span=span, error=error, by_model=sorted(by_model.values(), key=lambda m: m["model"]),
+            total=sum(r.amount_micro for r in rows), payouts=await hub.payouts(user),
+            chart=charts.daily_chart("Earnings per day (USD)", rows, span.days(), lambda r: r.amount_micro / 1e6,
+                                     charts.usd_axis),
+        ), status
+
+    @bp.get("/earnings")
+    @auth.page(hub, "host", "admin")
+    async def earnings(user: User) -> tuple[str, int]:
+        return await earnings_page(user)
+
+    @bp.post("/earnings/threshold")
+    @auth.page(hub, "host", "admin")
+    async def threshold(user: User) -> Response | tuple[str, int]:
+        form = await request.form
+        try:
+            micro = None if not (form.get("threshold") or "").strip() else forms.usd(
+                form, "threshold", minimum_micro=10_000, maximum_micro=MAX_THRESHOLD_MICRO)
+        except forms.FormError as exc:
+            return await earnings_page(user, error=exc.message, status=400)
+        current = await hub.payouts(user)
+        await hub.set_payout_settings(user, micro, current["connect_account_id"])
+        await flash("Payout threshold saved." if micro is not None else "Automatic payouts switched off.")
+        return auth.see_other("web.earnings")
+
+    @bp.get("/host")
+    @auth.page(hub, "host", "admin")
+    async def host(user: User) -> str:
+        return await render_template("host.html", view=await hub.host_view(user), now=hub.clock())

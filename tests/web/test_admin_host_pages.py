@@ -1,0 +1,95 @@
+"""Admin pages (ledger conservation, users, hosts, catalogue) and host pages (earnings, payouts, offers)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from gpunexus.hub.db import users
+from web_support import PASSWORD
+
+
+async def _admin(site):
+    site.admin()
+    v = site.visitor()
+    assert (await v.log_in("admin@example.com")).status == 303
+    return v
+
+
+async def test_the_ledger_page_shows_conservation_and_totals(site):
+    await site.settle()
+    v = await _admin(site)
+    page = await v.get("/admin")
+    assert page.status == 200 and page.has("Conservation holds") and page.has("Sum of all accounts")
+    assert page.has("$0.0001")  # the 10% fee of a 0.001 USD receipt
+    assert page.has("platform:holds") and page.has("Settled requests")
+
+
+async def test_users_search_suspend_restore_and_grant(site):
+    v = await _admin(site)
+    page = await v.get("/admin/users?q=client")
+    assert page.has("client@example.com") and not page.has("host@example.com") and page.has("$10.00")
+    uid = site.market.client.id
+    before = await site.hub.list_keys(site.market.client)
+    assert any(k.status(0) == "active" for k in before)
+    r = await v.post(f"/admin/users/{uid}/suspend", {"suspended": "1"}, csrf_from="/admin/users")
+    assert r.status == 303
+    assert (await v.get("/admin/users")).has("suspended")
+    assert all(k.status(0) == "revoked" for k in await site.hub.list_keys(site.market.client))
+    r = await site.app.test_client().get("/v1/balance", headers={"authorization": f"Bearer {site.market.client_key}"})
+    assert r.status_code == 401
+    await v.post(f"/admin/users/{uid}/suspend", {"suspended": "0"}, csrf_from="/admin/users")
+    assert site.hub.db.read_sync(lambda c: c.execute(sa.select(users.c.suspended_at).where(users.c.id == uid)).scalar()) is None
+    page = await v.get("/admin/users")
+    form = {"usd": "2.5", "nonce": "grant-once-" + "x" * 12, "csrf_token": page.csrf()}
+    for _ in range(2):  # the same form twice: credits once
+        await v.client.post(f"/admin/users/{uid}/grant", form=form)
+    assert (await v.get("/admin/users?q=client")).has("$12.50")
+    assert (await v.get("/admin")).has("Conservation holds")
+    r = await v.post(f"/admin/users/{site.user('admin@example.com').id}/suspend", {"suspended": "1"}, csrf_from="/admin/users")
+    assert r.status == 400 and r.has("cannot suspend your own account")
+
+
+async def test_hosts_page_lists_registered_hosts_with_reputation(site):
+    await site.settle()
+    v = await _admin(site)
+    page = await v.get("/admin/hosts")
+    peer = site.market.host_signer.peer_id
+    assert page.status == 200 and page.has(peer[:10]) and page.has("host@example.com") and page.has("ref-tiny")
+
+
+async def test_the_catalogue_records_models_and_availability(site):
+    v = await _admin(site)
+    await site.market.register_host()  # its offer names ref-tiny: listed as not catalogued yet
+    assert (await v.get("/admin/models")).has("Offered by hosts but not catalogued")
+    r = await v.post("/admin/models", {"model": "ref-tiny", "display_name": "Reference tiny", "licence_name": "Apache-2.0",
+                                       "licence_url": "https://www.apache.org/licenses/LICENSE-2.0", "context_length": "2,048",
+                                       "available": "1"})
+    assert r.status == 303
+    public = await site.visitor().get("/models")  # no login needed
+    assert public.has("Reference tiny") and public.has("Apache-2.0") and public.has("2,048") and public.has("available")
+    r = await v.post("/admin/models/availability", {"model": "ref-tiny", "available": "0"}, csrf_from="/admin/models")
+    assert r.status == 303
+    assert (await site.visitor().get("/models")).has("unavailable")
+    r = await v.post("/admin/models/availability", {"model": "nope", "available": "0"}, csrf_from="/admin/models")
+    assert r.status == 404
+    r = await v.post("/admin/models", {"model": "m", "display_name": "M", "context_length": "-3"})
+    assert r.status == 400 and r.has("whole number")
+
+
+async def test_host_earnings_payouts_and_offers(site):
+    site.password_for("host@example.com")
+    await site.settle(tokens_in=10_000, tokens_out=40_000)  # 0.10 USD, 0.09 USD to the host
+    v = site.visitor()
+    await v.log_in("host@example.com", PASSWORD)
+    page = await v.get("/earnings")
+    assert page.status == 200 and "<svg" in page.text and page.has("ref-tiny") and page.has("$0.09")
+    assert page.has("Unpaid (pending)") and page.has("off")  # no threshold yet
+    r = await v.post("/earnings/threshold", {"threshold": "25"}, csrf_from="/earnings")
+    assert r.status == 303 and (await v.get("/earnings")).has("$25.00")
+    assert (await site.hub.payouts(site.market.host))["threshold_micro"] == 25_000_000
+    bad = await v.post("/earnings/threshold", {"threshold": "lots"}, csrf_from="/earnings")
+    assert bad.status == 400 and bad.has("Enter an amount in US dollars")
+    host = await v.get("/host")
+    assert host.has(site.market.host_signer.peer_id[:10]) and host.has("live") and host.has("$2.00")
+    overview = await v.get("/")
+    assert overview.has("Unpaid earnings") and overview.has("$0.09")
+    assert (await v.get("/usage")).status == 403  # a host's pages are its own

@@ -1,0 +1,137 @@
+"""Top-up through Stripe Checkout on the dashboard: the real ``stripe`` library answered by a test HTTP
+client (as tests/test_hub_stripe.py does), the webhook signed with the library's own helper.
+
+The success page reads the session back from Stripe and credits it once,
+whether it is reloaded or the webhook comes before or after it.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import urlsplit
+
+import pytest
+import stripe
+from gpunexus.hub.app import create_app
+from gpunexus.hub.stripe_billing import StripeBilling
+from test_hub_stripe import SECRET, FakeStripe
+from web_support import Visitor
+
+
+class CheckoutStripe(FakeStripe):
+    """:class:`FakeStripe` that also remembers Checkout Sessions, so they can be retrieved (and paid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sessions: dict[str, dict] = {}
+
+    def request(self, method, url, headers, post_data=None):
+        path = urlsplit(url).path
+        if method == "get" and path.startswith("/v1/checkout/sessions/"):
+            sid = path.rsplit("/", 1)[1]
+            self.calls.append((method, path, {}))
+            if sid not in self.sessions:
+                body = {"error": {"type": "invalid_request_error", "message": f"No such checkout.session: '{sid}'"}}
+                return json.dumps(body).encode(), 404, {"request-id": "req_x"}
+            return json.dumps(self.sessions[sid]).encode(), 200, {"request-id": "req_x"}
+        body, status, hdrs = super().request(method, url, headers, post_data)
+        if path == "/v1/checkout/sessions" and status == 200:
+            session = json.loads(body)
+            form = self.calls[-1][2]
+            session.update(metadata={"user_id": form["metadata[user_id]"]}, customer=form["customer"],
+                           payment_intent=f"pi_{session['id']}", success_url=form["success_url"])
+            self.sessions[session["id"]] = session
+            body = json.dumps(session).encode()
+        return body, status, hdrs
+
+    def pay(self, sid: str) -> dict:
+        self.sessions[sid]["payment_status"] = "paid"
+        return self.sessions[sid]
+
+
+@pytest.fixture
+def billed(site):
+    fake = CheckoutStripe()
+    billing = StripeBilling.attach(site.hub, "sk_test_fake", SECRET, public_url="http://127.0.0.1:1", http_client=fake)
+    site.app = create_app(site.hub, billing=billing)
+    return site, fake
+
+
+async def _webhook(site, session: dict, event_id: str) -> dict:
+    payload = json.dumps({"id": event_id, "object": "event", "type": "checkout.session.completed",
+                          "data": {"object": session}}).encode()
+    header = stripe.WebhookSignature.generate_signature_header(payload.decode(), SECRET)
+    r = await site.app.test_client().post("/v1/stripe/webhook", data=payload, headers={"stripe-signature": header})
+    return await r.get_json()
+
+
+async def _checkout(v: Visitor, amount: str):
+    return await v.post("/billing/checkout", {"amount": amount}, csrf_from="/billing")
+
+
+async def test_top_up_credits_once_on_reload_and_with_the_webhook(billed):
+    site, fake = billed
+    v = site.visitor()
+    await v.sign_up("payer@example.com")
+    payer = site.user("payer@example.com")
+    r = await _checkout(v, "25")
+    assert r.status == 303 and r.headers["location"].startswith("https://checkout.stripe.com/")
+    [sid] = fake.sessions
+    created = [f for m, p, f in fake.calls if p == "/v1/checkout/sessions"][0]
+    assert created["line_items[0][price_data][unit_amount]"] == "2500"
+    success = urlsplit(fake.sessions[sid]["success_url"])
+    done = f"{success.path}?session={sid}"
+    pending = await v.get(done)
+    assert pending.status == 200 and pending.has("Waiting for your bank")
+    assert (await site.hub.balance(payer))["available_micro"] == 0
+    session = fake.pay(sid)
+    first = await v.get(done)
+    assert first.has("$25.00 added") and first.has("$25.00")
+    again = await v.get(done)  # reloaded
+    assert again.has("already credited")
+    assert (await _webhook(site, session, "evt_after")) == {"applied": True}  # the event is recorded, no money moves
+    assert (await site.hub.balance(payer))["available_micro"] == 25_000_000
+    assert (await v.get("/admin")).status == 403
+    site.admin()
+    admin = site.visitor()
+    await admin.log_in("admin@example.com")
+    assert (await admin.get("/admin")).has("Conservation holds")
+
+
+async def test_the_webhook_first_then_the_page_credits_once(billed):
+    site, fake = billed
+    v = site.visitor()
+    await v.sign_up("payer@example.com")
+    await _checkout(v, "10.50")
+    [sid] = fake.sessions
+    await _webhook(site, fake.pay(sid), "evt_first")
+    page = await v.get(f"/billing/done?session={sid}")
+    assert page.has("$10.50 added") and page.has("already credited")
+    assert (await site.hub.balance(site.user("payer@example.com")))["available_micro"] == 10_500_000
+
+
+async def test_bad_amounts_foreign_sessions_and_cancel(billed):
+    site, fake = billed
+    v, other = site.visitor(), site.visitor()
+    await v.sign_up("payer@example.com")
+    await other.sign_up("other@example.com")
+    for amount, message in (("0.10", "between 0.50"), ("12.345", "whole cents"), ("ten", "US dollars")):
+        r = await _checkout(v, amount)
+        assert r.status == 400 and r.has(message), amount
+    assert not fake.sessions
+    await _checkout(v, "5")
+    [sid] = fake.sessions
+    fake.pay(sid)
+    assert (await other.get(f"/billing/done?session={sid}")).status == 404  # someone else's payment
+    assert (await other.get("/billing/done?session=cs_unknown")).status == 404
+    assert (await site.hub.balance(site.user("other@example.com")))["available_micro"] == 0
+    cancelled = await v.get("/billing/cancelled")
+    assert cancelled.status == 200 and cancelled.has("Nothing was charged")
+
+
+async def test_manual_credits_mode_has_no_checkout(site):
+    v = site.visitor()
+    await v.sign_up("payer@example.com")
+    page = await v.get("/billing")
+    assert page.has("manual-credits mode") and "Pay with Stripe" not in page.text
+    assert (await _checkout(v, "5")).status == 409
