@@ -6,11 +6,9 @@ import argparse
 import json
 import logging
 import os
-import platform
 import secrets
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +16,8 @@ import httpx
 import trio
 
 from gpunexus.protocol.money import micro_to_usd, usd_to_micro
+
+from . import check as check_args
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -69,13 +69,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = actions.add_parser(name, help=f"running host: {text}", description=f"Tell the host running under $GPUNEXUS_HOME to {text}.")
         p.set_defaults(func=_control, action=name)
 
-    check = actions.add_parser("check", help="hardware and throughput check for a model", description="Measure this machine against a model: tokens/s, memory, GPU.")
-    check.add_argument("--model", default="tiny")
+    check = actions.add_parser("check", help="hardware and network check for a model (the gate 'node serve' applies)",
+                               description="Measure this machine against a model's minimums: GPU memory and compute capability (nvidia-smi), "
+                               "the backend's tokens/s on a short real run, and round trips to the hub and the bootstrap peers. "
+                               "Exit 0 when every check passes, 1 when one fails, 2 for bad usage.")
+    check.add_argument("--model", default="tiny", help="model name, as for 'node serve' (default tiny)")
     check.add_argument("--backend", choices=("reference", "openai", "exllamav2"), default="reference")
-    check.add_argument("--upstream", metavar="URL")
+    check.add_argument("--upstream", metavar="URL", help="--backend openai: base URL of the OpenAI-compatible server")
     check.add_argument("--upstream-model", metavar="NAME")
-    check.add_argument("--model-dir", metavar="DIR")
-    check.add_argument("--min-tokens-per-s", type=float, default=10.0, help="pass mark (default 10)")
+    check.add_argument("--upstream-key", metavar="KEY")
+    check.add_argument("--model-dir", metavar="DIR", help="--backend exllamav2: the EXL2 model folder")
+    check_args.add_minimum_arguments(check)
+    check.add_argument("--hub", metavar="URL", help="measure the round trip to this hub (GET /v1/hub)")
+    check.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="measure the round trip to this peer (libp2p dial and ping); repeatable")
+    check.add_argument("--swarm-key", type=Path, metavar="FILE", help="private swarm key, to reach its peers")
+    check.add_argument("--json", action="store_true", help="print the measurements and verdicts as JSON")
     check.set_defaults(func=_check)
 
     market = sub.add_parser("market", help="market prices, demand, supply and utilisation per model", description="Show the hub's market: price, demand and supply (tokens/s), utilisation, hosts, what a GPU-hour earns, and the last day's prices, per model.")
@@ -268,55 +276,30 @@ def _control(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from .backends.base import BackendError
+    from .check import Report, minimums_from, render, render_json, run_gate, unloadable_backend_report
+    from .p2p import load_swarm_key
 
-    print(f"machine      {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    minimums = minimums_from(args)
     try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        print(f"memory       {pages * size / 2**30:.1f} GiB")
-    except (ValueError, OSError):
-        pass
-    print(f"gpu          {_gpu_summary()}")
-    try:
+        swarm_key = load_swarm_key(args.swarm_key) if args.swarm_key else None
         backend = make_backend(args)
-    except BackendError as exc:
-        print(f"FAIL: cannot load the backend: {exc}")
-        return 1
-    measure = getattr(backend, "measure_tokens_per_s", None)
-    if measure is None:
-        tps = trio.run(_measure_generic, backend)
+    except (SystemExit, ValueError, OSError) as exc:  # a flag that cannot work: usage, not a verdict
+        print(f"gpunexus node check: {exc}", file=sys.stderr)
+        return 2
+    except BackendError as exc:  # the engine does not start here (no CUDA, unknown model): a failed check
+        report = unloadable_backend_report(args.model, args.backend, minimums, str(exc))
+        detail = ""
     else:
-        tps = measure()
-    ok = tps >= args.min_tokens_per_s
-    print(f"model        {backend.info.name} ({backend.info.model_hash}), context {backend.info.max_context}")
-    print(f"throughput   {tps:.1f} tokens/s (pass mark {args.min_tokens_per_s:g})")
-    print("PASS: this machine can serve the model" if ok else "FAIL: too slow for this model")
-    return 0 if ok else 1
+        async def measure() -> Report:
+            try:
+                return await run_gate(backend, args.backend, minimums, hub=args.hub, bootstrap=args.bootstrap, swarm_key=swarm_key)
+            finally:
+                await backend.aclose()
 
-
-async def _measure_generic(backend: Backend) -> float:
-    from gpunexus.protocol.messages import ChatMessage, Sampling
-
-    from .backends.base import GenerationRequest
-
-    send, receive = trio.open_memory_channel(float("inf"))
-    request = GenerationRequest("chat", (ChatMessage("user", "Count from one to fifty."),), "", "", Sampling(0.0, 1.0, 0, (), 0), 64)
-    start = time.perf_counter()
-    result = await backend.generate(request, send)
-    await backend.aclose()
-    return result.completion_tokens / max(1e-9, time.perf_counter() - start)
-
-
-def _gpu_summary() -> str:
-    import shutil
-    import subprocess
-
-    if not shutil.which("nvidia-smi"):
-        return "none found (nvidia-smi absent)"
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "nvidia-smi printed nothing"
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"nvidia-smi failed: {exc}"
+        report = trio.run(measure)
+        detail = f" ({backend.info.model_hash}, context {backend.info.max_context})"
+    print(render_json(report) if args.json else render(report, detail))
+    return 0 if report.ok else 1
 
 
 def _swarm_key(args: argparse.Namespace) -> int:
