@@ -44,6 +44,8 @@ PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
 MINIMUMS_SOURCE = "flags (the hub publishes no catalogue of model minimums yet)"
 DEFAULT_MIN_TOKENS_PER_S = 10.0
 GENERIC_MEASURE_TIMEOUT_S = 120.0
+MAX_REGION = 64
+"""``Offer.region``'s cap (protocol/messages.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +307,38 @@ def render(report: Report, backend_detail: str = "") -> str:
 
 def render_json(report: Report) -> str:
     return json.dumps(report.to_json(), indent=2)
+
+
+# --- what serve does with a verdict --------------------------------------------------------
+def forced_region(region: str, report: Report) -> str:
+    """The offer's region with the checks ``--force`` overrode, e.g. ``eu (forced: tokens/s)``.
+
+    ``Offer`` has no field for it, and region is the free-form label gateways
+    show; changing the signed message would split the network between old and
+    new peers. The tag is kept whole: the region text is shortened instead.
+    """
+    names = list(dict.fromkeys(f.name for f in report.failures))
+    if not names:
+        return region
+    tag = f"(forced: {','.join(names)})"[:MAX_REGION]
+    room = MAX_REGION - len(tag) - 1
+    return f"{region[:room].rstrip()} {tag}" if region and room > 0 else tag
+
+
+def announced_tokens_per_s(measured: float | None, claimed: float | None) -> tuple[float, str]:
+    """The speed the offer carries, and a note for the log when it is not simply the measurement.
+
+    ``--tokens-per-s`` can only lower it (a host keeping headroom for its own
+    use): gateways rank and filter hosts by this figure, so it must be one
+    this machine reached. A claim above the measurement is cut to it.
+    """
+    if measured is None:
+        return (claimed or 0.0, "speed not measured (--force): announcing " + (f"the claimed {claimed:g}" if claimed else "0"))
+    if claimed is None or claimed == measured:
+        return measured, ""
+    if claimed < measured:
+        return claimed, f"announcing {claimed:g} tokens/s (--tokens-per-s), below the measured {measured:.1f}"
+    return measured, f"announcing the measured {measured:.1f} tokens/s, not the claimed {claimed:g} (--tokens-per-s can only lower it)"
 
 
 # --- the command line surface, shared by `node check` and `node serve` ---------------------

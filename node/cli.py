@@ -22,7 +22,7 @@ from . import check as check_args
 if TYPE_CHECKING:
     from .backends.base import Backend
     from .p2p import P2PConfig
-    from .runtime import HubLogin
+    from .runtime import HostOptions, HubLogin
 
 log = logging.getLogger("gpunexus.node")
 
@@ -48,9 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--queue", type=int, default=None, help="orders that may wait for a slot before the host answers 'busy' (default 4 x slots)")
     serve.add_argument("--region", default="", help="free-form region label shown to gateways")
     serve.add_argument("--license", default=None, help="licence note announced with the model (e.g. 'Apache-2.0', 'Llama 3.1 Community License')")
-    serve.add_argument("--tokens-per-s", type=float, default=None, help="announce this speed instead of measuring it at start")
+    serve.add_argument("--tokens-per-s", type=float, default=None, help="announce at most this speed (default: the speed measured at start; a claim above it is cut to it)")
     serve.add_argument("--listen", action="append", metavar="MULTIADDR", help="libp2p listen address (default /ip4/0.0.0.0/tcp/4001); repeatable")
     _network_args(serve)
+    check_args.add_minimum_arguments(serve)
+    serve.add_argument("--force", action="store_true", help="serve even if this machine fails the start-up check (logged, and marked in the offer's region)")
     serve.set_defaults(func=_serve)
 
     gw = actions.add_parser("gateway", help="run the OpenAI-compatible gateway on localhost", description="Serve the OpenAI API on localhost and stream every request from a host, peer to peer.")
@@ -163,17 +165,12 @@ def _serve(args: argparse.Namespace) -> int:
     slots = args.slots or getattr(backend, "default_slots", 1)
     if args.license is not None:
         backend.info = type(backend.info)(backend.info.name, backend.info.model_hash, backend.info.max_context, args.license)
-    tokens_per_s = args.tokens_per_s
-    if tokens_per_s is None:
-        measure = getattr(backend, "measure_tokens_per_s", None)
-        tokens_per_s = measure() if measure else 0.0
     options = HostOptions(
         backend=backend,
         price_micro_per_mtok=price,
         p2p=_p2p(args, "/ip4/0.0.0.0/tcp/4001"),
         max_slots=slots,
         max_queue=args.queue,
-        tokens_per_s=tokens_per_s,
         region=args.region,
         home=_home(),
         control=True,
@@ -181,17 +178,46 @@ def _serve(args: argparse.Namespace) -> int:
         follow_market=follow_market,
     )
 
-    async def main() -> None:
+    async def main() -> int:
+        if not await _gate(args, backend, options):
+            return 1
         async with open_host(options) as runtime:
             addrs = runtime.node.listen_addrs()
             print(f"peer: {addrs[0]}", flush=True)
-            log.info("serving %s (%s) at %s USD/Mtok, %.1f tokens/s, %d slots", backend.info.name, backend.info.model_hash, micro_to_usd(price), tokens_per_s, slots)
+            log.info("serving %s (%s) at %s USD/Mtok, %.1f tokens/s, %d slots", backend.info.name, backend.info.model_hash, micro_to_usd(price), options.tokens_per_s, slots)
             for addr in addrs[1:]:
                 log.info("also reachable at %s", addr)
             await _drain_on_signal(runtime.service)
+        return 0
 
-    trio.run(main)
-    return 0
+    return trio.run(main)
+
+
+async def _gate(args: argparse.Namespace, backend: Backend, options: HostOptions) -> bool:
+    """``node check``'s gate before anything is announced; sets the offer's speed (and region if forced).
+
+    False (and one line on stderr naming every failed check) when the machine
+    fails and ``--force`` is not given.
+    """
+    from .check import WARN, announced_tokens_per_s, forced_region, minimums_from, run_gate
+
+    report = await run_gate(backend, args.backend, minimums_from(args), hub=args.hub, bootstrap=args.bootstrap,
+                            swarm_key=options.p2p.swarm_key, network_strict=False)
+    for line in report.lines:
+        log.log(logging.WARNING if line.status == WARN else logging.INFO, "check %s %s: %s (needs %s)%s",
+                line.name, line.status, line.measured, line.required, f" {line.target}" if line.target else "")
+    if not report.ok:
+        if not args.force:
+            print(f"refusing to serve {report.model}: this machine fails the check: {report.failure_summary()} (--force serves anyway)", file=sys.stderr, flush=True)
+            return False
+        options.region = forced_region(options.region, report)
+        log.warning("--force: serving %s although it fails the check (%s); the offer's region says %r", report.model, report.failure_summary(), options.region)
+    elif args.force:
+        log.info("--force: nothing to force, every check passed")
+    options.tokens_per_s, note = announced_tokens_per_s(report.tokens_per_s, args.tokens_per_s)
+    if note:
+        log.warning(note)
+    return True
 
 
 async def _drain_on_signal(service) -> None:

@@ -17,11 +17,12 @@ import textwrap
 import pytest
 import trio
 
-from gpunexus.node.check import FAIL, PASS, WARN, Measurements, Minimums, Throughput, evaluate
+from gpunexus.node.check import (FAIL, PASS, WARN, Measurements, Minimums, Report, Throughput, announced_tokens_per_s, evaluate,
+                                 forced_region)
 from gpunexus.node.gpu import Gpu, GpuSurvey, parse_nvidia_smi, survey_gpus
 from gpunexus.node.netprobe import Probe
 from market import running_hub
-from peers import running_host
+from peers import running_gateway, running_host
 
 GPUNEXUS = [sys.executable, "-m", "gpunexus"]
 
@@ -102,6 +103,25 @@ def test_the_verdict_is_judged_from_measurements_alone():
     assert nothing == {"vram": FAIL, "compute": PASS, "tokens/s": FAIL}
 
 
+def test_a_forced_offer_names_what_it_failed_within_the_region_limit():
+    failed = Report("m", "reference", Minimums(), Measurements(GpuSurvey(()), Throughput(1.0)),
+                    evaluate(Measurements(GpuSurvey(()), Throughput(1.0)), Minimums(tokens_per_s=5, vram_gb=8)))
+    assert forced_region("eu-west", failed) == "eu-west (forced: vram,tokens/s)"
+    assert forced_region("", failed) == "(forced: vram,tokens/s)"
+    long = forced_region("x" * 64, failed)
+    assert len(long) == 64 and long.endswith("(forced: vram,tokens/s)")
+    passed = Report("m", "reference", Minimums(), Measurements(GpuSurvey(()), Throughput(50.0)), evaluate(Measurements(GpuSurvey(()), Throughput(50.0)), Minimums()))
+    assert forced_region("eu-west", passed) == "eu-west"
+
+
+def test_the_offer_carries_the_measured_speed_and_a_claim_can_only_lower_it():
+    assert announced_tokens_per_s(300.0, None) == (300.0, "")
+    assert announced_tokens_per_s(300.0, 100.0)[0] == 100.0
+    speed, note = announced_tokens_per_s(300.0, 5000.0)
+    assert speed == 300.0 and "not the claimed 5000" in note
+    assert announced_tokens_per_s(None, None)[0] == 0.0  # forced past a failed run: nothing measured, nothing claimed
+
+
 # --- node check, for real ------------------------------------------------------------------------
 def test_check_passes_low_minimums_and_fails_impossible_ones():
     ok = run("node", "check", "--model", "tiny", "--min-tokens-per-s", "1")
@@ -180,3 +200,40 @@ def test_check_refuses_a_url_that_is_not_a_hub(tmp_path):
     finally:
         server.shutdown()
     assert out.returncode == 1 and "GET /v1/hub answered 404" in row(out.stdout, "hub")[0][2]
+
+
+# --- node serve's gate -----------------------------------------------------------------------
+def test_serve_refuses_a_model_the_machine_fails(tmp_path):
+    env = dict(os.environ, GPUNEXUS_HOME=str(tmp_path))
+    out = run("node", "serve", "--model", "tiny", "--listen", "/ip4/127.0.0.1/tcp/0", "--min-tokens-per-s", "1e12", env=env)
+    assert out.returncode == 1
+    assert out.stdout == ""  # never got as far as a peer line
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("refusing to serve tiny: this machine fails the check: tokens/s ") and "needs >= 1e+12" in last
+    assert "--force" in last
+
+
+async def test_serve_force_announces_the_measured_speed_and_says_so_in_the_offer(tmp_path):
+    env = dict(os.environ, GPUNEXUS_HOME=str(tmp_path))
+    log = tmp_path / "serve.log"
+    with log.open("w") as err:
+        host = subprocess.Popen([*GPUNEXUS, "node", "serve", "--model", "tiny", "--listen", "/ip4/127.0.0.1/tcp/0", "--region", "eu-west",
+                                 "--min-tokens-per-s", "1e12", "--force", "--tokens-per-s", "1e13"],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    try:
+        with trio.fail_after(60):
+            first = (await trio.to_thread.run_sync(host.stdout.readline)).strip()
+        assert first.startswith("peer: "), log.read_text()
+        async with running_gateway([first.split(" ", 1)[1]]) as gateway:
+            with trio.fail_after(30):
+                while not gateway.book.for_model("tiny"):
+                    await gateway.book.changed.wait()
+            [offer] = gateway.book.for_model("tiny")
+        assert offer.region == "eu-west (forced: tokens/s)"
+        text = log.read_text()
+        assert "--force: serving tiny although it fails the check (tokens/s" in text
+        measured = float(text.split("announcing the measured ", 1)[1].split(" ", 1)[0])
+        assert offer.tokens_per_s == measured and 0 < measured < 1e12  # what this machine did, not the 1e13 claimed
+    finally:
+        host.terminate()
+        host.wait(timeout=30)
