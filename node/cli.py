@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _network_args(serve)
     check_args.add_minimum_arguments(serve)
     serve.add_argument("--force", action="store_true", help="serve even if this machine fails the start-up check (logged, and marked in the offer's region)")
+    serve.add_argument("--available", type=_windows, default=(), metavar="HH:MM-HH:MM[,...]", help="serve only inside these local-time windows, e.g. 18:00-08:00 (may wrap midnight; comma-separated); withdrawn outside them")
     serve.set_defaults(func=_serve)
 
     gw = actions.add_parser("gateway", help="run the OpenAI-compatible gateway on localhost", description="Serve the OpenAI API on localhost and stream every request from a host, peer to peer.")
@@ -96,6 +98,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     key = actions.add_parser("swarm-key", help="write a new pre-shared key for a private swarm", description="Write a new swarm key file (libp2p pnet format). Share it with your team's hosts and gateways; peers without it cannot connect.")
     key.add_argument("path", type=Path)
     key.set_defaults(func=_swarm_key)
+
+
+def _windows(text: str):
+    from .schedule import parse_windows
+
+    try:
+        return parse_windows(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _network_args(p: argparse.ArgumentParser) -> None:
@@ -176,6 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
         control=True,
         hub=_hub_login(args),
         follow_market=follow_market,
+        schedule=args.available,
     )
 
     async def main() -> int:
@@ -187,7 +199,10 @@ def _serve(args: argparse.Namespace) -> int:
             log.info("serving %s (%s) at %s USD/Mtok, %.1f tokens/s, %d slots", backend.info.name, backend.info.model_hash, micro_to_usd(price), options.tokens_per_s, slots)
             for addr in addrs[1:]:
                 log.info("also reachable at %s", addr)
-            await _drain_on_signal(runtime.service)
+            if runtime.schedule is not None:
+                when = runtime.schedule.status()
+                log.info("available %s (%s): %s now, next change %s", when["windows"], when["zone"], "announcing" if when["available"] else "withdrawn", when["next_change"])
+            await _drain_on_signal(runtime.service, runtime.schedule)
         return 0
 
     return trio.run(main)
@@ -220,12 +235,15 @@ async def _gate(args: argparse.Namespace, backend: Backend, options: HostOptions
     return True
 
 
-async def _drain_on_signal(service) -> None:
+async def _drain_on_signal(service, schedule=None) -> None:
     """Wait for SIGTERM or SIGINT, then leave like ``node disable``: no new orders,
     the ones in flight finish, the offer is withdrawn. This is what ``docker stop``
-    and ``systemctl stop`` send; a second signal stops at once."""
+    and ``systemctl stop`` send; a second signal stops at once. The schedule (if
+    any) stops first, so a window opening during the drain cannot re-enable it."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         first = await signals.__anext__()
+        if schedule is not None:
+            schedule.stop()
         log.info("%s: draining %d request(s) in flight, then leaving", signal.Signals(first).name, service.stats.in_flight)
         async with trio.open_nursery() as nursery:
 
@@ -297,6 +315,13 @@ def _control(args: argparse.Namespace) -> int:
     elif "earnings_error" in status:
         print(f"  earnings     unknown: {status['earnings_error']}")
     print(f"  uptime       {status['uptime_s']:.0f} s")
+    if "schedule" in status:
+        when = status["schedule"]
+        change = "never changes"
+        if when["next_change"]:
+            at = datetime.fromisoformat(when["next_change"]).strftime("%Y-%m-%d %H:%M %z")
+            change = f"{'announces again' if when['next_state'] == 'enabled' else 'withdraws'} at {at}"
+        print(f"  schedule     {when['windows']} ({when['zone']}): {'inside' if when['available'] else 'outside'} the windows now; {change}")
     return 0
 
 
