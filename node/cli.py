@@ -6,11 +6,10 @@ import argparse
 import json
 import logging
 import os
-import platform
 import secrets
 import signal
 import sys
-import time
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,10 +18,12 @@ import trio
 
 from gpunexus.protocol.money import micro_to_usd, usd_to_micro
 
+from . import check as check_args
+
 if TYPE_CHECKING:
     from .backends.base import Backend
     from .p2p import P2PConfig
-    from .runtime import HubLogin
+    from .runtime import HostOptions, HubLogin
 
 log = logging.getLogger("gpunexus.node")
 
@@ -48,9 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--queue", type=int, default=None, help="orders that may wait for a slot before the host answers 'busy' (default 4 x slots)")
     serve.add_argument("--region", default="", help="free-form region label shown to gateways")
     serve.add_argument("--license", default=None, help="licence note announced with the model (e.g. 'Apache-2.0', 'Llama 3.1 Community License')")
-    serve.add_argument("--tokens-per-s", type=float, default=None, help="announce this speed instead of measuring it at start")
+    serve.add_argument("--tokens-per-s", type=float, default=None, help="announce at most this speed (default: the speed measured at start; a claim above it is cut to it)")
     serve.add_argument("--listen", action="append", metavar="MULTIADDR", help="libp2p listen address (default /ip4/0.0.0.0/tcp/4001); repeatable")
     _network_args(serve)
+    check_args.add_minimum_arguments(serve)
+    serve.add_argument("--force", action="store_true", help="serve even if this machine fails the start-up check (logged, and marked in the offer's region)")
+    serve.add_argument("--available", type=_windows, default=(), metavar="HH:MM-HH:MM[,...]", help="serve only inside these local-time windows, e.g. 18:00-08:00 (may wrap midnight; comma-separated); withdrawn outside them")
     serve.set_defaults(func=_serve)
 
     gw = actions.add_parser("gateway", help="run the OpenAI-compatible gateway on localhost", description="Serve the OpenAI API on localhost and stream every request from a host, peer to peer.")
@@ -69,13 +73,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = actions.add_parser(name, help=f"running host: {text}", description=f"Tell the host running under $GPUNEXUS_HOME to {text}.")
         p.set_defaults(func=_control, action=name)
 
-    check = actions.add_parser("check", help="hardware and throughput check for a model", description="Measure this machine against a model: tokens/s, memory, GPU.")
-    check.add_argument("--model", default="tiny")
+    check = actions.add_parser("check", help="hardware and network check for a model (the gate 'node serve' applies)",
+                               description="Measure this machine against a model's minimums: GPU memory and compute capability (nvidia-smi), "
+                               "the backend's tokens/s on a short real run, and round trips to the hub and the bootstrap peers. "
+                               "Exit 0 when every check passes, 1 when one fails, 2 for bad usage.")
+    check.add_argument("--model", default="tiny", help="model name, as for 'node serve' (default tiny)")
     check.add_argument("--backend", choices=("reference", "openai", "exllamav2"), default="reference")
-    check.add_argument("--upstream", metavar="URL")
+    check.add_argument("--upstream", metavar="URL", help="--backend openai: base URL of the OpenAI-compatible server")
     check.add_argument("--upstream-model", metavar="NAME")
-    check.add_argument("--model-dir", metavar="DIR")
-    check.add_argument("--min-tokens-per-s", type=float, default=10.0, help="pass mark (default 10)")
+    check.add_argument("--upstream-key", metavar="KEY")
+    check.add_argument("--model-dir", metavar="DIR", help="--backend exllamav2: the EXL2 model folder")
+    check_args.add_minimum_arguments(check)
+    check.add_argument("--hub", metavar="URL", help="measure the round trip to this hub (GET /v1/hub)")
+    check.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="measure the round trip to this peer (libp2p dial and ping); repeatable")
+    check.add_argument("--swarm-key", type=Path, metavar="FILE", help="private swarm key, to reach its peers")
+    check.add_argument("--json", action="store_true", help="print the measurements and verdicts as JSON")
     check.set_defaults(func=_check)
 
     market = sub.add_parser("market", help="market prices, demand, supply and utilisation per model", description="Show the hub's market: price, demand and supply (tokens/s), utilisation, hosts, what a GPU-hour earns, and the last day's prices, per model.")
@@ -86,6 +98,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     key = actions.add_parser("swarm-key", help="write a new pre-shared key for a private swarm", description="Write a new swarm key file (libp2p pnet format). Share it with your team's hosts and gateways; peers without it cannot connect.")
     key.add_argument("path", type=Path)
     key.set_defaults(func=_swarm_key)
+
+
+def _windows(text: str):
+    from .schedule import parse_windows
+
+    try:
+        return parse_windows(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _network_args(p: argparse.ArgumentParser) -> None:
@@ -155,43 +176,74 @@ def _serve(args: argparse.Namespace) -> int:
     slots = args.slots or getattr(backend, "default_slots", 1)
     if args.license is not None:
         backend.info = type(backend.info)(backend.info.name, backend.info.model_hash, backend.info.max_context, args.license)
-    tokens_per_s = args.tokens_per_s
-    if tokens_per_s is None:
-        measure = getattr(backend, "measure_tokens_per_s", None)
-        tokens_per_s = measure() if measure else 0.0
     options = HostOptions(
         backend=backend,
         price_micro_per_mtok=price,
         p2p=_p2p(args, "/ip4/0.0.0.0/tcp/4001"),
         max_slots=slots,
         max_queue=args.queue,
-        tokens_per_s=tokens_per_s,
         region=args.region,
         home=_home(),
         control=True,
         hub=_hub_login(args),
         follow_market=follow_market,
+        schedule=args.available,
     )
 
-    async def main() -> None:
+    async def main() -> int:
+        if not await _gate(args, backend, options):
+            return 1
         async with open_host(options) as runtime:
             addrs = runtime.node.listen_addrs()
             print(f"peer: {addrs[0]}", flush=True)
-            log.info("serving %s (%s) at %s USD/Mtok, %.1f tokens/s, %d slots", backend.info.name, backend.info.model_hash, micro_to_usd(price), tokens_per_s, slots)
+            log.info("serving %s (%s) at %s USD/Mtok, %.1f tokens/s, %d slots", backend.info.name, backend.info.model_hash, micro_to_usd(price), options.tokens_per_s, slots)
             for addr in addrs[1:]:
                 log.info("also reachable at %s", addr)
-            await _drain_on_signal(runtime.service)
+            if runtime.schedule is not None:
+                when = runtime.schedule.status()
+                log.info("available %s (%s): %s now, next change %s", when["windows"], when["zone"], "announcing" if when["available"] else "withdrawn", when["next_change"])
+            await _drain_on_signal(runtime.service, runtime.schedule)
+        return 0
 
-    trio.run(main)
-    return 0
+    return trio.run(main)
 
 
-async def _drain_on_signal(service) -> None:
+async def _gate(args: argparse.Namespace, backend: Backend, options: HostOptions) -> bool:
+    """``node check``'s gate before anything is announced; sets the offer's speed (and region if forced).
+
+    False (and one line on stderr naming every failed check) when the machine
+    fails and ``--force`` is not given.
+    """
+    from .check import WARN, announced_tokens_per_s, forced_region, minimums_from, run_gate
+
+    report = await run_gate(backend, args.backend, minimums_from(args), hub=args.hub, bootstrap=args.bootstrap,
+                            swarm_key=options.p2p.swarm_key, network_strict=False)
+    for line in report.lines:
+        log.log(logging.WARNING if line.status == WARN else logging.INFO, "check %s %s: %s (needs %s)%s",
+                line.name, line.status, line.measured, line.required, f" {line.target}" if line.target else "")
+    if not report.ok:
+        if not args.force:
+            print(f"refusing to serve {report.model}: this machine fails the check: {report.failure_summary()} (--force serves anyway)", file=sys.stderr, flush=True)
+            return False
+        options.region = forced_region(options.region, report)
+        log.warning("--force: serving %s although it fails the check (%s); the offer's region says %r", report.model, report.failure_summary(), options.region)
+    elif args.force:
+        log.info("--force: nothing to force, every check passed")
+    options.tokens_per_s, note = announced_tokens_per_s(report.tokens_per_s, args.tokens_per_s)
+    if note:
+        log.warning(note)
+    return True
+
+
+async def _drain_on_signal(service, schedule=None) -> None:
     """Wait for SIGTERM or SIGINT, then leave like ``node disable``: no new orders,
     the ones in flight finish, the offer is withdrawn. This is what ``docker stop``
-    and ``systemctl stop`` send; a second signal stops at once."""
+    and ``systemctl stop`` send; a second signal stops at once. The schedule (if
+    any) stops first, so a window opening during the drain cannot re-enable it."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         first = await signals.__anext__()
+        if schedule is not None:
+            schedule.stop()
         log.info("%s: draining %d request(s) in flight, then leaving", signal.Signals(first).name, service.stats.in_flight)
         async with trio.open_nursery() as nursery:
 
@@ -263,60 +315,42 @@ def _control(args: argparse.Namespace) -> int:
     elif "earnings_error" in status:
         print(f"  earnings     unknown: {status['earnings_error']}")
     print(f"  uptime       {status['uptime_s']:.0f} s")
+    if "schedule" in status:
+        when = status["schedule"]
+        change = "never changes"
+        if when["next_change"]:
+            at = datetime.fromisoformat(when["next_change"]).strftime("%Y-%m-%d %H:%M %z")
+            change = f"{'announces again' if when['next_state'] == 'enabled' else 'withdraws'} at {at}"
+        print(f"  schedule     {when['windows']} ({when['zone']}): {'inside' if when['available'] else 'outside'} the windows now; {change}")
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
     from .backends.base import BackendError
+    from .check import Report, minimums_from, render, render_json, run_gate, unloadable_backend_report
+    from .p2p import load_swarm_key
 
-    print(f"machine      {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    minimums = minimums_from(args)
     try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        print(f"memory       {pages * size / 2**30:.1f} GiB")
-    except (ValueError, OSError):
-        pass
-    print(f"gpu          {_gpu_summary()}")
-    try:
+        swarm_key = load_swarm_key(args.swarm_key) if args.swarm_key else None
         backend = make_backend(args)
-    except BackendError as exc:
-        print(f"FAIL: cannot load the backend: {exc}")
-        return 1
-    measure = getattr(backend, "measure_tokens_per_s", None)
-    if measure is None:
-        tps = trio.run(_measure_generic, backend)
+    except (SystemExit, ValueError, OSError) as exc:  # a flag that cannot work: usage, not a verdict
+        print(f"gpunexus node check: {exc}", file=sys.stderr)
+        return 2
+    except BackendError as exc:  # the engine does not start here (no CUDA, unknown model): a failed check
+        report = unloadable_backend_report(args.model, args.backend, minimums, str(exc))
+        detail = ""
     else:
-        tps = measure()
-    ok = tps >= args.min_tokens_per_s
-    print(f"model        {backend.info.name} ({backend.info.model_hash}), context {backend.info.max_context}")
-    print(f"throughput   {tps:.1f} tokens/s (pass mark {args.min_tokens_per_s:g})")
-    print("PASS: this machine can serve the model" if ok else "FAIL: too slow for this model")
-    return 0 if ok else 1
+        async def measure() -> Report:
+            try:
+                return await run_gate(backend, args.backend, minimums, hub=args.hub, bootstrap=args.bootstrap, swarm_key=swarm_key)
+            finally:
+                await backend.aclose()
 
-
-async def _measure_generic(backend: Backend) -> float:
-    from gpunexus.protocol.messages import ChatMessage, Sampling
-
-    from .backends.base import GenerationRequest
-
-    send, receive = trio.open_memory_channel(float("inf"))
-    request = GenerationRequest("chat", (ChatMessage("user", "Count from one to fifty."),), "", "", Sampling(0.0, 1.0, 0, (), 0), 64)
-    start = time.perf_counter()
-    result = await backend.generate(request, send)
-    await backend.aclose()
-    return result.completion_tokens / max(1e-9, time.perf_counter() - start)
-
-
-def _gpu_summary() -> str:
-    import shutil
-    import subprocess
-
-    if not shutil.which("nvidia-smi"):
-        return "none found (nvidia-smi absent)"
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "nvidia-smi printed nothing"
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"nvidia-smi failed: {exc}"
+        report = trio.run(measure)
+        detail = f" ({backend.info.model_hash}, context {backend.info.max_context})"
+    print(render_json(report) if args.json else render(report, detail))
+    return 0 if report.ok else 1
 
 
 def _swarm_key(args: argparse.Namespace) -> int:

@@ -80,6 +80,8 @@ class HostService:
         """Called with every receipt this host signs, before it is sent (the hub link's period roots)."""
         self.stats = HostStats()
         self.enabled = False
+        self.start_enabled = True
+        """Announce as soon as ``run`` starts; False for a host whose schedule says it is off now."""
         self._idle = trio.Event()
         self._idle.set()
         info = backend.info
@@ -106,7 +108,8 @@ class HostService:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.node.host.set_stream_handler(INFER_PROTOCOL, self._handle_stream)
-        await self.enable()
+        if self.start_enabled:
+            await self.enable()
         try:
             async with trio.open_nursery() as nursery:
                 # Subscribing makes this host a relay of the topic, not only a publisher.
@@ -149,6 +152,8 @@ class HostService:
         self.enabled = False
         self.announcer.active = False
         await self._idle.wait()
+        if self.enabled:
+            return  # enabled again while draining (by hand or by the schedule): keep the offer
         await self.announcer.withdraw()
 
     def status(self) -> dict:

@@ -32,6 +32,7 @@ from .hub_client import HostHubLink, HubSettlement, HubUnavailable
 from .offers import OfferBook, follow_offers
 from .p2p import P2PConfig, P2PNode, open_p2p
 from .prices import PriceBook, follow_prices, relay_hub_prices
+from .schedule import Clock, ScheduleFollower, Window
 from .settlement import FreeSettlement, Settlement
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class HostRuntime:
     service: HostService
     control_url: str | None = None
     hub: HostHubLink | None = None
+    schedule: ScheduleFollower | None = None
 
 
 @dataclass
@@ -91,6 +93,10 @@ class HostOptions:
     follow_market: bool = False
     """Ask the hub's market price (never under ``price_micro_per_mtok``) instead of a fixed one."""
     price_poll_s: float = 15.0
+    schedule: tuple[Window, ...] = ()
+    """Availability windows (``--available``): withdrawn outside them, announced inside; empty is always."""
+    clock: Clock | None = None
+    """The schedule's wall clock (tests inject one); the system's by default."""
 
 
 HUB_CONNECT_MAX_DELAY_S = 15.0
@@ -136,13 +142,18 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
         )
         if options.follow_market:
             service.follow_market_price(options.price_micro_per_mtok)
+        follower = ScheduleFollower(service, options.schedule, options.clock) if options.schedule else None
+        if follower is not None:
+            service.start_enabled = follower.available_now()  # outside a window: never announce at all
         if link is not None:
             service.announcer.on_announce.append(link.post_offer)
             service.on_receipt.append(link.record_receipt)
             nursery.start_soon(link.run_roots)  # each period's signed receipt root (audit selection)
             nursery.start_soon(functools.partial(relay_hub_prices, options.hub.url, node.pubsub, service.prices, interval=options.price_poll_s))
         await nursery.start(service.run)
-        runtime = HostRuntime(node, service, hub=link)
+        if follower is not None:
+            nursery.start_soon(follower.run)
+        runtime = HostRuntime(node, service, hub=link, schedule=follower)
         if options.control and options.home is not None:
             runtime.control_url = await nursery.start(_serve_control, runtime, node_home(options.home, "host"))
         try:
@@ -216,6 +227,12 @@ async def _serve_control(runtime: HostRuntime, folder: Path, *, task_status=trio
     token = secrets.token_urlsafe(24)
     app = QuartTrio("gpunexus-control")
 
+    def host_status() -> dict:
+        out = service.status()
+        if runtime.schedule is not None:
+            out["schedule"] = runtime.schedule.status()
+        return out
+
     @app.before_request
     async def check_token():
         if request.headers.get("authorization") != f"Bearer {token}":
@@ -223,7 +240,7 @@ async def _serve_control(runtime: HostRuntime, folder: Path, *, task_status=trio
 
     @app.get("/status")
     async def status():
-        report = service.status()
+        report = host_status()
         if runtime.hub is not None:
             try:
                 earnings = await runtime.hub.earnings()
@@ -236,12 +253,12 @@ async def _serve_control(runtime: HostRuntime, folder: Path, *, task_status=trio
     @app.post("/enable")
     async def enable():
         await service.enable()
-        return service.status()
+        return host_status()
 
     @app.post("/disable")
     async def disable():
         await service.disable()
-        return service.status()
+        return host_status()
 
     config = hypercorn_config("127.0.0.1", 0)
     async with trio.open_nursery() as nursery:

@@ -106,15 +106,19 @@ async def _drain_while_streaming(start: Callable[[list[str]], AbstractAsyncConte
     """A host with the openai backend, mid-stream, is told to stop: the stream must finish whole.
 
     Its upstream is a gpunexus gateway in this process whose own host pauses
-    after 8 tokens, so "mid-stream" is an event, not a guess at timing.
+    after 8 tokens, so "mid-stream" is an event, not a guess at timing. It
+    pauses only once the host is up: the host's start-up check streams one
+    real answer through the upstream to measure its speed.
     """
-    gated = GatedBackend(reference_backend(), pause_after=8)
+    gated = GatedBackend(reference_backend())
     async with running_host(gated) as origin, running_gateway([origin.node.listen_addrs()[0]]) as upstream:
         await wait_for_offers(upstream)
         args = ["node", "serve", "--model", "gated", "--backend", "openai", "--upstream", upstream.base_url,
                 "--upstream-model", "tiny", *LOOPBACK_LISTEN]
         async with start(args) as host:
-            async with running_gateway([await host.peer()]) as gateway:
+            peer = await host.peer()
+            gated.pause_after = 8
+            async with running_gateway([peer]) as gateway:
                 await wait_for_offers(gateway, model="gated")
                 first_content = trio.Event()
                 result: list[tuple[str, str | None, int]] = []

@@ -1,0 +1,148 @@
+"""Round trips to the hub and to bootstrap peers, measured for the gate.
+
+Real round trips only, over the same protocols the node uses: ``GET /v1/hub``
+on the hub's HTTP API, and for a peer a libp2p dial (TCP, Noise, yamux: what
+a gateway pays to reach this host) followed by libp2p pings
+(``/ipfs/ping/1.0.0``, answered by every py-libp2p host) on the connection.
+The ping is the latency figure; the dial is reported beside it because it is
+several round trips plus handshake CPU, not a latency. The peer is dialled
+from a throwaway identity, so a check leaves no trace of the host's own key.
+
+Bandwidth is not measured: a meaningful figure needs megabytes moved each
+way, and neither the hub nor a peer has an endpoint that would take or send
+them. Latency is what a streamed answer's first token pays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import multiaddr
+import trio
+
+PROBE_TIMEOUT_S = 5.0
+ROUND_TRIPS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    kind: str
+    """``hub`` or ``peer``."""
+    target: str
+    latency_ms: float | None = None
+    """Median of ``ROUND_TRIPS`` round trips after the connection is up; None if unreachable."""
+    connect_ms: float | None = None
+    """Opening the connection (TCP, TLS or Noise and yamux for a peer), for the record."""
+    error: str = ""
+    samples_ms: tuple[float, ...] = field(default=())
+
+    @property
+    def reachable(self) -> bool:
+        return self.latency_ms is not None
+
+
+async def probe_hub(url: str, *, timeout: float = PROBE_TIMEOUT_S, round_trips: int = ROUND_TRIPS) -> Probe:
+    """``GET /v1/hub`` once to connect, then ``round_trips`` more on the same connection."""
+    base = url.rstrip("/")
+    try:
+        with trio.fail_after(timeout):
+            async with httpx.AsyncClient(timeout=timeout) as client:
+                start = time.perf_counter()
+                first = await client.get(f"{base}/v1/hub")
+                connect_ms = (time.perf_counter() - start) * 1000
+                _check_hub_answer(first)
+                samples = []
+                for _ in range(round_trips):
+                    start = time.perf_counter()
+                    _check_hub_answer(await client.get(f"{base}/v1/hub"))
+                    samples.append((time.perf_counter() - start) * 1000)
+    except trio.TooSlowError:
+        return Probe("hub", url, error=f"no answer within {timeout:g} s")
+    except (httpx.HTTPError, ValueError) as exc:
+        return Probe("hub", url, error=str(exc) or type(exc).__name__)
+    return Probe("hub", url, statistics.median(samples), connect_ms, samples_ms=tuple(samples))
+
+
+def _check_hub_answer(response: httpx.Response) -> None:
+    """A gpunexus hub answers ``/v1/hub`` with its id: anything else is the wrong URL."""
+    if response.status_code != 200:
+        raise ValueError(f"GET /v1/hub answered {response.status_code}")
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or "hub_id" not in body:
+        raise ValueError("not a gpunexus hub: /v1/hub has no hub_id")
+
+
+async def probe_peers(addrs: list[str], *, swarm_key: str | None = None, timeout: float = PROBE_TIMEOUT_S,
+                      round_trips: int = ROUND_TRIPS) -> list[Probe]:
+    """Dial every peer at once from one throwaway libp2p node, then ping each."""
+    if not addrs:
+        return []
+    from gpunexus.protocol.signing import Signer
+
+    from .p2p import P2PConfig, open_p2p
+
+    results: dict[str, Probe] = {}
+    with _quiet_libp2p():
+        async with open_p2p(Signer.generate(), P2PConfig(listen=["/ip4/127.0.0.1/tcp/0"], swarm_key=swarm_key)) as node:
+            async with trio.open_nursery() as nursery:
+                for addr in addrs:
+                    nursery.start_soon(_probe_peer, node, addr, timeout, round_trips, results)
+    return [results[a] for a in addrs]
+
+
+@contextlib.contextmanager
+def _quiet_libp2p() -> Iterator[None]:
+    """The probe reports a failed dial itself; libp2p's own ERROR line for it would say it twice.
+
+    Kept when the root logger is at DEBUG (``-vv``): then libp2p logs everything, as asked.
+    """
+    logger = logging.getLogger("libp2p")
+    before = logger.level
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+async def _probe_peer(node, addr: str, timeout: float, round_trips: int, results: dict[str, Probe]) -> None:
+    from libp2p.host.ping import ID as PING
+    from libp2p.host.ping import perform_ping_roundtrip
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    try:
+        info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    except Exception as exc:  # a malformed address is the user's typo: say which
+        results[addr] = Probe("peer", addr, error=f"not a peer address (/ip4/.../tcp/.../p2p/ID): {exc}")
+        return
+    try:
+        with trio.fail_after(timeout):
+            start = time.perf_counter()
+            await node.connect(addr, timeout=timeout)
+            connect_ms = (time.perf_counter() - start) * 1000
+            stream = await node.host.new_stream(info.peer_id, [PING])
+            samples = []
+            try:
+                for _ in range(round_trips):
+                    start = time.perf_counter()
+                    await perform_ping_roundtrip(stream)
+                    samples.append((time.perf_counter() - start) * 1000)
+            finally:
+                await stream.close()
+    except trio.TooSlowError:
+        results[addr] = Probe("peer", addr, error=f"no answer within {timeout:g} s")
+        return
+    except Exception as exc:  # refused, wrong swarm key, wrong peer id: all mean "cannot use this peer"
+        results[addr] = Probe("peer", addr, error=str(exc) or type(exc).__name__)
+        return
+    results[addr] = Probe("peer", addr, statistics.median(samples), connect_ms, samples_ms=tuple(samples))
