@@ -119,5 +119,6 @@ async def test_failover_through_real_peers_gives_the_uninterrupted_text():
                         cheap_scope.cancel()  # the cheap host dies inside a character
         assert gateway.service.stats.failovers == 1
         continued = healthy.requests[-1]
-        assert len(continued.continuation_ids) == cut
+        # Whatever reached the gateway before the kill (the last chunk may still have been in flight) is continued by id.
+        assert 0 < len(continued.continuation_ids) <= cut
         assert result["text"] == uninterrupted
