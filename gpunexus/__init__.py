@@ -4,6 +4,8 @@ The architecture lives in the repository's top-level folders, installed as
 subpackages of this one: ``gpunexus.protocol`` (wire vocabulary),
 ``gpunexus.pricing`` (market logic), ``gpunexus.verify`` (honesty),
 ``gpunexus.node`` (libp2p peers) and ``gpunexus.hub`` (money and pages).
+``gpunexus.http_drain`` is HTTP plumbing the hub and the gateway share
+(neither owns it, since they never import each other).
 """
 
 __version__ = "0.1.0"

@@ -18,7 +18,6 @@ One module per job:
 ``web``            the dashboard: server-rendered pages at ``/`` over the same service layer
 ``body``           request body decoding and field specs (validation and JSON Schema from one source)
 ``bodies``         the request body of every JSON route
-``drain``          ASGI middleware: no kept-alive connection hangs on an unread request body
 ``openapi``        the API contract served at ``/openapi.json``
 ``ratelimit``      per-key token buckets (429 + ``retry-after``)
 ``stripe_billing`` Checkout top-ups, webhooks, auto-recharge, Connect payouts

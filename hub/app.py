@@ -23,9 +23,10 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from gpunexus.http_drain import DrainBody
+
 from . import bodies, web
 from .body import Body
-from .drain import DrainBody
 from .keys import User
 from .openapi import spec
 from .ratelimit import RateLimiter
@@ -33,7 +34,7 @@ from .service import VERSION, Hub, HubError
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
 DRAIN_BYTES = 1024 * 1024
-"""Unread request body the hub still waits for after an early answer, to keep the connection (see hub/drain.py)."""
+"""Unread request body the hub still waits for after an early answer, to keep the connection (see gpunexus/http_drain.py)."""
 DRAIN_TIMEOUT_S = 5.0
 _TYPES = {401: "invalid_request_error", 402: "insufficient_quota", 403: "permission_error", 429: "rate_limit_error"}
 

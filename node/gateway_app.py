@@ -1,6 +1,7 @@
 """The gateway's OpenAI-compatible HTTP API.
 
-Routes: ``GET /v1/models``, ``GET /healthz`` (quart-trio), and
+Routes: ``GET /v1/models``, ``GET /healthz`` (and ``/health``, the name
+many load balancers and Open WebUI probe) (quart-trio), and
 ``POST /v1/chat/completions``, ``POST /v1/completions`` (the hot path). The
 HTTP status of a completion is decided before its first byte (so "no host"
 is a real 503, not an SSE error), and a client that disconnects cancels the
@@ -14,6 +15,11 @@ channel hop between the relay task and the HTTP writer cost more CPU per
 token than the whole libp2p leg; the front answers in the request's own task,
 writes each arriving chunk straight to the socket, and sends the response
 head together with the first token.
+
+Both sit inside :class:`gpunexus.http_drain.DrainBody`, the hub's fix for
+kept-alive connections that hung after an answer sent before the request
+body had arrived (an unknown route, an unexpected method, a body a few
+milliseconds late): see that module for the root cause.
 """
 
 from __future__ import annotations
@@ -22,16 +28,21 @@ import json
 import logging
 
 import trio
+from gpunexus.http_drain import DrainBody
 from gpunexus.protocol.ids import new_request_id
+from quart import request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from .gateway import Delta, GatewayService
-from .openai_api import APIError, ResponseShaper, parse_request, sse_error
+from .openai_api import APIError, ResponseShaper, check_unicode, parse_request, sse_error
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
+DRAIN_BYTES = 1024 * 1024
+"""Unread request body still awaited after an early answer, to keep the connection (see gpunexus/http_drain.py)."""
+DRAIN_TIMEOUT_S = 5.0
 
 
 def _error_response(error: APIError):
@@ -50,11 +61,18 @@ def create_app(gateway: GatewayService) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException):
         status = error.code or 500
+        if status == 413:
+            return _error_response(APIError(413, "Request body too large.", code="request_too_large"))
+        if status == 404:
+            return _error_response(APIError(404, f"Unknown route {request.method} {request.path}.", code="not_found"))
+        if isinstance(error, MethodNotAllowed):
+            allow = ", ".join(sorted(error.valid_methods or ()))
+            return _error_response(APIError(405, f"{request.method} is not allowed on {request.path}.", code="method_not_allowed", headers={"allow": allow}))
         kind = "invalid_request_error" if status < 500 else "server_error"
-        message = "Request body too large." if status == 413 else (error.description or error.name)
-        return _error_response(APIError(status, message, type=kind, code="request_too_large" if status == 413 else None))
+        return _error_response(APIError(status, error.description or error.name, type=kind))
 
     @app.get("/healthz")
+    @app.get("/health")
     async def healthz():
         return {"ok": True, "peer_id": gateway.node.peer_id, "models": sorted(gateway.book.models())}
 
@@ -85,11 +103,11 @@ def create_app(gateway: GatewayService) -> QuartTrio:
             raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
         return {"id": model, "object": "model", "created": 0, "owned_by": "gpunexus"}
 
-    app.asgi_app = _HotRoutes(app.asgi_app, gateway)
+    app.asgi_app = DrainBody(_HotRoutes(app.asgi_app, gateway), max_bytes=DRAIN_BYTES, timeout_s=DRAIN_TIMEOUT_S)  # type: ignore[method-assign]
     return app
 
 
-_HOT_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+HOT_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -112,7 +130,7 @@ class _HotRoutes:
         self.gateway = gateway
 
     async def __call__(self, scope, receive, send) -> None:
-        kind = _HOT_PATHS.get(scope.get("path", "")) if scope["type"] == "http" and scope.get("method") == "POST" else None
+        kind = HOT_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
         if kind is None:
             await self.inner(scope, receive, send)
             return
@@ -132,12 +150,16 @@ class _HotRoutes:
 
     async def _complete(self, kind: str, scope, receive, state: _Response, nursery: trio.Nursery) -> None:
         raw = await _read_body(scope, receive)
+        if scope.get("method") != "POST":
+            # Read first, answered after: an unread body would cost the kept-alive connection.
+            raise APIError(405, f"{scope.get('method')} is not allowed on {scope['path']}.", code="method_not_allowed", headers={"allow": "POST"})
         # From here on a client that goes away cancels the request (and with it the host's stream).
         nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise APIError(400, "We could not parse the JSON body of your request.") from None
+        check_unicode(raw, body)
         req = parse_request(body, kind)
         bearer = _bearer(_header(scope, b"authorization"))
         shaper = ResponseShaper(req, new_request_id())

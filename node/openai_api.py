@@ -8,6 +8,7 @@ official SDK (and anything built on it) sees no difference.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 
@@ -110,6 +111,54 @@ def parse_request(body: object, kind: str) -> CompletionRequest:
     return CompletionRequest(kind, model, messages, prompt, stream, include_usage, max_tokens, temperature, top_p, top_k, stop, seed, user)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of a UTF-16 surrogate: the only way a JSON body can smuggle one into a string."""
+
+
+def check_unicode(raw: bytes, body: object) -> None:
+    """APIError(400) naming the first string of ``body`` that holds a lone surrogate.
+
+    ``json.loads`` accepts ``"\\ud800"`` and returns a str no UTF-8 encoder
+    takes, so it would fail deep in the relay (a 500). Only a body whose raw
+    bytes hold a surrogate escape is walked: the common case costs one scan.
+    """
+    if _SURROGATE_ESCAPE.search(raw) is None:
+        return
+    where = _lone_surrogate(body, "")
+    if where is not None:
+        raise bad(f"'{where or 'body'}' holds a lone UTF-16 surrogate, which is not valid Unicode.", param=where or None)
+
+
+def _lone_surrogate(value: object, where: str) -> str | None:
+    """The path of the first string (or key) in ``value`` that is not valid Unicode."""
+    if isinstance(value, str):
+        return None if _encodable(value) else where
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else key
+            found = path if not _encodable(key) else _lone_surrogate(item, path)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_MESSAGE_FIELDS = frozenset({"role", "content"})
+_TOOL_FIELDS = ("tool_calls", "function_call", "tool_call_id")
+
+
 def _parse_messages(value: object) -> tuple[ChatMessage, ...]:
     if not isinstance(value, list) or not value:
         raise bad("'messages' must be a non-empty array.", param="messages")
@@ -122,9 +171,21 @@ def _parse_messages(value: object) -> tuple[ChatMessage, ...]:
         if not isinstance(m, dict):
             raise bad(f"'{where}' must be an object.", param=where)
         role = m.get("role")
+        if role in ("tool", "function"):
+            raise bad(f"'{where}.role' is '{role}': tool results need tool calling, which no host behind this gateway offers.",
+                      param=f"{where}.role", code="unsupported_parameter")
         if role not in ROLES:
-            raise bad(f"'{where}.role' must be one of {', '.join(ROLES)}.", param=f"{where}.role")
-        text = _content_text(m.get("content"), f"{where}.content")
+            raise bad(f"'{where}.role' must be one of {', '.join(r for r in ROLES if r != 'tool')}.", param=f"{where}.role")
+        for name in _TOOL_FIELDS:
+            if name in m:
+                raise bad(f"'{where}.{name}' needs tool calling, which no host behind this gateway offers.",
+                          param=f"{where}.{name}", code="unsupported_parameter")
+        for name in m:
+            if name not in _MESSAGE_FIELDS:
+                raise bad(f"'{where}.{name}' is not supported by this gateway.", param=f"{where}.{name}", code="unsupported_parameter")
+        if m.get("content") is None:
+            raise bad(f"'{where}.content' is required.", param=f"{where}.content")
+        text = _content_text(m["content"], f"{where}.content")
         total += len(text)
         if total > MAX_PROMPT_CHARS:
             raise bad("The messages are too long.", param="messages", code="context_length_exceeded")
@@ -133,8 +194,6 @@ def _parse_messages(value: object) -> tuple[ChatMessage, ...]:
 
 
 def _content_text(content: object, where: str) -> str:
-    if content is None:
-        return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):

@@ -12,62 +12,14 @@ import json
 
 import trio
 from gpunexus.hub.app import DRAIN_BYTES, MAX_BODY_BYTES, create_app
+from rawhttp import Conn, request_head
+from rawhttp import open_conn as _open
 from test_hub_support import backend, db, served  # noqa: F401
 
 BODY = json.dumps({"gateway_id": "x", "receipts": [], "amount_micro": 1}).encode()
 DEADLINE_S = 15
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
-
-
-class Conn:
-    """One HTTP/1.1 connection, written byte by byte as the test says."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def _more(self) -> bytes:
-        data = await self.stream.receive_some(65536)
-        self.buffer += data
-        return data
-
-    async def response(self) -> tuple[int, dict[str, str], bytes]:
-        while b"\r\n\r\n" not in self.buffer:
-            if not await self._more():
-                raise EOFError("closed before a response")
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-        length = int(headers.get("content-length", "0"))
-        while len(self.buffer) < length:
-            if not await self._more():
-                raise EOFError("closed inside a response body")
-        body, self.buffer = self.buffer[:length], self.buffer[length:]
-        return int(lines[0].split()[1]), headers, body
-
-    async def closed(self) -> bool:
-        """True once the server closed the connection (EOF or reset), having sent nothing more."""
-        try:
-            return not await self._more()
-        except trio.BrokenResourceError:
-            return True
-
-
-def _request(method: str, path: str, *, length: int, key: str | None = None) -> bytes:
-    auth = f"authorization: Bearer {key}\r\n" if key else ""
-    return (f"{method} {path} HTTP/1.1\r\nhost: hub\r\ncontent-type: application/json\r\n"
-            f"content-length: {length}\r\n{auth}\r\n").encode()
-
-
 NEXT = b"GET /v1/hub HTTP/1.1\r\nhost: hub\r\n\r\n"
-
-
-async def _open(url: str) -> Conn:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    return Conn(await trio.open_tcp_stream(host, int(port)))
 
 
 async def _then_answered(conn: Conn) -> None:
@@ -91,7 +43,7 @@ async def test_after_an_unexpected_method_with_a_body_the_connection_serves_on(s
         for method, path in cases:
             for late in (False, True):
                 conn = await _open(url)
-                head = _request(method, path, length=len(BODY), key=market.client_key)
+                head = request_head(method, path, length=len(BODY), key=market.client_key, host="hub")
                 if late:  # the body 10 ms after the headers: the answer is ready before it arrives
                     await conn.send(head)
                     await trio.sleep(0.01)
@@ -111,7 +63,7 @@ async def test_after_an_early_refusal_of_a_late_body_the_connection_serves_on(se
     with trio.fail_after(DEADLINE_S):
         for key, expected in ((None, 401), (market.client_key, 400)):
             conn = await _open(url)
-            await conn.send(_request("POST", "/v1/allowances", length=len(BODY), key=key))
+            await conn.send(request_head("POST", "/v1/allowances", length=len(BODY), key=key, host="hub"))
             await trio.sleep(0.01)
             await conn.send(BODY)
             assert (await conn.response())[0] == expected
@@ -123,7 +75,7 @@ async def test_a_body_too_large_is_413_then_a_clean_close(served):
     market, url, _ = served
     with trio.fail_after(DEADLINE_S):
         conn = await _open(url)
-        await conn.send(_request("POST", "/v1/receipts", length=MAX_BODY_BYTES + 1, key=market.client_key))
+        await conn.send(request_head("POST", "/v1/receipts", length=MAX_BODY_BYTES + 1, key=market.client_key, host="hub"))
         await conn.send(b"x" * 65536)
         status, headers, body = await conn.response()
         assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
@@ -136,7 +88,7 @@ async def test_an_unread_body_beyond_the_drain_bound_closes_cleanly(served):
     market, url, _ = served
     with trio.fail_after(DEADLINE_S):
         conn = await _open(url)
-        await conn.send(_request("POST", "/v1/receipts", length=DRAIN_BYTES + 100_000))  # no key: 401 unread
+        await conn.send(request_head("POST", "/v1/receipts", length=DRAIN_BYTES + 100_000, host="hub"))  # no key: 401 unread
         await conn.send(b"x" * 1000)
         status, headers, _ = await conn.response()
         assert status == 401 and headers["connection"] == "close"

@@ -89,6 +89,16 @@ async def test_errors_in_openai_shape(market):
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         r = await http.post("/chat/completions", content=b"x" * (3 * 1024 * 1024), headers={"content-type": "application/json"})
         assert r.status_code == 413 and "error" in r.json()
+        r = await http.post("/chat/completions", content=b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}')
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
+        r = await http.post("/completions", content=b'{"model": "tiny", "prompt": "x\\udc00"}')
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
+        r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "tool", "content": "1", "tool_call_id": "a"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+        r = await http.get(gateway.base_url.removesuffix("/v1") + "/health")
+        assert r.status_code == 200 and r.json()["ok"] is True
 
     def sdk_error():
         client = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0)

@@ -25,6 +25,13 @@ So this middleware, wrapped around the Quart app:
   knows not to reuse the connection;
 * sends the last body chunk in a shielded cancel scope, so hypercorn's
   recycle or close of the connection always runs to its end.
+
+Where it lives. Both HTTP servers (the hub's API and a gateway's OpenAI
+API) run quart-trio on hypercorn and need it; node/ and hub/ never import
+each other, and protocol/ holds wire formats only, so it sits at the top of
+the ``gpunexus`` package, beside the CLI that already composes the roles:
+HTTP plumbing both roles share, owned by neither. A copy in each role was
+the alternative; one fix in one place beats two that drift apart.
 """
 
 from __future__ import annotations
