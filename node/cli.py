@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -175,7 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"cannot start the backend: {exc}") from None
     slots = args.slots or getattr(backend, "default_slots", 1)
     if args.license is not None:
-        backend.info = type(backend.info)(backend.info.name, backend.info.model_hash, backend.info.max_context, args.license)
+        backend.info = dataclasses.replace(backend.info, license=args.license)
     options = HostOptions(
         backend=backend,
         price_micro_per_mtok=price,

@@ -36,10 +36,11 @@ import multiaddr
 import trio
 from libp2p.peer.id import ID
 
+from gpunexus.pricing.capabilities import Needs, lacking, unmet
 from gpunexus.pricing.matching import Matcher, MatchPolicy
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.ids import new_request_id
-from gpunexus.protocol.messages import INFER_PROTOCOL, Chunk, Error, Offer, Opening, Order, OutputHasher, Receipt, Sampling
+from gpunexus.protocol.messages import INFER_PROTOCOL, Capabilities, Chunk, Error, Offer, Opening, Order, OutputHasher, Receipt, Sampling
 from gpunexus.protocol.money import cost_micro
 
 from .offers import OfferBook
@@ -142,14 +143,31 @@ class GatewayService:
             task_status.started()
             await trio.sleep_forever()
 
-    def policy(self) -> MatchPolicy:
-        return MatchPolicy(self.config.max_price_micro_per_mtok, self.config.min_tokens_per_s)
+    def policy(self, needs: Needs | None = None) -> MatchPolicy:
+        return MatchPolicy(self.config.max_price_micro_per_mtok, self.config.min_tokens_per_s, needs or Needs())
+
+    def check_serveable(self, model: str, needs: Needs) -> None:
+        """APIError unless some live host serves ``model`` with every capability ``needs`` names.
+
+        404 for a model no host serves; 400 naming what no host of the model
+        offers, or what the order cannot carry to a host yet.
+        """
+        offers = self.book.for_model(model)
+        if not offers:
+            raise APIError(404, f"The model '{model}' does not exist or no host serves it right now.", param="model", code="model_not_found")
+        if needs.plain:
+            return
+        missing = unmet((o.capabilities for o in offers), needs)
+        if missing:
+            raise APIError(400, f"No host offers {' and '.join(missing)} for model '{model}'.", param=_param_of(missing[0]), code="capability_not_offered")
+        uncarried = lacking(CARRIED, needs)
+        if uncarried:
+            raise APIError(400, f"This gateway cannot pass {' and '.join(uncarried)} to hosts yet.", param=_param_of(uncarried[0]), code="unsupported_parameter")
 
     async def complete(self, request: CompletionRequest, bearer: str | None, emit: Emit) -> Finish:
         """Run one request to the end, emitting text as it arrives; APIError if it cannot start."""
         self.stats.requests += 1
-        if not self.book.for_model(request.model):
-            raise APIError(404, f"The model '{request.model}' does not exist or no host serves it right now.", param="model", code="model_not_found")
+        self.check_serveable(request.model, request.needs)
         try:
             grant = self.settlement.authorize(bearer)
         except SettlementRefused as unpaid:
@@ -163,7 +181,7 @@ class GatewayService:
         refused: set[str] = set()
         last_error = "no host serves this model within your price and speed limits"
         for attempt in range(self.config.max_attempts):
-            candidates = await self._candidates(request.model, tried, refused)
+            candidates = await self._candidates(request.model, request.needs, tried, refused)
             if not candidates:
                 break
             offer = candidates[0]
@@ -218,14 +236,14 @@ class GatewayService:
             raise _MidStreamExhausted(f"every host failed mid-response: {last_error}")
         raise APIError(503, f"No host available for '{request.model}': {last_error}.", type="server_error", code="no_host_available")
 
-    def _rank(self, model: str, tried: set[str], refused: set[str]) -> list[Offer]:
+    def _rank(self, model: str, needs: Needs, tried: set[str], refused: set[str]) -> list[Offer]:
         # Hosts the hub's audits excluded (HubSettlement.excluded_host) get no traffic.
         excluded = getattr(self.settlement, "excluded_host", None)
-        ranked = self.matcher.rank(self.book.for_model(model), model, self.policy(), time.monotonic(), excluded)
+        ranked = self.matcher.rank(self.book.for_model(model), model, self.policy(needs), time.monotonic(), excluded)
         # Stable: hosts that answered "busy" go last, in ranking order.
         return sorted((o for o in ranked if o.peer_id not in tried), key=lambda o: o.peer_id in refused)
 
-    async def _candidates(self, model: str, tried: set[str], refused: set[str]) -> list[Offer]:
+    async def _candidates(self, model: str, needs: Needs, tried: set[str], refused: set[str]) -> list[Offer]:
         """A fresh ranking for the next attempt, without the hosts that failed this request.
 
         A host that answered "busy" (slots and queue full) is alive, so it
@@ -234,13 +252,13 @@ class GatewayService:
         ``busy_retry_s``), not at once: a full queue a millisecond ago is
         full now. ``max_attempts`` bounds the retries.
         """
-        candidates = self._rank(model, tried, refused)
+        candidates = self._rank(model, needs, tried, refused)
         if candidates and candidates[0].peer_id in refused:
             first = candidates[0]
             with trio.move_on_after(self.config.busy_retry_s):
                 while (current := self.book.get(first.peer_id, model)) is not None and current.seq == first.seq:
                     await self.book.changed.wait()
-            candidates = self._rank(model, tried, refused)
+            candidates = self._rank(model, needs, tried, refused)
         return candidates
 
     def _note_failure(self, offer: Offer, failure: _HostFailed, tried: set[str], refused: set[str]) -> None:
@@ -414,6 +432,18 @@ class GatewayService:
                 continuation_ids=order.continuation_ids,
             ))
         self.settlement.record(countersigned)
+
+
+CARRIED = Capabilities()
+"""What an order can carry to a host (the gateway refuses a request needing more, even where a host offers it)."""
+
+_PARAMS = {"json_mode": "response_format", "json_schema": "response_format", "penalties": "presence_penalty", "vision": "messages"}
+
+
+def _param_of(need: str) -> str:
+    """The request parameter behind a need's name ("n=3" -> "n")."""
+    name = need.split("=", 1)[0]
+    return _PARAMS.get(name, name)
 
 
 PROMPT_OVERHEAD_TOKENS = 64

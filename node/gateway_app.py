@@ -24,12 +24,14 @@ milliseconds late): see that module for the root cause.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
 import trio
 from gpunexus.http_drain import DrainBody
 from gpunexus.protocol.ids import new_request_id
+from gpunexus.protocol.messages import Capabilities, Offer
 from quart import request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -90,6 +92,7 @@ def create_app(gateway: GatewayService) -> QuartTrio:
                 "min_price_usd_per_mtok": min(prices) / 1_000_000,
                 "license": offers[0].license,
                 "max_context": max(o.max_context for o in offers),
+                "capabilities": capabilities_of(offers),
             })
             market = gateway.prices.get(name)
             if market is not None:
@@ -101,10 +104,21 @@ def create_app(gateway: GatewayService) -> QuartTrio:
         offers = gateway.book.for_model(model)
         if not offers:
             raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
-        return {"id": model, "object": "model", "created": 0, "owned_by": "gpunexus"}
+        return {"id": model, "object": "model", "created": 0, "owned_by": "gpunexus", "capabilities": capabilities_of(offers)}
 
     app.asgi_app = DrainBody(_HotRoutes(app.asgi_app, gateway), max_bytes=DRAIN_BYTES, timeout_s=DRAIN_TIMEOUT_S)  # type: ignore[method-assign]
     return app
+
+
+def capabilities_of(offers: list[Offer]) -> dict:
+    """What some host of a model offers: each flag if any host has it, the largest limits, the longest context."""
+    caps = [o.capabilities for o in offers]
+    out: dict = {}
+    for f in dataclasses.fields(Capabilities):
+        values = [getattr(c, f.name) for c in caps]
+        out[f.name] = max(values) if f.type in (int, "int") else any(values)
+    out["max_context"] = max(o.max_context for o in offers)
+    return out
 
 
 HOT_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}

@@ -94,6 +94,7 @@ class HostService:
             max_context=info.max_context,
             license=info.license,
             region=region,
+            capabilities=info.capabilities,
         )
         self.announcer = Announcer(node.pubsub, node.signer, node.listen_addrs, self.free_slots)
         self.announcer.terms = [self.terms]

@@ -18,7 +18,7 @@ import trio
 
 from gpunexus.protocol.codec import decode
 from gpunexus.protocol.errors import ProtocolError
-from gpunexus.protocol.messages import OFFERS_TOPIC, Offer, Withdraw
+from gpunexus.protocol.messages import OFFERS_TOPIC, PLAIN_TEXT, Capabilities, Offer, Withdraw
 from gpunexus.protocol.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,7 @@ class OfferTerms:
     license: str
     region: str = ""
     follows_market: bool = False
+    capabilities: Capabilities = PLAIN_TEXT
 
 
 class Announcer:
@@ -176,6 +177,7 @@ class Announcer:
             seq=next_seq(),
             issued_at=now,
             expires_at=now + OFFER_TTL,
+            capabilities=terms.capabilities,
         ).signed(self._signer)
 
     async def announce_now(self) -> None:

@@ -13,12 +13,11 @@ import time
 from dataclasses import dataclass
 
 from gpunexus.protocol.limits import MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_STOP_SEQUENCES, MAX_TOKENS
-from gpunexus.protocol.messages import ROLES, ChatMessage
+from gpunexus.pricing.capabilities import PLAIN, Needs
+from gpunexus.protocol.messages import MAX_CHOICES, MAX_TOP_LOGPROBS, ROLES, ChatMessage
 
 DEFAULT_MAX_TOKENS = 256
-_UNSUPPORTED_IF_SET = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias")
-_ZERO_ONLY = ("presence_penalty", "frequency_penalty")
-
+MAX_LOGIT_BIAS = 1024
 
 class APIError(Exception):
     """An error answered in OpenAI's shape with an HTTP status."""
@@ -55,30 +54,69 @@ class CompletionRequest:
     stop: tuple[str, ...]
     seed: int | None
     user: str | None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    json_mode: bool = False
+    needs: Needs = PLAIN
+    """What a host must offer to serve this request (see ``pricing.capabilities``)."""
+
+
+# Every parameter of OpenAI's two completion APIs (and vLLM's ``top_k``): an
+# argument outside these is refused as OpenAI refuses it, never ignored.
+_COMMON = frozenset({
+    "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
+    "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+})
+_CHAT = _COMMON | {
+    "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
+    "parallel_tool_calls", "functions", "function_call", "store", "metadata", "service_tier", "modalities",
+    "audio", "prediction", "reasoning_effort", "web_search_options",
+}
+_COMPLETION = _COMMON | {"prompt", "echo", "suffix", "best_of"}
+_TOOL_PARAMS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
+_NOT_SUPPORTED = ("audio", "prediction", "reasoning_effort", "web_search_options", "metadata", "echo", "suffix")
+"""Known parameters no gateway host can honour yet: a 400 naming them when set."""
 
 
 def parse_request(body: object, kind: str) -> CompletionRequest:
-    """Validate a /v1/chat/completions or /v1/completions body; APIError(400) if wrong."""
+    """Validate a /v1/chat/completions or /v1/completions body; APIError(400) if wrong.
+
+    Parameters that only some hosts honour (logprobs, n, penalties, logit
+    bias, JSON mode, tools, images) become the request's ``needs``; the
+    gateway routes on them and names what no host offers.
+    """
     if not isinstance(body, dict):
         raise bad("The request body must be a JSON object.")
-    for name in _UNSUPPORTED_IF_SET:
-        if body.get(name) not in (None, [], {}) and not (name == "response_format" and body[name] == {"type": "text"}):
+    known = _CHAT if kind == "chat" else _COMPLETION
+    for name in body:
+        if name not in known:
+            raise bad(f"Unrecognized request argument supplied: {name}", param=name, code="unsupported_parameter")
+    for name in _NOT_SUPPORTED:
+        if body.get(name) not in (None, False, [], {}, ""):
             raise bad(f"'{name}' is not supported by this gateway.", param=name, code="unsupported_parameter")
-    for name in _ZERO_ONLY:
-        if body.get(name) not in (None, 0, 0.0):
-            raise bad(f"'{name}' is not supported by this gateway (only 0).", param=name, code="unsupported_parameter")
+    if body.get("store") not in (None, False):
+        raise bad("'store' is not supported by this gateway (responses are not stored).", param="store", code="unsupported_parameter")
+    if body.get("service_tier") not in (None, "auto", "default"):
+        raise bad("'service_tier' must be 'auto' or 'default' here.", param="service_tier", code="unsupported_parameter")
+    if body.get("modalities") not in (None, ["text"]):
+        raise bad("Only the 'text' modality is supported.", param="modalities", code="unsupported_parameter")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("you must provide a model parameter", param="model")
     messages: tuple[ChatMessage, ...] = ()
     prompt = ""
+    vision = False
     if kind == "chat":
-        messages = _parse_messages(body.get("messages"))
+        messages, vision = _parse_messages(body.get("messages"))
     else:
         prompt = _parse_prompt(body.get("prompt"))
-    n = body.get("n", 1)
-    if n not in (1, None):
-        raise bad("Only n=1 is supported.", param="n", code="unsupported_parameter")
+    n = _integer(body, "n", 1, 1, MAX_CHOICES)
+    if kind == "completion" and body.get("best_of") not in (None, n):
+        raise bad("'best_of' is not supported by this gateway (only equal to n).", param="best_of", code="unsupported_parameter")
     stream = _boolean(body, "stream", False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -108,7 +146,56 @@ def parse_request(body: object, kind: str) -> CompletionRequest:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad("'user' must be a string.", param="user")
-    return CompletionRequest(kind, model, messages, prompt, stream, include_usage, max_tokens, temperature, top_p, top_k, stop, seed, user)
+    presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
+    frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    logit_bias = _parse_logit_bias(body.get("logit_bias"))
+    logprobs, top_logprobs = _parse_logprobs(body, kind)
+    json_mode, json_schema = _parse_response_format(body.get("response_format"))
+    tools = any(body.get(name) not in (None, [], {}) for name in _TOOL_PARAMS)
+    needs = Needs(
+        tools=tools, json_mode=json_mode, json_schema=json_schema, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
+        penalties=bool(presence or frequency), logit_bias=bool(logit_bias), vision=vision,
+    )
+    return CompletionRequest(kind, model, messages, prompt, stream, include_usage, max_tokens, temperature, top_p, top_k,
+                             stop, seed, user, n, presence, frequency, logit_bias, logprobs, top_logprobs, json_mode, needs)
+
+
+def _parse_logit_bias(value: object) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise bad(f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids.", param="logit_bias")
+    out = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < 2**32):
+            raise bad(f"'logit_bias' keys must be token ids, got {key[:20]!r}.", param="logit_bias")
+        if type(bias) not in (int, float) or not -100 <= bias <= 100:
+            raise bad("'logit_bias' values must be numbers between -100 and 100.", param="logit_bias")
+        if bias:
+            out.append((int(key), float(bias)))
+    return tuple(sorted(out))
+
+
+def _parse_logprobs(body: dict, kind: str) -> tuple[bool, int]:
+    """(report logprobs?, alternatives per token): chat's bool + ``top_logprobs``, or completions' integer."""
+    if kind == "completion":
+        k = _integer(body, "logprobs", -1, 0, 5) if body.get("logprobs") is not None else -1
+        return k >= 0, max(k, 0)
+    wanted = _boolean(body, "logprobs", False)
+    top = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+    if top and not wanted:
+        raise bad("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+    return wanted, top
+
+
+def _parse_response_format(value: object) -> tuple[bool, bool]:
+    """(JSON object mode, JSON schema mode)."""
+    if value is None:
+        return False, False
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise bad("'response_format.type' must be 'text', 'json_object' or 'json_schema'.", param="response_format.type")
+    return kind == "json_object", kind == "json_schema"
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -159,13 +246,15 @@ _MESSAGE_FIELDS = frozenset({"role", "content"})
 _TOOL_FIELDS = ("tool_calls", "function_call", "tool_call_id")
 
 
-def _parse_messages(value: object) -> tuple[ChatMessage, ...]:
+def _parse_messages(value: object) -> tuple[tuple[ChatMessage, ...], bool]:
+    """The messages flattened to text, and whether any holds an image (a vision need)."""
     if not isinstance(value, list) or not value:
         raise bad("'messages' must be a non-empty array.", param="messages")
     if len(value) > MAX_MESSAGES:
         raise bad(f"'messages' may hold at most {MAX_MESSAGES} messages.", param="messages")
     out = []
     total = 0
+    vision = False
     for i, m in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -185,25 +274,32 @@ def _parse_messages(value: object) -> tuple[ChatMessage, ...]:
                 raise bad(f"'{where}.{name}' is not supported by this gateway.", param=f"{where}.{name}", code="unsupported_parameter")
         if m.get("content") is None:
             raise bad(f"'{where}.content' is required.", param=f"{where}.content")
-        text = _content_text(m["content"], f"{where}.content")
+        text, images = _content_text(m["content"], f"{where}.content")
+        vision = vision or images
         total += len(text)
         if total > MAX_PROMPT_CHARS:
             raise bad("The messages are too long.", param="messages", code="context_length_exceeded")
         out.append(ChatMessage(role=role, content=text))
-    return tuple(out)
+    return tuple(out), vision
 
 
-def _content_text(content: object, where: str) -> str:
+def _content_text(content: object, where: str) -> tuple[str, bool]:
+    """The text of a message's content, and whether it holds image parts."""
     if isinstance(content, str):
-        return content
+        return content, False
     if isinstance(content, list):
         parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad(f"'{where}' may only hold text parts.", param=where)
-            parts.append(part["text"])
-        return "".join(parts)
-    raise bad(f"'{where}' must be a string or an array of text parts.", param=where)
+        images = False
+        for i, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif kind == "image_url":
+                images = True
+            else:
+                raise bad(f"'{where}[{i}]' must be a text or image_url part.", param=f"{where}[{i}]")
+        return "".join(parts), images
+    raise bad(f"'{where}' must be a string or an array of content parts.", param=where)
 
 
 def _parse_prompt(value: object) -> str:
@@ -232,6 +328,15 @@ def _boolean(body: dict, name: str, default: bool) -> bool:
         return default
     if not isinstance(value, bool):
         raise bad(f"'{name}' must be a boolean.", param=name)
+    return value
+
+
+def _integer(body: dict, name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if type(value) is not int or not low <= value <= high:
+        raise bad(f"'{name}' must be an integer between {low} and {high}.", param=name)
     return value
 
 

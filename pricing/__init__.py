@@ -4,6 +4,7 @@ Pure code, no I/O and no clock: every function takes what it needs (epoch
 observations, ``now``) and returns values, so the hub, the gateway, the bench
 and the tests all run the same thing.
 
+- `capabilities`: a request's needs against an offer's capabilities.
 - `matching`: rank a gateway's offers for one request (filters, cheapest
   first, round-robin among equals, back-off, reputation exclusion).
 - `estimators`: demand (median-prefiltered EWMA) and supply (per-host
@@ -22,6 +23,7 @@ Money is integer micro-USD (prices in micro-USD per million tokens); rates
 to an integer first.
 """
 
+from .capabilities import Needs, lacking, unmet
 from .controller import ControllerConfig, next_price, utilisation
 from .earnings import ModelEarnings, earnings_micro_per_gpu_hour, expected_utilisation, rank_models
 from .estimators import DemandConfig, DemandEstimator, HostSupply, SupplyConfig, SupplyEstimator
@@ -37,6 +39,7 @@ __all__ = [
     "MarketBook",
     "MarketConfig",
     "MatchPolicy",
+    "Needs",
     "Matcher",
     "ModelEarnings",
     "OfferLike",
@@ -45,7 +48,9 @@ __all__ = [
     "SupplyEstimator",
     "earnings_micro_per_gpu_hour",
     "expected_utilisation",
+    "lacking",
     "next_price",
     "rank_models",
+    "unmet",
     "utilisation",
 ]

@@ -9,7 +9,8 @@ Rules, in the order they apply:
 
 1. **Hard filters.** Only offers for the requested model, priced at or under
    the client's ``max_price_micro_per_mtok``, at or over its
-   ``min_tokens_per_s``, and not excluded by reputation. Nothing filtered
+   ``min_tokens_per_s``, whose capabilities meet every need of the request
+   (`capabilities.lacking`), and not excluded by reputation. Nothing filtered
    here is ever returned: a client's limits and a failed audit are promises,
    not preferences.
 2. **Free, then full, then backed off.** Candidates are ranked in three
@@ -53,6 +54,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from .capabilities import PLAIN, CapabilitiesLike, Needs, lacking
+
 
 class OfferLike(Protocol):
     """What matching needs from an offer (``gpunexus.protocol``'s Offer fits)."""
@@ -72,23 +75,28 @@ class OfferLike(Protocol):
     @property
     def free_slots(self) -> int: ...
 
+    @property
+    def capabilities(self) -> CapabilitiesLike: ...
+
 
 O = TypeVar("O", bound=OfferLike)
 
 
 @dataclass(frozen=True)
 class MatchPolicy:
-    """A client's limits for one request; ``None`` means no limit."""
+    """A client's limits for one request (``None`` means no limit) and what the request needs."""
 
     max_price_micro_per_mtok: int | None = None
     min_tokens_per_s: float | None = None
+    needs: Needs = PLAIN
 
     def admits(self, offer: OfferLike) -> bool:
         if self.max_price_micro_per_mtok is not None and offer.price_micro_per_mtok > self.max_price_micro_per_mtok:
             return False
         if self.min_tokens_per_s is not None and offer.tokens_per_s < self.min_tokens_per_s:
             return False
-        return True
+        # Plain text needs nothing: every offer has it (and offers need not carry capabilities to be ranked).
+        return self.needs.plain or not lacking(offer.capabilities, self.needs)
 
 
 @dataclass(frozen=True)

@@ -64,9 +64,57 @@ def _name(value: str, what: str) -> None:
     _require(0 < len(value) <= MAX_NAME_CHARS, f"{what} must be 1..{MAX_NAME_CHARS} characters")
 
 
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's own bound on ``top_logprobs``."""
+MAX_CHOICES = 128
+"""OpenAI's own bound on ``n``."""
+
+
+@message
+class Capabilities(Message):
+    """What a host's backend does beyond plain text, announced (signed) in each offer.
+
+    Gateways route a request only to hosts whose offers have what it asks
+    for; a field is true only where the backend really does it (the
+    reference model, for one, has no tools and no vision). The context
+    length is the offer's own ``max_context``, not repeated here.
+    ``top_logprobs`` is the most alternatives per token it reports (0: the
+    sampled token's logprob only); ``max_n`` the most choices it serves for
+    one request.
+    """
+
+    TYPE: ClassVar[str] = "capabilities"
+
+    tools: bool = False
+    json_mode: bool = False
+    """``response_format: {"type": "json_object"}``: the output always parses as a JSON object."""
+    json_schema: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    max_n: int = 1
+    penalties: bool = False
+    """``presence_penalty`` and ``frequency_penalty``."""
+    logit_bias: bool = False
+    vision: bool = False
+    embeddings: bool = False
+
+    def check(self) -> None:
+        _require(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"capabilities.top_logprobs must be 0..{MAX_TOP_LOGPROBS}")
+        _require(1 <= self.max_n <= MAX_CHOICES, f"capabilities.max_n must be 1..{MAX_CHOICES}")
+        _require(self.logprobs or not self.top_logprobs, "capabilities.top_logprobs needs logprobs")
+
+
+PLAIN_TEXT = Capabilities()
+"""A backend that generates text and nothing more."""
+
+
 @message
 class Offer(Message):
-    """A host's signed, expiring announcement of one model it serves."""
+    """A host's signed, expiring announcement of one model it serves.
+
+    ``capabilities`` is part of what the host signs: a gateway trusts a
+    capability as far as it trusts the price.
+    """
 
     TYPE: ClassVar[str] = "offer"
     SIGNATURES: ClassVar = (("sig", "peer_id"),)
@@ -87,6 +135,7 @@ class Offer(Message):
     seq: int
     issued_at: float
     expires_at: float
+    capabilities: Capabilities = PLAIN_TEXT
     sig: bytes = b""
 
     def check(self) -> None:

@@ -43,15 +43,15 @@ async def _then_answered(conn) -> None:
     assert status == 200 and b"peer_id" in body
 
 
-async def _exchange(url: str, method: str, path: str, *, late: bool) -> tuple[int, dict, bytes]:
+async def _exchange(url: str, method: str, path: str, *, late: bool, body: bytes = BODY) -> tuple[int, dict, bytes]:
     conn = await open_conn(url)
-    head = request_head(method, path, length=len(BODY), host="gw")
+    head = request_head(method, path, length=len(body), host="gw")
     if late:  # the answer is ready before the body arrives
         await conn.send(head)
         await trio.sleep(0.01)
-        await conn.send(BODY)
+        await conn.send(body)
     else:
-        await conn.send(head + BODY)
+        await conn.send(head + body)
     answer = await conn.response()
     await _then_answered(conn)
     await _then_answered(conn)
@@ -87,7 +87,8 @@ async def test_served_routes_with_a_late_body_keep_serving(gateway):
             for late in (False, True):
                 status, _, body = await _exchange(gateway.base_url, method, path, late=late)
                 assert status == 200, (path, body)
-        status, _, body = await _exchange(gateway.base_url, "POST", "/v1/chat/completions", late=True)
+        chat = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+        status, _, body = await _exchange(gateway.base_url, "POST", "/v1/chat/completions", late=True, body=chat)
         assert status == 200 and json.loads(body)["object"] == "chat.completion"
 
 

@@ -108,3 +108,45 @@ async def test_errors_in_openai_shape(market):
 
     error = await trio.to_thread.run_sync(sdk_error)
     assert error.status_code == 404 and error.code == "model_not_found"
+
+
+async def test_a_need_no_host_offers_is_a_400_naming_it():
+    import dataclasses
+
+    from gpunexus.protocol.messages import PLAIN_TEXT
+    from peers import reference_backend
+
+    backend = reference_backend()
+    backend.info = dataclasses.replace(backend.info, capabilities=PLAIN_TEXT)
+    async with running_host(backend) as host, running_gateway([host.node.listen_addrs()[0]]) as gateway:
+        await wait_for_offers(gateway)
+
+        def use_sdk():
+            client = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0)
+            errors = {}
+            msgs = [{"role": "user", "content": "Hi"}]
+            asks = {
+                "tools": dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+                "logprobs": dict(logprobs=True),
+                "n": dict(n=2),
+                "response_format": dict(response_format={"type": "json_object"}),
+                "logit_bias": dict(logit_bias={"65": 10}),
+            }
+            for name, ask in asks.items():
+                with pytest.raises(openai.BadRequestError) as info:
+                    client.chat.completions.create(model="tiny", messages=msgs, **ask)
+                errors[name] = info.value
+            with pytest.raises(openai.BadRequestError) as info:
+                client.completions.create(model="tiny", prompt="x", logprobs=1)
+            errors["completion logprobs"] = info.value
+            return errors, client.models.list().data
+
+        errors, models = await trio.to_thread.run_sync(use_sdk)
+    assert "No host offers tools for model 'tiny'" in errors["tools"].message
+    for name, error in errors.items():
+        assert error.code == "capability_not_offered", name
+    assert errors["n"].param == "n" and "n=2" in errors["n"].message
+    assert errors["response_format"].param == "response_format" and "json_mode" in errors["response_format"].message
+    assert errors["completion logprobs"].param == "logprobs"
+    caps = models[0].model_extra["capabilities"]
+    assert caps["tools"] is False and caps["logprobs"] is False and caps["max_n"] == 1 and caps["max_context"] > 0

@@ -61,3 +61,34 @@ def test_a_surrogate_pair_is_fine():
     body = json.loads(raw)
     check_unicode(raw, body)
     assert parse_request(body, "chat").messages[0].content == "\U0001F600"
+
+
+def test_an_unknown_parameter_is_refused_as_openai_refuses_it():
+    error = refused(chat(frobnicate=1))
+    assert error.param == "frobnicate" and "Unrecognized request argument" in error.message
+    assert refused({"model": "tiny", "prompt": "x", "messages": []}, "completion").param == "messages"
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"),
+])
+def test_completion_parameters_the_gateway_cannot_honour_are_refused(extra, param):
+    assert refused({"model": "tiny", "prompt": "x", **extra}, "completion").param == param
+
+
+def test_parameters_some_hosts_honour_become_needs():
+    req = parse_request(chat(logprobs=True, top_logprobs=3, n=2, presence_penalty=0.5, logit_bias={"65": 5},
+                             response_format={"type": "json_object"}), "chat")
+    assert (req.logprobs, req.top_logprobs, req.n, req.presence_penalty, req.logit_bias, req.json_mode) == (True, 3, 2, 0.5, ((65, 5.0),), True)
+    assert req.needs.logprobs and req.needs.top_logprobs == 3 and req.needs.n == 2
+    assert req.needs.penalties and req.needs.logit_bias and req.needs.json_mode and not req.needs.tools
+    assert parse_request(chat(tools=[{"type": "function", "function": {"name": "f"}}]), "chat").needs.tools
+    image = [{"type": "text", "text": "what is it"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    assert parse_request({"model": "tiny", "messages": [{"role": "user", "content": image}]}, "chat").needs.vision
+    completion = parse_request({"model": "tiny", "prompt": "x", "logprobs": 2}, "completion")
+    assert completion.logprobs and completion.top_logprobs == 2
+    assert parse_request(chat(logprobs=False, presence_penalty=0, response_format={"type": "text"}), "chat").needs.plain
+
+
+def test_top_logprobs_needs_logprobs():
+    assert refused(chat(top_logprobs=2)).param == "top_logprobs"

@@ -16,7 +16,7 @@ from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.framing import FrameDecoder, encode_frame
 from gpunexus.protocol.ids import b58decode, b58encode, peer_id_from_public_key, public_key_from_peer_id
 from gpunexus.protocol.limits import MAX_FRAME_BYTES, PROTOCOL_VERSION
-from gpunexus.protocol.messages import Chunk, Error, Offer, Order, OutputHasher, Receipt, Sampling, ChatMessage, Withdraw
+from gpunexus.protocol.messages import Capabilities, Chunk, Error, Offer, Order, OutputHasher, Receipt, Sampling, ChatMessage, Withdraw
 from gpunexus.protocol.money import cost_micro, micro_to_usd, usd_to_micro
 from gpunexus.protocol.signing import Signer
 
@@ -72,6 +72,20 @@ def test_tampering_breaks_signatures():
     forged = dataclasses.replace(o, peer_id=GATEWAY.peer_id)  # HOST's signature, GATEWAY's id
     with pytest.raises(ProtocolError):
         forged.verify()
+
+
+def test_capabilities_travel_signed_in_the_offer():
+    caps = Capabilities(json_mode=True, logprobs=True, top_logprobs=20, max_n=8, embeddings=True)
+    o = offer(capabilities=caps)
+    back = decode(o.encode())
+    assert back.capabilities == caps
+    back.verify()
+    with pytest.raises(ProtocolError, match="bad signature"):
+        dataclasses.replace(o, capabilities=dataclasses.replace(caps, tools=True)).verify()
+    assert offer().capabilities == Capabilities()  # plain text unless the backend says more
+    for wrong in (dict(top_logprobs=21, logprobs=True), dict(max_n=0), dict(top_logprobs=2)):
+        with pytest.raises(ProtocolError):
+            decode(dataclasses.replace(o, capabilities=Capabilities(**wrong)).encode())
 
 
 def test_receipt_countersignature_covers_host_signature():

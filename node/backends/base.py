@@ -14,7 +14,7 @@ from typing import Protocol
 
 import trio
 
-from gpunexus.protocol.messages import ChatMessage, Order, Sampling
+from gpunexus.protocol.messages import PLAIN_TEXT, Capabilities, ChatMessage, Order, Sampling
 
 
 class BackendError(Exception):
@@ -76,6 +76,8 @@ class ModelInfo:
     model_hash: str
     max_context: int
     license: str
+    capabilities: Capabilities = PLAIN_TEXT
+    """What the backend really does beyond plain text; announced in every offer."""
 
 
 class Backend(Protocol):
