@@ -24,6 +24,7 @@ from .limits import (
     MAX_ADDRS,
     MAX_CHUNK_TOKENS,
     MAX_COMMITMENT_BYTES,
+    MAX_LOGIT_BIAS,
     MAX_MESSAGES,
     MAX_NAME_CHARS,
     MAX_PROMPT_CHARS,
@@ -38,7 +39,8 @@ PRICES_TOPIC = "gpunexus/prices/1"
 INFER_PROTOCOL = "/gpunexus/infer/1"
 
 FINISH_REASONS = ("stop", "length")
-ORDER_KINDS = ("chat", "completion")
+ORDER_KINDS = ("chat", "completion", "embedding")
+MAX_EMBEDDING_DIMS = 65_536
 ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
@@ -204,8 +206,27 @@ class ChatMessage(Message):
 
 
 @message
+class LogitBias(Message):
+    """One ``logit_bias`` entry: added to the token's logit before every draw."""
+
+    TYPE: ClassVar[str] = "logit_bias"
+
+    token: int
+    bias: float
+
+    def check(self) -> None:
+        _require(0 <= self.token < 2**32, "logit_bias.token out of range")
+        _require(-100.0 <= self.bias <= 100.0, "logit_bias.bias must be in [-100, 100]")
+
+
+@message
 class Sampling(Message):
-    """Sampling parameters; ``seed`` makes every draw replayable by a verifier."""
+    """Sampling parameters; ``seed`` makes every draw replayable by a verifier.
+
+    The penalties, ``logit_bias`` and ``json_mode`` shape the logits before
+    each draw (``verify.shaping``); they travel here, in the opening a
+    verifier gets, so an audit replays them too.
+    """
 
     TYPE: ClassVar[str] = "sampling"
 
@@ -214,8 +235,15 @@ class Sampling(Message):
     top_k: int
     stop: tuple[str, ...]
     seed: int
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[LogitBias, ...] = ()
+    json_mode: bool = False
+    """``response_format: {"type": "json_object"}``: constrained decoding to a JSON object."""
 
     def check(self) -> None:
+        _require(-2.0 <= self.presence_penalty <= 2.0 and -2.0 <= self.frequency_penalty <= 2.0, "penalties must be in [-2, 2]")
+        _require(len(self.logit_bias) <= MAX_LOGIT_BIAS, f"at most {MAX_LOGIT_BIAS} logit_bias entries")
         _require(0.0 <= self.temperature <= 2.0, "temperature must be in [0, 2]")
         _require(0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]")
         _require(0 <= self.top_k <= 1_000_000, "top_k must be >= 0")
@@ -230,6 +258,10 @@ class Order(Message):
 
     ``continuation`` is assistant text already delivered to the client by a
     host that failed mid-stream: the new host continues after it.
+    ``logprobs`` asks for each token's bytes in the chunks and
+    ``top_logprobs`` for that many alternatives per token (``TokenDetail``).
+    An ``embedding`` order embeds ``prompt`` (one input; ``max_tokens`` is
+    1 and unused) and is answered with one :class:`Embedding`.
     ``continuation_ids`` are the token ids of that text as the failed host
     produced them, when its backend exposes ids: a host of the same model
     continues from those ids rather than from re-tokenized text, because a
@@ -256,10 +288,15 @@ class Order(Message):
     allowance: bytes
     issued_at: float
     continuation_ids: tuple[int, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
     sig: bytes = b""
 
     def check(self) -> None:
         _require(len(self.request_id) == 32, "order.request_id must be 32 hex characters")
+        _require(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS and (self.logprobs or not self.top_logprobs), "order.top_logprobs out of range")
+        if self.kind == "embedding":
+            _require(not self.messages and not self.continuation and not self.continuation_ids, "an embedding order embeds its prompt only")
         _peer(self.gateway_id, "order.gateway_id")
         _peer(self.host_id, "order.host_id")
         _name(self.model, "order.model")
@@ -279,6 +316,25 @@ class Order(Message):
 
 
 @message
+class TokenDetail(Message):
+    """What ``logprobs`` asks about one generated token: its bytes and the likeliest alternatives.
+
+    Bytes, not text: a token of a byte-level (or byte-fallback) vocabulary
+    may be part of a character; OpenAI's ``bytes`` field carries them as is.
+    """
+
+    TYPE: ClassVar[str] = "token_detail"
+
+    token: bytes
+    top_tokens: tuple[bytes, ...]
+    top_logprobs: tuple[float, ...]
+
+    def check(self) -> None:
+        _require(len(self.token) <= 256 and all(len(t) <= 256 for t in self.top_tokens), "token_detail token too long")
+        _require(len(self.top_tokens) == len(self.top_logprobs) <= MAX_TOP_LOGPROBS, "token_detail alternatives out of range")
+
+
+@message
 class Chunk(Message):
     """Tokens that were ready together, coalesced into one frame.
 
@@ -287,7 +343,8 @@ class Chunk(Message):
     was being written. ``token_ids`` and ``logprobs`` are empty when a
     backend does not expose them (an upstream OpenAI-compatible server);
     ``n_tokens`` always counts the tokens, so the gateway can check a
-    receipt's ``tokens_out`` either way.
+    receipt's ``tokens_out`` either way. ``details`` (one per token) only
+    when the order asked for ``logprobs``.
     """
 
     TYPE: ClassVar[str] = "chunk"
@@ -296,12 +353,31 @@ class Chunk(Message):
     n_tokens: int
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
+    details: tuple[TokenDetail, ...] = ()
 
     def check(self) -> None:
+        _require(not self.details or (len(self.details) == self.n_tokens == len(self.logprobs)), "chunk details do not match its tokens")
         _require(0 < self.n_tokens <= MAX_CHUNK_TOKENS, "chunk token count out of range")
         _require(not self.token_ids or len(self.token_ids) == self.n_tokens, "chunk token ids do not match its count")
         _require(len(self.text) <= MAX_TEXT_CHARS, "chunk text too long")
         _require(not self.logprobs or len(self.logprobs) == len(self.token_ids), "chunk logprobs do not match tokens")
+
+
+@message
+class Embedding(Message):
+    """A host's answer to an ``embedding`` order: one vector, little-endian float32 bytes.
+
+    Raw float32 is what OpenAI's ``encoding_format: "base64"`` (the SDK's
+    default) carries, so the gateway base64-encodes it without a copy
+    through floats.
+    """
+
+    TYPE: ClassVar[str] = "embedding"
+
+    vector: bytes
+
+    def check(self) -> None:
+        _require(0 < len(self.vector) <= 4 * MAX_EMBEDDING_DIMS and len(self.vector) % 4 == 0, "embedding vector size out of range")
 
 
 @message
@@ -393,6 +469,8 @@ class Opening(Message):
     output_ids: tuple[int, ...]
     output_text: str
     continuation_ids: tuple[int, ...] = ()
+    output_vector: bytes = b""
+    """An embedding order's vector as delivered (float32 LE)."""
 
     def check(self) -> None:
         _require(len(self.request_id) == 32, "opening.request_id must be 32 hex characters")
@@ -403,6 +481,7 @@ class Opening(Message):
         _require(_token_ids_ok(self.output_ids), "opening.output_ids out of range")
         _require(len(self.output_text) <= MAX_TEXT_CHARS, "opening.output_text too long")
         _require(_token_ids_ok(self.continuation_ids), "opening.continuation_ids out of range")
+        _require(len(self.output_vector) <= 4 * MAX_EMBEDDING_DIMS and len(self.output_vector) % 4 == 0, "opening.output_vector size out of range")
 
     def prompt_hash(self) -> bytes:
         """The same hash as :meth:`Order.prompt_hash` of the order this opens."""
@@ -411,7 +490,10 @@ class Opening(Message):
     def output_hash(self) -> bytes:
         """The :class:`OutputHasher` digest of the delivered output (chunking does not matter)."""
         hasher = OutputHasher()
-        hasher.update(Chunk(self.output_text, max(1, len(self.output_ids)), self.output_ids, ()))
+        if self.output_ids or self.output_text:
+            hasher.update(Chunk(self.output_text, max(1, len(self.output_ids)), self.output_ids, ()))
+        if self.output_vector:
+            hasher.update_vector(self.output_vector)
         return hasher.digest()
 
 
@@ -514,12 +596,14 @@ class OutputHasher:
 
     Host and gateway feed it the same chunks, so a receipt's ``output_hash``
     proves both saw the same output; binding the text as well as the ids
-    covers backends that expose no ids.
+    covers backends that expose no ids. An embedding's vector is bound the
+    same way (and only then enters the digest, so text digests are unchanged).
     """
 
     def __init__(self) -> None:
         self._ids = hashlib.sha256(b"gpunexus/output-ids/1\n")
         self._text = hashlib.sha256(b"gpunexus/output-text/1\n")
+        self._vectors: hashlib._Hash | None = None
         self.tokens = 0
 
     def update(self, chunk: Chunk) -> None:
@@ -527,8 +611,14 @@ class OutputHasher:
         self._text.update(chunk.text.encode("utf-8", "surrogatepass"))
         self.tokens += chunk.n_tokens
 
+    def update_vector(self, vector: bytes) -> None:
+        if self._vectors is None:
+            self._vectors = hashlib.sha256(b"gpunexus/output-vectors/1\n")
+        self._vectors.update(vector)
+
     def digest(self) -> bytes:
-        return hashlib.sha256(self._ids.digest() + self._text.digest()).digest()
+        vectors = self._vectors.digest() if self._vectors is not None else b""
+        return hashlib.sha256(self._ids.digest() + self._text.digest() + vectors).digest()
 
 
 def host_registration_statement(hub_id: str, peer_id: str) -> bytes:

@@ -32,6 +32,16 @@ output and checks, in order of how much they prove:
     no claimed token has probability below ``low_prob`` under the sampling
     distribution (temperature-scaled, unfiltered): an honest host draws
     such a token with probability < vocab * low_prob per position.
+``json``
+    in JSON mode, every claimed byte is one the grammar allowed there
+    (``verify.json_mode``).
+``embedding``
+    an embedding request (``kind == "embedding"``) is checked instead by its
+    exact counts and its vector against the reference's (``verify.embedding``).
+
+Penalties, logit bias and JSON mode shape the logits before every draw
+(``verify.shaping``); seed replay and low-logprob judge the shaped logits,
+replayed on the claimed prefix exactly as the host ran them.
 
 Every failed check adds a reason, prefixed by its code and a colon.
 """
@@ -46,14 +56,16 @@ from typing import Any
 import numpy as np
 
 from .commitment import TINY_THRESHOLDS, CommitmentCheck, Thresholds, check_commitment
+from .embedding import vector_problem
 from .generate import _drain, _StopStringFilter
 from .model import ReferenceModel
 from .sampler import SamplingParams, sample, uniform
+from .shaping import LogitShaper
 from .tokenizer import ByteTokenizer
 
 __all__ = ["AuditPolicy", "AuditRequest", "AuditStats", "Verdict", "audit"]
 
-CODES = ("model", "count", "seed-replay", "eos", "commitment", "low-logprob", "request")
+CODES = ("model", "count", "seed-replay", "eos", "commitment", "low-logprob", "json", "embedding", "request")
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,8 @@ class AuditRequest:
     prompt: str = ""
     continuation: str = ""
     continuation_ids: tuple[int, ...] = ()
+    output_vector: bytes = b""
+    """An embedding request's delivered vector (``kind == "embedding"``)."""
 
     def resolve_prompt(self, tokenizer: ByteTokenizer) -> tuple[list[int], int]:
         """(prompt ids the model saw, draw index of the first output token)."""
@@ -88,7 +102,7 @@ class AuditRequest:
             return list(self.prompt_ids), self.first_draw
         if self.kind == "chat":
             ids = tokenizer.chat_prompt([{"role": m["role"], "content": m["content"]} for m in self.messages])
-        elif self.kind == "completion":
+        elif self.kind in ("completion", "embedding"):
             ids = tokenizer.completion_prompt(self.prompt)
         else:
             raise ValueError(f"unknown request kind {self.kind!r} and no prompt_ids")
@@ -102,17 +116,14 @@ class AuditRequest:
         The caller checks first that ``output_ids`` are what the receipt's
         ``output_hash`` covers (``protocol.messages.OutputHasher``).
         """
-        s = order.sampling
-        params = SamplingParams(
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-            max_tokens=order.max_tokens, stop=tuple(s.stop), seed=receipt.seed,
-        )
+        params = SamplingParams.from_sampling(order.sampling, order.max_tokens, receipt.seed)
         return cls(
             output_ids=tuple(output_ids), params=params, tokens_in=receipt.tokens_in,
             tokens_out=receipt.tokens_out, finish_reason=receipt.finish_reason,
             commitment=receipt.commitment, model_hash=receipt.model_hash, kind=order.kind,
             messages=tuple({"role": m.role, "content": m.content} for m in order.messages),
             prompt=order.prompt, continuation=order.continuation, continuation_ids=tuple(order.continuation_ids),
+            output_vector=getattr(order, "output_vector", b""),
         )
 
 
@@ -172,6 +183,8 @@ def audit(
         return Verdict(False, (f"request: {exc}",))
     if request.model_hash != model.model_hash:
         reasons.append(f"model: receipt names model {request.model_hash[:16]}..., the reference is {model.model_hash[:16]}...")
+    if request.kind == "embedding":
+        return _audit_embedding(model, prompt, request, reasons)
     if request.tokens_in != len(prompt):
         reasons.append(f"count: tokens_in {request.tokens_in} but the prompt has {len(prompt)} tokens")
     if request.tokens_out != len(output):
@@ -196,6 +209,16 @@ def audit(
     rows = logits[start : start + len(output)].astype(np.float64)
     at = (np.arange(len(output)), np.asarray(output))
     logprob_sum = float((rows[at] - _logsumexp_rows(rows)).sum())
+    broken_at = None
+    if params.shapes_logits:
+        # Penalties, logit bias and JSON mode replayed on the claimed prefix, as the host ran them.
+        limit = min(params.max_tokens, window - len(prompt))
+        shaper = LogitShaper(params, model.config.vocab_size, tokenizer.stop_ids, limit, prompt[len(prompt) - first_draw:] if first_draw else ())
+        shaped = np.empty_like(rows)
+        for index, claimed in enumerate(output):
+            shaped[index] = shaper.shape(rows[index], index)
+            shaper.advance(claimed)
+        rows, broken_at = shaped, shaper.broken_at
     scaled = rows / (params.temperature or 1.0)
     low = int(((scaled[at] - _logsumexp_rows(scaled)) < log_low).sum())
     for index, claimed in enumerate(output):
@@ -204,7 +227,7 @@ def audit(
         expected, _ = sample(row, params, u)
         if claimed == expected:
             continue
-        distance = _distance(row, params, u, claimed, expected, policy.logit_tolerance)
+        distance = _distance(row, params, u, claimed, expected, policy.logit_tolerance) if row[claimed] > -np.inf else math.inf
         worst = max(worst, distance)
         if distance <= policy.replay_tolerance:
             near += 1
@@ -222,6 +245,8 @@ def audit(
         )
     if low:
         reasons.append(f"low-logprob: {low} tokens have probability < {policy.low_prob:g} under the reference")
+    if broken_at is not None:
+        reasons.append(f"json: token {broken_at} breaks the JSON object the request asked for")
 
     eos = _end_check(tokenizer, output, params, min(params.max_tokens, window - len(prompt)), request.finish_reason)
     if eos:
@@ -238,6 +263,19 @@ def audit(
 
     stats = AuditStats(len(output), mismatches, near, worst, low, logprob_sum / len(output), check)
     return Verdict(not reasons, tuple(reasons), stats)
+
+
+def _audit_embedding(model: ReferenceModel, prompt: list[int], request: AuditRequest, reasons: list[str]) -> Verdict:
+    """An embedding: exact counts, and the vector the reference computes for the input (one prefill)."""
+    if request.tokens_in != len(prompt) or request.tokens_out != 0:
+        reasons.append(f"count: tokens {request.tokens_in}/{request.tokens_out}, the input has {len(prompt)} and an embedding outputs none")
+    try:
+        problem = vector_problem(model, prompt, request.output_vector)
+    except ValueError as exc:
+        problem = str(exc)
+    if problem:
+        reasons.append(f"embedding: {problem}")
+    return Verdict(not reasons, tuple(reasons), AuditStats(n_tokens=len(prompt)))
 
 
 def _logsumexp_rows(x: np.ndarray) -> np.ndarray:

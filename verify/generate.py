@@ -16,6 +16,7 @@ import numpy as np
 
 from .model import ContextOverflowError, ReferenceModel
 from .sampler import SamplingParams, sample, token_logprob, uniform
+from .shaping import LogitShaper
 from .tokenizer import ByteTokenizer, StreamDecoder
 
 __all__ = ["GeneratedToken", "PositionCheck", "Replay", "generate", "replay"]
@@ -28,8 +29,10 @@ class GeneratedToken:
     ``text`` is what to show for this token: whole characters only, with text
     that might begin a stop string held back until it is known not to, so
     pieces are not one-to-one with tokens (often "", sometimes several
-    tokens' worth). Joined, they are the completion. ``logits`` and ``hidden``
-    are the model outputs this token was drawn from.
+    tokens' worth). Joined, they are the completion. ``logits`` are the
+    logits this token was drawn from (the model's, shaped by penalties,
+    logit bias and JSON mode where asked: ``verify.shaping``) and ``hidden``
+    the model's hidden state there.
     """
 
     index: int
@@ -76,10 +79,15 @@ def generate(
     limit = min(params.max_tokens, window - len(prompt))
     decoder = tokenizer.stream_decoder()
     held = _StopStringFilter(params.stop)
-    for delivered in prompt[len(prompt) - first_draw:] if first_draw else ():
+    delivered_ids = prompt[len(prompt) - first_draw:] if first_draw else []
+    for delivered in delivered_ids:
         held.push(decoder.feed(delivered))
+    shaper = LogitShaper(params, model.config.vocab_size, tokenizer.stop_ids, limit, delivered_ids) if params.shapes_logits else None
     for index in range(limit):
-        token, logprob = sample(out.logits, params, uniform(params.seed, first_draw + index))
+        logits = out.logits if shaper is None else shaper.shape(out.logits, index)
+        token, logprob = sample(logits, params, uniform(params.seed, first_draw + index))
+        if shaper is not None:
+            shaper.advance(token)
         if token in tokenizer.stop_ids:
             text, _ = _drain(held, decoder)
             finish: str | None = "stop"
@@ -90,7 +98,7 @@ def generate(
                 rest, stopped = _drain(held, decoder)
                 text += rest
                 finish = "stop" if stopped else "length"
-        yield GeneratedToken(index, token, text, logprob, out.logits, out.hidden, finish)
+        yield GeneratedToken(index, token, text, logprob, logits, out.hidden, finish)
         if finish is not None:
             return
         out = session.step(token)
@@ -140,7 +148,8 @@ def replay(
     """Recompute, in one prefill, which token every output position had to be.
 
     Each position is judged on the claimed prefix (teacher forcing), so one
-    disagreement does not spill over into the positions after it.
+    disagreement does not spill over into the positions after it; logit
+    shaping (penalties, bias, JSON mode) is replayed on that prefix too.
     """
     prompt, output = list(prompt_ids), list(output_ids)
     if not prompt or not output:
@@ -150,11 +159,15 @@ def replay(
         raise ValueError(f"output token ids must be in [0, {model.config.vocab_size})")
     logits, hidden = model.new_session().prefill_all(prompt + output[:-1])
     start = len(prompt) - 1
+    limit = min(params.max_tokens, model.config.max_seq_len - len(prompt))
+    shaper = LogitShaper(params, model.config.vocab_size, ByteTokenizer().stop_ids, limit) if params.shapes_logits else None
     positions = []
     for index, claimed in enumerate(output):
-        row = logits[start + index]
+        row = logits[start + index] if shaper is None else shaper.shape(logits[start + index], index)
         expected, _ = sample(row, params, uniform(params.seed, index))
         positions.append(PositionCheck(index, claimed, expected, token_logprob(row, claimed)))
+        if shaper is not None:
+            shaper.advance(claimed)
     return Replay(tuple(positions), hidden[start:])
 
 

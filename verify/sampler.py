@@ -17,6 +17,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,9 @@ class SamplingParams:
 
     ``stop`` accepts None, a single string or a sequence of them (as the
     OpenAI API does) and is stored as a tuple. ``top_k`` 0 and ``top_p`` 1 mean "off";
-    ``temperature`` 0 means greedy.
+    ``temperature`` 0 means greedy. The penalties, ``logit_bias`` (sorted
+    ``(token id, bias)`` pairs) and ``json_mode`` change the logits before
+    the draw (``verify.shaping``), so a verifier replays them too.
     """
 
     temperature: float = 1.0
@@ -41,6 +44,10 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    json_mode: bool = False
 
     def __post_init__(self) -> None:
         _require_number("temperature", self.temperature)
@@ -64,6 +71,29 @@ class SamplingParams:
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError("stop sequences must be non-empty strings")
         object.__setattr__(self, "stop", stop)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _require_number(name, getattr(self, name))
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        if not all(0 <= t and -100 <= b <= 100 for t, b in bias):
+            raise ValueError("logit_bias takes token ids >= 0 and biases between -100 and 100")
+        object.__setattr__(self, "logit_bias", tuple(sorted(bias)))
+
+    @classmethod
+    def from_sampling(cls, sampling: Any, max_tokens: int, seed: int) -> SamplingParams:
+        """From a ``protocol.messages.Sampling``: what a host runs and a verifier replays alike."""
+        s = sampling
+        return cls(
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=max_tokens, stop=tuple(s.stop), seed=seed,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+            logit_bias=tuple((b.token, b.bias) for b in s.logit_bias), json_mode=s.json_mode,
+        )
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether anything but temperature, top_k and top_p acts on the logits."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.json_mode)
 
 
 def uniform(seed: int, index: int) -> float:
@@ -109,11 +139,15 @@ def token_logprob(logits: np.ndarray, token_id: int) -> float:
 
 
 def top_logprobs(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """The ``k`` most likely tokens and their log-probabilities, lowest id first on ties."""
+    """The ``k`` most likely tokens and their log-probabilities, lowest id first on ties.
+
+    Tokens a mask ruled out (logit -inf) are never listed: fewer than ``k``
+    come back when fewer are possible.
+    """
     logits = np.asarray(logits, dtype=np.float64)
     order = np.argsort(-logits, kind="stable")[:k]
     total = _logsumexp(logits)
-    return [(int(t), float(logits[t] - total)) for t in order]
+    return [(int(t), float(logits[t] - total)) for t in order if logits[t] > -np.inf]
 
 
 def _filtered(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
