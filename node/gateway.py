@@ -26,6 +26,8 @@ client's:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -40,12 +42,29 @@ from gpunexus.pricing.capabilities import Needs, lacking, unmet
 from gpunexus.pricing.matching import Matcher, MatchPolicy
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.ids import new_request_id
-from gpunexus.protocol.messages import INFER_PROTOCOL, Capabilities, Chunk, Error, Offer, Opening, Order, OutputHasher, Receipt, Sampling
+from gpunexus.protocol.messages import (
+    INFER_PROTOCOL,
+    MAX_CHOICES,
+    MAX_TOP_LOGPROBS,
+    Capabilities,
+    Chunk,
+    Embedding,
+    Error,
+    LogitBias,
+    Offer,
+    Opening,
+    Order,
+    OutputHasher,
+    Receipt,
+    Sampling,
+    TokenDetail,
+)
 from gpunexus.protocol.money import cost_micro
 
 from .offers import OfferBook
 from .prices import PriceBook
-from .openai_api import APIError, CompletionRequest, Usage
+from .openai_api import APIError, CompletionRequest, EmbeddingRequest
+from .openai_shapes import Usage
 from .p2p import P2PNode
 from .settlement import Settlement, SettlementRefused
 from .streams import StreamPool
@@ -76,7 +95,11 @@ class GatewayConfig:
 
 @dataclass
 class Delta:
+    """Text that arrived together; with logprobs asked, each of its tokens' logprob and detail."""
+
     text: str
+    logprobs: tuple[float, ...] = ()
+    details: tuple[TokenDetail, ...] = ()
 
 
 @dataclass
@@ -84,6 +107,8 @@ class Finish:
     finish_reason: str
     usage: Usage
     fingerprint: str | None = None
+    vector: bytes = b""
+    """An embedding request's vector (float32 LE)."""
 
 
 @dataclass
@@ -97,6 +122,30 @@ class GatewayStats:
 
 
 Emit = Callable[[Delta], Awaitable[None]]
+IndexedEmit = Callable[[int, Delta], Awaitable[None]]
+"""Emit for one of ``n`` choices: its index, then its delta."""
+
+EMBED_PARALLEL = 8
+"""Inputs of one embeddings request in flight at once."""
+
+
+async def _ignore(delta: Delta) -> None:
+    """An embedding order streams no text."""
+
+
+def choice_request(request: CompletionRequest, index: int) -> CompletionRequest:
+    """Choice ``index`` of an ``n``-choice request as a request of its own.
+
+    With a client seed, choice 0 keeps it (n=1 and n=3 agree on the first
+    choice) and the others get seeds derived from it and their index, so
+    the same request gives the same choices; without one, each choice's
+    seed derives from its own request id.
+    """
+    seed = request.seed
+    if seed is not None and index:
+        digest = hashlib.sha256(f"gpunexus/choice/1\n{seed}\n{index}".encode()).digest()
+        seed = int.from_bytes(digest[:8], "big") % 2**63
+    return dataclasses.replace(request, n=1, seed=seed)
 
 
 class _HostFailed(Exception):
@@ -115,7 +164,7 @@ class _HostFailed(Exception):
 
 
 class _Outcome:
-    __slots__ = ("text", "tokens", "receipt", "problems", "token_ids")
+    __slots__ = ("text", "tokens", "receipt", "problems", "token_ids", "vector")
 
     def __init__(self) -> None:
         self.text = ""
@@ -123,6 +172,7 @@ class _Outcome:
         self.token_ids: list[int] = []
         self.receipt: Receipt | None = None
         self.problems: list[str] = []
+        self.vector = b""
 
 
 class GatewayService:
@@ -231,10 +281,65 @@ class GatewayService:
                     log.warning("receipt %s costs %d micro-USD, over the %d reserved for it", receipt.request_id, receipt.cost_micro, reserved)
                 self._settle(receipt, order, outcome, delivered_tokens)
             prompt_tokens = max(0, receipt.tokens_in - delivered_tokens) if delivered_tokens else receipt.tokens_in
-            return Finish(receipt.finish_reason, Usage(prompt_tokens, delivered_tokens + outcome.tokens), receipt.model_hash[:32])
+            return Finish(receipt.finish_reason, Usage(prompt_tokens, delivered_tokens + outcome.tokens), receipt.model_hash[:32], outcome.vector)
         if delivered_tokens:
             raise _MidStreamExhausted(f"every host failed mid-response: {last_error}")
         raise APIError(503, f"No host available for '{request.model}': {last_error}.", type="server_error", code="no_host_available")
+
+    async def complete_choices(self, request: CompletionRequest, bearer: str | None, emit: IndexedEmit) -> list[Finish]:
+        """``n`` choices, each its own order (own seed, host, receipt and audit), run side by side.
+
+        Each choice is an independent seeded generation, so fanning it out
+        keeps every receipt a single output the verifier replays as is, and a
+        failed host costs one choice a failover, not the whole request. The
+        first choice that cannot be served ends them all with its error.
+        """
+        if request.n == 1:
+            return [await self.complete(request, bearer, functools.partial(emit, 0))]
+        self.check_serveable(request.model, request.needs)
+        finishes: list[Finish | None] = [None] * request.n
+        failure: APIError | None = None
+
+        async def one(index: int) -> None:
+            nonlocal failure
+            try:
+                finishes[index] = await self.complete(choice_request(request, index), bearer, functools.partial(emit, index))
+            except APIError as error:
+                failure = failure or error
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for index in range(request.n):
+                nursery.start_soon(one, index)
+        if failure is not None:
+            raise failure
+        return [f for f in finishes if f is not None]
+
+    async def embed(self, request: EmbeddingRequest, bearer: str | None) -> list[Finish]:
+        """One ``embedding`` order per input, ``EMBED_PARALLEL`` at a time; each Finish holds its vector."""
+        needs = Needs(embeddings=True)
+        self.check_serveable(request.model, needs)
+        out: list[Finish | None] = [None] * len(request.inputs)
+        failure: APIError | None = None
+        limiter = trio.CapacityLimiter(EMBED_PARALLEL)
+
+        async def one(index: int, text: str) -> None:
+            nonlocal failure
+            order = CompletionRequest("embedding", request.model, (), text, False, False, 1, 1.0, 1.0, 0, (), None,
+                                      request.user, needs=needs)
+            async with limiter:
+                try:
+                    out[index] = await self.complete(order, bearer, _ignore)
+                except APIError as error:
+                    failure = failure or error
+                    nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for index, text in enumerate(request.inputs):
+                nursery.start_soon(one, index, text)
+        if failure is not None:
+            raise failure
+        return [f for f in out if f is not None]
 
     def _rank(self, model: str, needs: Needs, tried: set[str], refused: set[str]) -> list[Offer]:
         # Hosts the hub's audits excluded (HubSettlement.excluded_host) get no traffic.
@@ -311,9 +416,15 @@ class GatewayService:
             prompt=request.prompt,
             continuation=continuation,
             continuation_ids=continuation_ids,
-            sampling=Sampling(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, stop=request.stop, seed=seed),
+            sampling=Sampling(
+                temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, stop=request.stop, seed=seed,
+                presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+                logit_bias=tuple(LogitBias(t, b) for t, b in request.logit_bias), json_mode=request.json_mode,
+            ),
             allowance=allowance,
             issued_at=time.time(),
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
         ).signed(self.node.signer)
 
     async def _open(self, offer: Offer) -> FramedStream:
@@ -381,20 +492,34 @@ class GatewayService:
                         self._pool.refill(offer)
                     # Every chunk that came in with this one goes to the client as one delta.
                     text = []
+                    logprobs: list[float] = []
+                    details: list[TokenDetail] = []
                     while isinstance(msg, Chunk):
                         hasher.update(msg)
                         outcome.token_ids.extend(msg.token_ids)
                         outcome.tokens += msg.n_tokens
                         if outcome.tokens > order.max_tokens:
                             raise _HostFailed("host sent more tokens than ordered")
+                        if order.logprobs:
+                            if len(msg.details) != msg.n_tokens:
+                                raise _HostFailed("host sent no logprobs though the order asked for them")
+                            logprobs.extend(msg.logprobs)
+                            details.extend(msg.details)
                         if msg.text:
                             text.append(msg.text)
                             parts.append(msg.text)
                         msg = framed.receive_ready()
-                    if text:
-                        await emit(Delta(text[0] if len(text) == 1 else "".join(text)))
+                    if text or details:
+                        await emit(Delta(text[0] if len(text) == 1 else "".join(text), tuple(logprobs), tuple(details)))
+                    continue
+                if isinstance(msg, Embedding) and order.kind == "embedding" and not outcome.vector:
+                    hasher.update_vector(msg.vector)
+                    outcome.vector = msg.vector
+                    msg = None
                     continue
                 if isinstance(msg, Receipt):
+                    if order.kind == "embedding" and not outcome.vector:
+                        raise _HostFailed("host sent a receipt but no embedding")
                     outcome.problems = _receipt_problems(order, msg, hasher, offer)
                     outcome.receipt = msg
                     return
@@ -429,13 +554,15 @@ class GatewayService:
                 request_id=order.request_id, kind=order.kind, messages=order.messages, prompt=order.prompt,
                 continuation=order.continuation, sampling=order.sampling, max_tokens=order.max_tokens,
                 first_draw=first_draw, output_ids=tuple(outcome.token_ids), output_text=outcome.text,
-                continuation_ids=order.continuation_ids,
+                continuation_ids=order.continuation_ids, output_vector=outcome.vector,
             ))
         self.settlement.record(countersigned)
 
 
-CARRIED = Capabilities()
-"""What an order can carry to a host (the gateway refuses a request needing more, even where a host offers it)."""
+CARRIED = Capabilities(json_mode=True, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS, max_n=MAX_CHOICES, penalties=True,
+                       logit_bias=True, embeddings=True)
+"""What an order can carry to a host (the gateway refuses a request needing more, even where a host offers it):
+tool definitions, JSON schemas and images have no place in an order yet."""
 
 _PARAMS = {"json_mode": "response_format", "json_schema": "response_format", "penalties": "presence_penalty", "vision": "messages"}
 

@@ -1,7 +1,8 @@
 """The gateway's OpenAI-compatible HTTP API.
 
 Routes: ``GET /v1/models``, ``GET /healthz`` (and ``/health``, the name
-many load balancers and Open WebUI probe) (quart-trio), and
+many load balancers and Open WebUI probe), ``POST /v1/embeddings``
+(quart-trio), and
 ``POST /v1/chat/completions``, ``POST /v1/completions`` (the hot path). The
 HTTP status of a completion is decided before its first byte (so "no host"
 is a real 503, not an SSE error), and a client that disconnects cancels the
@@ -36,8 +37,9 @@ from quart import request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from .gateway import Delta, GatewayService
-from .openai_api import APIError, ResponseShaper, check_unicode, parse_request, sse_error
+from .gateway import Delta, Finish, GatewayService
+from .openai_api import APIError, check_unicode, parse_embedding_request, parse_request
+from .openai_shapes import Choice, ResponseShaper, Usage, embeddings_response, sse_error
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,18 @@ def create_app(gateway: GatewayService) -> QuartTrio:
         if not offers:
             raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
         return {"id": model, "object": "model", "created": 0, "owned_by": "gpunexus", "capabilities": capabilities_of(offers)}
+
+    @app.post("/v1/embeddings")
+    async def embeddings():
+        raw = await request.get_data()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "We could not parse the JSON body of your request.") from None
+        check_unicode(raw, body)
+        req = parse_embedding_request(body)
+        finishes = await gateway.embed(req, _bearer(request.headers.get("authorization")))
+        return embeddings_response(req, [f.vector for f in finishes], sum(f.usage.prompt_tokens for f in finishes))
 
     app.asgi_app = DrainBody(_HotRoutes(app.asgi_app, gateway), max_bytes=DRAIN_BYTES, timeout_s=DRAIN_TIMEOUT_S)  # type: ignore[method-assign]
     return app
@@ -178,21 +192,29 @@ class _HotRoutes:
         bearer = _bearer(_header(scope, b"authorization"))
         shaper = ResponseShaper(req, new_request_id())
         if not req.stream:
-            parts: list[str] = []
+            choices = [Choice(req) for _ in range(req.n)]
 
-            async def collect(delta: Delta) -> None:
-                parts.append(delta.text)
+            async def collect(index: int, delta: Delta) -> None:
+                choices[index].add(delta.text, delta.logprobs, delta.details)
 
-            finish = await self.gateway.complete(req, bearer, collect)
-            shaper.fingerprint = finish.fingerprint
-            await state.json(200, shaper.full("".join(parts), finish.finish_reason, finish.usage))
+            finishes = await self.gateway.complete_choices(req, bearer, collect)
+            shaper.fingerprint = finishes[0].fingerprint
+            await state.json(200, shaper.full(choices, [f.finish_reason for f in finishes], _total(finishes)))
             return
 
-        async def emit(delta: Delta) -> None:
-            await state.chunk(shaper.sse_delta(delta.text))
+        # n choices relay side by side: one event at a time reaches the socket.
+        sending = trio.Lock() if req.n > 1 else None
+
+        async def emit(index: int, delta: Delta) -> None:
+            event = shaper.sse_delta(index, delta.text, delta.logprobs, delta.details)
+            if sending is None:
+                await state.chunk(event)
+                return
+            async with sending:
+                await state.chunk(event)
 
         try:
-            finish = await self.gateway.complete(req, bearer, emit)
+            finishes = await self.gateway.complete_choices(req, bearer, emit)
         except APIError as error:
             if not state.started:
                 raise
@@ -204,7 +226,7 @@ class _HotRoutes:
             log.exception("relay failed")
             await state.chunk(sse_error(APIError(500, f"internal error: {type(exc).__name__}", type="server_error")), last=True)
             return
-        await state.chunk(shaper.sse_finish(finish.finish_reason, finish.usage), last=True)
+        await state.chunk(shaper.sse_finish([f.finish_reason for f in finishes], _total(finishes)), last=True)
 
 
 class _Response:
@@ -239,6 +261,14 @@ class _Response:
         elif not self.done:
             with trio.CancelScope(shield=True):
                 await self.chunk(sse_error(error), last=True)
+
+
+def _total(finishes: list[Finish]) -> Usage:
+    """Usage of all choices together: each is its own order, billed its own prompt."""
+    total = Usage(0, 0)
+    for finish in finishes:
+        total += finish.usage
+    return total
 
 
 def _header(scope, name: bytes) -> str | None:

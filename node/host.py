@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import trio
 
 from gpunexus.protocol.errors import ProtocolError
-from gpunexus.protocol.messages import INFER_PROTOCOL, Chunk, Error, Order, OutputHasher, Receipt
+from gpunexus.protocol.messages import INFER_PROTOCOL, Capabilities, Chunk, Embedding, Error, Order, OutputHasher, Receipt
 from gpunexus.protocol.money import cost_micro
 
 from .backends.base import Backend, BackendError, GenerationRequest, Token
@@ -235,6 +235,10 @@ class HostService:
             raise _Refusal("price", "offered price is below this host's ask", retryable=True)
         if self.stats.in_flight >= self.max_slots + self.max_queue:
             raise _Refusal("busy", "all slots and the queue are full", retryable=True)
+        missing = order_lacks(order, self.terms.capabilities)
+        if missing:
+            # Never served without what it asked for; another host may have it.
+            raise _Refusal("bad_request", f"this host does not offer {', '.join(missing)}", retryable=True)
 
     async def _refuse(self, framed: FramedStream, code: str, message: str, retryable: bool) -> None:
         self.stats.refused += 1
@@ -242,7 +246,25 @@ class HostService:
         with trio.move_on_after(SEND_TIMEOUT):
             await framed.send(Error(code=code, message=message, retryable=retryable))
 
+    async def _embed(self, framed: FramedStream, order: Order) -> None:
+        """An embedding order: one vector, then a receipt for the input tokens (none out)."""
+        try:
+            result = await self.backend.embed(GenerationRequest.from_order(order))  # type: ignore[attr-defined]
+        except BackendError as exc:
+            self.stats.failed += 1
+            with trio.move_on_after(SEND_TIMEOUT):
+                await framed.send(Error(code=exc.code, message=str(exc), retryable=exc.retryable))
+            return
+        hasher = OutputHasher()
+        hasher.update_vector(result.vector)
+        with trio.fail_after(SEND_TIMEOUT):
+            await framed.send(Embedding(result.vector))
+        await self._send_receipt(framed, order, result.prompt_tokens, hasher, "stop", b"")
+
     async def _generate(self, framed: FramedStream, order: Order) -> None:
+        if order.kind == "embedding":
+            await self._embed(framed, order)
+            return
         send, receive = trio.open_memory_channel[Token](math.inf)
         hasher = OutputHasher()
         result = None
@@ -289,7 +311,10 @@ class HostService:
                 await framed.send(Error(code=failure.code, message=str(failure), retryable=failure.retryable))
             return
         assert result is not None
-        tokens = result.prompt_tokens + hasher.tokens
+        await self._send_receipt(framed, order, result.prompt_tokens, hasher, result.finish_reason, result.commitment)
+
+    async def _send_receipt(self, framed: FramedStream, order: Order, tokens_in: int, hasher: OutputHasher,
+                            finish_reason: str, commitment: bytes) -> None:
         receipt = Receipt(
             request_id=order.request_id,
             host_id=self.node.peer_id,
@@ -297,14 +322,14 @@ class HostService:
             model=order.model,
             model_hash=self.terms.model_hash,
             price_micro_per_mtok=order.price_micro_per_mtok,
-            tokens_in=result.prompt_tokens,
+            tokens_in=tokens_in,
             tokens_out=hasher.tokens,
-            cost_micro=cost_micro(tokens, order.price_micro_per_mtok),
+            cost_micro=cost_micro(tokens_in + hasher.tokens, order.price_micro_per_mtok),
             output_hash=hasher.digest(),
             prompt_hash=order.prompt_hash(),
             seed=order.sampling.seed,
-            finish_reason=result.finish_reason,
-            commitment=result.commitment,
+            finish_reason=finish_reason,
+            commitment=commitment,
             issued_at=time.time(),
         ).signed(self.node.signer, "host_sig")
         for hook in self.on_receipt:
@@ -326,9 +351,26 @@ def _chunk(tokens: list[Token]) -> Chunk:
     n_tokens = sum(t.count for t in tokens)
     ids = tuple(t.token_id for t in tokens if t.token_id is not None)
     logprobs = tuple(t.logprob for t in tokens if t.logprob is not None)
+    details = tuple(t.detail for t in tokens if t.detail is not None)
+    logprobs = logprobs if len(logprobs) == n_tokens else ()
     return Chunk(
         text="".join(t.text for t in tokens),
         n_tokens=n_tokens,
         token_ids=ids if len(ids) == n_tokens else (),
-        logprobs=logprobs if len(logprobs) == n_tokens else (),
+        logprobs=logprobs,
+        details=details if len(details) == n_tokens and logprobs else (),
     )
+
+
+def order_lacks(order: Order, caps: Capabilities) -> list[str]:
+    """What ``order`` asks for that ``caps`` does not offer (the host's last check before serving)."""
+    s = order.sampling
+    wanted = {
+        "embeddings": order.kind == "embedding" and not caps.embeddings,
+        "logprobs": order.logprobs and not caps.logprobs,
+        f"top_logprobs={order.top_logprobs}": order.top_logprobs > caps.top_logprobs,
+        "penalties": bool(s.presence_penalty or s.frequency_penalty) and not caps.penalties,
+        "logit_bias": bool(s.logit_bias) and not caps.logit_bias,
+        "json_mode": s.json_mode and not caps.json_mode,
+    }
+    return [name for name, lacking in wanted.items() if lacking]

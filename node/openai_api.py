@@ -1,23 +1,19 @@
-"""The OpenAI wire format: parse requests, shape responses, SSE and errors.
+"""The OpenAI wire format, requests: parse and validate them, and the error shape.
 
 Pure functions, no I/O: the gateway's HTTP layer calls them, tests call them
-directly. Responses follow what api.openai.com sends, field for field, so the
-official SDK (and anything built on it) sees no difference.
+directly. Responses are shaped in :mod:`.openai_shapes`.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import time
 from dataclasses import dataclass
 
-from gpunexus.protocol.limits import MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_STOP_SEQUENCES, MAX_TOKENS
+from gpunexus.protocol.limits import MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_STOP_SEQUENCES, MAX_TOKENS
 from gpunexus.pricing.capabilities import PLAIN, Needs
 from gpunexus.protocol.messages import MAX_CHOICES, MAX_TOP_LOGPROBS, ROLES, ChatMessage
 
 DEFAULT_MAX_TOKENS = 256
-MAX_LOGIT_BIAS = 1024
 
 class APIError(Exception):
     """An error answered in OpenAI's shape with an HTTP status."""
@@ -349,90 +345,46 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
     return float(value)
 
 
-# --- responses -------------------------------------------------------------
+MAX_EMBEDDING_INPUTS = 2048
+"""OpenAI's own bound on inputs per embeddings request."""
+
+
 @dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    def as_dict(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
+class EmbeddingRequest:
+    model: str
+    inputs: tuple[str, ...]
+    base64: bool
+    """``encoding_format: "base64"`` (the openai SDK's default): float32 bytes, base64-encoded."""
+    user: str | None
 
 
-class ResponseShaper:
-    """Builds one response's JSON objects and SSE events; ids and timestamps fixed per response."""
-
-    def __init__(self, request: CompletionRequest, response_id: str, fingerprint: str | None = None) -> None:
-        self.request = request
-        self.chat = request.kind == "chat"
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + response_id
-        self.created = int(time.time())
-        self.fingerprint = fingerprint
-        self._sent_role = False
-        head = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion", "created": self.created, "model": request.model}
-        if self.chat:
-            head["system_fingerprint"] = fingerprint
-        # Pre-encode everything but the text: one json.dumps of a string per chunk.
-        prefix = json.dumps(head, separators=(",", ":"))[:-1]
-        usage = ',"usage":null' if request.include_usage else ""
-        if self.chat:
-            self._delta_head = (f'data: {prefix},"choices":[{{"index":0,"delta":{{"content":').encode()
-            self._delta_tail = ('},"logprobs":null,"finish_reason":null}]' + usage + "}\n\n").encode()
-        else:
-            self._delta_head = (f'data: {prefix},"choices":[{{"text":').encode()
-            self._delta_tail = (',"index":0,"logprobs":null,"finish_reason":null}]' + usage + "}\n\n").encode()
-        self._head = head
-
-    def sse_delta(self, text: str) -> bytes:
-        if self.chat and not self._sent_role:
-            self._sent_role = True
-            first = self._event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}, "logprobs": None, "finish_reason": None}]})
-            return first + self._delta_head + json.dumps(text).encode() + self._delta_tail
-        return self._delta_head + json.dumps(text).encode() + self._delta_tail
-
-    def sse_finish(self, finish_reason: str, usage: Usage) -> bytes:
-        out = b""
-        if self.chat and not self._sent_role:
-            self._sent_role = True
-            out += self._event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}, "logprobs": None, "finish_reason": None}]})
-        if self.chat:
-            out += self._event({"choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}]})
-        else:
-            out += self._event({"choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": finish_reason}]})
-        if self.request.include_usage:
-            out += self._event({"choices": [], "usage": usage.as_dict()}, usage_null=False)
-        return out + b"data: [DONE]\n\n"
-
-    def _event(self, body: dict, usage_null: bool = True) -> bytes:
-        obj = dict(self._head, **body)
-        if self.request.include_usage and usage_null:
-            obj["usage"] = None
-        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-    def full(self, text: str, finish_reason: str, usage: Usage) -> dict:
-        if self.chat:
-            return {
-                "id": self.id,
-                "object": "chat.completion",
-                "created": self.created,
-                "model": self.request.model,
-                "system_fingerprint": self.fingerprint,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None, "finish_reason": finish_reason}],
-                "usage": usage.as_dict(),
-            }
-        return {
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.request.model,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage.as_dict(),
-        }
-
-
-def sse_error(error: APIError) -> bytes:
-    return b"data: " + json.dumps(error.body(), separators=(",", ":")).encode() + b"\n\ndata: [DONE]\n\n"
+def parse_embedding_request(body: object) -> EmbeddingRequest:
+    """Validate a /v1/embeddings body; APIError(400) naming the field if wrong."""
+    if not isinstance(body, dict):
+        raise bad("The request body must be a JSON object.")
+    for name in body:
+        if name not in ("model", "input", "encoding_format", "dimensions", "user"):
+            raise bad(f"Unrecognized request argument supplied: {name}", param=name, code="unsupported_parameter")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("you must provide a model parameter", param="model")
+    value = body.get("input")
+    inputs = [value] if isinstance(value, str) else value
+    if not isinstance(inputs, list) or not inputs or len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise bad(f"'input' must be a string or an array of 1..{MAX_EMBEDDING_INPUTS} strings.", param="input")
+    for i, text in enumerate(inputs):
+        if not isinstance(text, str):
+            raise bad("'input' as token ids is not supported by this gateway: send text.", param="input", code="unsupported_parameter")
+        if not text:
+            raise bad(f"'input[{i}]' is empty.", param="input")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise bad(f"'input[{i}]' is too long.", param="input", code="context_length_exceeded")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise bad("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+    if body.get("dimensions") is not None:
+        raise bad("'dimensions' is not supported: the model's own size is returned.", param="dimensions", code="unsupported_parameter")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad("'user' must be a string.", param="user")
+    return EmbeddingRequest(model, tuple(inputs), encoding == "base64", user)

@@ -61,7 +61,7 @@ async def _exchange(url: str, method: str, path: str, *, late: bool, body: bytes
 
 async def test_every_route_with_an_unexpected_method_and_a_body_keeps_serving(gateway):
     routes = _routes(gateway)
-    assert {"/healthz", "/health", "/v1/models", "/v1/chat/completions", "/v1/completions"} <= {p for p, _ in routes}
+    assert {"/healthz", "/health", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"} <= {p for p, _ in routes}
     with trio.fail_after(DEADLINE_S):
         for path, methods in routes:
             method = next(m for m in METHODS if m not in methods)
@@ -72,7 +72,7 @@ async def test_every_route_with_an_unexpected_method_and_a_body_keeps_serving(ga
                 assert set(headers["allow"].replace(" ", "").split(",")) >= (methods - {"HEAD", "OPTIONS"})
 
 
-@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/moderations", "/v1/responses", "/v1/no-such-route"])
+@pytest.mark.parametrize("path", ["/v1/moderations", "/v1/responses", "/v1/no-such-route", "/v1/embeddings/x"])
 async def test_a_post_to_a_route_the_gateway_does_not_serve_keeps_serving(gateway, path):
     with trio.fail_after(DEADLINE_S):
         for late in (False, True):
@@ -90,6 +90,9 @@ async def test_served_routes_with_a_late_body_keep_serving(gateway):
         chat = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
         status, _, body = await _exchange(gateway.base_url, "POST", "/v1/chat/completions", late=True, body=chat)
         assert status == 200 and json.loads(body)["object"] == "chat.completion"
+        embed = json.dumps({"model": "tiny", "input": "hi"}).encode()
+        status, _, body = await _exchange(gateway.base_url, "POST", "/v1/embeddings", late=True, body=embed)
+        assert status == 200 and json.loads(body)["object"] == "list"
 
 
 async def test_a_body_too_large_is_413_then_a_clean_close(gateway):

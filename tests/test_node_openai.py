@@ -83,7 +83,7 @@ async def test_errors_in_openai_shape(market):
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
         r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 9})
         assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
-        r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 3})
+        r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 17})
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
         r = await http.post("/chat/completions", json={"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"

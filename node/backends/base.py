@@ -14,7 +14,7 @@ from typing import Protocol
 
 import trio
 
-from gpunexus.protocol.messages import PLAIN_TEXT, Capabilities, ChatMessage, Order, Sampling
+from gpunexus.protocol.messages import PLAIN_TEXT, Capabilities, ChatMessage, Order, Sampling, TokenDetail
 
 
 class BackendError(Exception):
@@ -38,11 +38,14 @@ class GenerationRequest:
     """The continuation as token ids (see ``Order.continuation_ids``): a backend
     that knows the model's tokenizer continues from these, never from
     re-encoded text; one that does not (an upstream server) uses the text."""
+    logprobs: bool = False
+    """Give each token a ``detail`` (its bytes, and ``top_logprobs`` alternatives)."""
+    top_logprobs: int = 0
 
     @classmethod
     def from_order(cls, order: Order) -> GenerationRequest:
         return cls(order.kind, order.messages, order.prompt, order.continuation, order.sampling, order.max_tokens,
-                   order.continuation_ids)
+                   order.continuation_ids, order.logprobs, order.top_logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,8 @@ class Token:
     token_id: int | None
     logprob: float | None
     count: int = 1
+    detail: TokenDetail | None = None
+    """Where the request asked for logprobs: the token's bytes and its likeliest alternatives."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,13 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: str
     commitment: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    prompt_tokens: int
+    vector: bytes
+    """Little-endian float32, as ``protocol.messages.Embedding`` carries it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,3 +100,10 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Release what the backend holds (threads, HTTP clients, GPU memory)."""
+
+
+class EmbeddingBackend(Backend, Protocol):
+    """A backend whose capabilities include ``embeddings``."""
+
+    async def embed(self, request: GenerationRequest) -> EmbeddingResult:
+        """The embedding of ``request.prompt`` (an ``embedding`` order)."""

@@ -4,6 +4,12 @@ It runs on any CPU, really computes every token, and samples with the
 project's seeded sampler, so the hub's verifier can replay its output
 exactly. Decoding runs in a worker thread (numpy releases the GIL in its
 matrix kernels), one thread per request; the host's slots bound how many.
+
+It offers what it honestly does (:data:`CAPABILITIES`): logprobs and up to
+20 alternatives per token from its real logits, penalties, logit bias and
+JSON mode in the seeded sampler (so audits replay them), ``n`` choices (each
+its own order, seeded apart by the gateway) and embeddings from its hidden
+states. It has no tool calling and no vision, and does not claim them.
 """
 
 from __future__ import annotations
@@ -13,12 +19,17 @@ import time
 
 import trio
 
+from gpunexus.protocol.messages import MAX_TOP_LOGPROBS, Capabilities, TokenDetail
 from gpunexus.verify.commitment import CommitmentBuilder
-from gpunexus.verify.generate import generate
+from gpunexus.verify.embedding import embed
+from gpunexus.verify.generate import GeneratedToken, generate
 from gpunexus.verify.registry import load_reference
-from gpunexus.verify.sampler import SamplingParams
+from gpunexus.verify.sampler import SamplingParams, top_logprobs
 
-from .base import BackendError, GenerationRequest, GenerationResult, ModelInfo, Token
+from .base import BackendError, EmbeddingResult, GenerationRequest, GenerationResult, ModelInfo, Token
+
+CAPABILITIES = Capabilities(json_mode=True, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS, max_n=16, penalties=True,
+                            logit_bias=True, embeddings=True)
 
 
 class ReferenceBackend:
@@ -35,7 +46,9 @@ class ReferenceBackend:
             model_hash=self.model.model_hash,
             max_context=self.model.config.max_seq_len,
             license="Apache-2.0 (gpunexus reference weights, generated from a seed)",
+            capabilities=CAPABILITIES,
         )
+        self._token_bytes = [bytes([i]) if i < 256 else b"" for i in range(self.model.config.vocab_size)]
 
     def prompt_ids(self, request: GenerationRequest) -> tuple[list[int], int]:
         """Prompt token ids (continuation included) and how many the continuation took."""
@@ -53,8 +66,10 @@ class ReferenceBackend:
             raise BackendError(str(exc), code="bad_request", retryable=False) from None
         if len(prompt) >= self.model.config.max_seq_len:
             raise BackendError(f"prompt of {len(prompt)} tokens exceeds the context of {self.model.config.max_seq_len}", code="bad_request", retryable=False)
-        s = request.sampling
-        params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=request.max_tokens, stop=list(s.stop), seed=s.seed)
+        params = SamplingParams.from_sampling(request.sampling, request.max_tokens, request.sampling.seed)
+        if params.logit_bias and params.logit_bias[-1][0] >= self.model.config.vocab_size:
+            raise BackendError(f"logit_bias names token {params.logit_bias[-1][0]}; this model's vocabulary is 0..{self.model.config.vocab_size - 1}", code="bad_request", retryable=False)
+        details = request.logprobs
         stop = threading.Event()
 
         # The activation commitment (verify/commitment.py) is built as tokens
@@ -69,7 +84,8 @@ class ReferenceBackend:
                     break
                 count += 1
                 builder.add(tok.hidden)
-                trio.from_thread.run_sync(tokens.send_nowait, Token(tok.text, tok.token_id, tok.logprob))
+                detail = self._detail(tok, request.top_logprobs) if details else None
+                trio.from_thread.run_sync(tokens.send_nowait, Token(tok.text, tok.token_id, tok.logprob, detail=detail))
                 if tok.finish_reason is not None:
                     finish = tok.finish_reason
             return count, finish
@@ -79,6 +95,20 @@ class ReferenceBackend:
         finally:
             stop.set()
         return GenerationResult(prompt_tokens=len(prompt), completion_tokens=count, finish_reason=finish, commitment=builder.finish())
+
+    def _detail(self, tok: GeneratedToken, k: int) -> TokenDetail:
+        """The token's bytes and its ``k`` likeliest alternatives, from the logits it was drawn from."""
+        top = top_logprobs(tok.logits, k) if k else []
+        names = self._token_bytes
+        return TokenDetail(names[tok.token_id], tuple(names[t] for t, _ in top), tuple(lp for _, lp in top))
+
+    async def embed(self, request: GenerationRequest) -> EmbeddingResult:
+        """Mean-pooled, L2-normalised final hidden state of the input (``verify.embedding``)."""
+        ids = self.tokenizer.completion_prompt(request.prompt)
+        if len(ids) > self.model.config.max_seq_len:
+            raise BackendError(f"input of {len(ids)} tokens exceeds the context of {self.model.config.max_seq_len}", code="bad_request", retryable=False)
+        vector = await trio.to_thread.run_sync(embed, self.model, ids, abandon_on_cancel=True)
+        return EmbeddingResult(prompt_tokens=len(ids), vector=vector.tobytes())
 
     def measure_tokens_per_s(self, tokens: int = 64) -> float:
         """Decode speed on this machine, for the offer (a short greedy run)."""
