@@ -66,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     gw.add_argument("--min-tokens-per-s", type=float, help="skip hosts announcing less than this speed")
     gw.add_argument("--first-token-timeout", type=float, default=10.0, help="seconds to wait for a host's first token before trying the next (default 10)")
     gw.add_argument("--audit-retention", type=float, default=3600.0, metavar="SECONDS", help="with --hub: keep each paid request and its output this long so the hub can audit the host (default 3600)")
+    gw.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="let browser pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; repeatable (default: CORS off)")
     gw.add_argument("--no-audit-retention", action="store_true", help="with --hub: keep no request text for audits; the hub then cannot audit your requests, so this gateway only uses hosts in good standing (no unrecovered failed audit)")
     _network_args(gw)
     gw.set_defaults(func=_gateway)
@@ -273,7 +274,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
     hub = _hub_login(args)
     options = GatewayOptions(host=args.host, port=args.port, p2p=_p2p(args, "/ip4/127.0.0.1/tcp/0"), config=config, settlement=FreeSettlement(api_key=args.api_key), home=_home(), hub=hub,
-                             audit_retention_s=None if args.no_audit_retention else args.audit_retention)
+                             audit_retention_s=None if args.no_audit_retention else args.audit_retention, cors_origins=tuple(args.cors_origin))
 
     async def main() -> None:
         async with open_gateway(options) as runtime:

@@ -100,6 +100,7 @@ class Delta:
     text: str
     logprobs: tuple[float, ...] = ()
     details: tuple[TokenDetail, ...] = ()
+    tokens: int = 0
 
 
 @dataclass
@@ -494,6 +495,7 @@ class GatewayService:
                     text = []
                     logprobs: list[float] = []
                     details: list[TokenDetail] = []
+                    before = outcome.tokens
                     while isinstance(msg, Chunk):
                         hasher.update(msg)
                         outcome.token_ids.extend(msg.token_ids)
@@ -510,7 +512,7 @@ class GatewayService:
                             parts.append(msg.text)
                         msg = framed.receive_ready()
                     if text or details:
-                        await emit(Delta(text[0] if len(text) == 1 else "".join(text), tuple(logprobs), tuple(details)))
+                        await emit(Delta(text[0] if len(text) == 1 else "".join(text), tuple(logprobs), tuple(details), outcome.tokens - before))
                     continue
                 if isinstance(msg, Embedding) and order.kind == "embedding" and not outcome.vector:
                     hasher.update_vector(msg.vector)

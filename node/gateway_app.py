@@ -37,7 +37,10 @@ from quart import request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from .cors import Cors
 from .gateway import Delta, Finish, GatewayService
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import GatewayMetrics, RequestCounter
 from .openai_api import APIError, check_unicode, parse_embedding_request, parse_request
 from .openai_shapes import Choice, ResponseShaper, Usage, embeddings_response, sse_error
 
@@ -49,14 +52,21 @@ DRAIN_BYTES = 1024 * 1024
 DRAIN_TIMEOUT_S = 5.0
 
 
-def _error_response(error: APIError):
+def _json_error(error: APIError):
     return json.dumps(error.body()), error.status, {"content-type": "application/json", **error.headers}
 
 
-def create_app(gateway: GatewayService) -> QuartTrio:
+def create_app(gateway: GatewayService, *, cors_origins: tuple[str, ...] = ()) -> QuartTrio:
+    """The gateway's ASGI app; ``cors_origins`` (empty: CORS off) as ``node gateway --cors-origin``."""
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["BODY_TIMEOUT"] = 30
+    metrics = GatewayMetrics(lambda: {model: len(offers) for model, offers in gateway.book.models().items()})
+    app.extensions["gpunexus_metrics"] = metrics
+
+    def _error_response(error: APIError):
+        metrics.error(error.code, error.status)
+        return _json_error(error)
 
     @app.errorhandler(APIError)
     async def api_error(error: APIError):
@@ -74,6 +84,10 @@ def create_app(gateway: GatewayService) -> QuartTrio:
             return _error_response(APIError(405, f"{request.method} is not allowed on {request.path}.", code="method_not_allowed", headers={"allow": allow}))
         kind = "invalid_request_error" if status < 500 else "server_error"
         return _error_response(APIError(status, error.description or error.name, type=kind))
+
+    @app.get("/metrics")
+    async def prometheus():
+        return metrics.render(), 200, {"content-type": METRICS_CONTENT_TYPE}
 
     @app.get("/healthz")
     @app.get("/health")
@@ -118,9 +132,15 @@ def create_app(gateway: GatewayService) -> QuartTrio:
         check_unicode(raw, body)
         req = parse_embedding_request(body)
         finishes = await gateway.embed(req, _bearer(request.headers.get("authorization")))
-        return embeddings_response(req, [f.vector for f in finishes], sum(f.usage.prompt_tokens for f in finishes))
+        prompt_tokens = sum(f.usage.prompt_tokens for f in finishes)
+        metrics.usage(req.model, prompt_tokens, 0)
+        return embeddings_response(req, [f.vector for f in finishes], prompt_tokens)
 
-    app.asgi_app = DrainBody(_HotRoutes(app.asgi_app, gateway), max_bytes=DRAIN_BYTES, timeout_s=DRAIN_TIMEOUT_S)  # type: ignore[method-assign]
+    routes = frozenset(rule.rule for rule in app.url_map.iter_rules()) | frozenset(HOT_PATHS)
+    inner = RequestCounter(_HotRoutes(app.asgi_app, gateway, metrics), metrics, routes)
+    if cors_origins:
+        inner = Cors(inner, cors_origins)
+    app.asgi_app = DrainBody(inner, max_bytes=DRAIN_BYTES, timeout_s=DRAIN_TIMEOUT_S)  # type: ignore[method-assign]
     return app
 
 
@@ -153,16 +173,17 @@ class _HotRoutes:
     client disconnect cancels the relay (which resets the host's stream).
     """
 
-    def __init__(self, inner, gateway: GatewayService) -> None:
+    def __init__(self, inner, gateway: GatewayService, metrics: GatewayMetrics) -> None:
         self.inner = inner
         self.gateway = gateway
+        self.metrics = metrics
 
     async def __call__(self, scope, receive, send) -> None:
         kind = HOT_PATHS.get(scope.get("path", "")) if scope["type"] == "http" else None
         if kind is None:
             await self.inner(scope, receive, send)
             return
-        state = _Response(send)
+        state = _Response(send, self.metrics)
         async with trio.open_nursery() as nursery:
             try:
                 await self._complete(kind, scope, receive, state, nursery)
@@ -191,21 +212,26 @@ class _HotRoutes:
         req = parse_request(body, kind)
         bearer = _bearer(_header(scope, b"authorization"))
         shaper = ResponseShaper(req, new_request_id())
+        clock = self.metrics.stream_clock(req.model)
         if not req.stream:
             choices = [Choice(req) for _ in range(req.n)]
 
             async def collect(index: int, delta: Delta) -> None:
+                clock.delta(delta.tokens)
                 choices[index].add(delta.text, delta.logprobs, delta.details)
 
             finishes = await self.gateway.complete_choices(req, bearer, collect)
             shaper.fingerprint = finishes[0].fingerprint
-            await state.json(200, shaper.full(choices, [f.finish_reason for f in finishes], _total(finishes)))
+            usage = _total(finishes)
+            self.metrics.usage(req.model, usage.prompt_tokens, usage.completion_tokens)
+            await state.json(200, shaper.full(choices, [f.finish_reason for f in finishes], usage))
             return
 
         # n choices relay side by side: one event at a time reaches the socket.
         sending = trio.Lock() if req.n > 1 else None
 
         async def emit(index: int, delta: Delta) -> None:
+            clock.delta(delta.tokens)
             event = shaper.sse_delta(index, delta.text, delta.logprobs, delta.details)
             if sending is None:
                 await state.chunk(event)
@@ -218,24 +244,27 @@ class _HotRoutes:
         except APIError as error:
             if not state.started:
                 raise
-            await state.chunk(sse_error(error), last=True)
+            await state.error(error)
             return
         except Exception as exc:
             if not state.started:
                 raise
             log.exception("relay failed")
-            await state.chunk(sse_error(APIError(500, f"internal error: {type(exc).__name__}", type="server_error")), last=True)
+            await state.error(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
             return
-        await state.chunk(shaper.sse_finish([f.finish_reason for f in finishes], _total(finishes)), last=True)
+        usage = _total(finishes)
+        self.metrics.usage(req.model, usage.prompt_tokens, usage.completion_tokens)
+        await state.chunk(shaper.sse_finish([f.finish_reason for f in finishes], usage), last=True)
 
 
 class _Response:
     """One response's ASGI sends: the head goes out with the first body chunk."""
 
-    __slots__ = ("done", "send", "started")
+    __slots__ = ("done", "metrics", "send", "started")
 
-    def __init__(self, send) -> None:
+    def __init__(self, send, metrics: GatewayMetrics) -> None:
         self.send = send
+        self.metrics = metrics
         self.started = False
         self.done = False
 
@@ -255,6 +284,7 @@ class _Response:
         await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def error(self, error: APIError) -> None:
+        self.metrics.error(error.code, error.status)
         if not self.started:
             with trio.CancelScope(shield=True):
                 await self.json(error.status, error.body(), error.headers)

@@ -179,6 +179,8 @@ class GatewayOptions:
     """With a hub: how long each paid request and its output are kept for the hub's
     audits; None (``--no-audit-retention``) keeps nothing, and the gateway then
     only uses hosts of good standing (``HubSettlement.excluded_host``)."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins allowed to call the API (``--cors-origin``; empty: CORS off)."""
 
 
 @asynccontextmanager
@@ -203,7 +205,7 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
         await nursery.start(settlement.run)
         service = GatewayService(node, book, settlement, options.config, prices=prices)
         await nursery.start(service.run)
-        app = create_app(service)
+        app = create_app(service, cors_origins=options.cors_origins)
         bound = await nursery.start(_serve_http, app, options.host, options.port)
         base_url = bound[0].replace("0.0.0.0", "127.0.0.1") + "/v1"
         try:
