@@ -493,8 +493,7 @@ class GatewayService:
                         self._pool.refill(offer)
                     # Every chunk that came in with this one goes to the client as one delta.
                     text = []
-                    logprobs: list[float] = []
-                    details: list[TokenDetail] = []
+                    detailed: list[Chunk] | None = [] if order.logprobs else None  # chunks whose logprobs the client asked for
                     before = outcome.tokens
                     while isinstance(msg, Chunk):
                         hasher.update(msg)
@@ -502,17 +501,20 @@ class GatewayService:
                         outcome.tokens += msg.n_tokens
                         if outcome.tokens > order.max_tokens:
                             raise _HostFailed("host sent more tokens than ordered")
-                        if order.logprobs:
+                        if detailed is not None:
                             if len(msg.details) != msg.n_tokens:
                                 raise _HostFailed("host sent no logprobs though the order asked for them")
-                            logprobs.extend(msg.logprobs)
-                            details.extend(msg.details)
+                            detailed.append(msg)
                         if msg.text:
                             text.append(msg.text)
                             parts.append(msg.text)
                         msg = framed.receive_ready()
-                    if text or details:
-                        await emit(Delta(text[0] if len(text) == 1 else "".join(text), tuple(logprobs), tuple(details), outcome.tokens - before))
+                    joined = text[0] if len(text) == 1 else "".join(text)
+                    if detailed:
+                        await emit(Delta(joined, tuple(lp for c in detailed for lp in c.logprobs),
+                                         tuple(d for c in detailed for d in c.details), outcome.tokens - before))
+                    elif text:
+                        await emit(Delta(joined, tokens=outcome.tokens - before))
                     continue
                 if isinstance(msg, Embedding) and order.kind == "embedding" and not outcome.vector:
                     hasher.update_vector(msg.vector)

@@ -17,10 +17,14 @@ token than the whole libp2p leg; the front answers in the request's own task,
 writes each arriving chunk straight to the socket, and sends the response
 head together with the first token.
 
-Both sit inside :class:`gpunexus.http_drain.DrainBody`, the hub's fix for
-kept-alive connections that hung after an answer sent before the request
-body had arrived (an unknown route, an unexpected method, a body a few
-milliseconds late): see that module for the root cause.
+Kept-alive connections used to hang after an answer sent before the
+request body had arrived (an unknown route, an unexpected method, a body a
+few milliseconds late): see :mod:`gpunexus.http_drain` for the root cause.
+Quart's routes sit inside its :class:`~gpunexus.http_drain.DrainBody`; the
+hot routes keep its two rules themselves, without a wrapper on every chunk
+they send: they answer only once the body is read (else with
+``connection: close``, the one case being a declared body over the limit),
+and send their last chunk shielded from cancellation.
 """
 
 from __future__ import annotations
@@ -136,11 +140,10 @@ def create_app(gateway: GatewayService, *, cors_origins: tuple[str, ...] = ()) -
         metrics.usage(req.model, prompt_tokens, 0)
         return embeddings_response(req, [f.vector for f in finishes], prompt_tokens)
 
-    routes = frozenset(rule.rule for rule in app.url_map.iter_rules()) | frozenset(HOT_PATHS)
-    inner = RequestCounter(_HotRoutes(app.asgi_app, gateway, metrics), metrics, routes)
-    if cors_origins:
-        inner = Cors(inner, cors_origins)
-    app.asgi_app = DrainBody(inner, max_bytes=DRAIN_BYTES, timeout_s=DRAIN_TIMEOUT_S)  # type: ignore[method-assign]
+    routes = frozenset(rule.rule for rule in app.url_map.iter_rules())
+    quart = DrainBody(RequestCounter(app.asgi_app, metrics, routes), max_bytes=DRAIN_BYTES, timeout_s=DRAIN_TIMEOUT_S)
+    front = _HotRoutes(quart, gateway, metrics)
+    app.asgi_app = Cors(front, cors_origins) if cors_origins else front  # type: ignore[method-assign]
     return app
 
 
@@ -183,7 +186,7 @@ class _HotRoutes:
         if kind is None:
             await self.inner(scope, receive, send)
             return
-        state = _Response(send, self.metrics)
+        state = _Response(send, self.metrics, scope["path"])
         async with trio.open_nursery() as nursery:
             try:
                 await self._complete(kind, scope, receive, state, nursery)
@@ -199,6 +202,7 @@ class _HotRoutes:
 
     async def _complete(self, kind: str, scope, receive, state: _Response, nursery: trio.Nursery) -> None:
         raw = await _read_body(scope, receive)
+        state.body_read = True
         if scope.get("method") != "POST":
             # Read first, answered after: an unread body would cost the kept-alive connection.
             raise APIError(405, f"{scope.get('method')} is not allowed on {scope['path']}.", code="method_not_allowed", headers={"allow": "POST"})
@@ -221,6 +225,7 @@ class _HotRoutes:
                 choices[index].add(delta.text, delta.logprobs, delta.details)
 
             finishes = await self.gateway.complete_choices(req, bearer, collect)
+            clock.finish()
             shaper.fingerprint = finishes[0].fingerprint
             usage = _total(finishes)
             self.metrics.usage(req.model, usage.prompt_tokens, usage.completion_tokens)
@@ -252,6 +257,8 @@ class _HotRoutes:
             log.exception("relay failed")
             await state.error(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
             return
+        finally:
+            clock.finish()  # a stream that failed mid-way still had its first token
         usage = _total(finishes)
         self.metrics.usage(req.model, usage.prompt_tokens, usage.completion_tokens)
         await state.chunk(shaper.sse_finish([f.finish_reason for f in finishes], usage), last=True)
@@ -260,28 +267,40 @@ class _HotRoutes:
 class _Response:
     """One response's ASGI sends: the head goes out with the first body chunk."""
 
-    __slots__ = ("done", "metrics", "send", "started")
+    __slots__ = ("body_read", "done", "metrics", "route", "send", "started")
 
-    def __init__(self, send, metrics: GatewayMetrics) -> None:
+    def __init__(self, send, metrics: GatewayMetrics, route: str) -> None:
         self.send = send
         self.metrics = metrics
+        self.route = route
         self.started = False
         self.done = False
+        self.body_read = False
 
     async def chunk(self, data: bytes, last: bool = False) -> None:
         if not self.started:
             self.started = True
+            self.metrics.requests.labels(self.route, "200").inc()
             await self.send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         self.done = last
-        await self.send({"type": "http.response.body", "body": data, "more_body": not last})
+        if last:
+            # hypercorn recycles the connection inside this send: it must not be cancelled half-way.
+            with trio.CancelScope(shield=True):
+                await self.send({"type": "http.response.body", "body": data, "more_body": False})
+            return
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def json(self, status: int, obj, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(obj).encode()
         head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         head += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        if not self.body_read:
+            head.append((b"connection", b"close"))  # the unread body makes the connection unusable
         self.started = self.done = True
-        await self.send({"type": "http.response.start", "status": status, "headers": head})
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+        self.metrics.requests.labels(self.route, str(status)).inc()
+        with trio.CancelScope(shield=True):
+            await self.send({"type": "http.response.start", "status": status, "headers": head})
+            await self.send({"type": "http.response.body", "body": body, "more_body": False})
 
     async def error(self, error: APIError) -> None:
         self.metrics.error(error.code, error.status)

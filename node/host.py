@@ -351,8 +351,8 @@ def _chunk(tokens: list[Token]) -> Chunk:
     n_tokens = sum(t.count for t in tokens)
     ids = tuple(t.token_id for t in tokens if t.token_id is not None)
     logprobs = tuple(t.logprob for t in tokens if t.logprob is not None)
-    details = tuple(t.detail for t in tokens if t.detail is not None)
     logprobs = logprobs if len(logprobs) == n_tokens else ()
+    details = tuple(t.detail for t in tokens if t.detail is not None) if tokens[0].detail is not None else ()
     return Chunk(
         text="".join(t.text for t in tokens),
         n_tokens=n_tokens,

@@ -7,9 +7,11 @@ by model, and the hosts in the offer book by model (read at scrape time).
 
 One registry per gateway, not the library's global one, so several gateways
 in one process (the tests, ``gpunexus demo``) do not share counters.
-Inter-token time is observed once per relayed delta (the gap since the
-previous one, over the tokens it carries): a host coalesces tokens that were
-ready together, and the gateway sees no finer clock than its frames.
+Time to first token and inter-token time are observed once per response
+(the inter-token figure is its mean, first token to last): a host coalesces
+tokens that were ready together, so the gateway sees no finer clock than its
+frames anyway, and the relay's hot path pays one clock read per delta
+rather than a histogram update.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class GatewayMetrics:
         self.errors = Counter("gpunexus_gateway_errors", "Errors answered (JSON or mid-stream SSE), by OpenAI error code", ["code"], registry=self.registry)
         self.tokens = Counter("gpunexus_gateway_tokens", "Tokens served, by model and kind (prompt or completion)", ["model", "kind"], registry=self.registry)
         self.ttft = Histogram("gpunexus_gateway_time_to_first_token_seconds", "From request body read to the first token relayed", ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.inter_token = Histogram("gpunexus_gateway_inter_token_seconds", "Time between relayed tokens (per delta)", ["model"], buckets=_TOKEN_BUCKETS, registry=self.registry)
+        self.inter_token = Histogram("gpunexus_gateway_inter_token_seconds", "Mean time between tokens of a response, first to last", ["model"], buckets=_TOKEN_BUCKETS, registry=self.registry)
         self.registry.register(_HostsCollector(hosts_by_model))
 
     def render(self) -> bytes:
@@ -51,22 +53,30 @@ class GatewayMetrics:
 
 
 class StreamClock:
-    """Times one response's deltas: the first against the start, each next against the one before."""
+    """Times one response: when its first delta came, its last, and the tokens after the first delta."""
 
-    __slots__ = ("_inter", "_last", "_ttft", "start")
+    __slots__ = ("_after_first", "_first", "_inter", "_last", "_ttft", "start")
 
     def __init__(self, ttft, inter) -> None:
         self._ttft, self._inter = ttft, inter
-        self._last: float | None = None
+        self._first = self._last = 0.0
+        self._after_first = -1
         self.start = time.perf_counter()
 
     def delta(self, tokens: int) -> None:
-        now = time.perf_counter()
-        if self._last is None:
-            self._ttft.observe(now - self.start)
-        elif tokens:
-            self._inter.observe((now - self._last) / tokens)
-        self._last = now
+        self._last = time.perf_counter()
+        if self._after_first < 0:
+            self._first, self._after_first = self._last, 0
+        else:
+            self._after_first += tokens
+
+    def finish(self) -> None:
+        """Observe the response (nothing if no token came)."""
+        if self._after_first < 0:
+            return
+        self._ttft.observe(self._first - self.start)
+        if self._after_first:
+            self._inter.observe((self._last - self._first) / self._after_first)
 
 
 class _HostsCollector:

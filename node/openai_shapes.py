@@ -122,6 +122,7 @@ class ResponseShaper:
         self._prefix = json.dumps(head, separators=(",", ":"))[:-1]
         self._usage = ',"usage":null' if request.include_usage else ""
         self._frames: dict[int, tuple[bytes, bytes]] = {}
+        self._plain = not request.logprobs
         self._completion_logprobs = [CompletionLogprobs(request.top_logprobs > 0) for _ in range(request.n)] if request.logprobs and not self.chat else []
 
     def _frame(self, index: int) -> tuple[bytes, bytes]:
@@ -137,8 +138,11 @@ class ResponseShaper:
         return frame
 
     def sse_delta(self, index: int, text: str, logprobs: Sequence[float] = (), details: Sequence[TokenDetail] = ()) -> bytes:
+        if self._plain and index in self._sent_role:  # the hot path: one string to encode
+            head, tail = self._frames[index]
+            return head + json.dumps(text).encode() + tail
         out = self._role(index)
-        if not self.request.logprobs:
+        if self._plain:
             head, tail = self._frame(index)
             return out + head + json.dumps(text).encode() + tail
         if self.chat:
@@ -148,9 +152,11 @@ class ResponseShaper:
         return out + self._event({"choices": [choice]})
 
     def _role(self, index: int) -> bytes:
-        if not self.chat or index in self._sent_role:
+        if index in self._sent_role:
             return b""
         self._sent_role.add(index)
+        if not self.chat:
+            return b""
         return self._event({"choices": [{"index": index, "delta": {"role": "assistant", "content": "", "refusal": None}, "logprobs": None, "finish_reason": None}]})
 
     def sse_finish(self, finish_reasons: Sequence[str], usage: Usage) -> bytes:
