@@ -36,6 +36,17 @@ class DayModel:
     amount_micro: int
 
 
+def by_model(rows: list[DayModel]) -> list[dict]:
+    """The per-(day, model) rows summed per model, in model order: the usage and earnings tables."""
+    totals: dict[str, dict] = {}
+    for r in rows:
+        m = totals.setdefault(r.model, {"model": r.model, "requests": 0, "tokens": 0, "amount_micro": 0})
+        m["requests"] += r.requests
+        m["tokens"] += r.tokens
+        m["amount_micro"] += r.amount_micro
+    return sorted(totals.values(), key=lambda m: m["model"])
+
+
 @dataclass(frozen=True, slots=True)
 class LoggedRequest:
     """One settled request as its client (or host) sees it."""

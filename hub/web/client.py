@@ -13,6 +13,7 @@ import time
 from quart import Blueprint, Response, flash, render_template, request
 
 from ..chain import log_lines
+from .. import reports
 from ..keys import User
 from ..service import Hub
 from . import auth, charts, forms
@@ -71,27 +72,14 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
         await flash(f"Key {key_id[:32]} revoked: its next request gets 401.")
         return auth.see_other("web.keys")
 
-    async def _range() -> tuple[forms.DateRange, str | None]:
-        today = forms.today_utc(hub.clock())
-        try:
-            return forms.date_range(request.args, today), None
-        except forms.FormError as exc:
-            return forms.date_range({}, today), exc.message
-
     @bp.get("/usage")
     @auth.page(hub, "client", "admin")
     async def usage(user: User) -> tuple[str, int]:
-        span, error = await _range()
+        span, error = forms.requested_range(request.args, hub.clock())
         rows = await hub.daily(user, "client", span.start, span.end)
         days = span.days()
-        by_model: dict[str, dict] = {}
-        for r in rows:
-            m = by_model.setdefault(r.model, {"model": r.model, "requests": 0, "tokens": 0, "amount_micro": 0})
-            m["requests"] += r.requests
-            m["tokens"] += r.tokens
-            m["amount_micro"] += r.amount_micro
         return await render_template(
-            "usage.html", span=span, error=error, rows=rows, by_model=sorted(by_model.values(), key=lambda m: m["model"]),
+            "usage.html", span=span, error=error, rows=rows, by_model=reports.by_model(rows),
             spend_chart=charts.daily_chart("Spend per day (USD)", rows, days, lambda r: r.amount_micro / 1e6, charts.usd_axis),
             tokens_chart=charts.daily_chart("Tokens per day", rows, days, lambda r: r.tokens, charts.count_axis,
                                             width=430),
@@ -102,7 +90,7 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
     @bp.get("/requests")
     @auth.page(hub)
     async def requests(user: User) -> tuple[str, int]:
-        span, error = await _range()
+        span, error = forms.requested_range(request.args, hub.clock())
         side = "host" if user.role == "host" else "client"
         before = request.args.get("before", "")
         before_seq = int(before) if before.isascii() and before.isdigit() and len(before) < 19 else None

@@ -144,6 +144,15 @@ def date_range(args: MultiDict, today: dt.date) -> DateRange:
     return DateRange(first, last)
 
 
+def requested_range(args: MultiDict, now: float) -> tuple[DateRange, str | None]:
+    """The page's date range, or the default one and the reason when the asked one is bad."""
+    today = today_utc(now)
+    try:
+        return date_range(args, today), None
+    except FormError as exc:
+        return date_range({}, today), exc.message
+
+
 def _timestamp(day: dt.date) -> float:
     return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from quart import Blueprint, Response, flash, render_template, request
 
+from .. import reports
 from ..keys import User
 from ..service import Hub
 from . import auth, charts, forms
@@ -19,20 +20,12 @@ MAX_THRESHOLD_MICRO = 100_000 * 1_000_000
 
 def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
     async def earnings_page(user: User, *, error: str | None = None, status: int = 200) -> tuple[str, int]:
-        today = forms.today_utc(hub.clock())
-        try:
-            span = forms.date_range(request.args, today)
-        except forms.FormError as exc:
-            span, error, status = forms.date_range({}, today), exc.message, 400
+        span, range_error = forms.requested_range(request.args, hub.clock())
+        if range_error:
+            error, status = range_error, 400
         rows = await hub.daily(user, "host", span.start, span.end)
-        by_model: dict[str, dict] = {}
-        for r in rows:
-            m = by_model.setdefault(r.model, {"model": r.model, "requests": 0, "tokens": 0, "amount_micro": 0})
-            m["requests"] += r.requests
-            m["tokens"] += r.tokens
-            m["amount_micro"] += r.amount_micro
         return await render_template(
-            "earnings.html", span=span, error=error, by_model=sorted(by_model.values(), key=lambda m: m["model"]),
+            "earnings.html", span=span, error=error, by_model=reports.by_model(rows),
             total=sum(r.amount_micro for r in rows), payouts=await hub.payouts(user),
             chart=charts.daily_chart("Earnings per day (USD)", rows, span.days(), lambda r: r.amount_micro / 1e6,
                                      charts.usd_axis),
