@@ -118,12 +118,26 @@ def _shot(driver, folder: str, name: str) -> str:
 
 def _submit(driver, by: str, what: str) -> None:
     """Click a form's button and wait until the answer's page has replaced this one."""
-    from selenium.webdriver.support import expected_conditions
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
     old = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(by, what).click()
-    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(old))
+
+    def replaced(_driver) -> bool:
+        # Mid-navigation, chromedriver may say the node left the document
+        # instead of raising StaleElementReferenceException: both mean replaced.
+        try:
+            old.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            if "does not belong to the document" in str(exc):
+                return True
+            raise
+        return False
+
+    WebDriverWait(driver, 15).until(replaced)
 
 
 def _fill(driver, fields: dict[str, str]) -> None:
