@@ -89,6 +89,7 @@ class GatewayConfig:
     stall_timeout: float = 30.0
     """Longest silence mid-stream before the host is treated as dead."""
     max_attempts: int = 5
+    """Hosts tried per request; "busy" answers after the first token do not count (see `complete`)."""
     price_poll_s: float = 15.0
     """How often a gateway with a hub fetches the hub's signed market prices."""
 
@@ -231,7 +232,11 @@ class GatewayService:
         tried: set[str] = set()
         refused: set[str] = set()
         last_error = "no host serves this model within your price and speed limits"
-        for attempt in range(self.config.max_attempts):
+        attempt = failures = 0
+        busy_until: float | None = None  # set by the first "busy": how long waiting for a full market may last
+        while failures < self.config.max_attempts:
+            if busy_until is not None and trio.current_time() >= busy_until:
+                break
             candidates = await self._candidates(request.model, request.needs, tried, refused)
             if not candidates:
                 break
@@ -252,6 +257,15 @@ class GatewayService:
             except _HostFailed as failure:
                 last_error = str(failure)
                 self._note_failure(offer, failure, tried, refused)
+                attempt += 1
+                if failure.busy and delivered_tokens:
+                    # Mid-stream, every survivor alive but full: the client cannot retry a
+                    # stream that has begun, so wait for a place as long as a queue would
+                    # (queue_timeout), not max_attempts. Before content a quick 503 is
+                    # better: the client's own retry policy takes over.
+                    busy_until = busy_until if busy_until is not None else trio.current_time() + self.config.queue_timeout
+                else:
+                    failures += 1
                 delivered_text += outcome.text
                 delivered_tokens += outcome.tokens
                 if delivered_ids is not None and len(outcome.token_ids) == outcome.tokens:
@@ -356,7 +370,8 @@ class GatewayService:
         stays a candidate, behind every other. When only such hosts are
         left, the best is asked again once its next offer arrives (at most
         ``busy_retry_s``), not at once: a full queue a millisecond ago is
-        full now. ``max_attempts`` bounds the retries.
+        full now. ``max_attempts`` bounds the retries before content,
+        ``queue_timeout`` those of a stream that has begun.
         """
         candidates = self._rank(model, needs, tried, refused)
         if candidates and candidates[0].peer_id in refused:

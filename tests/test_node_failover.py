@@ -313,3 +313,40 @@ async def test_busy_answer_is_asked_again_after_the_hosts_next_offer():
                 holding.release.set()
     assert [r.status_code for r in answers] == [200, 200]
     assert host.service.stats.served == 2
+
+
+async def test_stream_begun_waits_out_a_full_market_instead_of_breaking():
+    """Mid-stream, every survivor busy more times than ``max_attempts``: the stream waits and completes.
+
+    Before content a full market is a quick 503 the client may retry; after
+    the first token the client cannot retry, so the gateway keeps asking the
+    busy survivor (bounded by ``queue_timeout``) until a place frees up.
+    """
+    holding = GatedBackend(reference_backend(), pause_after=2)
+    dying = GatedBackend(reference_backend(), pause_after=6)
+    config = GatewayConfig(max_attempts=2, busy_retry_s=0.2)
+    async with running_host(holding, price=300_000, max_slots=1, max_queue=0) as survivor:
+        async with running_gateway([survivor.node.listen_addrs()[0]], config=config) as gateway:
+            await wait_for_offers(gateway)
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as http, trio.open_nursery() as clients:
+                results: dict[str, list[dict]] = {}
+
+                async def client(name: str) -> None:
+                    results[name] = (await _stream_text(http, CHAT))[1]
+
+                clients.start_soon(client, "keeper")  # the survivor's only slot, held; no queue
+                with trio.fail_after(20):
+                    await holding.paused.wait()
+                async with killable_host(dying, price=100_000, bootstrap=[survivor.node.listen_addrs()[0]]) as (cheap, kill):
+                    await wait_for_offers(gateway, count=2)
+                    clients.start_soon(client, "stream")
+                    with trio.fail_after(20):
+                        await dying.paused.wait()
+                    kill()  # 6 tokens delivered; the only survivor is full
+                # Refused as busy more often than max_attempts allows failures, and still waiting.
+                await _until(lambda: survivor.service.stats.refused > config.max_attempts)
+                assert "stream" not in results
+                holding.release.set()
+    assert all(_completed(events) for events in results.values()), results
+    assert gateway.service.stats.failovers == 1
+    assert survivor.service.stats.served == 2
