@@ -28,9 +28,12 @@ from .backends.base import Backend, BackendError, GenerationRequest, Token
 from .offers import Announcer, OfferBook, OfferTerms, follow_offers
 from .prices import PriceBook, follow_prices
 from .p2p import P2PNode
+from .quietlog import QuietLog
 from .wire import FramedStream, PeerGone
 
 log = logging.getLogger(__name__)
+_refusals = QuietLog(log)
+"""A gateway that keeps sending what this host refuses (out of credit, under the ask) is one line per window."""
 
 ORDER_TIMEOUT = 30.0
 """How long a stream may stay open without an order: gateways keep spare
@@ -242,7 +245,7 @@ class HostService:
 
     async def _refuse(self, framed: FramedStream, code: str, message: str, retryable: bool) -> None:
         self.stats.refused += 1
-        log.info("refused an order: %s (%s)", message, code)
+        _refusals.info(code, "refused an order: %s (%s)", message, code)
         with trio.move_on_after(SEND_TIMEOUT):
             await framed.send(Error(code=code, message=message, retryable=retryable))
 
