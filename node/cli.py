@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--upstream", metavar="URL", help="--backend openai: base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1")
     serve.add_argument("--upstream-model", metavar="NAME", help="--backend openai: model name on the upstream (default: --model)")
     serve.add_argument("--upstream-key", metavar="KEY", help="--backend openai: bearer key for the upstream, if it needs one")
+    serve.add_argument("--upstream-supports", type=_supports, metavar="LIST", help="--backend openai: what the upstream engine does beyond plain text, "
+                       "announced in the offer and passed through: a comma-separated list of tools, json_mode, json_schema, vision, penalties, logit_bias "
+                       "(e.g. tools,json_schema for vLLM with tool calling on; default: plain text only)")
     serve.add_argument("--model-dir", metavar="DIR", help="--backend exllamav2: the EXL2 model folder")
     serve.add_argument("--price", default="0.20", metavar="USD_PER_MTOK|market", help="asking price in USD per million tokens (default 0.20), or 'market' to follow the hub's market price")
     serve.add_argument("--min-price", default=None, metavar="USD_PER_MTOK", help="with --price market: never ask less than this (default 0.20 until the first market price)")
@@ -104,6 +107,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     key.set_defaults(func=_swarm_key)
 
 
+def _supports(text: str):
+    from .backends.openai_upstream import parse_supports
+
+    try:
+        return parse_supports(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _windows(text: str):
     from .schedule import parse_windows
 
@@ -152,7 +164,8 @@ def make_backend(args: argparse.Namespace) -> Backend:
             raise SystemExit("--backend openai needs --upstream URL (e.g. http://127.0.0.1:11434/v1 for Ollama)")
         from .backends.openai_upstream import OpenAIUpstreamBackend
 
-        return OpenAIUpstreamBackend(args.upstream, args.model, upstream_model=args.upstream_model, api_key=getattr(args, "upstream_key", None), license=getattr(args, "license", None) or "")
+        return OpenAIUpstreamBackend(args.upstream, args.model, upstream_model=args.upstream_model, api_key=getattr(args, "upstream_key", None), license=getattr(args, "license", None) or "",
+                                     **({"supports": args.upstream_supports} if getattr(args, "upstream_supports", None) else {}))
     from .backends.exllamav2 import ExLlamaV2Backend
 
     if not args.model_dir:
