@@ -256,3 +256,48 @@ async def test_challenger_reaches_every_host_in_a_period_and_its_challenges_alon
                 assert [v["status"] for v in report[host.node.peer_id]["recent"]] == ["passed"]
             [verdict] = report[cheat.node.peer_id]["recent"]
             assert verdict["status"] == "failed" and verdict["request_id"] in served
+
+
+# --- the command, as an operator runs it ------------------------------------------------------
+async def test_the_command_challenges_a_host_logs_it_and_stops_cleanly_on_sigint(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, GPUNEXUS_HOME=str(tmp_path / "home"))
+    command = [sys.executable, "-m", "gpunexus", "hub", "challenger"]
+    config = HubConfig(audit_rate=0.0, challenge_accounts=frozenset({PROBE}))
+    async with running_hub(tmp_path / "hub", config) as hub:
+        probe_key = hub.add_user(PROBE, "client", USD)
+        bad = await trio.run_process([*command, "--hub", hub.url, "--api-key", "gnx_nope_nope"], env=env,
+                                     capture_stdout=True, capture_stderr=True, check=False)
+        assert bad.returncode == 1
+        assert bad.stderr.decode().strip().startswith("hub challenger: the hub at") and b"refused the API key" in bad.stderr
+        assert len(bad.stderr.decode().strip().splitlines()) == 1
+        host_key = hub.add_user("gpu@example.com", "host")
+        async with running_host(hub=HubLogin(hub.url, host_key)) as host:
+            proc = subprocess.Popen([*command, "--hub", hub.url, "--api-key", probe_key, "--period", "1", "--seed", "3",
+                                     "--listen", LOOPBACK[0], "--bootstrap", host.node.listen_addrs()[0]],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            try:
+                first = await trio.to_thread.run_sync(proc.stdout.readline)
+                assert first.startswith("challenger peer 12D3KooW") and "every 1 s" in first
+
+                def read_until_a_challenge() -> str:
+                    for line in proc.stderr:
+                        if "challenge host=" in line:
+                            return line
+                    return ""
+
+                with trio.fail_after(60):
+                    line = await trio.to_thread.run_sync(read_until_a_challenge)
+                assert f"host={host.node.peer_id} model=tiny served" in line
+                proc.send_signal(signal.SIGINT)
+                _, rest = await trio.to_thread.run_sync(lambda: proc.communicate(timeout=60))
+                assert proc.returncode == 0
+                assert "SIGINT: no new challenges" in rest and "stopped:" in rest and "0 receipts still queued" in rest
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=20)
+        report = {r["peer_id"]: r for r in hub.hub.db.read_sync(honesty.host_report, 10)}
+        assert report[host.node.peer_id]["audits"] >= 1
