@@ -158,6 +158,8 @@ class Challenger:
     """Runs the timetable: tracks the offer book's hosts and challenges each when due."""
 
     MAX_OUTCOMES = 1000
+    RETRACK_S = 1.0
+    """Shortest (real) time between two timetable passes woken by offer book changes."""
 
     def __init__(self, service: GatewayService, book: OfferBook, schedule: ChallengeSchedule, *, api_key: str,
                  rng: random.Random, clock: Clock | None = None, max_in_flight: int = 4) -> None:
@@ -198,15 +200,26 @@ class Challenger:
                     await self._wait(self.schedule.next_due())
 
     async def _wait(self, when: float | None) -> None:
-        """Until the next due time or a change in the offer book (a new host), whichever is first."""
+        """Until the next due time or a change in the offer book (a new host), whichever is first.
+
+        Every host's heartbeat changes the book, so a change wakes the
+        timetable at most once per ``RETRACK_S``: a thousand hosts must not
+        mean a pass over the whole book hundreds of times a second.
+        """
         changed = self.book.changed
+        not_before = trio.current_time() + self.RETRACK_S
+
+        async def book_changed() -> None:
+            await changed.wait()
+            await trio.sleep_until(not_before)
+
         async with trio.open_nursery() as race:
 
             async def first(wait, *args) -> None:
                 await wait(*args)
                 race.cancel_scope.cancel()
 
-            race.start_soon(first, changed.wait)
+            race.start_soon(first, book_changed)
             if when is not None:
                 race.start_soon(first, self.clock.sleep_until, when)
 
