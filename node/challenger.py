@@ -34,11 +34,11 @@ import logging
 import random
 import signal
 from collections import Counter
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 import httpx
 import trio
@@ -75,6 +75,17 @@ class _Aim:
 _aim: ContextVar[_Aim | None] = ContextVar("gpunexus_challenge_aim", default=None)
 """Set for the duration of one challenge; trio gives each task its own copy, so
 challenges running side by side each see their own host."""
+
+
+@contextmanager
+def aimed_at(host: str) -> Iterator[_Aim]:
+    """Inside: this task's gateway orders can only go to ``host`` (see :class:`AimedBook`)."""
+    aim = _Aim(host)
+    token = _aim.set(aim)
+    try:
+        yield aim
+    finally:
+        _aim.reset(token)
 
 
 class AimedBook:
@@ -250,14 +261,11 @@ class Challenger:
             return ChallengeOutcome(host, "-", "failed", detail="its offer was gone before its turn")
         model = self.rng.choice(models)
         request = parse_request(challenge_body(model, self.rng), "chat")
-        aim = _Aim(host)
-        token = _aim.set(aim)
-        try:
-            finish = await self.service.complete(request, self.api_key, _discard)
-        except APIError as error:
-            return ChallengeOutcome(host, model, "failed", detail=f"HTTP {error.status}: {error.message}")
-        finally:
-            _aim.reset(token)
+        with aimed_at(host) as aim:
+            try:
+                finish = await self.service.complete(request, self.api_key, _discard)
+            except APIError as error:
+                return ChallengeOutcome(host, model, "failed", detail=f"HTTP {error.status}: {error.message}")
         if not aim.receipts:
             return ChallengeOutcome(host, model, "unsigned", tokens=finish.usage.completion_tokens)
         receipt = aim.receipts[-1]

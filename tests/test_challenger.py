@@ -135,6 +135,33 @@ def test_challenge_bodies_are_varied_everyday_chats_the_gateway_accepts():
     assert {b["temperature"] for b in bodies} >= {0.0, 0.7, 1.0}
 
 
+def test_inside_a_challenge_the_book_shows_only_the_aimed_host_of_every_model():
+    import dataclasses
+
+    from gpunexus.node.challenger import AimedBook, aimed_at
+    from gpunexus.node.offers import OfferBook
+    from gpunexus.protocol.messages import Offer
+    from gpunexus.protocol.signing import Signer
+
+    a, b = Signer(b"\x05" * 32), Signer(b"\x06" * 32)
+    now = 1_000_000.0
+    book = OfferBook(clock=lambda: now)
+    base = Offer(peer_id="", model="tiny", model_hash="h", price_micro_per_mtok=200_000, tokens_per_s=50.0,
+                 free_slots=2, max_slots=4, max_context=2048, region="", license="", follows_market=False,
+                 addrs=("/ip4/127.0.0.1/tcp/4001",), seq=1, issued_at=now, expires_at=now + 10)
+    for signer in (a, b):
+        for model in ("tiny", "small"):
+            book.apply(dataclasses.replace(base, peer_id=signer.peer_id, model=model).signed(signer))
+    view = AimedBook(book)
+    assert len(view.for_model("tiny")) == 2 and len(view.live()) == 4  # outside a challenge: the whole book
+    with aimed_at(a.peer_id):
+        assert [o.peer_id for o in view.for_model("tiny")] == [a.peer_id]
+        assert sorted(view.models()) == ["small", "tiny"] and len(view.live()) == 2
+        assert view.get(b.peer_id, "tiny") is None and view.get(a.peer_id, "small") is not None
+        view.drop_host(b.peer_id)  # a dead connection leaves the real book
+    assert [o.peer_id for o in book.live()] == [a.peer_id, a.peer_id]
+
+
 # --- the command line ----------------------------------------------------------------------
 def test_hub_challenger_is_a_hub_command_whose_help_explains_every_flag(capsys):
     with pytest.raises(SystemExit) as done:
