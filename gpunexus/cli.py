@@ -31,17 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _ROLES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+        module = _role(name)
+        if module is not None:
+            module.register(sub)
     for command, name in _GUESTS:
-        if command in sub.choices:
-            importlib.import_module(name).register(_actions_of(sub.choices[command]))
+        module = _role(name)
+        if module is not None and command in sub.choices:
+            module.register(_actions_of(sub.choices[command]))
     return parser
+
+
+def _role(name: str):
+    """The module ``name``, or None where this install leaves that package out."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        return None
 
 
 def _actions_of(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:

@@ -45,7 +45,6 @@ import trio
 
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.messages import Offer, Receipt
-from gpunexus.protocol.money import micro_to_usd
 from gpunexus.verify.challenges import challenge_body
 
 from .challenge_schedule import ChallengeSchedule, Clock, TrioClock
