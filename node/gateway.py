@@ -310,29 +310,32 @@ class GatewayService:
         raise APIError(503, f"No host available for '{request.model}': {last_error}.", type="server_error", code="no_host_available")
 
     async def complete_choices(self, request: CompletionRequest, bearer: str | None, emit: IndexedEmit) -> list[Finish]:
-        """``n`` choices, each its own order (own seed, host, receipt and audit), run side by side.
+        """``n`` choices (per prompt of a batch), each its own order (own seed, host, receipt and audit), run side by side.
 
         Each choice is an independent seeded generation, so fanning it out
         keeps every receipt a single output the verifier replays as is, and a
         failed host costs one choice a failover, not the whole request. The
         first choice that cannot be served ends them all with its error.
         """
-        if request.n == 1:
+        if request.choices == 1:
             return [await self.complete(request, bearer, functools.partial(emit, 0))]
         self.check_serveable(request.model, request.needs)
-        finishes: list[Finish | None] = [None] * request.n
+        prompts = request.batch or (request.prompt,)
+        finishes: list[Finish | None] = [None] * request.choices
         failure: APIError | None = None
 
         async def one(index: int) -> None:
             nonlocal failure
+            prompt, j = divmod(index, request.n)
+            single = dataclasses.replace(request, prompt=prompts[prompt], batch=())
             try:
-                finishes[index] = await self.complete(choice_request(request, index), bearer, functools.partial(emit, index))
+                finishes[index] = await self.complete(choice_request(single, j), bearer, functools.partial(emit, index))
             except APIError as error:
                 failure = failure or error
                 nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            for index in range(request.n):
+            for index in range(request.choices):
                 nursery.start_soon(one, index)
         if failure is not None:
             raise failure
