@@ -14,6 +14,10 @@ holds two budgets. Receipts draw on the gateway's live allowance first and on
 the account's free balance for any overflow. The unspent hold returns to the
 account (``release:<id>``) once the allowance is past expiry plus the grace
 period of :class:`~gpunexus.hub.config.HubConfig`.
+
+Models: each allowance names the models its account's keys may not use
+(``refused_models``, see :mod:`gpunexus.hub.catalogue`); the answer to the
+gateway carries the reasons (licence name and URL) next to the signed bytes.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import secrets
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from gpunexus.protocol.messages import Allowance
+from gpunexus.protocol.messages import MAX_REFUSED_MODELS, Allowance
 from gpunexus.protocol.signing import Signer
 from sqlalchemy.engine import Connection
 
-from . import ledger
+from . import catalogue, ledger
+from .catalogue import Refusal
 from .config import HubConfig
 from .db import allowances, gateways, users
 from .keys import User
@@ -53,9 +58,25 @@ class AllowanceRow:
     expires_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Issued:
+    """A signed allowance and what the gateway is told beside it."""
+
+    allowance: Allowance
+    refusals: list[Refusal]
+    """Why each of ``allowance.refused_models`` is refused."""
+    limited_by_balance: bool
+    """The budget is less than asked because the account has no more: a gateway answers 402, not "retry"."""
+
+
 def issue(conn: Connection, signer: Signer, cfg: HubConfig, user: User, gateway_id: str,
-          requested_micro: int | None, now: float) -> Allowance:
+          requested_micro: int | None, now: float) -> Issued:
     """Sign a fresh allowance for ``gateway_id``, reserving its budget (see module doc)."""
+    refusals = catalogue.refusals(conn, user.id)
+    if len(refusals) > MAX_REFUSED_MODELS:
+        raise AllowanceRefused(409, "too_many_refused_models",
+                               f"More than {MAX_REFUSED_MODELS} catalogued models are closed to this account "
+                               "(licences not accepted): accept the licences of the models you use on the hub's models page.")
     conn.execute(ledger.insert_ignore(conn, gateways).values(peer_id=gateway_id, user_id=user.id))
     owner = conn.execute(  # locked: two renewals of one gateway must not both create a live allowance
         sa.select(gateways.c.user_id).where(gateways.c.peer_id == gateway_id).with_for_update()).scalar_one()
@@ -88,10 +109,11 @@ def issue(conn: Connection, signer: Signer, cfg: HubConfig, user: User, gateway_
             remaining=budget, issued_at=now, expires_at=expires_at, live=True,
         )
     )
-    return Allowance(
+    allowance = Allowance(
         allowance_id=allowance_id, hub_id=signer.peer_id, account=user.account, gateway_id=gateway_id,
-        budget_micro=budget, issued_at=now, expires_at=expires_at,
+        budget_micro=budget, issued_at=now, expires_at=expires_at, refused_models=tuple(r.model for r in refusals),
     ).signed(signer)
+    return Issued(allowance, refusals, limited_by_balance=budget < target)
 
 
 def release_expired(conn: Connection, cfg: HubConfig, now: float) -> int:

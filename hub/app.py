@@ -126,12 +126,13 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
     async def allowance() -> Response:
         user = await current_user()
         data = await read(bodies.ALLOWANCE)
-        a = await hub.allowance(user, data["gateway_id"], data["budget_micro"])
-        target = min(data["budget_micro"] or hub.config.allowance_budget_micro, hub.config.allowance_max_micro)
+        issued = await hub.issue_allowance(user, data["gateway_id"], data["budget_micro"])
+        a = issued.allowance
         return jsonify({"allowance": base64.b64encode(a.encode()).decode(), "allowance_id": a.allowance_id,
                         "hub_id": a.hub_id, "account": a.account, "budget_micro": a.budget_micro,
                         "issued_at": a.issued_at, "expires_at": a.expires_at,
-                        "limited_by_balance": a.budget_micro < target})
+                        "limited_by_balance": issued.limited_by_balance,
+                        "refused_models": [r.to_json() for r in issued.refusals]})
 
     @app.post("/v1/receipts")
     async def submit() -> Response:

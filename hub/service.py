@@ -123,6 +123,11 @@ class Hub:
 
     # --- allowances -------------------------------------------------------
     async def allowance(self, user: User, gateway_id: str, budget_micro: int | None) -> Allowance:
+        """The signed allowance of :meth:`issue_allowance` alone."""
+        return (await self.issue_allowance(user, gateway_id, budget_micro)).allowance
+
+    async def issue_allowance(self, user: User, gateway_id: str, budget_micro: int | None) -> allowances.Issued:
+        """A fresh allowance for ``gateway_id`` and what its gateway is told beside it (refused models' reasons)."""
         try:
             public_key_from_peer_id(gateway_id)
         except ProtocolError:
@@ -370,6 +375,17 @@ class Hub:
 
     async def models(self) -> list[catalogue.Model]:
         return await self.db.read(catalogue.list_models)
+
+    async def licence_acceptances(self, user: User) -> dict[str, float]:
+        """model -> when ``user``'s account accepted its current licence."""
+        return await self.db.read(catalogue.acceptances, user.id)
+
+    async def accept_licence(self, user: User, model: str) -> catalogue.Model:
+        """Record that ``user``'s account accepts ``model``'s licence: its keys may use it from their next allowance."""
+        try:
+            return await self.db.write(catalogue.accept_licence, user.id, model, self.clock())
+        except catalogue.CatalogueError as exc:
+            raise HubError(404, "not_found", str(exc), "model") from None
 
     # --- admin --------------------------------------------------------------
     @staticmethod
