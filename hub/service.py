@@ -122,18 +122,23 @@ class Hub:
                 self._revoked = trio.Event()
 
     # --- allowances -------------------------------------------------------
-    async def allowance(self, user: User, gateway_id: str, budget_micro: int | None) -> Allowance:
+    async def allowance(self, user: User, gateway_id: str, budget_micro: int | None, key_id: str | None = None) -> Allowance:
         """The signed allowance of :meth:`issue_allowance` alone."""
-        return (await self.issue_allowance(user, gateway_id, budget_micro)).allowance
+        return (await self.issue_allowance(user, gateway_id, budget_micro, key_id)).allowance
 
-    async def issue_allowance(self, user: User, gateway_id: str, budget_micro: int | None) -> allowances.Issued:
-        """A fresh allowance for ``gateway_id`` and what its gateway is told beside it (refused models' reasons)."""
+    async def issue_allowance(self, user: User, gateway_id: str, budget_micro: int | None,
+                              key_id: str | None = None) -> allowances.Issued:
+        """A fresh allowance for ``gateway_id`` and what its gateway is told beside it (refused models' reasons).
+
+        ``key_id``: the API key that asks; its spend limits cap the budget and its expiry the allowance's.
+        """
         try:
             public_key_from_peer_id(gateway_id)
         except ProtocolError:
             raise HubError(400, "invalid_request_error", "gateway_id is not a peer id", "gateway_id") from None
         try:
-            return await self.db.write(allowances.issue, self.signer, self.config, user, gateway_id, budget_micro, self.clock())
+            return await self.db.write(allowances.issue, self.signer, self.config, user, gateway_id, budget_micro,
+                                       self.clock(), key_id)
         except allowances.AllowanceRefused as exc:
             raise HubError(exc.status, exc.code, exc.message) from None
 
@@ -332,14 +337,30 @@ class Hub:
     async def log_out(self, token: str) -> None:
         await self.db.write(accounts.close_session, token)
 
-    async def create_key(self, user: User, name: str, expires_at: float | None, nonce: str) -> str | None:
-        """A new API key (the only copy of its secret), or None if this form ``nonce`` already made one."""
+    async def create_key(self, user: User, name: str, expires_at: float | None, nonce: str, *,
+                         limit_day_micro: int | None = None, limit_month_micro: int | None = None) -> str | None:
+        """A new API key (the only copy of its secret), or None if this form ``nonce`` already made one.
+
+        ``limit_day_micro`` / ``limit_month_micro``: the most it may spend per UTC day / calendar month.
+        """
         if expires_at is not None and expires_at <= time.time():
             raise HubError(400, "invalid_request_error", "The expiry must be in the future.", "expires")
-        return await self.db.write(accounts.create_key_once, user, name, expires_at, nonce)
+        try:
+            return await self.db.write(functools.partial(accounts.create_key_once, limit_day_micro=limit_day_micro,
+                                                         limit_month_micro=limit_month_micro),
+                                       user, name, expires_at, nonce)
+        except keys.UserError as exc:
+            raise HubError(400, "invalid_request_error", str(exc), "limit_day") from None
 
     async def list_keys(self, user: User) -> list[keys.KeyInfo]:
         return await self.db.read(functools.partial(keys.list_keys, user_id=user.id))
+
+    async def key_spend(self, user: User) -> dict[str, keys.Spend]:
+        """key id -> what each of ``user``'s keys spent today and this month, with its limits."""
+        def read(conn: Connection) -> dict[str, keys.Spend]:
+            return keys.spend(conn, [k.key_id for k in keys.list_keys(conn, user_id=user.id)], self.clock())
+
+        return await self.db.read(read)
 
     async def revoke_key(self, user: User, key_id: str) -> None:
         """Revoke one of ``user``'s own keys (404 for a key that is not theirs or not active)."""

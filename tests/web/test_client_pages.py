@@ -56,6 +56,26 @@ async def test_a_key_with_an_expiry_stops_working_after_it(site):
     assert (await v.get("/keys")).has("expired")
 
 
+async def test_a_key_with_spend_limits_shows_them_and_its_spend(site):
+    site.password_for("client@example.com")
+    v = site.visitor()
+    await v.log_in("client@example.com")
+    page = await v.get("/keys")
+    form = {"csrf_token": page.csrf(), "nonce": page.nonce(), "name": "capped", "expires": "",
+            "limit_day": "0.50", "limit_month": "lots"}
+    bad = await v.client.post("/keys", form=form)
+    text = await bad.get_data(as_text=True)
+    assert bad.status_code == 400 and "Enter an amount in US dollars" in text and 'value="0.50"' in text
+    assert len(await site.hub.list_keys(site.market.client)) == 1  # nothing made
+    form.update(limit_month="12", nonce=(await v.get("/keys")).nonce(), csrf_token=(await v.get("/keys")).csrf())
+    made = await v.client.post("/keys", form=form)
+    assert made.status_code == 200
+    [capped] = [k for k in await site.hub.list_keys(site.market.client) if k.name == "capped"]
+    assert (capped.limit_day_micro, capped.limit_month_micro) == (500_000, 12_000_000)
+    listing = await v.get("/keys")
+    assert listing.has("$0.00 / $0.50") and listing.has("$0.00 / $12.00") and listing.has("no limit")
+
+
 async def test_usage_and_request_log_show_a_settled_request(site):
     site.password_for("client@example.com")
     v = site.visitor()

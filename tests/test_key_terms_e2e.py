@@ -1,8 +1,10 @@
-"""The catalogue binds end to end: SDK -> gateway -> host, with the hub's dashboard in between.
+"""What a key may do binds end to end: SDK -> gateway -> host, with the hub's dashboard in between.
 
 A model whose licence must be accepted is refused (403, naming the licence)
 until the account accepts it on the dashboard; a model the operator switches
-off is refused as unavailable. Either way no host works on the request.
+off is refused as unavailable; a key past its spend limit gets 402 naming the
+limit, and one past its expiry 401. No host works on a refused request, and
+every request a host served is paid.
 """
 
 from __future__ import annotations
@@ -89,3 +91,57 @@ async def test_licence_and_availability_are_enforced_before_any_host_works(tmp_p
                 async with httpx.AsyncClient(base_url=hub.url) as web:
                     models = (await web.get("/models")).text
                 assert "Reference tiny" in models and "unavailable" in models
+
+
+async def test_a_key_over_its_day_limit_gets_402_naming_it_and_every_served_request_is_paid(tmp_path):
+    async with running_hub(tmp_path / "hub") as hub:
+        hub.add_user("dev@example.com", "client", 5 * USD)
+        host_key = hub.add_user("gpu@example.com", "host")
+        dev = hub.hub.db.read_sync(keys.get_user, "dev@example.com")
+        capped = hub.hub.db.write_sync(lambda c: keys.create_key(c, dev, "capped", limit_day_micro=300))
+        async with running_host(hub=HubLogin(hub.url, host_key), price=1_000_000) as host:
+            async with running_gateway([host.node.listen_addrs()[0]], hub=HubLogin(hub.url, capped),
+                                       home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway)
+                client = openai.OpenAI(base_url=gateway.base_url, api_key=capped, max_retries=0)
+
+                def spend_it() -> tuple[int, openai.APIStatusError]:
+                    served = 0
+                    while True:
+                        try:
+                            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                           max_tokens=8)
+                            served += 1
+                        except openai.APIStatusError as exc:
+                            return served, exc
+
+                served, refused = await trio.to_thread.run_sync(spend_it)
+                assert served >= 1 and refused.status_code == 402
+                assert refused.body["code"] == "key_limit_reached"
+                assert "daily spend limit of 0.0003 USD" in refused.body["message"]
+                settlement = gateway.service.settlement
+                await settlement.flush()
+                assert len(settlement.queue) == 0 and settlement.queue.refused() == []
+                assert host.service.stats.served == served
+                spent = hub.hub.db.read_sync(keys.spend, [keys.key_id_of(capped)], hub.hub.clock())
+                assert 0 < spent[keys.key_id_of(capped)].day_micro <= 300
+
+
+async def test_an_expired_key_gets_401_from_the_gateway(tmp_path):
+    async with running_hub(tmp_path / "hub") as hub:
+        hub.add_user("dev@example.com", "client", 5 * USD)
+        host_key = hub.add_user("gpu@example.com", "host")
+        dev = hub.hub.db.read_sync(keys.get_user, "dev@example.com")
+        async with running_host(hub=HubLogin(hub.url, host_key)) as host:
+            expires_at = time.time() + 8
+            short = hub.hub.db.write_sync(lambda c: keys.create_key(c, dev, "short", expires_at))
+            async with running_gateway([host.node.listen_addrs()[0]], hub=HubLogin(hub.url, short),
+                                       home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway)
+                body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30,
+                                             headers={"authorization": f"Bearer {short}"}) as http:
+                    assert (await http.post("/chat/completions", json=body)).status_code == 200
+                    await trio.sleep(max(0.0, expires_at - time.time()) + 0.1)
+                    r = await http.post("/chat/completions", json=body)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
