@@ -407,6 +407,16 @@ licence_acceptances = sa.Table(
 only while the catalogue names the same licence (name and URL): a changed
 licence must be accepted again."""
 
+disputes = sa.Table(
+    "disputes",
+    metadata,
+    sa.Column("request_id", sa.String(32), primary_key=True),
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("disputed_at", sa.Float, nullable=False),
+    sa.Index("disputes_by_user", "user_id", "disputed_at"),
+)
+"""Receipts a client asked the hub to audit (:mod:`gpunexus.hub.disputes`); the verdict is the ``audits`` row's."""
+
 _ADDED_COLUMNS = (users.c.suspended_at, api_keys.c.expires_at, api_keys.c.limit_day_micro, api_keys.c.limit_month_micro,
                   allowances.c.key_id, receipt_log.c.key_id, models.c.family, models.c.licence_ack)
 """Nullable columns added after the first release; :meth:`Database.create_schema` adds them to older databases."""

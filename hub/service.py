@@ -22,7 +22,7 @@ from gpunexus.protocol.messages import Allowance, HostReputation, Offer, Receipt
 from gpunexus.protocol.signing import Signer, verify_signature
 from sqlalchemy.engine import Connection
 
-from . import accounts, allowances, catalogue, honesty, keys, ledger, market, receipts, reports
+from . import accounts, allowances, catalogue, disputes, honesty, keys, ledger, market, receipts, reports
 from .config import HubConfig
 from .db import Database, default_url, hosts, receipt_log, users
 from .db import allowances as allowance_table
@@ -381,6 +381,18 @@ class Hub:
         if found is None:
             raise HubError(404, "not_found", "No request with this id on your account.", "request_id")
         return found
+
+    async def dispute(self, user: User, request_id: str) -> disputes.Dispute:
+        """Ask for an audit of one of ``user``'s settled requests (see :mod:`gpunexus.hub.disputes`)."""
+        try:
+            return await self.db.write(disputes.open_dispute, self.config, user.id, request_id, self.clock())
+        except disputes.DisputeError as exc:
+            raise HubError(exc.status, "not_found" if exc.status == 404 else "rate_limited", exc.message,
+                           "request_id") from None
+
+    async def dispute_of(self, request_id: str) -> disputes.Dispute | None:
+        """The dispute of a request, if any: for its request page (which checked the request is the viewer's)."""
+        return await self.db.read(disputes.dispute_of, request_id)
 
     async def receipt_extract(self, user: User) -> list[tuple[int, bytes, bytes, bytes]]:
         """The signed log entries ``user`` paid or earned: ``chain.write_log`` rows that ``gpunexus audit`` checks."""

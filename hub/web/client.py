@@ -1,4 +1,4 @@
-"""Pages of every account: overview, API keys, usage, the request log, the receipts download.
+"""Pages of every account: overview, API keys, usage, the request log and disputes, the receipts download.
 
 A key may carry spend limits per UTC day and per calendar month and an
 expiry; the list shows what each key spent today and this month against
@@ -108,7 +108,16 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
     @auth.page(hub)
     async def request_detail(user: User, request_id: str) -> str:
         item, side, reasons = await hub.request_detail(user, request_id[:MAX_REQUEST_ID])
-        return await render_template("request.html", item=item, side=side, reasons=reasons)
+        return await render_template("request.html", item=item, side=side, reasons=reasons,
+                                     dispute=await hub.dispute_of(item.request_id))
+
+    @bp.post("/requests/<request_id>/dispute")
+    @auth.page(hub)
+    async def dispute(user: User, request_id: str) -> Response:
+        found = await hub.dispute(user, request_id[:MAX_REQUEST_ID])
+        await flash("Dispute sent: the hub audits this request as soon as your gateway hands over what it kept of it."
+                    if found.audit == "pending" else "This request was already audited: the verdict is below.")
+        return auth.see_other("web.request_detail", request_id=found.request_id)
 
     @bp.get("/receipts.jsonl")
     @auth.page(hub)

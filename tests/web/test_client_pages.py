@@ -131,3 +131,25 @@ async def test_the_receipts_download_passes_gpunexus_audit(site, tmp_path, capsy
     lines[2] = json.dumps(entry)
     path.write_text("\n".join(lines) + "\n")
     assert not audit.audit_file(str(path)).ok
+
+
+async def test_a_dispute_is_the_clients_own_once_and_shows_its_verdict(site):
+    request_id = await site.settle()
+    site.password_for("client@example.com")
+    stranger = site.visitor()
+    await stranger.sign_up("other@example.com")
+    r = await stranger.post(f"/requests/{request_id}/dispute", {}, csrf_from="/requests")
+    assert r.status == 404 and await site.hub.dispute_of(request_id) is None
+    v = site.visitor()
+    await v.log_in("client@example.com")
+    assert (await v.post(f"/requests/{request_id}/dispute", {}, csrf=False)).status == 400  # CSRF
+    r = await v.post(f"/requests/{request_id}/dispute", {}, csrf_from=f"/requests/{request_id}")
+    assert r.status == 303
+    page = await v.get(f"/requests/{request_id}")
+    assert page.has("Dispute sent") and page.has("waiting for your gateway") and not page.has("Dispute this request")
+    assert await site.hub.pending_audits(site.market.client) == [request_id]  # the gateway is asked for its opening
+    await site.hub.open_audit(site.market.client, request_id, None, "expired")  # it no longer has it
+    page = await v.get(f"/requests/{request_id}")
+    assert page.has("unopened") and page.has("no longer had this request") and page.has("gateway: expired")
+    again = await site.hub.dispute(site.market.client, request_id)
+    assert again.audit == "unopened"  # pressing again changes nothing
