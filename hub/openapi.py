@@ -89,7 +89,13 @@ def spec(max_batch: int, extra_paths: dict[str, Any] | None = None, *, max_long_
             "A renewal rolls the unspent budget of the previous allowance over.",
             _obj({"allowance": _B64, "allowance_id": _STR, "hub_id": _STR, "account": _STR,
                   "budget_micro": _MICRO, "issued_at": _NUM, "expires_at": _NUM,
-                  "limited_by_balance": {"type": "boolean", "description": "the account's balance, not the asked budget, set the size"}}),
+                  "limited_by_balance": {"type": "boolean", "description": "the account's balance, not the asked budget, set the size"},
+                  "refused_models": {"type": "array", "description": "why each model the signed allowance refuses is refused: "
+                                     "'unavailable' (switched off by the operator) or 'licence' (not accepted by the account)",
+                                     "items": _obj({"model": _STR, "reason": {"enum": ["unavailable", "licence"]},
+                                                    "licence_name": _STR, "licence_url": _STR})},
+                  "limit": {"type": ["string", "null"], "description": "the key's spend limit that capped the budget, in words"},
+                  "key_expires_at": {"type": ["number", "null"], "description": "when the asking key expires (the allowance never outlives it)"}}),
             body=bodies.ALLOWANCE.schema(), errors=(402, 409))},
         "/v1/receipts": {"post": operation(
             "Settle a batch of countersigned receipts (Receipt.encode(), base64). Each is settled exactly once; "

@@ -217,7 +217,7 @@ def settle(conn: Connection, signer: Signer, cfg: HubConfig, items: list[Checked
             "seq": seq, "request_id": r.request_id, "receipt_hash": digest, "client_user_id": window.user_id,
             "host_user_id": host_user, "model": r.model, "tokens": r.tokens_in + r.tokens_out,
             "cost": r.cost_micro, "fee": fee, "settled_at": now, "entry": encoded, "entry_hash": prev,
-            "sig": chain.sign_hash(signer, prev),
+            "sig": chain.sign_hash(signer, prev), "key_id": window.key_id,
         })
         settled[r.request_id] = digest
         outcomes.append(Outcome(r.request_id, "settled", seq=seq, cost_micro=r.cost_micro))

@@ -17,6 +17,8 @@ client's:
   already delivered (the order's ``continuation``, and its token ids where
   the host streamed them, so the continuation is exact), so the client's
   stream simply goes on; the dead host gets no receipt and is not paid;
+* the hub's word on models first: a model the allowance refuses (switched
+  off, licence not accepted) gets 403 naming why, before any host works;
 * money first: each attempt reserves its worst-case cost from the
   allowance (:func:`worst_case_tokens`) before the order leaves, so a
   request the allowance cannot cover gets 402 before any host works;
@@ -226,7 +228,7 @@ class GatewayService:
         self.stats.requests += 1
         self.check_serveable(request.model, request.needs)
         try:
-            grant = self.settlement.authorize(bearer)
+            grant = self.settlement.authorize(bearer, request.model)
         except SettlementRefused as unpaid:
             raise _refusal_error(unpaid) from None
         request_id = new_request_id()

@@ -7,7 +7,10 @@ sent the order, and what to do with a countersigned receipt. Reserving
 before the order is what keeps hosts paid: an allowance can never be
 promised to more work than it can pay for, however many requests run at
 once. Anything slow (renewing allowances, delivering receipts to a hub)
-happens in the hook's own background task.
+happens in the hook's own background task. ``authorize`` also answers
+whether the caller may use the request's model at all: a hub's allowance
+names the models refused to its account (switched off, licence not
+accepted), and those get 403 with the reason.
 
 A private swarm (no hub) uses :class:`FreeSettlement`; the hub plugs in its own
 implementation (``gpunexus.node.hub_client``) without the gateway changing.
@@ -44,8 +47,8 @@ class Settlement(Protocol):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background work (renewals, receipt delivery); started in the gateway's nursery."""
 
-    def authorize(self, bearer: str | None) -> Grant:
-        """Grant or raise SettlementRefused (401 bad key, 402 out of credits). No I/O."""
+    def authorize(self, bearer: str | None, model: str) -> Grant:
+        """Grant or raise SettlementRefused (401 bad key, 402 out of credits, 403 model refused to this key). No I/O."""
 
     def reserve(self, grant: Grant, micro: int) -> None:
         """Hold ``micro`` of the grant's allowance for one order, or raise SettlementRefused (402). No I/O."""
@@ -67,7 +70,7 @@ class FreeSettlement:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
 
-    def authorize(self, bearer: str | None) -> Grant:
+    def authorize(self, bearer: str | None, model: str) -> Grant:
         if self.api_key is not None and bearer != self.api_key:
             raise SettlementRefused(401, "invalid_api_key", "Incorrect API key provided.")
         return Grant(allowance=b"")

@@ -92,6 +92,8 @@ def _name(value: str, what: str) -> None:
     _require(0 < len(value) <= MAX_NAME_CHARS, f"{what} must be 1..{MAX_NAME_CHARS} characters")
 
 
+MAX_ALLOWANCE_BYTES = 20_000
+"""An encoded :class:`Allowance` refusing :data:`MAX_REFUSED_MODELS` models of the longest names fits."""
 MAX_TOP_LOGPROBS = 20
 """OpenAI's own bound on ``top_logprobs``."""
 MAX_CHOICES = 128
@@ -341,7 +343,7 @@ class Order(Message):
         _require(len(self.prompt) <= MAX_PROMPT_CHARS, "order.prompt too long")
         _require(len(self.continuation) <= MAX_TEXT_CHARS, "order.continuation too long")
         _require(_token_ids_ok(self.continuation_ids), "order.continuation_ids out of range")
-        _require(len(self.allowance) <= 4096, "order.allowance too long")
+        _require(len(self.allowance) <= MAX_ALLOWANCE_BYTES, "order.allowance too long")
         if self.upstream:
             _require(self.kind != "embedding", "an embedding order carries no upstream fields")
             _check_upstream(self.upstream)
@@ -467,9 +469,20 @@ class Receipt(Message):
         _require(len(self.commitment) <= MAX_COMMITMENT_BYTES, "receipt.commitment too long")
 
 
+MAX_REFUSED_MODELS = 64
+"""Most models one allowance may refuse (it rides in every order: see ``Order.allowance``)."""
+
+
 @message
 class Allowance(Message):
-    """A hub-signed budget a gateway may spend for one account until it expires."""
+    """A hub-signed budget a gateway may spend for one account until it expires.
+
+    ``refused_models`` are the model ids this budget must not pay for: the
+    operator switched them off, or their licence needs an acknowledgement
+    the account has not given. The gateway refuses a request for one before
+    any host works, and a host refuses an order for one (it would not be
+    paid), so the hub's word binds without a round trip on the request path.
+    """
 
     TYPE: ClassVar[str] = "allowance"
     SIGNATURES: ClassVar = (("sig", "hub_id"),)
@@ -481,6 +494,7 @@ class Allowance(Message):
     budget_micro: int
     issued_at: float
     expires_at: float
+    refused_models: tuple[str, ...] = ()
     sig: bytes = b""
 
     def check(self) -> None:
@@ -488,6 +502,9 @@ class Allowance(Message):
         _peer(self.gateway_id, "allowance.gateway_id")
         _require(self.budget_micro >= 0, "allowance.budget must be >= 0")
         _require(self.expires_at > self.issued_at, "allowance expires before it is issued")
+        _require(len(self.refused_models) <= MAX_REFUSED_MODELS, f"allowance refuses more than {MAX_REFUSED_MODELS} models")
+        for model in self.refused_models:
+            _name(model, "allowance.refused_models entry")
 
 
 @message
