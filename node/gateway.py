@@ -176,8 +176,8 @@ class _Outcome:
     def __init__(self) -> None:
         self.text = ""
         self.tokens = 0
-        self.tool_calls = False
-        """Whether tool-call deltas reached the client: a stream of them cannot be continued elsewhere."""
+        self.tool_calls: list[dict] = []
+        """Tool-call deltas that reached the client, in order: a stream of them cannot be continued elsewhere."""
         self.token_ids: list[int] = []
         self.receipt: Receipt | None = None
         self.problems: list[str] = []
@@ -544,7 +544,7 @@ class GatewayService:
                             calls.extend(_tool_call_deltas(msg.tool_calls))
                         msg = framed.receive_ready()
                     joined = text[0] if len(text) == 1 else "".join(text)
-                    outcome.tool_calls = outcome.tool_calls or bool(calls)
+                    outcome.tool_calls.extend(calls)
                     if detailed:
                         await emit(Delta(joined, tuple(lp for c in detailed for lp in c.logprobs),
                                          tuple(d for c in detailed for d in c.details), outcome.tokens - before, tuple(calls)))
@@ -593,7 +593,8 @@ class GatewayService:
                 request_id=order.request_id, kind=order.kind, messages=order.messages, prompt=order.prompt,
                 continuation=order.continuation, sampling=order.sampling, max_tokens=order.max_tokens,
                 first_draw=first_draw, output_ids=tuple(outcome.token_ids), output_text=outcome.text,
-                continuation_ids=order.continuation_ids, output_vector=outcome.vector,
+                continuation_ids=order.continuation_ids, output_vector=outcome.vector, upstream=order.upstream,
+                output_tool_calls=json.dumps(outcome.tool_calls, ensure_ascii=False).encode() if outcome.tool_calls else b"",
             ))
         self.settlement.record(countersigned)
 
