@@ -69,7 +69,7 @@ from .prices import PriceBook
 from .openai_api import APIError, CompletionRequest, EmbeddingRequest
 from .openai_shapes import Usage
 from .p2p import P2PNode
-from .settlement import Settlement, SettlementRefused
+from .settlement import Grant, Settlement, SettlementRefused
 from .streams import StreamPool
 from .wire import FramedStream, PeerGone
 
@@ -228,7 +228,7 @@ class GatewayService:
         self.stats.requests += 1
         self.check_serveable(request.model, request.needs)
         try:
-            grant = self.settlement.authorize(bearer, request.model)
+            grant = await self._authorize(bearer, request.model)
         except SettlementRefused as unpaid:
             raise _refusal_error(unpaid) from None
         request_id = new_request_id()
@@ -250,7 +250,7 @@ class GatewayService:
             offer = candidates[0]
             continuation_ids = tuple(delivered_ids) if delivered_ids else ()
             order = self._order(request, offer, request_id if attempt == 0 else new_request_id(), seed, delivered_text,
-                                continuation_ids, request.max_tokens - delivered_tokens, grant.allowance)
+                                continuation_ids, request.max_tokens - delivered_tokens, grant)
             reserved = cost_micro(worst_case_tokens(order), order.price_micro_per_mtok)
             try:
                 self.settlement.reserve(grant, reserved)
@@ -304,7 +304,7 @@ class GatewayService:
             else:
                 if receipt.cost_micro > reserved:
                     log.warning("receipt %s costs %d micro-USD, over the %d reserved for it", receipt.request_id, receipt.cost_micro, reserved)
-                self._settle(receipt, order, outcome, delivered_tokens)
+                self._settle(receipt, grant, order, outcome, delivered_tokens)
             prompt_tokens = max(0, receipt.tokens_in - delivered_tokens) if delivered_tokens else receipt.tokens_in
             return Finish(receipt.finish_reason, Usage(prompt_tokens, delivered_tokens + outcome.tokens), receipt.model_hash[:32], outcome.vector)
         if delivered_tokens:
@@ -432,10 +432,10 @@ class GatewayService:
         return True
 
     def _order(self, request: CompletionRequest, offer: Offer, request_id: str, seed: int, continuation: str,
-               continuation_ids: tuple[int, ...], max_tokens: int, allowance: bytes) -> Order:
+               continuation_ids: tuple[int, ...], max_tokens: int, grant: Grant) -> Order:
         return Order(
             request_id=request_id,
-            gateway_id=self.node.peer_id,
+            gateway_id=(grant.signer or self.node.signer).peer_id,
             host_id=offer.peer_id,
             model=request.model,
             price_micro_per_mtok=offer.price_micro_per_mtok,
@@ -450,12 +450,12 @@ class GatewayService:
                 presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
                 logit_bias=tuple(LogitBias(t, b) for t, b in request.logit_bias), json_mode=request.json_mode,
             ),
-            allowance=allowance,
+            allowance=grant.allowance,
             issued_at=time.time(),
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
             upstream=request.upstream,
-        ).signed(self.node.signer)
+        ).signed(grant.signer or self.node.signer)
 
     async def _open(self, offer: Offer) -> FramedStream:
         peer = ID.from_base58(offer.peer_id)
@@ -580,8 +580,15 @@ class GatewayService:
             else:
                 await framed.close()
 
-    def _settle(self, receipt: Receipt, order: Order | None = None, outcome: _Outcome | None = None, first_draw: int = 0) -> None:
-        countersigned = receipt.signed(self.node.signer, "gateway_sig")
+    async def _authorize(self, bearer: str | None, model: str) -> Grant:
+        """The settlement's grant; a team gateway first admits a key it has not seen (one hub call, bounded)."""
+        admit = getattr(self.settlement, "admit", None)
+        if admit is not None:
+            await admit(bearer)
+        return self.settlement.authorize(bearer, model)
+
+    def _settle(self, receipt: Receipt, grant: Grant, order: Order | None = None, outcome: _Outcome | None = None, first_draw: int = 0) -> None:
+        countersigned = receipt.signed(grant.signer or self.node.signer, "gateway_sig")
         self.stats.receipts.append(countersigned)
         del self.stats.receipts[:-100]
         # What an audit of this receipt needs, handed over before the receipt so a
@@ -595,8 +602,8 @@ class GatewayService:
                 first_draw=first_draw, output_ids=tuple(outcome.token_ids), output_text=outcome.text,
                 continuation_ids=order.continuation_ids, output_vector=outcome.vector, upstream=order.upstream,
                 output_tool_calls=json.dumps(outcome.tool_calls, ensure_ascii=False).encode() if outcome.tool_calls else b"",
-            ))
-        self.settlement.record(countersigned)
+            ), grant)
+        self.settlement.record(countersigned, grant)
 
 
 CARRIED = Capabilities(tools=True, json_mode=True, json_schema=True, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS, max_n=MAX_CHOICES,

@@ -352,6 +352,11 @@ class HubSettlement:
         """The 402 of an allowance that holds all there is: the key's limit, or the account's credit."""
         return ("key_limit_reached", b.limit) if b.limit else _NO_CREDIT
 
+    @property
+    def refused_key(self) -> str | None:
+        """The hub's reason when it refused this key (401: unknown, revoked, expired); None while it is accepted."""
+        return self._key_refused
+
     def available_micro(self) -> int:
         """What the allowance can still promise: budget less queued receipts and requests in flight."""
         b = self._budget
@@ -378,7 +383,7 @@ class HubSettlement:
     def release(self, grant: Grant, micro: int) -> None:
         self._reserved -= micro
 
-    def record(self, receipt: Receipt) -> None:
+    def record(self, receipt: Receipt, grant: Grant | None = None) -> None:
         opening = self._openings.pop(receipt.request_id, None)
         self.queue.append(receipt, opening, self.clock())
         b = self._budget
@@ -389,7 +394,7 @@ class HubSettlement:
         if len(self.queue) >= self.batch_size:
             self._deliver_now.set()
 
-    def retain(self, opening: Opening) -> None:
+    def retain(self, opening: Opening, grant: Grant | None = None) -> None:
         """Keep what an audit of this receipt needs (unless the client opted out).
 
         Called just before :meth:`record` of the same request: the opening is

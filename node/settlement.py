@@ -24,6 +24,7 @@ from typing import Protocol
 import trio
 
 from gpunexus.protocol.messages import Receipt
+from gpunexus.protocol.signing import Signer
 
 
 class SettlementRefused(Exception):
@@ -41,6 +42,11 @@ class Grant:
     """Permission for one request: the allowance bytes to put in the Order."""
 
     allowance: bytes
+    payer: str = ""
+    """Which of a settlement's accounts pays (a team gateway's member key); empty where there is one."""
+    signer: Signer | None = None
+    """The gateway identity that signs this payer's orders and countersigns its receipts
+    (a team member's own, see ``node.team``); None: the gateway peer's."""
 
 
 class Settlement(Protocol):
@@ -56,8 +62,8 @@ class Settlement(Protocol):
     def release(self, grant: Grant, micro: int) -> None:
         """Give back a reservation: the order ended (its receipt, if any, is recorded right after)."""
 
-    def record(self, receipt: Receipt) -> None:
-        """Take a countersigned receipt; must make it durable before returning."""
+    def record(self, receipt: Receipt, grant: Grant | None = None) -> None:
+        """Take a countersigned receipt of a request ``grant`` authorized; must make it durable before returning."""
 
 
 class FreeSettlement:
@@ -81,6 +87,6 @@ class FreeSettlement:
     def release(self, grant: Grant, micro: int) -> None:
         """Nothing was held."""
 
-    def record(self, receipt: Receipt) -> None:
+    def record(self, receipt: Receipt, grant: Grant | None = None) -> None:
         self.receipts.append(receipt)
         del self.receipts[:-1000]

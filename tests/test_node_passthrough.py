@@ -91,7 +91,7 @@ class _Retaining(FreeSettlement):
         super().__init__()
         self.openings = {}
 
-    def retain(self, opening) -> None:
+    def retain(self, opening, grant=None) -> None:
         self.openings[opening.request_id] = opening
 
 
