@@ -75,6 +75,8 @@ class Issued:
     """Why each of ``allowance.refused_models`` is refused."""
     limited_by_balance: bool
     """The budget is less than asked because the account (or the key's limit) has no more: a gateway answers 402, not "retry"."""
+    terms: str = ""
+    """:func:`catalogue.terms_stamp` of the account when the refusals were read."""
     limit_note: str | None = None
     """Set when a key's spend limit, not the balance, capped the budget: the limit, in words."""
     key_expires_at: float | None = None
@@ -161,7 +163,8 @@ def issue(conn: Connection, signer: Signer, cfg: HubConfig, user: User, gateway_
         allowance_id=allowance_id, hub_id=signer.peer_id, account=user.account, gateway_id=gateway_id,
         budget_micro=budget, issued_at=now, expires_at=expires_at, refused_models=tuple(r.model for r in refusals),
     ).signed(signer)
-    return Issued(allowance, refusals, limited_by_balance=budget < target, limit_note=limit_note,
+    return Issued(allowance, refusals, limited_by_balance=budget < target, terms=catalogue.terms_stamp(conn, user.id),
+                  limit_note=limit_note,
                   key_expires_at=key_expires_at)
 
 
