@@ -177,7 +177,9 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         after = _query_float("after", 0.0, 0.0, 1e12)
         wait_s = _query_float("wait_s", 0.0, 0.0, hub.config.max_long_poll_s)
         terms = request.args.get("terms")
-        found, stamp = await hub.revocations(user, after, wait_s, terms[:200] if terms is not None else None)
+        if terms is not None and len(terms) > 200:
+            raise HubError(400, "invalid_request_error", "terms is at most 200 characters (the stamp an allowance came with)", "terms")
+        found, stamp = await hub.revocations(user, after, wait_s, terms)
         cursor = max([after, *(r.revoked_at for r in found)])
         return jsonify({"hub_id": hub.hub_id, "cursor": cursor, "terms": stamp,
                         "revocations": [base64.b64encode(r.encode()).decode() for r in found]})
