@@ -25,10 +25,14 @@ key's allowances never passes a limit; once nothing is left, the answer is
 Models: each allowance names the models its account's keys may not use
 (``refused_models``, see :mod:`gpunexus.hub.catalogue`); the answer to the
 gateway carries the reasons (licence name and URL) next to the signed bytes.
+A receipt for a model its covering allowance refused does not settle: honest
+gateways and hosts never serve one, so only a pair that ignored the
+allowance goes unpaid.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass
 
@@ -64,6 +68,11 @@ class AllowanceRow:
     issued_at: float
     expires_at: float
     key_id: str | None
+    refused_models: str | None
+    """JSON list of the model ids the signed allowance refuses (NULL: none)."""
+
+    def refuses(self, model: str) -> bool:
+        return bool(self.refused_models) and model in json.loads(self.refused_models)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +84,8 @@ class Issued:
     """Why each of ``allowance.refused_models`` is refused."""
     limited_by_balance: bool
     """The budget is less than asked because the account (or the key's limit) has no more: a gateway answers 402, not "retry"."""
+    terms: str = ""
+    """:func:`catalogue.terms_stamp` of the account when the refusals were read."""
     limit_note: str | None = None
     """Set when a key's spend limit, not the balance, capped the budget: the limit, in words."""
     key_expires_at: float | None = None
@@ -155,13 +166,15 @@ def issue(conn: Connection, signer: Signer, cfg: HubConfig, user: User, gateway_
         allowances.insert().values(
             allowance_id=allowance_id, user_id=user.id, gateway_id=gateway_id, budget=budget,
             remaining=budget, issued_at=now, expires_at=expires_at, live=True, key_id=key_id,
+            refused_models=json.dumps([r.model for r in refusals]) if refusals else None,
         )
     )
     allowance = Allowance(
         allowance_id=allowance_id, hub_id=signer.peer_id, account=user.account, gateway_id=gateway_id,
         budget_micro=budget, issued_at=now, expires_at=expires_at, refused_models=tuple(r.model for r in refusals),
     ).signed(signer)
-    return Issued(allowance, refusals, limited_by_balance=budget < target, limit_note=limit_note,
+    return Issued(allowance, refusals, limited_by_balance=budget < target, terms=catalogue.terms_stamp(conn, user.id),
+                  limit_note=limit_note,
                   key_expires_at=key_expires_at)
 
 
@@ -201,11 +214,21 @@ class GatewayAllowances:
                 return row
         return None
 
+    def refuse(self, t: float, skew: float, model: str) -> bool:
+        """Every allowance valid at ``t`` refuses ``model``.
+
+        Not just the newest: a receipt does not say which allowance its order
+        carried, and one sent under the allowance before a switch-off was
+        served in good faith.
+        """
+        rows = [r for r in self.windows if r.issued_at - skew <= t <= r.expires_at + skew]
+        return bool(rows) and all(r.refuses(model) for r in rows)
+
 
 def for_gateways(conn: Connection, gateway_ids: list[str], t_lo: float, t_hi: float) -> dict[str, GatewayAllowances]:
     """Allowances of these gateways valid somewhere in [t_lo, t_hi]; live rows locked."""
     cols = (allowances.c.allowance_id, allowances.c.user_id, allowances.c.gateway_id, allowances.c.remaining,
-            allowances.c.issued_at, allowances.c.expires_at, allowances.c.key_id)
+            allowances.c.issued_at, allowances.c.expires_at, allowances.c.key_id, allowances.c.refused_models)
     live = {
         r.gateway_id: AllowanceRow(*r)
         for r in conn.execute(

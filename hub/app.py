@@ -159,7 +159,7 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
                         "issued_at": a.issued_at, "expires_at": a.expires_at,
                         "limited_by_balance": issued.limited_by_balance,
                         "refused_models": [r.to_json() for r in issued.refusals],
-                        "limit": issued.limit_note, "key_expires_at": issued.key_expires_at})
+                        "limit": issued.limit_note, "key_expires_at": issued.key_expires_at, "terms": issued.terms})
 
     @app.post("/v1/receipts")
     async def submit() -> Response:
@@ -176,9 +176,12 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         user = await current_user(allow_revoked=True)
         after = _query_float("after", 0.0, 0.0, 1e12)
         wait_s = _query_float("wait_s", 0.0, 0.0, hub.config.max_long_poll_s)
-        found = await hub.revocations(user, after, wait_s)
+        terms = request.args.get("terms")
+        if terms is not None and len(terms) > 200:
+            raise HubError(400, "invalid_request_error", "terms is at most 200 characters (the stamp an allowance came with)", "terms")
+        found, stamp = await hub.revocations(user, after, wait_s, terms)
         cursor = max([after, *(r.revoked_at for r in found)])
-        return jsonify({"hub_id": hub.hub_id, "cursor": cursor,
+        return jsonify({"hub_id": hub.hub_id, "cursor": cursor, "terms": stamp,
                         "revocations": [base64.b64encode(r.encode()).decode() for r in found]})
 
     @app.get("/v1/balance")

@@ -11,10 +11,10 @@ request for it with 403 before any host works, and a host refuses an order
 for it. An uncatalogued model is not refused: the catalogue describes
 models, it is not a whitelist of what hosts may offer.
 
-A change (switch-off, acceptance) binds from the next allowance: at most half
-an allowance's lifetime later, since gateways renew at half-life, and at once
-after an acceptance, since a gateway that refused a model for its licence
-renews straight away.
+A change (switch-off, acceptance) binds from the next allowance, and
+gateways get that allowance within a second: the hub's revocation long poll
+also answers when :func:`terms_stamp` moved, and the gateway renews then (a
+gateway that refused a model for its licence also renews straight away).
 """
 
 from __future__ import annotations
@@ -138,6 +138,28 @@ def refusals(conn: Connection, user_id: int) -> list[Refusal]:
         elif m.licence_ack and m.model not in accepted:
             out.append(Refusal(m.model, "licence", m.licence_name, m.licence_url))
     return out
+
+
+def terms_stamp(conn: Connection, user_id: int) -> str:
+    """A value that changes whenever what :func:`refusals` says of ``user_id`` may have changed.
+
+    Gateways hold it from their allowance and hear, through the revocation
+    long poll, when it moved: then they renew at once, so a switch-off or an
+    acceptance binds within a second rather than at the next renewal.
+    """
+    edited = conn.execute(sa.select(sa.func.coalesce(sa.func.max(models.c.updated_at), 0.0))).scalar_one()
+    count, accepted = conn.execute(
+        sa.select(sa.func.count(), sa.func.coalesce(sa.func.max(licence_acceptances.c.accepted_at), 0.0))
+        .where(licence_acceptances.c.user_id == user_id)).one()
+    return f"{float(edited)!r}/{int(count)}/{float(accepted)!r}"
+
+
+def change_marker(conn: Connection) -> tuple:
+    """Changes with any catalogue edit or acceptance on this hub: what the long polls' watcher compares."""
+    return tuple(conn.execute(sa.select(
+        sa.select(sa.func.max(models.c.updated_at)).scalar_subquery(),
+        sa.select(sa.func.count()).select_from(licence_acceptances).scalar_subquery(),
+        sa.select(sa.func.max(licence_acceptances.c.accepted_at)).scalar_subquery())).one())
 
 
 def uncatalogued(conn: Connection, now: float) -> list[str]:

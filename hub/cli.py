@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      description="Create an API key for EMAIL and print it (the only time it is shown). "
                                                  "Spend limits cap what gateways may spend with it per UTC day and per "
                                                  "calendar month (UTC); past its expiry it gets 401, like a revoked key."))
-    create.add_argument("email")
+    create.add_argument("email", help="the user the key acts for")
     create.add_argument("--name", default="", help="a label for the key")
     create.add_argument("--limit-day", type=_limit, metavar="USD", help="most the key may spend per UTC day, e.g. 5 or 0.50")
     create.add_argument("--limit-month", type=_limit, metavar="USD", help="most the key may spend per calendar month (UTC)")

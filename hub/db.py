@@ -127,6 +127,7 @@ allowances = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("live", sa.Boolean, nullable=False),
     sa.Column("key_id", sa.String(32)),
+    sa.Column("refused_models", sa.Text),
     sa.CheckConstraint("remaining >= 0", name="allowance_not_negative"),
     sa.Index("allowances_by_gateway", "gateway_id", "issued_at"),
 )
@@ -136,7 +137,9 @@ When a gateway renews, the old allowance's remaining budget rolls over into
 the new one (``live`` moves), but the old row stays: it still proves that the
 gateway could spend for that account during its validity window. ``key_id``
 is the API key that asked for it (NULL on rows from before keys had limits):
-its receipts count against that key's spend limits.
+its receipts count against that key's spend limits. ``refused_models`` is the
+JSON list the signed allowance carries: receipts for those models do not
+settle under it.
 """
 
 receipt_log = sa.Table(
@@ -418,7 +421,7 @@ disputes = sa.Table(
 """Receipts a client asked the hub to audit (:mod:`gpunexus.hub.disputes`); the verdict is the ``audits`` row's."""
 
 _ADDED_COLUMNS = (users.c.suspended_at, api_keys.c.expires_at, api_keys.c.limit_day_micro, api_keys.c.limit_month_micro,
-                  allowances.c.key_id, receipt_log.c.key_id, models.c.family, models.c.licence_ack)
+                  allowances.c.key_id, allowances.c.refused_models, receipt_log.c.key_id, models.c.family, models.c.licence_ack)
 """Nullable columns added after the first release; :meth:`Database.create_schema` adds them to older databases."""
 
 _RETRY_PGCODES = {"40001", "40P01"}  # serialization_failure, deadlock_detected

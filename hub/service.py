@@ -88,34 +88,47 @@ class Hub:
         except keys.AuthError as exc:
             raise HubError(401, "invalid_api_key", str(exc)) from None
 
-    async def revocations(self, user: User, after: float, wait_s: float) -> list[Revocation]:
-        """Signed revocations of ``user``'s keys after ``after``; waits up to ``wait_s`` for one.
+    async def revocations(self, user: User, after: float, wait_s: float,
+                          terms: str | None = None) -> tuple[list[Revocation], str]:
+        """Signed revocations of ``user``'s keys after ``after``, and the account's terms stamp.
 
-        A long poll: the gateway keeps one open, so a revocation reaches it
-        within :attr:`REVOCATION_POLL_S` of the database write, whichever hub
-        process (or ``gpunexus hub key revoke``) made it.
+        A long poll: it waits up to ``wait_s`` for a revocation, or for the
+        account's :func:`~gpunexus.hub.catalogue.terms_stamp` to differ from
+        ``terms`` (what the gateway's allowance was issued under: a model
+        switched off, a licence accepted). The gateway keeps one open, so
+        either reaches it within :attr:`REVOCATION_POLL_S` of the database
+        write, whichever hub process (or ``gpunexus hub key revoke``) made it.
         """
+        def look(conn: Connection) -> tuple[list[tuple[str, float]], str]:
+            return keys.revocations_since(conn, user.id, after), catalogue.terms_stamp(conn, user.id)
+
+        seen = None
         with trio.move_on_after(wait_s):
             while True:
                 changed = self._revoked
-                found = await self.db.read(keys.revocations_since, user.id, after)
-                if found:
-                    return [Revocation(self.hub_id, key_id, user.account, at).signed(self.signer) for key_id, at in found]
+                seen = await self.db.read(look)
+                if seen[0] or (terms is not None and seen[1] != terms):
+                    break
                 await changed.wait()
-        return []
+                seen = None
+        found, stamp = seen if seen is not None else await self.db.read(look)
+        return [Revocation(self.hub_id, key_id, user.account, at).signed(self.signer) for key_id, at in found], stamp
 
     async def _watch_revocations(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Wake the long polls whenever the latest revocation in the database changes.
+        """Wake the long polls whenever the latest revocation, or the catalogue and its acceptances, change.
 
-        Polled, because revocations are written by other processes too (the
-        CLI, other hub processes on one PostgreSQL); one cheap indexed max()
+        Polled, because these are written by other processes too (the CLI,
+        other hub processes on one PostgreSQL); a few cheap max() and count()
         per interval for the whole hub, however many gateways are waiting.
         """
-        last = await self.db.read(keys.last_revocation)
+        def marker(conn: Connection) -> tuple:
+            return keys.last_revocation(conn), catalogue.change_marker(conn)
+
+        last = await self.db.read(marker)
         task_status.started()
         while True:
             await trio.sleep(REVOCATION_POLL_S)
-            now = await self.db.read(keys.last_revocation)
+            now = await self.db.read(marker)
             if now != last:
                 last = now
                 self._revoked.set()

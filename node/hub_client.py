@@ -24,6 +24,10 @@ when it runs with ``--hub URL --api-key KEY``:
   is refused from the moment the hub's signed revocation arrives, while the
   receipts already served under its allowance are still delivered (the hub
   takes them from a revoked key: the allowance, not the key, pays).
+* The same long poll answers when the account's catalogue terms moved (a
+  model switched off, a licence accepted; the stamp came with the allowance):
+  the allowance is renewed at once, so a switch-off binds within about a
+  second while the hub is reachable.
 * ``record`` appends the countersigned receipt to a SQLite queue on disk
   (``synchronous=FULL``) before it returns, so a killed gateway loses nothing.
 * :meth:`HubSettlement.run` renews the allowance in the background (at half
@@ -307,6 +311,8 @@ class HubSettlement:
         """(code, message) of the hub's last 402: no credit, or the key's spend limit reached."""
         self._refused_seen: set[str] = set()
         """Models refused under the current allowance that already asked for a renewal."""
+        self._terms: str | None = None
+        """The account's catalogue terms stamp the allowance came with (see the revocation poll)."""
         self._revocation_cursor = 0.0
         self._key_refused: str | None = None
         self._quiet = QuietLog(log)
@@ -490,6 +496,7 @@ class HubSettlement:
                                _refusal_messages(allowance.refused_models, data.get("refused_models"), self.hub_url),
                                _text_or_none(data.get("limit")), _number_or_none(data.get("key_expires_at")))
         self._refused_seen = set()
+        self._terms = data.get("terms")[:200] if isinstance(data.get("terms"), str) else None
         self._want_micro = None
         self._key_refused = None
         self._no_credit = False
@@ -564,9 +571,11 @@ class HubSettlement:
         backoff = 0.5
         while self._key_refused is None:
             try:
+                params: dict[str, Any] = {"after": self._revocation_cursor, "wait_s": REVOCATION_WAIT_S}
+                if self._terms is not None:
+                    params["terms"] = self._terms
                 data = await _call(self._http, "GET", "/v1/revocations", REVOCATION_WAIT_S + self.timeout_s,
-                                   params={"after": self._revocation_cursor, "wait_s": REVOCATION_WAIT_S},
-                                   timeout=REVOCATION_WAIT_S + self.timeout_s)
+                                   params=params, timeout=REVOCATION_WAIT_S + self.timeout_s)
                 self._hub_answered()
                 self._take_revocations(data)
                 backoff = 0.5
@@ -592,6 +601,12 @@ class HubSettlement:
             if revocation.hub_id == hub_id and revocation.key_id == self.key_id:
                 log.warning("API key %s was revoked at the hub: refusing its requests from now on", self.key_id)
                 self._key_refused = "Incorrect API key provided."
+        terms = data.get("terms")
+        if isinstance(terms, str) and self._terms is not None and terms != self._terms:
+            # The catalogue or this account's acceptances moved since the allowance: its
+            # refused models may be stale. Renew now (and poll with the new stamp, not spin).
+            self._terms = terms
+            self._renew_now.set()
         cursor = data.get("cursor")
         if isinstance(cursor, (int, float)) and math.isfinite(cursor):
             self._revocation_cursor = max(self._revocation_cursor, float(cursor))

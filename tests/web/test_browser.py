@@ -284,6 +284,7 @@ def test_a_client_accepts_a_licence_limits_a_key_and_disputes_a_request(live, br
 
     client, client_key = _user_with_password(live, "careful@example.com", "client", 1_000_000)
     host, _ = _user_with_password(live, "gpu3@example.com", "host")
+    live.hub.db.write_sync(catalogue.set_available, "ref-tiny", True, time.time())  # the admin test switched it off
     [request_id] = _settle(live, client, host, count=1)
     live.hub.db.write_sync(catalogue.upsert, catalogue.Model(
         "licensed-7b", "Licensed 7B", "Example Community Licence", "https://example.com/licence", 8192, True,
