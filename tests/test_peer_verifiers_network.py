@@ -1,0 +1,194 @@
+"""Peer verifiers as real peers: the hub sends audits to other hosts of the same model, judges, escalates, pays.
+
+``hub_replay=False`` makes the hub treat "tiny" as a model it cannot run, so
+every audit goes to peer verifiers exactly as one of an exllamav2 or
+``--backend openai`` model does. Hosts run the reference backend; verifiers
+are hosts too (``--verify`` is on by default), polled explicitly here so the
+test decides when they work.
+"""
+
+from __future__ import annotations
+
+import httpx
+import sqlalchemy as sa
+
+from gpunexus.hub import honesty, ledger
+from gpunexus.hub.config import HubConfig
+from gpunexus.hub.db import audit_jobs, audits
+from gpunexus.node.backends.reference import ReferenceBackend
+from gpunexus.node.runtime import HubLogin
+from gpunexus.verify.peer import PrefillReport
+from market import running_hub
+from peers import running_gateway, running_host, wait_for_offers
+from test_honesty_network import OtherModelBackend
+
+USD = 1_000_000
+NEVER = 3600.0
+PRICE = 100_000_000  # micro-USD per million tokens: receipts of a few thousand micro-USD, so the fee account fills  # background polls: once at start (the hub learns the verifier), then the test drives them
+
+
+class LazyVerifier(ReferenceBackend):
+    """Never computes: echoes the host's commitment and claims every token was the likeliest."""
+
+    async def prefill(self, job) -> PrefillReport:
+        n = len(job.opening.output_ids)
+        return PrefillReport("reference-float32", job.tokens_in, job.commitment, (-0.1,) * n, (0,) * n, 20, True, ())
+
+
+async def _ask(http: httpx.AsyncClient, text: str) -> None:
+    r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": text}],
+                                                   "max_tokens": 24, "temperature": 1.0})
+    assert r.status_code == 200, r.text
+
+
+async def _open_audits(gateway) -> None:
+    settlement = gateway.service.settlement
+    await settlement.flush()
+    assert len(settlement.queue) == 0
+    await settlement.answer_audits()
+
+
+async def _work(hub, verifiers, rounds: int = 4) -> None:
+    """Let every verifier answer what it is given until no audit waits for one (or nothing moves)."""
+    for _ in range(rounds):
+        for v in verifiers:
+            await v.verifier.poll_once()
+        if not _statuses(hub).get("verifying"):
+            return
+
+
+def _statuses(hub) -> dict[str, int]:
+    rows = hub.hub.db.read_sync(lambda c: c.execute(sa.select(audits.c.status, sa.func.count())
+                                                    .group_by(audits.c.status)).all())
+    return {s: n for s, n in rows}
+
+
+def _jobs(hub) -> list:
+    return hub.hub.db.read_sync(lambda c: c.execute(sa.select(audit_jobs).order_by(audit_jobs.c.created_at,
+                                                                                 audit_jobs.c.round)).all())
+
+
+def _total(hub) -> int:
+    from gpunexus.hub.db import accounts
+
+    return hub.hub.db.read_sync(lambda c: c.execute(sa.select(sa.func.sum(accounts.c.balance))).scalar_one())
+
+
+async def test_an_honest_host_passes_on_an_honest_peer_verifier_who_is_paid_once(tmp_path):
+    config = HubConfig(reference_price_micro_per_mtok=10 * PRICE, audit_rate=1.0, hub_replay=False, known_answer_rate=0.0, verifier_fee_micro=7)
+    async with running_hub(tmp_path / "hub", config) as hub:
+        client_key = hub.add_user("dev@example.com", "client", USD)
+        host_key, verifier_key = hub.add_user("gpu@example.com", "host"), hub.add_user("verifier@example.com", "host")
+        async with (
+            running_host(hub=HubLogin(hub.url, host_key), price=PRICE, verify_poll_s=NEVER) as host,
+            running_host(hub=HubLogin(hub.url, verifier_key), price=3 * PRICE, verify_poll_s=NEVER) as verifier,
+        ):
+            boot = [h.node.listen_addrs()[0] for h in (host, verifier)]
+            async with running_gateway(boot, hub=HubLogin(hub.url, client_key), home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway, count=2)
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60,
+                                             headers={"authorization": f"Bearer {client_key}"}) as http:
+                    for i in range(2):
+                        await _ask(http, f"honest question {i}")
+                assert {r.host_id for r in gateway.service.stats.receipts} == {host.node.peer_id}
+                await _open_audits(gateway)
+                assert _statuses(hub) == {"verifying": 2}
+                before = hub.balance("verifier@example.com")
+                await _work(hub, [host, verifier])
+                assert _statuses(hub) == {"passed": 2}
+                jobs = _jobs(hub)
+                assert [(j.verifier_id, j.verdict, j.fee) for j in jobs] == [(verifier.node.peer_id, "passed", 7)] * 2
+                assert hub.balance("verifier@example.com") == before + 14
+                # Answering again changes nothing: the hub keeps its verdict and pays each job once.
+                again = await verifier.hub.post_result(_resend(jobs[0]))
+                assert again["already"] and hub.balance("verifier@example.com") == before + 14
+                assert hub.hub.db.read_sync(ledger.verify).ok and _total(hub) == 0
+                report = {h["peer_id"]: h for h in hub.hub.db.read_sync(honesty.host_report, 10)}
+                recent = report[host.node.peer_id]["recent"]
+                assert all(v["status"] == "passed" and v["verifiers"] == [
+                    {"round": 1, "verifier_id": verifier.node.peer_id, "verdict": "passed"}] for v in recent)
+
+
+def _resend(job_row):
+    from gpunexus.protocol.codec import decode_as
+    from gpunexus.protocol.messages import VerifierResult
+
+    return decode_as(VerifierResult, job_row.result)
+
+
+async def test_another_model_fails_on_two_independent_verifiers_and_its_colluder_is_never_drawn(tmp_path):
+    config = HubConfig(reference_price_micro_per_mtok=10 * PRICE, audit_rate=1.0, hub_replay=False, known_answer_rate=0.0)
+    async with running_hub(tmp_path / "hub", config) as hub:
+        client_key = hub.add_user("dev@example.com", "client", USD)
+        keys = {name: hub.add_user(f"{name}@example.com", "host") for name in ("cheat", "v1", "v2")}
+        async with (
+            running_host(OtherModelBackend(), hub=HubLogin(hub.url, keys["cheat"]), price=PRICE,
+                         verify_poll_s=NEVER) as cheat,
+            # The cheat's own second host, verifying lazily: it would pass everything.
+            running_host(LazyVerifier(), hub=HubLogin(hub.url, keys["cheat"]), price=9 * PRICE,
+                         verify_poll_s=NEVER) as colluder,
+            running_host(hub=HubLogin(hub.url, keys["v1"]), price=3 * PRICE, verify_poll_s=NEVER) as v1,
+            running_host(hub=HubLogin(hub.url, keys["v2"]), price=3 * PRICE, verify_poll_s=NEVER) as v2,
+        ):
+            boot = [h.node.listen_addrs()[0] for h in (cheat, colluder, v1, v2)]
+            async with running_gateway(boot, hub=HubLogin(hub.url, client_key), home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway, count=4)
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60,
+                                             headers={"authorization": f"Bearer {client_key}"}) as http:
+                    for i in range(2):
+                        await _ask(http, f"cheated question {i}")
+                assert {r.host_id for r in gateway.service.stats.receipts} == {cheat.node.peer_id}
+                await _open_audits(gateway)
+                await _work(hub, [colluder, v1, v2, cheat])
+                assert _statuses(hub) == {"failed": 2}
+                jobs = _jobs(hub)
+                honest_ids = {v1.node.peer_id, v2.node.peer_id}
+                assert all(j.verifier_id in honest_ids and j.verdict == "failed" for j in jobs)
+                by_audit: dict[str, list] = {}
+                for j in jobs:
+                    by_audit.setdefault(j.request_id, []).append(j)
+                # Each failure rests on two rounds by two different verifiers; the colluder drew nothing.
+                assert all(sorted(j.round for j in js) == [1, 2] and {j.verifier_id for j in js} == honest_ids
+                           for js in by_audit.values())
+                assert colluder.verifier.answered == {}
+                report = {h["peer_id"]: h for h in hub.hub.db.read_sync(honesty.host_report, 10)}
+                for verdict in report[cheat.node.peer_id]["recent"]:
+                    assert verdict["status"] == "failed" and verdict["withheld_micro"] > 0
+                    assert {v["verifier_id"] for v in verdict["verifiers"]} == honest_ids
+                    assert any(r.startswith(f"verifier {v1.node.peer_id}: commitment") for r in verdict["reasons"])
+                assert report[cheat.node.peer_id]["failures"] == 2
+                assert hub.hub.db.read_sync(ledger.verify).ok and _total(hub) == 0
+
+
+async def test_a_lazy_verifier_is_caught_by_a_known_answer_job_and_gets_no_more_work(tmp_path):
+    config = HubConfig(reference_price_micro_per_mtok=10 * PRICE, audit_rate=1.0, hub_replay=False, known_answer_rate=1.0, verifier_fee_micro=5)
+    async with running_hub(tmp_path / "hub", config) as hub:
+        client_key = hub.add_user("dev@example.com", "client", USD)
+        host_key, lazy_key = hub.add_user("gpu@example.com", "host"), hub.add_user("lazy@example.com", "host")
+        async with (
+            running_host(hub=HubLogin(hub.url, host_key), price=PRICE, verify=False) as host,
+            running_host(LazyVerifier(), hub=HubLogin(hub.url, lazy_key), price=3 * PRICE, verify_poll_s=NEVER) as lazy,
+        ):
+            assert host.verifier is None  # --no-verify
+            boot = [h.node.listen_addrs()[0] for h in (host, lazy)]
+            async with running_gateway(boot, hub=HubLogin(hub.url, client_key), home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway, count=2)
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60,
+                                             headers={"authorization": f"Bearer {client_key}"}) as http:
+                    await _ask(http, "first question")
+                    await _open_audits(gateway)
+                    await _work(hub, [lazy], rounds=1)
+                    jobs = _jobs(hub)
+                    assert sorted((j.kind, j.verdict) for j in jobs) == [("audit", "passed"), ("known-bad", "passed")]
+                    # It passed random text: no fee for that job, a failure on its own record.
+                    assert sorted(j.fee for j in jobs) == [0, 5] and hub.balance("lazy@example.com") == 5
+                    [rep] = [r for p, r in hub.hub.db.read_sync(honesty.reputations) if p == lazy.node.peer_id]
+                    assert rep.fails == 1 and rep.p_honest < config.verifier_min_p_honest
+                    # The next audit finds no verifier in good standing: it waits, the lazy one gets nothing.
+                    await _ask(http, "second question")
+                    await _open_audits(gateway)
+                    assert await lazy.verifier.poll_once() == 0
+                    assert _statuses(hub) == {"passed": 1, "verifying": 1}
+                    first = {j.request_id for j in jobs}
+                    assert {j.status for j in _jobs(hub) if j.request_id not in first} == {"unassigned"}
+                    assert hub.hub.db.read_sync(ledger.verify).ok and _total(hub) == 0
