@@ -20,10 +20,13 @@
    :func:`gpunexus.verify.peer.judge`. An audit passes on one passing result; a
    failing one draws a round-2 verifier, and **the host fails only on two
    independent failures** (``record_verdict`` then withholds its pay as a hub
-   replay failure does). A ``known-bad`` job that the verifier's numbers pass
-   counts as a failure on the *verifier's* record (``host_reputation``): one
-   such miss takes it under ``verifier_min_p_honest``, so it gets no more jobs,
-   and its own hosting is audited more.
+   replay failure does). When round 2 contradicts round 1, a round-3 verifier
+   breaks the tie and the verifier in the minority gets a failure on its own
+   record: a hostile verifier that fails honest hosts is outvoted and loses
+   its work. A ``known-bad`` job that the verifier's numbers pass counts as a
+   failure on the *verifier's* record (``host_reputation``) too: one such miss
+   takes it under ``verifier_min_p_honest``, so it gets no more jobs, and its
+   own hosting is audited more.
 4. **Fees.** Each answered job, except a missed known-answer one, pays the
    verifier ``verifier_fee_micro`` from the platform fee account (as far as
    that balance goes), posted once under ``verify:<job id>``.
@@ -194,18 +197,26 @@ def accept_result(conn: Connection, cfg: HubConfig, user_id: int, result: Verifi
     if job.kind == "known-bad":
         _record(conn, result.verifier_id, not missed, now)  # the verifier's own record: did it compute?
         return out
-    if verdict.passed:
-        out["audit"] = honesty.record_verdict(conn, job.request_id, "passed", [], now)
-    elif job.round == 2:
-        first = conn.execute(sa.select(audit_jobs.c.verifier_id, audit_jobs.c.reasons).where(
-            audit_jobs.c.request_id == job.request_id, audit_jobs.c.kind == "audit", audit_jobs.c.round == 1)).one()
-        reasons = [f"verifier {first.verifier_id}: {r}" for r in json.loads(first.reasons)]
-        reasons += [f"verifier {result.verifier_id}: {r}" for r in verdict.reasons]
+    rounds = conn.execute(sa.select(audit_jobs.c.round, audit_jobs.c.verifier_id, audit_jobs.c.verdict,
+                                    audit_jobs.c.reasons)
+                          .where(audit_jobs.c.request_id == job.request_id, audit_jobs.c.kind == "audit",
+                                 audit_jobs.c.status == "answered").order_by(audit_jobs.c.round)).all()
+    fails = [r for r in rounds if r.verdict == "failed"]
+    passes = [r for r in rounds if r.verdict == "passed"]
+    if len(fails) >= 2:  # two independent failures: the host fails; a verifier that passed it was wrong
+        reasons = [f"verifier {r.verifier_id}: {x}" for r in fails for x in json.loads(r.reasons)]
         out["audit"] = honesty.record_verdict(conn, job.request_id, "failed", reasons, now)
-    else:  # one failure is not enough: a second, independent verifier
+        for r in passes:
+            _record(conn, r.verifier_id, False, now)
+    elif passes and (not fails or len(passes) >= 2):  # a pass, never contradicted or outvoted: the host passes
+        out["audit"] = honesty.record_verdict(conn, job.request_id, "passed", [], now)
+        for r in fails:
+            _record(conn, r.verifier_id, False, now)
+    else:  # one failure, or one against one: another independent verifier decides
+        next_round = job.round + 1
         conn.execute(ledger.insert_ignore(conn, audit_jobs).values(
-            job_id=job_id_for(job.request_id, "audit", 2), request_id=job.request_id, round=2, kind="audit",
-            model=job.model, model_hash=job.model_hash, opening=job.opening, status="unassigned",
+            job_id=job_id_for(job.request_id, "audit", next_round), request_id=job.request_id, round=next_round,
+            kind="audit", model=job.model, model_hash=job.model_hash, opening=job.opening, status="unassigned",
             avoid=json.dumps([*json.loads(job.avoid), result.verifier_id]), created_at=now, verdict="", reasons="[]",
             fee=0))
         out["escalated"] = True

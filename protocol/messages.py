@@ -589,7 +589,8 @@ class AuditJob(Message):
     but never the host's identity or its signed receipt: a verifier cannot
     favour a host it knows, and a known-answer job (an altered opening the
     hub made itself) looks like any other. ``round`` is 1 for the first
-    verifier of an audit, 2 for the one an escalation draws.
+    verifier of an audit, 2 for the one a failure draws, 3 for the one that
+    breaks a tie between the first two.
     """
 
     TYPE: ClassVar[str] = "audit_job"
@@ -614,7 +615,7 @@ class AuditJob(Message):
         _require(len(self.job_id) == 32, "audit_job.job_id must be 32 hex characters")
         _peer(self.hub_id, "audit_job.hub_id")
         _peer(self.verifier_id, "audit_job.verifier_id")
-        _require(self.round in (1, 2), "audit_job.round must be 1 or 2")
+        _require(self.round in (1, 2, 3), "audit_job.round must be 1, 2 or 3")
         _name(self.model, "audit_job.model")
         _require(0 < len(self.model_hash) <= MAX_NAME_CHARS, "audit_job.model_hash is empty or too long")
         _require(min(self.tokens_in, self.tokens_out) >= 0, "audit_job counts must be >= 0")

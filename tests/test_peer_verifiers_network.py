@@ -9,6 +9,8 @@ test decides when they work.
 
 from __future__ import annotations
 
+import dataclasses
+
 import httpx
 import sqlalchemy as sa
 
@@ -17,6 +19,7 @@ from gpunexus.hub.config import HubConfig
 from gpunexus.hub.db import audit_jobs, audits
 from gpunexus.node.backends.reference import ReferenceBackend
 from gpunexus.node.runtime import HubLogin
+from gpunexus.node.verifier import PeerVerifier
 from gpunexus.verify.peer import PrefillReport
 from market import running_hub
 from peers import running_gateway, running_host, wait_for_offers
@@ -102,11 +105,31 @@ async def test_an_honest_host_passes_on_an_honest_peer_verifier_who_is_paid_once
                 # Answering again changes nothing: the hub keeps its verdict and pays each job once.
                 again = await verifier.hub.post_result(_resend(jobs[0]))
                 assert again["already"] and hub.balance("verifier@example.com") == before + 14
+                # Bad input changes nothing: another account's peer id, a result by the wrong peer, a forgery.
+                async with httpx.AsyncClient(base_url=hub.url, headers={"authorization": f"Bearer {host_key}"}) as api:
+                    r = await api.get("/v1/audits/jobs", params={"peer_id": verifier.node.peer_id,
+                                                                 "model_hash": jobs[0].model_hash})
+                    assert r.status_code == 403
+                    r = await api.get("/v1/audits/jobs", params={"peer_id": host.node.peer_id})
+                    assert r.status_code == 400
+                    theirs = dataclasses.replace(_resend(jobs[0]), verifier_id=host.node.peer_id, sig=b"")
+                    r = await api.post("/v1/audits/results", json={"result": _b64(theirs.signed(host.hub.signer))})
+                    assert r.status_code == 409 and r.json()["error"]["code"] == "job_refused"
+                    forged = dataclasses.replace(_resend(jobs[0]), prompt_tokens=1)
+                    r = await api.post("/v1/audits/results", json={"result": _b64(forged)})
+                    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_result"
+                assert hub.balance("verifier@example.com") == before + 14
                 assert hub.hub.db.read_sync(ledger.verify).ok and _total(hub) == 0
                 report = {h["peer_id"]: h for h in hub.hub.db.read_sync(honesty.host_report, 10)}
                 recent = report[host.node.peer_id]["recent"]
                 assert all(v["status"] == "passed" and v["verifiers"] == [
                     {"round": 1, "verifier_id": verifier.node.peer_id, "verdict": "passed"}] for v in recent)
+
+
+def _b64(message) -> str:
+    import base64
+
+    return base64.b64encode(message.encode()).decode()
 
 
 def _resend(job_row):
@@ -191,4 +214,55 @@ async def test_a_lazy_verifier_is_caught_by_a_known_answer_job_and_gets_no_more_
                     assert _statuses(hub) == {"passed": 1, "verifying": 1}
                     first = {j.request_id for j in jobs}
                     assert {j.status for j in _jobs(hub) if j.request_id not in first} == {"unassigned"}
+                    assert hub.hub.db.read_sync(ledger.verify).ok and _total(hub) == 0
+
+
+class HostileVerifier(ReferenceBackend):
+    """Computes honestly, then claims the replay failed: every host it checks would fail."""
+
+    async def prefill(self, job) -> PrefillReport:
+        report = await super().prefill(job)
+        return dataclasses.replace(report, replay_reasons=("seed-replay: token 0 is not what the seed draws",))
+
+
+async def test_a_hostile_verifier_is_outvoted_the_honest_host_passes_and_the_hostile_one_gets_no_more_work(tmp_path):
+    config = HubConfig(reference_price_micro_per_mtok=10 * PRICE, audit_rate=1.0, hub_replay=False, known_answer_rate=0.0)
+    async with running_hub(tmp_path / "hub", config) as hub:
+        client_key = hub.add_user("dev@example.com", "client", USD)
+        keys = {name: hub.add_user(f"{name}@example.com", "host") for name in ("gpu", "hostile", "v1", "v2")}
+        async with (
+            running_host(hub=HubLogin(hub.url, keys["gpu"]), price=PRICE, verify=False) as host,
+            running_host(HostileVerifier(), hub=HubLogin(hub.url, keys["hostile"]), price=3 * PRICE,
+                         verify_poll_s=NEVER) as hostile,
+            # These two start verifying only later, so that the hostile one is certainly drawn first.
+            running_host(hub=HubLogin(hub.url, keys["v1"]), price=3 * PRICE, verify=False) as v1,
+            running_host(hub=HubLogin(hub.url, keys["v2"]), price=3 * PRICE, verify=False) as v2,
+        ):
+            boot = [h.node.listen_addrs()[0] for h in (host, hostile, v1, v2)]
+            async with running_gateway(boot, hub=HubLogin(hub.url, client_key), home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway, count=4)
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60,
+                                             headers={"authorization": f"Bearer {client_key}"}) as http:
+                    await _ask(http, "an honest answer")
+                    await _open_audits(gateway)
+                    assert await hostile.verifier.poll_once() == 1  # round 1: "failed"
+                    late = [PeerVerifier(v.hub, ReferenceBackend("tiny")) for v in (v1, v2)]
+                    assert await late[0].poll_once() == 1  # round 2: passed, one against one
+                    assert await late[0].poll_once() == 0  # the tie-break is never its own
+                    assert await late[1].poll_once() == 1  # round 3: passed
+                    assert _statuses(hub) == {"passed": 1}
+                    jobs = _jobs(hub)
+                    assert [(j.round, j.verifier_id, j.verdict) for j in jobs] == [
+                        (1, hostile.node.peer_id, "failed"), (2, v1.node.peer_id, "passed"),
+                        (3, v2.node.peer_id, "passed")]
+                    reps = dict(hub.hub.db.read_sync(honesty.reputations))
+                    assert reps[hostile.node.peer_id].fails == 1
+                    assert reps[hostile.node.peer_id].p_honest < config.verifier_min_p_honest
+                    assert host.node.peer_id not in reps or reps[host.node.peer_id].fails == 0
+                    # Outvoted once, the hostile verifier is drawn no more.
+                    await _ask(http, "another honest answer")
+                    await _open_audits(gateway)
+                    assert await hostile.verifier.poll_once() == 0
+                    assert await late[0].poll_once() + await late[1].poll_once() == 1
+                    assert _statuses(hub) == {"passed": 2}
                     assert hub.hub.db.read_sync(ledger.verify).ok and _total(hub) == 0
