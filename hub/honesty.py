@@ -354,7 +354,7 @@ def host_report(conn: Connection, recent: int = 5) -> list[dict]:
             "peer_id": peer, "audits": r.passes + r.fails, "failures": r.fails, "p_honest": r.p_honest,
             "excluded": rep_mod.excluded(r),
             "pending": conn.execute(sa.select(sa.func.count()).select_from(audits)
-                                    .where(audits.c.host_id == peer, audits.c.status == "pending")).scalar_one(),
+                                    .where(audits.c.host_id == peer, audits.c.status.in_(("pending", "verifying")))).scalar_one(),
             "recent": [{"request_id": x.request_id, "status": x.status, "reasons": json.loads(x.reasons or "[]"),
                         "decided_at": x.decided_at, "withheld_micro": x.withheld, "debt_micro": x.debt,
                         "verifiers": by_verifiers.get(x.request_id, [])} for x in rows],
@@ -375,8 +375,10 @@ def export_audits(conn: Connection, cfg: HubConfig, now: float) -> list[dict]:
       deadline passed (its secret is public); later periods are not listed (their secret stays hidden).
     * ``{"kind": "root", "host_id", "period", "root": base64 ReceiptRoot}``: every host-signed root.
     * ``{"kind": "verdict", "request_id", "host_id", "period", "rate", "status", "reasons": [..],
-      "decided_at"}``: every selected receipt (the receipt itself is in the receipt log), ``status``
-      ``pending``, ``passed``, ``failed``, ``unopened`` or ``skipped``.
+      "decided_at", "verifiers": [{"round", "verifier_id", "verdict"}]}``: every selected receipt (the
+      receipt itself is in the receipt log), ``status`` ``pending``, ``verifying`` (with peer
+      verifiers), ``passed``, ``failed``, ``unopened`` or ``skipped``; ``verifiers`` is empty where the
+      hub replayed the audit itself, else the escalation path (``hub/peer_audit.py``).
     """
     last = math.floor((now - cfg.audit_root_grace_s) / cfg.audit_period_s) - 1
     out: list[dict] = [{"format": AUDIT_LOG_FORMAT, "period_s": cfg.audit_period_s,
@@ -386,10 +388,12 @@ def export_audits(conn: Connection, cfg: HubConfig, now: float) -> list[dict]:
     for r in conn.execute(sa.select(audit_roots).order_by(audit_roots.c.period, audit_roots.c.host_id)):
         out.append({"kind": "root", "host_id": r.host_id, "period": r.period,
                     "root": base64.b64encode(r.blob).decode()})
-    for r in conn.execute(sa.select(audits).order_by(audits.c.selected_at, audits.c.request_id)):
+    rows = conn.execute(sa.select(audits).order_by(audits.c.selected_at, audits.c.request_id)).all()
+    judged = verifier_verdicts(conn, [r.request_id for r in rows])
+    for r in rows:
         out.append({"kind": "verdict", "request_id": r.request_id, "host_id": r.host_id, "period": r.period,
                     "rate": r.rate, "status": r.status, "reasons": json.loads(r.reasons or "[]"),
-                    "decided_at": r.decided_at})
+                    "decided_at": r.decided_at, "verifiers": judged.get(r.request_id, [])})
     return out
 
 

@@ -9,11 +9,13 @@ test decides when they work.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import httpx
 import sqlalchemy as sa
 
+from gpunexus.hub import cli as hub_cli
 from gpunexus.hub import honesty, ledger
 from gpunexus.hub.config import HubConfig
 from gpunexus.hub.db import audit_jobs, audits
@@ -139,7 +141,8 @@ def _resend(job_row):
     return decode_as(VerifierResult, job_row.result)
 
 
-async def test_another_model_fails_on_two_independent_verifiers_and_its_colluder_is_never_drawn(tmp_path):
+async def test_another_model_fails_on_two_independent_verifiers_and_its_colluder_is_never_drawn(tmp_path, monkeypatch,
+                                                                                              capsys):
     config = HubConfig(reference_price_micro_per_mtok=10 * PRICE, audit_rate=1.0, hub_replay=False, known_answer_rate=0.0)
     async with running_hub(tmp_path / "hub", config) as hub:
         client_key = hub.add_user("dev@example.com", "client", USD)
@@ -180,6 +183,17 @@ async def test_another_model_fails_on_two_independent_verifiers_and_its_colluder
                     assert {v["verifier_id"] for v in verdict["verifiers"]} == honest_ids
                     assert any(r.startswith(f"verifier {v1.node.peer_id}: commitment") for r in verdict["reasons"])
                 assert report[cheat.node.peer_id]["failures"] == 2
+                # The operator sees who judged: `gpunexus hub hosts`, and the audit export.
+                monkeypatch.setenv("GPUNEXUS_HOME", str(tmp_path / "hub"))
+                parser = argparse.ArgumentParser(prog="gpunexus")
+                hub_cli.register(parser.add_subparsers(dest="command", required=True))
+                args = parser.parse_args(["hub", "hosts"])
+                assert args.func(args) == 0
+                out = capsys.readouterr().out
+                assert out.count("verifier round 1: ") == 2 and out.count("verifier round 2: ") == 2
+                assert v1.node.peer_id in out and v2.node.peer_id in out and colluder.node.peer_id not in out
+                lines = hub.hub.db.read_sync(honesty.export_audits, config, 0.0)
+                assert all(len(x["verifiers"]) == 2 for x in lines if x.get("kind") == "verdict")
                 assert hub.hub.db.read_sync(ledger.verify).ok and _total(hub) == 0
 
 
