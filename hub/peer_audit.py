@@ -70,8 +70,11 @@ def _score(secret: bytes, label: bytes, job_id: str) -> int:
 def _altered(opening: Opening, job_id: str, seed: bytes) -> Opening:
     """The opening under a fresh id with its output replaced by random byte tokens: what no honest model drew."""
     rng = random.Random(seed)
-    ids = tuple(rng.randrange(32, 127) for _ in opening.output_ids)
-    text = bytes(ids).decode("ascii")
+    if opening.output_ids:
+        ids = tuple(rng.randrange(32, 127) for _ in opening.output_ids)
+        text = bytes(ids).decode("ascii")
+    else:  # an upstream host delivered text only
+        ids, text = (), "".join(chr(rng.randrange(32, 127)) for _ in opening.output_text)
     return Opening(job_id, opening.kind, opening.messages, opening.prompt, opening.continuation,
                    opening.sampling, opening.max_tokens, opening.first_draw, ids, text, opening.continuation_ids)
 
@@ -144,9 +147,8 @@ def assign(conn: Connection, cfg: HubConfig, signer: Signer, now: float) -> int:
         receipt = decode_as(Receipt, conn.execute(sa.select(audits.c.receipt)
                                                  .where(audits.c.request_id == job.request_id)).scalar_one())
         opening = decode_as(Opening, job.opening)
-        tokens_out = len(opening.output_ids) if job.kind == "known-bad" else receipt.tokens_out
         signed = AuditJob(job.job_id, signer.peer_id, verifier, job.round, job.model, job.model_hash, opening,
-                          receipt.tokens_in, tokens_out, receipt.finish_reason, receipt.commitment, now,
+                          receipt.tokens_in, receipt.tokens_out, receipt.finish_reason, receipt.commitment, now,
                           now + cfg.verifier_job_ttl_s).signed(signer)
         conn.execute(sa.update(audit_jobs).where(audit_jobs.c.job_id == job.job_id).values(
             status="assigned", verifier_id=verifier, job=signed.encode(), expires_at=signed.expires_at))
