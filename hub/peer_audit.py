@@ -188,7 +188,7 @@ def accept_result(conn: Connection, cfg: HubConfig, user_id: int, result: Verifi
     opening = signed.opening
     verdict = judge(tokens_in=signed.tokens_in, tokens_out=signed.tokens_out,
                     output_tokens=len(opening.output_ids) or len(result.logprobs), commitment=signed.commitment,
-                    report=report_of(result))
+                    report=report_of(result), temperature=opening.sampling.temperature)
     outcome = "passed" if verdict.passed else "failed"
     missed = job.kind == "known-bad" and verdict.passed
     fee = 0 if missed else _pay(conn, cfg, job.job_id, result.verifier_id, now)

@@ -214,12 +214,14 @@ class LogprobLimits:
     """Shorter outputs are judged on counts only: a handful of tokens says nothing statistically."""
 
 
-# Calibrated with ``calibrate_logprobs`` (tests/test_verify_peer.py::test_logprob_limits_calibration prints
-# it): 200 honest float16 "tiny" outputs of 48 tokens at temperatures 0.7-1.0, scored by the float32
-# reference as an upstream server would score them (top 5). Worst honest output: mean logprob -2.93,
-# 0.54 outside the top 5, longest improbable run 2. Another weight seed's outputs: mean <= -5.5, random
-# tokens: mean <= -6.5 and >= 0.9 outside the top 5. The limits sit between (margins in calibrate_logprobs).
-TINY_LOGPROB_LIMITS = LogprobLimits(min_mean_logprob=-4.0, max_outside_top_k=0.75, max_improbable_run=5)
+# Calibrated with ``calibrate_logprobs`` (``bench/verify.py --peer`` prints the run): 200 honest float16
+# "tiny" outputs of up to 48 tokens at temperatures 0.7-1.0 (top_p 1 or 0.95), scored by the float32
+# reference as an upstream server scores them (top 5). Worst honest output: mean logprob -2.63, 0.36 of its
+# tokens outside the top 5, longest improbable (p < 1e-3) run 1; calibrate_logprobs gives -3.6, 0.56, 3.
+# Another weight seed's outputs (194): mean <= -6.09, >= 0.75 outside the top 5; random bytes (200): mean
+# <= -12.2, >= 0.92 outside, runs >= 8. The shipped limits sit between, a little looser than calibrated
+# on the honest side.
+TINY_LOGPROB_LIMITS = LogprobLimits(min_mean_logprob=-4.0, max_outside_top_k=0.6, max_improbable_run=4)
 
 
 def logprob_stats(logprobs: Sequence[float], ranks: Sequence[int], top_k: int,
@@ -256,11 +258,15 @@ def judge(
     report: PrefillReport,
     thresholds: Thresholds = TINY_THRESHOLDS,
     logprob_limits: LogprobLimits = TINY_LOGPROB_LIMITS,
+    temperature: float = 1.0,
 ) -> Verdict:
     """The hub's verdict on a host's receipt from one verifier's report.
 
     ``tokens_in``/``tokens_out`` and ``commitment`` are the receipt's, ``output_tokens`` how many tokens
     the gateway's opening holds (its ids, or the verifier's count where the host gave no ids).
+    ``temperature`` is the request's: the logprob limits were calibrated on draws at temperatures up to
+    1, and a hotter draw is less likely under the temperature-1 scores, so above 1 the mean-logprob
+    limit is scaled by it.
     """
     reasons: list[str] = []
     if tokens_in != report.prompt_tokens:
@@ -285,8 +291,9 @@ def judge(
         stats = logprob_stats(report.logprobs, report.ranks, report.top_k, logprob_limits.improbable)
         if stats.n_tokens >= logprob_limits.min_tokens:
             lim = logprob_limits
-            if stats.mean_logprob < lim.min_mean_logprob:
-                reasons.append(f"logprobs: mean logprob {stats.mean_logprob:.2f} < {lim.min_mean_logprob}")
+            floor = lim.min_mean_logprob * max(1.0, temperature)
+            if stats.mean_logprob < floor:
+                reasons.append(f"logprobs: mean logprob {stats.mean_logprob:.2f} < {floor:.2f}")
             if stats.outside_top_k > lim.max_outside_top_k:
                 reasons.append(f"logprobs: {stats.outside_top_k:.2f} of tokens outside the top {report.top_k} "
                                f"> {lim.max_outside_top_k}")
