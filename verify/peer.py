@@ -41,6 +41,7 @@ import numpy as np
 from .audit import AuditPolicy, AuditRequest, AuditStats, Verdict, audit
 from .commitment import TINY_THRESHOLDS, BlockStats, CommitmentBuilder, CommitmentCheck, Thresholds, decode_commitment, CommitmentError
 from .model import ReferenceModel
+from .sampler import SamplingParams, sample, uniform
 from .tokenizer import ByteTokenizer
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "job_request",
     "judge",
     "logprob_stats",
+    "prefill_report",
     "reference_prefill",
 ]
 
@@ -144,6 +146,57 @@ def reference_prefill(
     verdict = audit(model, tokenizer, replayed, AuditPolicy(require_commitment=False), prefilled=(logits, hidden))
     reasons = tuple(r for r in verdict.reasons if r.split(":", 1)[0] in REPLAY_CODES)
     return PrefillReport(engine, len(prompt), commitment, logprobs, ranks, top_k, True, reasons)
+
+
+def prefill_report(
+    logits: np.ndarray,
+    hidden: np.ndarray,
+    prompt_len: int,
+    output: Sequence[int],
+    params: SamplingParams,
+    first_draw: int,
+    *,
+    engine: str,
+    host_commitment: bytes,
+    top_k: int = 20,
+    logit_tolerance: float = AuditPolicy().logit_tolerance,
+    replay_tolerance: float = AuditPolicy().replay_tolerance,
+) -> PrefillReport:
+    """A report from any engine's one forward pass: ``logits``/``hidden`` for every position of
+    prompt + output[:-1] (hidden may be empty: no commitment then).
+
+    The seed replay is ``verify.audit``'s (the same ``_distance`` tolerance for float noise at a
+    boundary), without the checks that need the reference tokenizer (stop strings, JSON mode) and
+    without logit shaping: an engine whose own decode loop shapes logits answers with ``reference_prefill``.
+    """
+    from .audit import _distance  # the same tolerance rule as the hub's own replay
+
+    start = prompt_len - 1
+    rows = np.asarray(logits[start : start + len(output)], dtype=np.float64)
+    peak = rows.max(axis=1, keepdims=True)
+    lse = (peak + np.log(np.exp(rows - peak).sum(axis=1, keepdims=True)))[:, 0]
+    index = np.arange(len(output))
+    logprobs = tuple(float(x) for x in rows[index, list(output)] - lse)
+    ranks = tuple(min(int((row > row[t]).sum()), RANK_UNKNOWN) for row, t in zip(rows, output, strict=True))
+    mismatches = []
+    for i, claimed in enumerate(output):
+        u = uniform(params.seed, first_draw + i)
+        expected, _ = sample(rows[i], params, u)
+        if expected != claimed and _distance(rows[i], params, u, claimed, expected, logit_tolerance) > replay_tolerance:
+            mismatches.append(f"token {i} is {claimed}, the seed draws {expected}")
+    reasons = (f"seed-replay: {len(mismatches)} of {len(output)} tokens are not what the seed draws ("
+               + "; ".join(mismatches[:3]) + ")",) if mismatches else ()
+    commitment = b""
+    if host_commitment and hidden.size:
+        try:
+            shape = decode_commitment(host_commitment)
+            builder = CommitmentBuilder(hidden.shape[1], min(shape.k, hidden.shape[1]), shape.block_size)
+        except (CommitmentError, ValueError):
+            builder = CommitmentBuilder(hidden.shape[1])
+        for row in hidden[start : start + len(output)]:
+            builder.add(row)
+        commitment = builder.finish()
+    return PrefillReport(engine, prompt_len, commitment, logprobs, ranks, top_k, True, reasons)
 
 
 def compare_commitments(host: bytes, verifier: bytes, thresholds: Thresholds = TINY_THRESHOLDS) -> CommitmentCheck:
