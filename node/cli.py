@@ -56,6 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     check_args.add_minimum_arguments(serve)
     serve.add_argument("--force", action="store_true", help="serve even if this machine fails the start-up check (logged, and marked in the offer's region)")
     serve.add_argument("--available", type=_windows, default=(), metavar="HH:MM-HH:MM[,...]", help="serve only inside these local-time windows, e.g. 18:00-08:00 (may wrap midnight; comma-separated); withdrawn outside them")
+    serve.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --hub: also act as a peer verifier for this model, replaying the prefill of other "
+                            "hosts' audited outputs for a per-job fee (default on where the backend can: reference, "
+                            "exllamav2, openai for completions; --no-verify turns it off)")
     serve.set_defaults(func=_serve)
 
     gw = actions.add_parser("gateway", help="run the OpenAI-compatible gateway on localhost", description="Serve the OpenAI API on localhost and stream every request from a host, peer to peer.")
@@ -190,6 +194,7 @@ def _serve(args: argparse.Namespace) -> int:
         hub=_hub_login(args),
         follow_market=follow_market,
         schedule=args.available,
+        verify=args.verify,
     )
 
     async def main() -> int:

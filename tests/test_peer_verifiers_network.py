@@ -280,3 +280,13 @@ async def test_a_hostile_verifier_is_outvoted_the_honest_host_passes_and_the_hos
                     assert await late[0].poll_once() + await late[1].poll_once() == 1
                     assert _statuses(hub) == {"passed": 2}
                     assert hub.hub.db.read_sync(ledger.verify).ok and _total(hub) == 0
+
+
+def test_node_serve_verifies_by_default_and_no_verify_turns_it_off():
+    from gpunexus.node import cli as node_cli
+
+    parser = argparse.ArgumentParser(prog="gpunexus")
+    node_cli.register(parser.add_subparsers(dest="command", required=True))
+    assert parser.parse_args(["node", "serve", "--model", "tiny"]).verify is True
+    assert parser.parse_args(["node", "serve", "--model", "tiny", "--no-verify"]).verify is False
+    assert parser.parse_args(["node", "serve", "--model", "tiny", "--verify"]).verify is True
