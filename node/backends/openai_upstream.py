@@ -14,8 +14,9 @@ this backend carry no activation commitment and cannot be seed-replayed.
 What can: as a peer verifier (``prefill``) this backend asks its own upstream
 for the logprobs of a delivered completion given its prompt
 (``/v1/completions`` with ``echo: true`` and ``logprobs: 5``, the OpenAI
-legacy scoring call that vLLM and TGI's OpenAI layer answer; llama.cpp's
-server and Ollama do not echo prompt logprobs), and the hub judges those
+legacy scoring call that vLLM answers; TGI has prompt logprobs only in its
+native ``/generate``, and llama.cpp's server and Ollama do not echo prompt
+logprobs through the OpenAI API), and the hub judges those
 numbers statistically (``verify.peer``). Chat audits are refused on this
 path: the chat template lives in the upstream, so the verifier cannot
 rebuild the exact prompt text.
