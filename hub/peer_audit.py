@@ -13,7 +13,9 @@
    excluded, never the audited host, nor a host of the host's account, nor an
    earlier verifier of the same audit or a host of its account (a second
    verifier is independent of the first). Anyone with the revealed secret and
-   the eligible set can recheck the draw. A job not answered within
+   the eligible set can recheck the draw. Two jobs of one request never go
+   to the same verifier (a known-answer job would stand out beside its
+   twin). A job not answered within
    ``verifier_job_ttl_s`` is drawn again, its late verifier avoided.
 3. **Results** (:func:`accept_result`). The verifier's signed
    :class:`~gpunexus.protocol.messages.VerifierResult` is judged by
@@ -138,7 +140,12 @@ def assign(conn: Connection, cfg: HubConfig, signer: Signer, now: float) -> int:
     open_rows = conn.execute(sa.select(audit_jobs).where(audit_jobs.c.status == "unassigned")
                              .order_by(audit_jobs.c.created_at, audit_jobs.c.job_id)).all()
     for job in open_rows:
-        pool = eligible(conn, cfg, job.model_hash, json.loads(job.avoid), now)
+        # Never both jobs of one request to one verifier: seeing the same prompt twice would tell it
+        # that one of them is a known-answer job.
+        siblings = conn.execute(sa.select(audit_jobs.c.verifier_id).where(
+            audit_jobs.c.request_id == job.request_id, audit_jobs.c.job_id != job.job_id,
+            audit_jobs.c.verifier_id.is_not(None))).scalars().all()
+        pool = [p for p in eligible(conn, cfg, job.model_hash, json.loads(job.avoid), now) if p not in siblings]
         if not pool:
             continue  # stays unassigned until a verifier of this model polls
         period = conn.execute(sa.select(audits.c.period).where(audits.c.request_id == job.request_id)).scalar_one()

@@ -198,36 +198,47 @@ async def test_another_model_fails_on_two_independent_verifiers_and_its_colluder
 
 
 async def test_a_lazy_verifier_is_caught_by_a_known_answer_job_and_gets_no_more_work(tmp_path):
-    config = HubConfig(reference_price_micro_per_mtok=10 * PRICE, audit_rate=1.0, hub_replay=False, known_answer_rate=1.0, verifier_fee_micro=5)
+    config = HubConfig(reference_price_micro_per_mtok=10 * PRICE, audit_rate=1.0, hub_replay=False,
+                       known_answer_rate=1.0, verifier_fee_micro=5)
     async with running_hub(tmp_path / "hub", config) as hub:
         client_key = hub.add_user("dev@example.com", "client", USD)
-        host_key, lazy_key = hub.add_user("gpu@example.com", "host"), hub.add_user("lazy@example.com", "host")
+        host_key = hub.add_user("gpu@example.com", "host")
+        lazy_keys = [hub.add_user(f"lazy{i}@example.com", "host") for i in (0, 1)]
         async with (
             running_host(hub=HubLogin(hub.url, host_key), price=PRICE, verify=False) as host,
-            running_host(LazyVerifier(), hub=HubLogin(hub.url, lazy_key), price=3 * PRICE, verify_poll_s=NEVER) as lazy,
+            running_host(LazyVerifier(), hub=HubLogin(hub.url, lazy_keys[0]), price=3 * PRICE, verify_poll_s=NEVER) as l0,
+            running_host(LazyVerifier(), hub=HubLogin(hub.url, lazy_keys[1]), price=3 * PRICE, verify_poll_s=NEVER) as l1,
         ):
             assert host.verifier is None  # --no-verify
-            boot = [h.node.listen_addrs()[0] for h in (host, lazy)]
+            boot = [h.node.listen_addrs()[0] for h in (host, l0, l1)]
+            lazy = {l0.node.peer_id: l0, l1.node.peer_id: l1}
             async with running_gateway(boot, hub=HubLogin(hub.url, client_key), home=tmp_path / "gw") as gateway:
-                await wait_for_offers(gateway, count=2)
+                await wait_for_offers(gateway, count=3)
                 async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60,
                                              headers={"authorization": f"Bearer {client_key}"}) as http:
                     await _ask(http, "first question")
                     await _open_audits(gateway)
-                    await _work(hub, [lazy], rounds=1)
-                    jobs = _jobs(hub)
-                    assert sorted((j.kind, j.verdict) for j in jobs) == [("audit", "passed"), ("known-bad", "passed")]
-                    # It passed random text: no fee for that job, a failure on its own record.
-                    assert sorted(j.fee for j in jobs) == [0, 5] and hub.balance("lazy@example.com") == 5
-                    [rep] = [r for p, r in hub.hub.db.read_sync(honesty.reputations) if p == lazy.node.peer_id]
-                    assert rep.fails == 1 and rep.p_honest < config.verifier_min_p_honest
-                    # The next audit finds no verifier in good standing: it waits, the lazy one gets nothing.
+                    await _work(hub, [l0, l1], rounds=1)
+                    jobs = {j.kind: j for j in _jobs(hub)}
+                    # The audit and its known-answer twin went to different verifiers; both "passed".
+                    assert sorted(jobs) == ["audit", "known-bad"]
+                    assert jobs["audit"].verifier_id != jobs["known-bad"].verifier_id
+                    assert {j.verdict for j in jobs.values()} == {"passed"}
+                    caught, other = jobs["known-bad"].verifier_id, jobs["audit"].verifier_id
+                    # Passing random text: no fee for that job, a failure on its own record.
+                    assert (jobs["known-bad"].fee, jobs["audit"].fee) == (0, 5)
+                    reps = dict(hub.hub.db.read_sync(honesty.reputations))
+                    assert reps[caught].fails == 1 and reps[caught].p_honest < config.verifier_min_p_honest
+                    assert other not in reps or reps[other].fails == 0
+                    # From now on the caught verifier is never drawn.
                     await _ask(http, "second question")
                     await _open_audits(gateway)
-                    assert await lazy.verifier.poll_once() == 0
-                    assert _statuses(hub) == {"passed": 1, "verifying": 1}
-                    first = {j.request_id for j in jobs}
-                    assert {j.status for j in _jobs(hub) if j.request_id not in first} == {"unassigned"}
+                    assert await lazy[caught].verifier.poll_once() == 0
+                    assert await lazy[other].verifier.poll_once() == 1
+                    first = {j.request_id for j in jobs.values()}
+                    later = [j for j in _jobs(hub) if j.request_id not in first]
+                    assert sorted(j.status for j in later) == ["answered", "unassigned"]
+                    assert all(j.verifier_id != caught for j in later)
                     assert hub.hub.db.read_sync(ledger.verify).ok and _total(hub) == 0
 
 
