@@ -301,3 +301,42 @@ def test_node_serve_verifies_by_default_and_no_verify_turns_it_off():
     assert parser.parse_args(["node", "serve", "--model", "tiny"]).verify is True
     assert parser.parse_args(["node", "serve", "--model", "tiny", "--no-verify"]).verify is False
     assert parser.parse_args(["node", "serve", "--model", "tiny", "--verify"]).verify is True
+
+
+async def test_a_job_not_answered_in_time_goes_to_another_verifier_and_the_late_answer_is_refused(tmp_path):
+    import time
+
+    import pytest
+
+    from gpunexus.node.hub_client import HubRefused
+    from gpunexus.node.verifier import result_for
+
+    config = HubConfig(reference_price_micro_per_mtok=10 * PRICE, audit_rate=1.0, hub_replay=False,
+                       known_answer_rate=0.0, verifier_job_ttl_s=60.0)
+    async with running_hub(tmp_path / "hub", config) as hub:
+        client_key = hub.add_user("dev@example.com", "client", USD)
+        keys = {name: hub.add_user(f"{name}@example.com", "host") for name in ("gpu", "slow", "v2")}
+        async with (
+            running_host(hub=HubLogin(hub.url, keys["gpu"]), price=PRICE, verify=False) as host,
+            running_host(hub=HubLogin(hub.url, keys["slow"]), price=3 * PRICE, verify=False) as slow,
+            running_host(hub=HubLogin(hub.url, keys["v2"]), price=3 * PRICE, verify=False) as v2,
+        ):
+            boot = [h.node.listen_addrs()[0] for h in (host, slow, v2)]
+            async with running_gateway(boot, hub=HubLogin(hub.url, client_key), home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway, count=3)
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60,
+                                             headers={"authorization": f"Bearer {client_key}"}) as http:
+                    await _ask(http, "who answers this audit?")
+                await _open_audits(gateway)
+                backend = ReferenceBackend("tiny")
+                [job] = await slow.hub.fetch_jobs([backend.info.model_hash])  # drawn, then silent
+                report = await backend.prefill(job)
+                hub.hub.clock = lambda: time.time() + 61.0  # its time is up
+                assert await PeerVerifier(v2.hub, backend).poll_once() == 1
+                assert _statuses(hub) == {"passed": 1}
+                [row] = _jobs(hub)
+                assert row.verifier_id == v2.node.peer_id and slow.node.peer_id in row.avoid
+                late = result_for(job, report, slow.node.peer_id, time.time()).signed(slow.hub.signer)
+                with pytest.raises(HubRefused) as refused:
+                    await slow.hub.post_result(late)
+                assert refused.value.status == 409
