@@ -194,6 +194,14 @@ async def test_another_model_fails_on_two_independent_verifiers_and_its_colluder
                 assert v1.node.peer_id in out and v2.node.peer_id in out and colluder.node.peer_id not in out
                 lines = hub.hub.db.read_sync(honesty.export_audits, config, 0.0)
                 assert all(len(x["verifiers"]) == 2 for x in lines if x.get("kind") == "verdict")
+                # `gpunexus audit --openings` says which verdicts rest on peer verifiers, and does not redo them.
+                log, openings = str(tmp_path / "receipts.jsonl"), str(tmp_path / "openings.jsonl")
+                for argv in (["hub", "receipts", "export", log], ["hub", "audits", "export", openings],
+                             ["audit", log, "--openings", openings]):
+                    args = parser.parse_args(argv)
+                    assert args.func(args) == 0
+                out = capsys.readouterr().out
+                assert "FAULT" not in out and out.count("rests on peer verifiers") == 2
                 assert hub.hub.db.read_sync(ledger.verify).ok and _total(hub) == 0
 
 
