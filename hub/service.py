@@ -218,6 +218,10 @@ class Hub:
         if problem:
             raise HubError(400, "invalid_opening", f"opening refused: {problem}", "opening")
         if not (self.config.hub_replay and honesty.reference_for(receipt.model_hash)):
+            if opening.kind == "embedding":  # peer verifiers replay generations, not vectors
+                return await self.db.write(honesty.record_verdict, request_id, "skipped",
+                                           ["embedding: no reference here, and peer verifiers replay generations only"],
+                                           self.clock(), blob)
             out = await self.db.write(peer_audit.open_jobs, self.config, request_id, receipt, blob, self.clock())
             await self.db.write(peer_audit.assign, self.config, self.signer, self.clock())
             return out

@@ -348,3 +348,20 @@ async def test_a_job_not_answered_in_time_goes_to_another_verifier_and_the_late_
                 with pytest.raises(HubRefused) as refused:
                     await slow.hub.post_result(late)
                 assert refused.value.status == 409
+
+
+async def test_an_embedding_the_hub_cannot_replay_is_skipped_not_sent_to_verifiers(tmp_path):
+    config = HubConfig(reference_price_micro_per_mtok=10 * PRICE, audit_rate=1.0, hub_replay=False)
+    async with running_hub(tmp_path / "hub", config) as hub:
+        client_key = hub.add_user("dev@example.com", "client", USD)
+        host_key = hub.add_user("gpu@example.com", "host")
+        async with running_host(hub=HubLogin(hub.url, host_key), price=PRICE, verify_poll_s=NEVER) as host:
+            async with running_gateway([host.node.listen_addrs()[0]], hub=HubLogin(hub.url, client_key),
+                                       home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway)
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60,
+                                             headers={"authorization": f"Bearer {client_key}"}) as http:
+                    r = await http.post("/embeddings", json={"model": "tiny", "input": "a vector, please"})
+                    assert r.status_code == 200, r.text
+                await _open_audits(gateway)
+                assert _statuses(hub) == {"skipped": 1} and _jobs(hub) == []
