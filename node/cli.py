@@ -322,6 +322,10 @@ def _control(args: argparse.Namespace) -> int:
     elif "earnings_error" in status:
         print(f"  earnings     unknown: {status['earnings_error']}")
     print(f"  uptime       {status['uptime_s']:.0f} s")
+    if "verifier" in status:
+        v = status["verifier"]
+        print(f"  verifier     {v['jobs']} jobs answered ({v['passed']} judged passed, {v['failed']} failed, "
+              f"{v['refused']} refused), {micro_to_usd(v['fees_micro'])} USD in fees")
     if "schedule" in status:
         when = status["schedule"]
         change = "never changes"

@@ -242,6 +242,8 @@ async def _serve_control(runtime: HostRuntime, folder: Path, *, task_status=trio
         out = service.status()
         if runtime.schedule is not None:
             out["schedule"] = runtime.schedule.status()
+        if runtime.verifier is not None:
+            out["verifier"] = runtime.verifier.status()
         return out
 
     @app.before_request

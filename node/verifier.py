@@ -71,6 +71,14 @@ class PeerVerifier:
             done += 1
         return done
 
+    def status(self) -> dict:
+        """Jobs answered, as the hub judged them, and the fees it paid (for ``gpunexus node status``)."""
+        answers = list(self.answered.values())
+        return {"jobs": len(answers), "passed": sum(a.get("verdict") == "passed" for a in answers),
+                "failed": sum(a.get("verdict") == "failed" for a in answers),
+                "refused": sum("refused" in a for a in answers),
+                "fees_micro": sum(int(a.get("fee_micro") or 0) for a in answers)}
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:

@@ -121,6 +121,7 @@ async def test_an_honest_host_passes_on_an_honest_peer_verifier_who_is_paid_once
                     r = await api.post("/v1/audits/results", json={"result": _b64(forged)})
                     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_result"
                 assert hub.balance("verifier@example.com") == before + 14
+                assert verifier.verifier.status() == {"jobs": 2, "passed": 2, "failed": 0, "refused": 0, "fees_micro": 14}
                 assert hub.hub.db.read_sync(ledger.verify).ok and _total(hub) == 0
                 report = {h["peer_id"]: h for h in hub.hub.db.read_sync(honesty.host_report, 10)}
                 recent = report[host.node.peer_id]["recent"]
