@@ -127,3 +127,24 @@ def test_logprob_path_passes_honest_and_fails_another_model_or_random_text():
     # The shipped limits are looser than what these few honest outputs alone would give.
     assert limits.min_mean_logprob >= TINY_LOGPROB_LIMITS.min_mean_logprob
     assert limits.max_improbable_run <= TINY_LOGPROB_LIMITS.max_improbable_run
+
+
+async def test_an_early_stop_and_a_replayed_answer_fail(verifiers):
+    model, _ = load_reference("tiny")
+    verifier = verifiers["float32"]
+    job = generate_job(model, "Write a haiku on trio", max_tokens=40, hub=HUB, verifier=VERIFIER)
+    assert job.tokens_out > 4 and job.finish_reason == "length"
+    cut = job.opening.output_ids[:4]
+    _, tokenizer = load_reference("tiny")
+    prompt = tokenizer.completion_prompt(job.opening.prompt)
+    _, hidden = model.new_session().prefill_all(prompt + list(cut)[:-1])
+    early = dataclasses.replace(job, tokens_out=4, finish_reason="stop",
+                                commitment=commit(hidden[len(prompt) - 1:], model.config.dim),
+                                opening=dataclasses.replace(job.opening, output_ids=cut))
+    assert "eos" in _judge(early, await verifier.prefill(early)).codes
+    other = generate_job(model, "List three colours", max_tokens=40, hub=HUB, verifier=VERIFIER)
+    replayed = dataclasses.replace(job, tokens_out=other.tokens_out, commitment=other.commitment,
+                                   finish_reason=other.finish_reason,
+                                   opening=dataclasses.replace(job.opening, output_ids=other.opening.output_ids))
+    codes = _judge(replayed, await verifier.prefill(replayed)).codes
+    assert {"commitment", "seed-replay"} <= codes
