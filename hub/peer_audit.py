@@ -8,8 +8,8 @@
    decided by the period's committed secret, like the audit selection itself.
 2. **The draw** (:func:`assign`). Each unassigned job is given to one verifier,
    drawn with ``SHA-256(domain || secret || job_id)`` among the eligible:
-   hosts that polled for jobs of the same model hash in the last
-   ``verifier_seen_s``, with ``p_honest >= verifier_min_p_honest`` and not
+   hosts with a live offer of the model that polled for jobs of the same
+   model hash in the last ``verifier_seen_s``, with ``p_honest >= verifier_min_p_honest`` and not
    excluded, never the audited host, nor a host of the host's account, nor an
    earlier verifier of the same audit or a host of its account (a second
    verifier is independent of the first). Anyone with the revealed secret and
@@ -50,7 +50,7 @@ from sqlalchemy.engine import Connection
 
 from . import honesty, ledger
 from .config import HubConfig
-from .db import audit_jobs, audit_openings, audits, hosts, users, verifiers
+from .db import audit_jobs, audit_openings, audits, hosts, offers, users, verifiers
 from .ledger import Journal
 
 _DRAW_DOMAIN = b"gpunexus-verifier-draw/1\0"
@@ -118,11 +118,14 @@ def _owners(conn: Connection, peer_ids: list[str]) -> dict[str, int]:
         if peer_ids else {}
 
 
-def eligible(conn: Connection, cfg: HubConfig, model_hash: str, avoid: list[str], now: float) -> list[str]:
-    """Peer ids that may verify a job of ``model_hash`` avoiding ``avoid`` (and their accounts), sorted."""
+def eligible(conn: Connection, cfg: HubConfig, model: str, model_hash: str, avoid: list[str], now: float) -> list[str]:
+    """Peer ids that may verify a job of ``model``/``model_hash`` avoiding ``avoid`` (and their accounts), sorted:
+    they poll for that model hash and have a live offer of that model (they serve it, not only claim to)."""
     avoided_accounts = set(_owners(conn, avoid).values())
+    serving = sa.select(offers.c.peer_id).where(offers.c.model == model, offers.c.expires_at >= now)
     rows = conn.execute(sa.select(verifiers.c.peer_id, verifiers.c.user_id).where(
-        verifiers.c.model_hash == model_hash, verifiers.c.seen_at >= now - cfg.verifier_seen_s)).all()
+        verifiers.c.model_hash == model_hash, verifiers.c.seen_at >= now - cfg.verifier_seen_s,
+        verifiers.c.peer_id.in_(serving))).all()
     candidates = [r.peer_id for r in rows if r.peer_id not in avoid and r.user_id not in avoided_accounts]
     reps = honesty.reputation_of(conn, candidates)
     return sorted(p for p in candidates
@@ -145,7 +148,8 @@ def assign(conn: Connection, cfg: HubConfig, signer: Signer, now: float) -> int:
         siblings = conn.execute(sa.select(audit_jobs.c.verifier_id).where(
             audit_jobs.c.request_id == job.request_id, audit_jobs.c.job_id != job.job_id,
             audit_jobs.c.verifier_id.is_not(None))).scalars().all()
-        pool = [p for p in eligible(conn, cfg, job.model_hash, json.loads(job.avoid), now) if p not in siblings]
+        pool = [p for p in eligible(conn, cfg, job.model, job.model_hash, json.loads(job.avoid), now)
+                if p not in siblings]
         if not pool:
             continue  # stays unassigned until a verifier of this model polls
         period = conn.execute(sa.select(audits.c.period).where(audits.c.request_id == job.request_id)).scalar_one()

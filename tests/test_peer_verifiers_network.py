@@ -14,6 +14,7 @@ import dataclasses
 
 import httpx
 import sqlalchemy as sa
+import trio
 
 from gpunexus.hub import cli as hub_cli
 from gpunexus.hub import honesty, ledger
@@ -321,7 +322,7 @@ async def test_a_job_not_answered_in_time_goes_to_another_verifier_and_the_late_
     from gpunexus.node.verifier import result_for
 
     config = HubConfig(reference_price_micro_per_mtok=10 * PRICE, audit_rate=1.0, hub_replay=False,
-                       known_answer_rate=0.0, verifier_job_ttl_s=60.0)
+                       known_answer_rate=0.0, verifier_job_ttl_s=0.5)
     async with running_hub(tmp_path / "hub", config) as hub:
         client_key = hub.add_user("dev@example.com", "client", USD)
         keys = {name: hub.add_user(f"{name}@example.com", "host") for name in ("gpu", "slow", "v2")}
@@ -340,7 +341,7 @@ async def test_a_job_not_answered_in_time_goes_to_another_verifier_and_the_late_
                 backend = ReferenceBackend("tiny")
                 [job] = await slow.hub.fetch_jobs([backend.info.model_hash])  # drawn, then silent
                 report = await backend.prefill(job)
-                hub.hub.clock = lambda: time.time() + 61.0  # its time is up
+                await trio.sleep(0.6)  # its time is up
                 assert await PeerVerifier(v2.hub, backend).poll_once() == 1
                 assert _statuses(hub) == {"passed": 1}
                 [row] = _jobs(hub)
@@ -366,3 +367,26 @@ async def test_an_embedding_the_hub_cannot_replay_is_skipped_not_sent_to_verifie
                     assert r.status_code == 200, r.text
                 await _open_audits(gateway)
                 assert _statuses(hub) == {"skipped": 1} and _jobs(hub) == []
+
+
+async def test_a_peer_that_only_claims_the_model_hash_but_serves_no_offer_is_never_drawn(tmp_path):
+    from gpunexus.node.hub_client import HostHubLink
+    from gpunexus.protocol.signing import Signer
+
+    config = HubConfig(reference_price_micro_per_mtok=10 * PRICE, audit_rate=1.0, hub_replay=False, known_answer_rate=0.0)
+    async with running_hub(tmp_path / "hub", config) as hub:
+        client_key = hub.add_user("dev@example.com", "client", USD)
+        host_key, idle_key = hub.add_user("gpu@example.com", "host"), hub.add_user("idle@example.com", "host")
+        idle = HostHubLink(hub.url, idle_key, Signer.generate())
+        await idle.connect()  # a registered host peer of its own account, with no offer at all
+        async with running_host(hub=HubLogin(hub.url, host_key), price=PRICE, verify=False) as host:
+            async with running_gateway([host.node.listen_addrs()[0]], hub=HubLogin(hub.url, client_key),
+                                       home=tmp_path / "gw") as gateway:
+                await wait_for_offers(gateway)
+                async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60,
+                                             headers={"authorization": f"Bearer {client_key}"}) as http:
+                    await _ask(http, "who may check this?")
+                await _open_audits(gateway)
+                assert await idle.fetch_jobs([host.service.backend.info.model_hash]) == []
+                assert [j.status for j in _jobs(hub)] == ["unassigned"]
+        await idle.aclose()
