@@ -61,6 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     check_args.add_minimum_arguments(serve)
     serve.add_argument("--force", action="store_true", help="serve even if this machine fails the start-up check (logged, and marked in the offer's region)")
     serve.add_argument("--available", type=_windows, default=(), metavar="HH:MM-HH:MM[,...]", help="serve only inside these local-time windows, e.g. 18:00-08:00 (may wrap midnight; comma-separated); withdrawn outside them")
+    serve.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --hub: also act as a peer verifier for this model, replaying the prefill of other "
+                            "hosts' audited outputs for a per-job fee (default on where the backend can: reference, "
+                            "exllamav2, openai for completions; --no-verify turns it off)")
     serve.set_defaults(func=_serve)
 
     gw = actions.add_parser("gateway", help="run the OpenAI-compatible gateway on localhost", description="Serve the OpenAI API on localhost and stream every request from a host, peer to peer.")
@@ -209,6 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
         hub=_hub_login(args),
         follow_market=follow_market,
         schedule=args.available,
+        verify=args.verify,
     )
 
     async def main() -> int:
@@ -347,6 +352,10 @@ def _control(args: argparse.Namespace) -> int:
     elif "earnings_error" in status:
         print(f"  earnings     unknown: {status['earnings_error']}")
     print(f"  uptime       {status['uptime_s']:.0f} s")
+    if "verifier" in status:
+        v = status["verifier"]
+        print(f"  verifier     {v['jobs']} jobs answered ({v['passed']} judged passed, {v['failed']} failed, "
+              f"{v['refused']} refused), {micro_to_usd(v['fees_micro'])} USD in fees")
     if "schedule" in status:
         when = status["schedule"]
         change = "never changes"

@@ -35,6 +35,7 @@ from .prices import PriceBook, follow_prices, relay_hub_prices
 from .schedule import Clock, ScheduleFollower, Window
 from .settlement import FreeSettlement, Settlement
 from .team import TeamSettlement
+from .verifier import PeerVerifier, can_verify
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class HostRuntime:
     control_url: str | None = None
     hub: HostHubLink | None = None
     schedule: ScheduleFollower | None = None
+    verifier: PeerVerifier | None = None
 
 
 @dataclass
@@ -98,6 +100,9 @@ class HostOptions:
     """Availability windows (``--available``): withdrawn outside them, announced inside; empty is always."""
     clock: Clock | None = None
     """The schedule's wall clock (tests inject one); the system's by default."""
+    verify: bool = True
+    """With a hub and a backend that can (``node/verifier.py``), also act as a peer verifier for the model."""
+    verify_poll_s: float = 5.0
 
 
 HUB_CONNECT_MAX_DELAY_S = 15.0
@@ -124,6 +129,7 @@ async def _connect_to_hub(link: HostHubLink) -> str:
 async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
     signer = load_identity(options.home, "host")
     link = None
+    verifier: PeerVerifier | None = None
     order_check = options.order_check
     if options.hub is not None:
         link = HostHubLink(options.hub.url, options.hub.api_key, signer)
@@ -150,11 +156,14 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
             service.announcer.on_announce.append(link.post_offer)
             service.on_receipt.append(link.record_receipt)
             nursery.start_soon(link.run_roots)  # each period's signed receipt root (audit selection)
+            if options.verify and can_verify(options.backend):
+                verifier = PeerVerifier(link, options.backend, poll_s=options.verify_poll_s)
+                nursery.start_soon(verifier.run)
             nursery.start_soon(functools.partial(relay_hub_prices, options.hub.url, node.pubsub, service.prices, interval=options.price_poll_s))
         await nursery.start(service.run)
         if follower is not None:
             nursery.start_soon(follower.run)
-        runtime = HostRuntime(node, service, hub=link, schedule=follower)
+        runtime = HostRuntime(node, service, hub=link, schedule=follower, verifier=verifier)
         if options.control and options.home is not None:
             runtime.control_url = await nursery.start(_serve_control, runtime, node_home(options.home, "host"))
         try:
@@ -240,6 +249,8 @@ async def _serve_control(runtime: HostRuntime, folder: Path, *, task_status=trio
         out = service.status()
         if runtime.schedule is not None:
             out["schedule"] = runtime.schedule.status()
+        if runtime.verifier is not None:
+            out["verifier"] = runtime.verifier.status()
         return out
 
     @app.before_request

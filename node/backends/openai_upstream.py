@@ -17,8 +17,16 @@ tool conversation or with images go to the engine as the client sent them
 
 What cannot be verified here: upstream servers expose no token ids and no
 hidden states, and do not sample with our seeded sampler, so receipts from
-this backend carry no activation commitment and cannot be seed-replayed; the
-honesty checks that remain are counts and spot checks of output quality.
+this backend carry no activation commitment and cannot be seed-replayed.
+What can: as a peer verifier (``prefill``) this backend asks its own upstream
+for the logprobs of a delivered completion given its prompt
+(``/v1/completions`` with ``echo: true`` and ``logprobs: 5``, the OpenAI
+legacy scoring call that vLLM answers; TGI has prompt logprobs only in its
+native ``/generate``, and llama.cpp's server and Ollama do not echo prompt
+logprobs through the OpenAI API), and the hub judges those
+numbers statistically (``verify.peer``). Chat audits are refused on this
+path: the chat template lives in the upstream, so the verifier cannot
+rebuild the exact prompt text.
 """
 
 from __future__ import annotations
@@ -30,12 +38,15 @@ import httpx
 import trio
 
 from . import lean_http
-from gpunexus.protocol.messages import PLAIN_TEXT, Capabilities
+from gpunexus.protocol.messages import PLAIN_TEXT, AuditJob, Capabilities
+from gpunexus.verify.peer import RANK_UNKNOWN, PrefillReport
 
 from .base import BackendError, GenerationRequest, GenerationResult, ModelInfo, Token
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 120.0
+ECHO_TOP_K = 5
+"""Alternatives per token asked of the upstream when scoring: OpenAI's legacy API allowed at most 5."""
 
 
 PASSED_THROUGH = ("tools", "json_mode", "json_schema", "vision", "penalties", "logit_bias")
@@ -139,6 +150,26 @@ class OpenAIUpstreamBackend:
             prompt_tokens = _estimate_prompt_tokens(request)
         return GenerationResult(prompt_tokens=int(prompt_tokens), completion_tokens=produced, finish_reason=finish_reason)
 
+    async def prefill(self, job: AuditJob) -> PrefillReport:
+        """As a peer verifier: the upstream's logprobs of the delivered completion (one scoring call, echo)."""
+        o = job.opening
+        if o.kind != "completion":
+            raise BackendError("the logprob path scores completions only: the chat template is the upstream's",
+                               code="bad_request", retryable=False)
+        prompt = o.prompt + o.continuation
+        body = {"model": self.upstream_model, "prompt": prompt + o.output_text, "echo": True, "logprobs": ECHO_TOP_K,
+                "max_tokens": 1, "temperature": 0.0}
+        try:
+            response = await self._client.post(f"{self.base_url}/completions", json=body)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"upstream unreachable: {type(exc).__name__}: {exc}") from None
+        if response.status_code != 200:
+            raise BackendError(f"upstream answered {response.status_code} to a scoring call: {response.text[:300]}")
+        try:
+            return _scored(response.json()["choices"][0]["logprobs"], len(prompt), len(prompt) + len(o.output_text))
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise BackendError(f"upstream's echo logprobs are not in the OpenAI shape: {exc}") from None
+
     async def _stream_lean(self, path: str, body: dict, events: _Events) -> None:
         assert self._lean is not None
         response = await self._lean.post(path, json.dumps(body).encode())
@@ -208,6 +239,21 @@ class _Events:
                 reason = choice.get("finish_reason")
                 if reason:
                     self.finish_reason = reason if reason in ("length", "tool_calls") else "stop"
+
+
+def _scored(logprobs: dict, prompt_end: int, output_end: int) -> PrefillReport:
+    """The report from an echo answer: tokens before ``prompt_end`` are the prompt, those up to
+    ``output_end`` the delivered output (what the upstream generated after it is ignored)."""
+    prompt_tokens, lps, ranks = 0, [], []
+    for token, lp, top, offset in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"],
+                                      logprobs["text_offset"], strict=True):
+        if offset < prompt_end:
+            prompt_tokens += 1
+        elif offset < output_end:
+            lps.append(float(lp))
+            alternatives = top or {}
+            ranks.append(sum(v > lp for v in alternatives.values()) if token in alternatives else RANK_UNKNOWN)
+    return PrefillReport("openai", prompt_tokens, b"", tuple(lps), tuple(ranks), ECHO_TOP_K, False)
 
 
 def _estimate_prompt_tokens(request: GenerationRequest) -> int:
