@@ -20,7 +20,7 @@ from gpunexus.node.settlement import FreeSettlement
 from gpunexus.protocol.codec import decode_as
 from gpunexus.protocol.messages import Opening
 from peers import running_gateway, running_host, wait_for_offers
-from upstream import running_engine
+from upstream import running_upstream
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -32,7 +32,7 @@ FORCED = {"type": "function", "function": {"name": "get_weather"}}
 
 @pytest.fixture
 async def market():
-    async with running_engine() as (engine, url):
+    async with running_upstream() as (url, engine):
         backend = OpenAIUpstreamBackend(url, "engine", upstream_model="tiny", supports=parse_supports("tools,json_mode,json_schema,vision"))
         async with running_host(backend) as host, running_gateway([host.node.listen_addrs()[0]]) as gateway:
             await wait_for_offers(gateway, model="engine")
@@ -97,7 +97,7 @@ class _Retaining(FreeSettlement):
 
 async def test_the_opening_of_a_tool_call_receipt_checks_out_for_an_audit():
     settlement = _Retaining()
-    async with running_engine() as (_, url):
+    async with running_upstream() as (url, _):
         backend = OpenAIUpstreamBackend(url, "engine", upstream_model="tiny", supports=parse_supports("tools"))
         async with running_host(backend) as host, running_gateway([host.node.listen_addrs()[0]], settlement=settlement) as gateway:
             await wait_for_offers(gateway, model="engine")

@@ -1,7 +1,7 @@
 """The logprob path: ``--backend openai`` hosts verify each other through their upstreams' echo logprobs.
 
 The upstreams are real local HTTP servers computing with the reference
-model (tests/logprob_upstream.py); the cheat's upstream runs another weight
+model (tests/upstream.py); the cheat's upstream runs another weight
 seed under the same model name, so its offers and receipts carry the same
 model hash. The hub has no reference for an upstream model's hash, so every
 audit goes to peer verifiers without any setting.
@@ -17,7 +17,7 @@ from gpunexus.hub.config import HubConfig
 from gpunexus.hub.db import audit_jobs
 from gpunexus.node.backends.openai_upstream import OpenAIUpstreamBackend
 from gpunexus.node.runtime import HubLogin
-from logprob_upstream import running_upstream
+from upstream import running_upstream
 from market import running_hub
 from peers import running_gateway, running_host, wait_for_offers
 from test_peer_verifiers_network import NEVER, PRICE, USD, _open_audits, _statuses, _work
