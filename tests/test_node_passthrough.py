@@ -159,3 +159,16 @@ async def test_a_host_without_tools_is_never_sent_them():
         error = await trio.to_thread.run_sync(use)
     assert error.code == "capability_not_offered" and "No host offers tools for model 'tiny'" in error.message
     assert plain.service.stats.served == 0
+
+
+async def test_token_id_prompts_to_a_host_of_unknown_tokenizer_are_refused(market):
+    _, _, gateway = market
+
+    def use():
+        sdk = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.completions.create(model="engine", prompt=[72, 105], max_tokens=4)
+        return refused.value
+
+    error = await trio.to_thread.run_sync(use)
+    assert error.param == "prompt" and "tokenizer this gateway knows" in error.message

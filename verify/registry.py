@@ -15,7 +15,7 @@ import numpy as np
 from .model import ModelConfig, ReferenceModel
 from .tokenizer import ByteTokenizer
 
-__all__ = ["REFERENCE_CONFIGS", "load_reference"]
+__all__ = ["REFERENCE_CONFIGS", "is_byte_level", "load_reference"]
 
 _TOKENIZER = ByteTokenizer()
 
@@ -49,3 +49,19 @@ def load_reference(name: str = "tiny", dtype: type = np.float32) -> tuple[Refere
         if key not in _models:
             _models[key] = ReferenceModel(REFERENCE_CONFIGS[name], _TOKENIZER, dtype=dtype)
         return _models[key], _TOKENIZER
+
+
+_byte_level_hashes: frozenset[str] | None = None
+
+
+def is_byte_level(model_hash: str) -> bool:
+    """Whether ``model_hash`` is a reference model's (fp32 or fp16): their vocabulary is the byte-level one.
+
+    The hashes are computed once, on first use (the weights are made from
+    their seeds), so only a process that asks pays for it.
+    """
+    global _byte_level_hashes
+    if _byte_level_hashes is None:
+        _byte_level_hashes = frozenset(load_reference(name, dtype)[0].model_hash
+                                       for name in REFERENCE_CONFIGS for dtype in (np.float32, np.float16))
+    return model_hash in _byte_level_hashes
