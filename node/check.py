@@ -245,8 +245,20 @@ async def _measure_generic(backend: Backend) -> float:
 async def run_gate(backend: Backend, backend_name: str, minimums: Minimums, *, hub: str | None = None,
                    bootstrap: list[str] | tuple[str, ...] = (), swarm_key: str | None = None,
                    network_strict: bool = True, survey=survey_gpus) -> Report:
-    """Measure everything, then judge. The network goes first: a libp2p dial is
-    CPU work that would otherwise be counted against the engine's speed."""
+    """Measure everything, then judge one model (:func:`run_gates` for several)."""
+    [report] = await run_gates([(backend, backend_name, minimums)], hub=hub, bootstrap=bootstrap, swarm_key=swarm_key,
+                               network_strict=network_strict, survey=survey)
+    return report
+
+
+async def run_gates(models: list[tuple[Backend, str, Minimums]], *, hub: str | None = None,
+                    bootstrap: list[str] | tuple[str, ...] = (), swarm_key: str | None = None,
+                    network_strict: bool = True, survey=survey_gpus) -> list[Report]:
+    """One report per (backend, backend name, minimums): the machine and the network
+    are measured once, each engine's speed on its own, each verdict against its own
+    model's minimums. The network goes first: a libp2p dial is CPU work that would
+    otherwise be counted against the engines' speed; the engines go one at a time
+    for the same reason."""
     hub_probe: Probe | None = None
     peers: list[Probe] = []
     gpus = GpuSurvey(())
@@ -269,9 +281,12 @@ async def run_gate(backend: Backend, backend_name: str, minimums: Minimums, *, h
         if bootstrap:
             nursery.start_soon(probe_the_peers)
         nursery.start_soon(survey_the_gpus)
-    throughput = await measure_throughput(backend)
-    measured = Measurements(gpus, throughput, hub_probe, tuple(peers))
-    return Report(backend.info.name, backend_name, minimums, measured, evaluate(measured, minimums, network_strict=network_strict))
+    reports = []
+    for backend, backend_name, minimums in models:
+        throughput = await measure_throughput(backend)
+        measured = Measurements(gpus, throughput, hub_probe, tuple(peers))
+        reports.append(Report(backend.info.name, backend_name, minimums, measured, evaluate(measured, minimums, network_strict=network_strict)))
+    return reports
 
 
 def unloadable_backend_report(model: str, backend_name: str, minimums: Minimums, error: str, *, survey=survey_gpus) -> Report:
