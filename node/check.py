@@ -155,10 +155,15 @@ def evaluate(measured: Measurements, minimums: Minimums, *, network_strict: bool
     a hub restarting, or a network that comes up after the service, must not
     keep a host down. A latency over the minimum is a FAIL either way.
     """
-    lines = [_vram_line(measured.gpus, minimums), _compute_line(measured.gpus, minimums), _throughput_line(measured.throughput, minimums)]
+    lines = [*evaluate_hardware(measured.gpus, minimums), _throughput_line(measured.throughput, minimums)]
     for probe in ([measured.hub] if measured.hub else []) + list(measured.peers):
         lines.append(_network_line(probe, minimums, network_strict))
     return tuple(lines)
+
+
+def evaluate_hardware(gpus: GpuSurvey, minimums: Minimums) -> tuple[CheckLine, CheckLine]:
+    """The VRAM and compute lines alone: what a model needs of the GPUs, judged without its engine."""
+    return _vram_line(gpus, minimums), _compute_line(gpus, minimums)
 
 
 def _vram_line(gpus: GpuSurvey, minimums: Minimums) -> CheckLine:
@@ -292,7 +297,7 @@ async def run_gates(models: list[tuple[Backend, str, Minimums]], *, hub: str | N
 def unloadable_backend_report(model: str, backend_name: str, minimums: Minimums, error: str, *, survey=survey_gpus) -> Report:
     """The verdict when the engine does not even start (no CUDA, unknown model): the GPU lines still say why."""
     measured = Measurements(survey(), Throughput(None, error))
-    lines = evaluate(measured, minimums)[:2] + (CheckLine("backend", FAIL, f"cannot load: {error}", "a working engine"),)
+    lines = evaluate_hardware(measured.gpus, minimums) + (CheckLine("backend", FAIL, f"cannot load: {error}", "a working engine"),)
     return Report(model, backend_name, minimums, measured, lines)
 
 

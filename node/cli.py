@@ -100,6 +100,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--json", action="store_true", help="print the measurements and verdicts as JSON")
     check.set_defaults(func=_check)
 
+    models = actions.add_parser("models", help="the known models this machine's hardware can serve, PASS/FAIL each",
+                                description="List the models gpunexus knows with what each needs (GPU memory for the weights and one slot's KV cache "
+                                "at --context, computed from the architecture; engine speed for the CPU reference models, measured here) against "
+                                "this machine (nvidia-smi, a short real run), PASS or FAIL each. 'node check --model M' then checks one fully.")
+    models.add_argument("--context", type=_positive_int, default=None, metavar="TOKENS", help="context to size the KV cache for (default 8192, capped by each model's own)")
+    models.add_argument("--bits", type=check_args._positive, default=None, metavar="BPW", help="EXL2 bits per weight of the GPU models (default 4.0)")
+    models.add_argument("--json", action="store_true", help="print every model's minimums and checks as JSON")
+    models.set_defaults(func=_models)
+
     market = sub.add_parser("market", help="market prices, demand, supply and utilisation per model", description="Show the hub's market: price, demand and supply (tokens/s), utilisation, hosts, what a GPU-hour earns, and the last day's prices, per model.")
     market.add_argument("--hub", default=os.environ.get("GPUNEXUS_HUB"), metavar="URL", help="hub base URL (or $GPUNEXUS_HUB)")
     market.add_argument("--json", action="store_true", help="print the hub's answer as JSON")
@@ -108,6 +117,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     key = actions.add_parser("swarm-key", help="write a new pre-shared key for a private swarm", description="Write a new swarm key file (libp2p pnet format). Share it with your team's hosts and gateways; peers without it cannot connect.")
     key.add_argument("path", type=Path)
     key.set_defaults(func=_swarm_key)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .known_models import DEFAULT_BITS, DEFAULT_CONTEXT, judge, known_models, render
+
+    listed = known_models(args.context or DEFAULT_CONTEXT, args.bits or DEFAULT_BITS)
+    gpus, verdicts = trio.run(judge, listed)
+    if args.json:
+        print(json.dumps({"gpu": gpus.describe(), "models": [v.to_json() for v in verdicts]}, indent=2))
+    else:
+        print(render(gpus, verdicts))
+    return 0
 
 
 def _windows(text: str):

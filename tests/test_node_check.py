@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import re
 import textwrap
 
 import pytest
@@ -237,3 +238,37 @@ async def test_serve_force_announces_the_measured_speed_and_says_so_in_the_offer
     finally:
         host.terminate()
         host.wait(timeout=30)
+
+
+# --- node models: what this machine's hardware can serve ----------------------------------------
+def test_gpu_memory_is_computed_from_the_architecture():
+    from gpunexus.node.known_models import GPU_MODELS, RUNTIME_OVERHEAD_GB, vram_gb
+
+    llama = GPU_MODELS["llama-3.1-8b-instruct"]
+    # 8.03e9 weights at 4 bits + a 8192-token FP16 KV cache of 32 layers x 8 heads x 128 + the runtime.
+    assert vram_gb(llama, 8192, 4.0) == round(4.015 + 2 * 32 * 8 * 128 * 2 * 8192 / 1e9 + RUNTIME_OVERHEAD_GB, 1) == 6.1
+    assert vram_gb(llama, 32768, 6.0) > vram_gb(llama, 8192, 6.0) > vram_gb(llama, 8192, 4.0)
+
+
+def test_models_lists_what_the_gpu_can_serve(fake_gpu):
+    out = run("node", "models", env=fake_gpu)
+    assert out.returncode == 0, out.stderr
+    verdicts = {cells[0]: cells[-1] for cells in (re.split(r"\s{2,}", line.strip()) for line in out.stdout.splitlines()) if len(cells) == 6}
+    assert verdicts.pop("MODEL") == "RESULT"
+    assert verdicts["tiny"] == verdicts["nano"] == "PASS"  # measured on this CPU
+    assert verdicts["llama-3.1-8b-instruct"] == verdicts["qwen2.5-32b-instruct"] == "PASS"  # 6.1 and 19.5 GB of 25.8
+    assert verdicts["llama-3.1-70b-instruct"] == "FAIL"  # 39 GB
+    assert "gpu       NVIDIA GeForce RTX 4090, 24564 MiB, compute 8.9" in out.stdout
+    longer = json.loads(run("node", "models", "--context", "131072", "--bits", "8", "--json", env=fake_gpu).stdout)
+    by_name = {m["model"]: m for m in longer["models"]}
+    assert by_name["llama-3.1-8b-instruct"]["context"] == 131072 and by_name["mistral-7b-instruct-v0.3"]["context"] == 32768  # capped
+    assert not by_name["llama-3.1-8b-instruct"]["ok"]  # 8 GB of weights, 17.2 GB of KV cache, 1 GB runtime: over 25.8
+    assert by_name["tiny"]["checks"][2]["name"] == "tokens/s" and by_name["tiny"]["ok"]
+
+
+def test_models_without_a_gpu_offers_the_reference_models_only():
+    out = run("node", "models", "--json", env=dict(os.environ, PATH="/nonexistent"))
+    report = json.loads(out.stdout)
+    assert report["gpu"].startswith("no GPU")
+    assert [m["model"] for m in report["models"] if m["ok"]] == ["tiny", "nano"]
+    assert run("node", "models", "--bits", "zero").returncode == 2
