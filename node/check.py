@@ -14,8 +14,9 @@ What is measured, and why it is the number that matters:
   holding a layer must run the kernels), from ``nvidia-smi`` (:mod:`.gpu`).
 - **tokens/s** of the chosen backend on a short real run: what a client's
   stream will see, and what the offer announces (never a claimed figure).
-- **latency** to the hub and to each bootstrap peer, over real round trips
-  (:mod:`.netprobe`).
+- **latency** to the hub and to each bootstrap peer, over real round trips,
+  and **bandwidth** each way to each bootstrap peer, over a few megabytes
+  moved on the same connection (:mod:`.netprobe`, :mod:`.speedtest`).
 
 Minimums come from flags. The hub has no catalogue of per-model minimums to
 read them from (``GET /v1/hub`` and the market routes say nothing about
@@ -58,6 +59,8 @@ class Minimums:
     compute_capability: tuple[int, int] | None = None
     max_latency_ms: float | None = None
     """Applies to the hub and to every bootstrap peer."""
+    bandwidth_mbps: float | None = None
+    """Mbit/s each way to every bootstrap peer (the hub's is not measured: see :mod:`.netprobe`)."""
     source: str = MINIMUMS_SOURCE
 
 
@@ -158,6 +161,8 @@ def evaluate(measured: Measurements, minimums: Minimums, *, network_strict: bool
     lines = [*evaluate_hardware(measured.gpus, minimums), _throughput_line(measured.throughput, minimums)]
     for probe in ([measured.hub] if measured.hub else []) + list(measured.peers):
         lines.append(_network_line(probe, minimums, network_strict))
+        if probe.kind == "peer" and probe.reachable:
+            lines.append(_bandwidth_line(probe, minimums, network_strict))
     return tuple(lines)
 
 
@@ -205,6 +210,18 @@ def _network_line(probe: Probe, minimums: Minimums, strict: bool) -> CheckLine:
     measured = f"{probe.latency_ms:.1f} ms" + (f" (connect {probe.connect_ms:.0f} ms)" if probe.connect_ms is not None else "")
     ok = limit is None or probe.latency_ms <= limit
     return CheckLine(name, PASS if ok else FAIL, measured, required, probe.target)
+
+
+def _bandwidth_line(probe: Probe, minimums: Minimums, strict: bool) -> CheckLine:
+    """Both directions must meet the minimum. Not measured (an older peer) is a WARN, unless a minimum
+    was asked for and the check is strict: then it is a FAIL, since nothing shows the link meets it."""
+    limit = minimums.bandwidth_mbps
+    required = "-" if limit is None else f">= {limit:g} Mbit/s"
+    if probe.down_mbps is None or probe.up_mbps is None:
+        return CheckLine("bandwidth", FAIL if strict and limit is not None else WARN, f"not measured: {probe.bandwidth_error}", required, probe.target)
+    measured = f"down {probe.down_mbps:g} / up {probe.up_mbps:g} Mbit/s"
+    ok = limit is None or min(probe.down_mbps, probe.up_mbps) >= limit
+    return CheckLine("bandwidth", PASS if ok else FAIL, measured, required, probe.target)
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -386,8 +403,11 @@ def add_minimum_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-vram-gb", type=_positive, default=None, metavar="GB", help="the model's minimum GPU memory, all GPUs together, in GB (no minimum by default)")
     p.add_argument("--min-compute-capability", type=_capability, default=None, metavar="X.Y", help="the lowest CUDA compute capability the model's kernels run on, e.g. 8.0 (no minimum by default)")
     p.add_argument("--max-latency-ms", type=_positive, default=None, metavar="MS", help="the most round-trip time to the hub and to each bootstrap peer (default: reachable is enough)")
+    p.add_argument("--min-bandwidth-mbps", type=_positive, default=None, metavar="MBIT_S",
+                   help="the least throughput each way to each bootstrap peer, in Mbit/s (measured by moving a few MB each way; no minimum by default)")
 
 
 def minimums_from(args: argparse.Namespace) -> Minimums:
     return Minimums(tokens_per_s=args.min_tokens_per_s, vram_gb=args.min_vram_gb,
-                    compute_capability=args.min_compute_capability, max_latency_ms=args.max_latency_ms)
+                    compute_capability=args.min_compute_capability, max_latency_ms=args.max_latency_ms,
+                    bandwidth_mbps=args.min_bandwidth_mbps)

@@ -93,6 +93,7 @@ MODEL_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "min_vram_gb": ((int, float), "the model's minimum GPU memory in GB"),
     "min_compute_capability": (str, "lowest CUDA compute capability, e.g. \"8.0\""),
     "max_latency_ms": ((int, float), "most round trip to the hub and each bootstrap peer"),
+    "min_bandwidth_mbps": ((int, float), "least throughput each way to each bootstrap peer, in Mbit/s"),
 }
 
 
@@ -164,7 +165,7 @@ def _spec_from_table(table: dict, defaults: ModelSpec, where: str) -> ModelSpec:
         raise ConfigError(f"{where}: no id (the public model name, e.g. id = \"tiny\")")
     where = f"{where} ({table['id']})"
     minimums = defaults.minimums
-    number_minimums = {"min_tokens_per_s": "tokens_per_s", "min_vram_gb": "vram_gb", "max_latency_ms": "max_latency_ms"}
+    number_minimums = {"min_tokens_per_s": "tokens_per_s", "min_vram_gb": "vram_gb", "max_latency_ms": "max_latency_ms", "min_bandwidth_mbps": "bandwidth_mbps"}
     for key, attr in number_minimums.items():
         if key in table:
             if not table[key] > 0:

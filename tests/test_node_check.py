@@ -190,6 +190,45 @@ async def test_check_measures_round_trips_to_a_real_hub_and_peer(tmp_path):
         assert result == "FAIL" and measured.startswith("unreachable: ")
 
 
+def test_bandwidth_is_judged_each_way_and_an_unmeasured_link_only_warns():
+    fast = Probe("peer", "/ip4/a", 1.0, 250.0, down_mbps=900.0, up_mbps=40.0)
+    old = Probe("peer", "/ip4/b", 1.0, 250.0, bandwidth_error="an older peer: no /gpunexus/speedtest/1")
+    measured = Measurements(GpuSurvey(()), Throughput(50.0), None, (fast, old))
+
+    def bandwidth(minimums, strict=True):
+        return [(ln.target, ln.status, ln.measured) for ln in evaluate(measured, minimums, network_strict=strict) if ln.name == "bandwidth"]
+
+    assert bandwidth(Minimums()) == [("/ip4/a", PASS, "down 900 / up 40 Mbit/s"), ("/ip4/b", WARN, "not measured: an older peer: no /gpunexus/speedtest/1")]
+    assert [s for _, s, _ in bandwidth(Minimums(bandwidth_mbps=50))] == [FAIL, FAIL]  # the slower direction decides; unmeasured proves nothing
+    assert [s for _, s, _ in bandwidth(Minimums(bandwidth_mbps=10), strict=False)] == [PASS, WARN]  # node serve: an older peer only warns
+    unreachable = Measurements(GpuSurvey(()), Throughput(50.0), None, (Probe("peer", "/ip4/c", error="refused"),))
+    assert [ln.name for ln in evaluate(unreachable, Minimums(bandwidth_mbps=10))][-1] == "peer"  # one FAIL line, not two
+
+
+async def test_check_measures_bandwidth_to_a_real_peer_and_gates_on_it():
+    from gpunexus.node import speedtest
+    from gpunexus.node.p2p import P2PConfig, open_p2p
+    from gpunexus.protocol.signing import Signer
+
+    async with running_host() as host, open_p2p(Signer.generate(), P2PConfig(["/ip4/127.0.0.1/tcp/0"])) as older:
+        older.host.remove_stream_handler(speedtest.PROTOCOL)  # a peer of a version before the speed test
+        peer, old = host.node.listen_addrs()[0], older.listen_addrs()[0]
+        out = await arun("node", "check", "--model", "tiny", "--bootstrap", peer, "--min-bandwidth-mbps", "1", "--json")
+        assert out.returncode == 0, out.stdout
+        report = json.loads(out.stdout)
+        [line] = [c for c in report["checks"] if c["name"] == "bandwidth"]
+        assert line["status"] == "PASS" and line["target"] == peer and line["required"] == ">= 1 Mbit/s"
+        [probe] = report["measured"]["network"]
+        assert probe["down_mbps"] > 1 and probe["up_mbps"] > 1  # megabytes really moved each way on loopback
+        assert report["minimums"]["bandwidth_mbps"] == 1
+        slow = await arun("node", "check", "--model", "tiny", "--bootstrap", peer, "--bootstrap", old, "--min-bandwidth-mbps", "1e9")
+        stdout = slow.stdout.decode()
+        assert slow.returncode == 1
+        assert [cells[1] for cells in row(stdout, "bandwidth")] == ["FAIL", "FAIL"]
+        assert "not measured: an older peer: no /gpunexus/speedtest/1" in stdout
+        assert [cells[1] for cells in row(stdout, "peer")] == ["PASS", "PASS"]  # the older peer is reachable all the same
+
+
 def test_check_refuses_a_url_that_is_not_a_hub(tmp_path):
     import http.server
     import threading

@@ -52,13 +52,15 @@ def test_a_config_file_gives_each_model_its_own_terms_and_flags_fill_the_gaps(tm
         min_tokens_per_s = 2
         min_vram_gb = 4
         min_compute_capability = "8.0"
+        min_bandwidth_mbps = 100
         force = true
         """)
     tiny, small = specs("--config", path, "--slots", "5", "--license", "flag licence")
     assert (tiny.price_micro(), tiny.slots, tiny.license, tiny.follows_market, tiny.force) == (250_000, 3, "Apache-2.0", False, False)
     assert (small.id, small.reference, small.follows_market, small.price_micro(), small.slots, small.license) == ("chat-small", "nano", True, 100_000, 5, "flag licence")
     assert (small.minimums.tokens_per_s, small.minimums.vram_gb, small.minimums.compute_capability, small.force) == (2.0, 4.0, (8, 0), True)
-    assert tiny.minimums.vram_gb is None  # one table's minimums are not another's
+    assert small.minimums.bandwidth_mbps == 100.0
+    assert tiny.minimums.vram_gb is None and tiny.minimums.bandwidth_mbps is None  # one table's minimums are not another's
 
 
 @pytest.mark.parametrize("text, message", [
