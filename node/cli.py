@@ -276,6 +276,7 @@ async def _gate(args: argparse.Namespace, specs: list[ModelSpec], options: HostO
         if not report.ok:
             if not spec.force:
                 print(f"refusing to serve {report.model}: this machine fails the check: {report.failure_summary()} (--force serves anyway)", file=sys.stderr, flush=True)
+                await model.backend.aclose()  # a GPU engine gives its memory back to the models that are served
                 continue
             model.region = forced_region(model.region, report)
             log.warning("--force: serving %s although it fails the check (%s); the offer's region says %r", report.model, report.failure_summary(), model.region)
