@@ -4,7 +4,8 @@ The architecture lives in the repository's top-level folders, installed as
 subpackages of this one: ``gpunexus.protocol`` (wire vocabulary),
 ``gpunexus.pricing`` (market logic), ``gpunexus.verify`` (honesty),
 ``gpunexus.node`` (libp2p peers) and ``gpunexus.hub`` (money and pages).
-``gpunexus.http_drain`` is HTTP plumbing the hub and the gateway share
+``gpunexus.http_drain`` (keep-alive draining) and ``gpunexus.listening``
+(port and bind checks at start-up) are plumbing the hub and the node share
 (neither owns it, since they never import each other).
 """
 

@@ -3,6 +3,11 @@
 Each role package owns its subcommands (``gpunexus.node.cli``,
 ``gpunexus.hub.cli``) and registers them here through ``register(sub)``; this
 module only wires them together, so node/ and hub/ never import each other.
+
+A command may file under another role's name: ``gpunexus hub challenger``
+is an operator's tool (so under ``hub``) but a libp2p gateway peer (so in
+node/). ``_GUESTS`` names such modules; each ``register(actions)`` adds its
+subcommands to the host command's actions.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import sys
 
 _ROLES = ("gpunexus.node.cli", "gpunexus.hub.cli", "gpunexus.demo")
+_GUESTS = (("hub", "gpunexus.node.challenger_cli"),)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,14 +31,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _ROLES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+        module = _role(name)
+        if module is not None:
+            module.register(sub)
+    for command, name in _GUESTS:
+        module = _role(name)
+        if module is not None and command in sub.choices:
+            module.register(_actions_of(sub.choices[command]))
     return parser
+
+
+def _role(name: str):
+    """The module ``name``, or None where this install leaves that package out."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        return None
+
+
+def _actions_of(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    """The subcommand table of a command (argparse keeps it among the parser's actions)."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def configure_logging(verbosity: int) -> None:
@@ -57,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `gpunexus node status | head`: the reader left. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def home() -> str:

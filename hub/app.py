@@ -1,6 +1,6 @@
 """The hub's HTTP API (quart-trio): JSON in, JSON out, OpenAI-shaped errors.
 
-Every route but ``/openapi.json``, ``/v1/hub``, the market's ``/v1/prices``
+``/metrics`` (Prometheus) needs an admin account's key. Every route but ``/openapi.json``, ``/v1/hub``, the market's ``/v1/prices``
 and ``/v1/market`` and the Stripe webhook needs ``Authorization: Bearer <API
 key>``; the key is checked against the database on every request
 (revocation is immediate) and then charged one token from its rate-limit
@@ -13,19 +13,20 @@ in :mod:`gpunexus.hub.openapi`, served at ``/openapi.json``.
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import hypercorn
 import hypercorn.trio
 import trio
-from quart import Response, jsonify, request
+from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from gpunexus.http_drain import DrainBody
 
-from . import bodies, web
+from . import bodies, metrics, web
 from .body import Body
 from .keys import User
 from .openapi import spec
@@ -67,6 +68,17 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
     app.asgi_app = DrainBody(app.asgi_app, max_bytes=DRAIN_BYTES, timeout_s=DRAIN_TIMEOUT_S)  # type: ignore[method-assign]
     receipts_body = bodies.receipts(hub.config.max_batch)
     limiter = limiter or RateLimiter(hub.config.rate_per_s, hub.config.rate_burst)
+    measured = metrics.HubMetrics()
+
+    @app.before_request
+    async def start_clock() -> None:
+        g.started = time.perf_counter()
+
+    @app.after_request
+    async def count(response: Response) -> Response:
+        rule = request.url_rule.rule if request.url_rule is not None else "unrouted"
+        measured.answered(rule, response.status_code, g.get("started", time.perf_counter()))
+        return response
 
     async def current_user(*, allow_revoked: bool = False) -> User:
         header = request.headers.get("authorization", "")
@@ -109,6 +121,13 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
             return resp
         return error_response(status, (exc.name or "error").lower().replace(" ", "_"), exc.description or exc.name)
 
+    @app.get("/metrics")
+    async def prometheus() -> tuple[bytes, int, dict[str, str]]:
+        user = await current_user()
+        if user.role != "admin":
+            raise HubError(403, "permission_denied", "/metrics needs an admin account's API key.")
+        return measured.render(await hub.db.read(metrics.snapshot)), 200, {"content-type": metrics.CONTENT_TYPE}
+
     @app.get("/openapi.json")
     async def openapi() -> Response:
         return jsonify(spec(hub.config.max_batch, billing.openapi_paths() if billing else None,
@@ -140,6 +159,7 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         # signatures, an allowance window); the allowance, not the key, pays.
         await current_user(allow_revoked=True)
         outcomes = await hub.submit((await read(receipts_body))["receipts"])
+        measured.outcomes(outcomes)
         return jsonify({"results": [o.to_json() for o in outcomes]})
 
     @app.get("/v1/revocations")

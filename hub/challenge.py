@@ -8,6 +8,9 @@ everyday prompts and sampling settings, so a host sees an order like any
 other. Every receipt such an account pays is audited (``hub/honesty.py``).
 
 The hub never imports the node: this module only speaks HTTP to the gateway.
+The request bodies come from :mod:`gpunexus.verify.challenges`, which the
+scheduled challenger (``gpunexus hub challenger``, node/challenger.py) draws
+from too.
 """
 
 from __future__ import annotations
@@ -17,29 +20,7 @@ import random
 import httpx
 import trio
 
-PROMPTS = (
-    "Write a short note to a colleague about moving our meeting to Thursday.",
-    "Summarise the plot of a heist film in three sentences.",
-    "What are three tips for keeping houseplants alive?",
-    "Explain what a hash table is to a new programmer.",
-    "Suggest a name for a bakery that sells sourdough.",
-    "Translate 'good morning, how are you?' into French and Spanish.",
-    "List five things to pack for a weekend hike.",
-    "Give me a haiku about autumn rain.",
-    "How do I reverse a list in Python?",
-    "Draft a polite reminder about an unpaid invoice.",
-)
-
-
-def challenge_body(model: str, rng: random.Random) -> dict:
-    """One ordinary-looking chat request (prompt, temperature, length vary as users' do)."""
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
-        "max_tokens": rng.choice((16, 24, 32, 48, 64)),
-        "temperature": rng.choice((0.0, 0.7, 0.7, 1.0)),
-        "top_p": rng.choice((1.0, 1.0, 0.95)),
-    }
+from gpunexus.verify.challenges import challenge_body
 
 
 async def send_challenges(base_url: str, api_key: str, model: str, count: int, *, interval_s: float = 0.0,

@@ -16,6 +16,8 @@ import time
 import uuid
 
 import trio
+
+from gpunexus.listening import check_bindable, port_arg
 from gpunexus.protocol.money import micro_to_usd, usd_to_micro
 
 from . import audit, chain, keys, receipts
@@ -38,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve = _with_db(actions.add_parser("serve", help="serve the hub HTTP API", description="Serve the hub API (OpenAPI at /openapi.json). "
                                         f"Stripe is used when ${STRIPE_KEY_ENV} and ${STRIPE_WEBHOOK_ENV} are set; otherwise manual-credits mode."))
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    serve.add_argument("--port", type=port_arg, default=8080, help="port (default 8080)")
     serve.add_argument("--fee-bps", type=int, default=HubConfig().fee_bps, help="platform fee in basis points (default 1000 = 10%%)")
     serve.add_argument("--public-url", default=None, help="URL people reach the hub at: Stripe Checkout return links; "
                        "https:// also makes the dashboard's cookies Secure")
@@ -328,6 +330,7 @@ def _serve(args: argparse.Namespace) -> int:
                            **({"reference_price_micro_per_mtok": default_ref} if default_ref else {}))
     except ValueError as exc:
         return _fail(str(exc))
+    check_bindable(args.host, args.port, "the hub")
     hub = _open(args, config)
     stripe_key, webhook_secret = os.environ.get(STRIPE_KEY_ENV), os.environ.get(STRIPE_WEBHOOK_ENV)
     billing = None

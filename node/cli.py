@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING
 import httpx
 import trio
 
+from gpunexus.listening import check_bindable, port_arg
 from gpunexus.protocol.money import micro_to_usd, usd_to_micro
 
 from . import check as check_args
+from .startup import check_libp2p_listen, multiaddr_arg, peer_multiaddr_arg
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -48,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--upstream", metavar="URL", help="--backend openai: base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1")
     serve.add_argument("--upstream-model", metavar="NAME", help="--backend openai: model name on the upstream (default: --model)")
     serve.add_argument("--upstream-key", metavar="KEY", help="--backend openai: bearer key for the upstream, if it needs one")
+    serve.add_argument("--upstream-supports", type=_supports, metavar="LIST", help="--backend openai: what the upstream engine does beyond plain text, "
+                       "announced in the offer and passed through: a comma-separated list of tools, json_mode, json_schema, vision, penalties, logit_bias "
+                       "(e.g. tools,json_schema for vLLM with tool calling on; default: plain text only)")
     serve.add_argument("--model-dir", metavar="DIR", help="--backend exllamav2: the EXL2 model folder")
     serve.add_argument("--price", default="0.20", metavar="USD_PER_MTOK|market", help="asking price in USD per million tokens (default 0.20), or 'market' to follow the hub's market price")
     serve.add_argument("--min-price", default=None, metavar="USD_PER_MTOK", help="with --price market: never ask less than this (default 0.20 until the first market price)")
@@ -56,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--region", default="", help="free-form region label shown to gateways")
     serve.add_argument("--license", default=None, help="licence note announced with the model (e.g. 'Apache-2.0', 'Llama 3.1 Community License')")
     serve.add_argument("--tokens-per-s", type=float, default=None, help="announce at most this speed (default: the speed measured at start; a claim above it is cut to it)")
-    serve.add_argument("--listen", action="append", metavar="MULTIADDR", help="libp2p listen address (default /ip4/0.0.0.0/tcp/4001); repeatable")
+    serve.add_argument("--listen", action="append", type=multiaddr_arg, metavar="MULTIADDR", help="libp2p listen address (default /ip4/0.0.0.0/tcp/4001); repeatable")
     _network_args(serve)
     check_args.add_minimum_arguments(serve)
     serve.add_argument("--force", action="store_true", help="serve even if this machine fails the start-up check (logged, and marked in the offer's region)")
@@ -65,8 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     gw = actions.add_parser("gateway", help="run the OpenAI-compatible gateway on localhost", description="Serve the OpenAI API on localhost and stream every request from a host, peer to peer.")
     gw.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
-    gw.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    gw.add_argument("--listen", action="append", metavar="MULTIADDR", help="libp2p listen address (default /ip4/127.0.0.1/tcp/0)")
+    gw.add_argument("--port", type=port_arg, default=8000, help="HTTP port (default 8000)")
+    gw.add_argument("--listen", action="append", type=multiaddr_arg, metavar="MULTIADDR", help="libp2p listen address (default /ip4/127.0.0.1/tcp/0)")
     gw.add_argument("--max-price", metavar="USD_PER_MTOK", help="never pay more than this per million tokens")
     gw.add_argument("--min-tokens-per-s", type=float, help="skip hosts announcing less than this speed")
     gw.add_argument("--first-token-timeout", type=float, default=10.0, help="seconds to wait for a host's first token before trying the next (default 10)")
@@ -95,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--model-dir", metavar="DIR", help="--backend exllamav2: the EXL2 model folder")
     check_args.add_minimum_arguments(check)
     check.add_argument("--hub", metavar="URL", help="measure the round trip to this hub (GET /v1/hub)")
-    check.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="measure the round trip to this peer (libp2p dial and ping); repeatable")
+    check.add_argument("--bootstrap", action="append", default=[], type=peer_multiaddr_arg, metavar="MULTIADDR", help="measure the round trip to this peer (libp2p dial and ping); repeatable")
     check.add_argument("--swarm-key", type=Path, metavar="FILE", help="private swarm key, to reach its peers")
     check.add_argument("--json", action="store_true", help="print the measurements and verdicts as JSON")
     check.set_defaults(func=_check)
@@ -141,6 +146,15 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _supports(text: str):
+    from .backends.openai_upstream import parse_supports
+
+    try:
+        return parse_supports(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _windows(text: str):
     from .schedule import parse_windows
 
@@ -151,7 +165,7 @@ def _windows(text: str):
 
 
 def _network_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="peer to dial at start (a host's 'peer:' line); repeatable")
+    p.add_argument("--bootstrap", action="append", default=[], type=peer_multiaddr_arg, metavar="MULTIADDR", help="peer to dial at start (a host's 'peer:' line); repeatable")
     p.add_argument("--swarm-key", type=Path, metavar="FILE", help="private swarm: only peers with this key can connect (see 'gpunexus node swarm-key')")
     p.add_argument("--hub", metavar="URL", help="settlement hub base URL (omit for a private swarm without billing)")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("GPUNEXUS_API_KEY"), help="hub API key (or $GPUNEXUS_API_KEY); without --hub on a gateway: the bearer key clients must send")
@@ -160,8 +174,10 @@ def _network_args(p: argparse.ArgumentParser) -> None:
 def _p2p(args: argparse.Namespace, default_listen: str) -> P2PConfig:
     from .p2p import P2PConfig, load_swarm_key
 
+    listen = args.listen or [default_listen]
+    check_libp2p_listen(listen)
     return P2PConfig(
-        listen=args.listen or [default_listen],
+        listen=listen,
         bootstrap=list(args.bootstrap),
         swarm_key=load_swarm_key(args.swarm_key) if args.swarm_key else None,
     )
@@ -187,7 +203,8 @@ def make_backend(spec: ModelSpec) -> Backend:
             raise SystemExit(f"--backend openai needs --upstream URL (e.g. http://127.0.0.1:11434/v1 for Ollama){_which(spec)}")
         from .backends.openai_upstream import OpenAIUpstreamBackend
 
-        return OpenAIUpstreamBackend(spec.upstream, spec.id, upstream_model=spec.upstream_model, api_key=spec.upstream_key, license=spec.license or "")
+        return OpenAIUpstreamBackend(spec.upstream, spec.id, upstream_model=spec.upstream_model, api_key=spec.upstream_key, license=spec.license or "",
+                                     **({"supports": spec.upstream_supports} if spec.upstream_supports is not None else {}))
     from .backends.exllamav2 import ExLlamaV2Backend
 
     if not spec.model_dir:
@@ -326,6 +343,7 @@ def _gateway(args: argparse.Namespace) -> int:
     from .settlement import FreeSettlement
 
     hub = _hub_login(args)
+    check_bindable(args.host, args.port, "the OpenAI API")
     options = GatewayOptions(host=args.host, port=args.port, p2p=_p2p(args, "/ip4/127.0.0.1/tcp/0"), config=config, settlement=FreeSettlement(api_key=args.api_key), home=_home(), hub=hub,
                              audit_retention_s=None if args.no_audit_retention else args.audit_retention, cors_origins=tuple(args.cors_origin))
 

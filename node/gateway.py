@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -102,6 +103,8 @@ class Delta:
     logprobs: tuple[float, ...] = ()
     details: tuple[TokenDetail, ...] = ()
     tokens: int = 0
+    tool_calls: tuple[dict, ...] = ()
+    """Tool-call deltas as the host's engine streamed them (OpenAI ``delta.tool_calls`` items)."""
 
 
 @dataclass
@@ -166,11 +169,13 @@ class _HostFailed(Exception):
 
 
 class _Outcome:
-    __slots__ = ("text", "tokens", "receipt", "problems", "token_ids", "vector")
+    __slots__ = ("text", "tokens", "receipt", "problems", "token_ids", "vector", "tool_calls")
 
     def __init__(self) -> None:
         self.text = ""
         self.tokens = 0
+        self.tool_calls = False
+        """Whether tool-call deltas reached the client: a stream of them cannot be continued elsewhere."""
         self.token_ids: list[int] = []
         self.receipt: Receipt | None = None
         self.problems: list[str] = []
@@ -266,6 +271,9 @@ class GatewayService:
                     busy_until = busy_until if busy_until is not None else trio.current_time() + self.config.queue_timeout
                 else:
                     failures += 1
+                if outcome.tool_calls:
+                    # A continuation carries text; half a tool call's arguments cannot be handed on.
+                    raise _MidStreamExhausted(f"the host failed while streaming tool calls, which cannot be continued elsewhere: {failure}")
                 delivered_text += outcome.text
                 delivered_tokens += outcome.tokens
                 if delivered_ids is not None and len(outcome.token_ids) == outcome.tokens:
@@ -441,6 +449,7 @@ class GatewayService:
             issued_at=time.time(),
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
+            upstream=request.upstream,
         ).signed(self.node.signer)
 
     async def _open(self, offer: Offer) -> FramedStream:
@@ -508,6 +517,7 @@ class GatewayService:
                         self._pool.refill(offer)
                     # Every chunk that came in with this one goes to the client as one delta.
                     text = []
+                    calls: list[dict] = []
                     detailed: list[Chunk] | None = [] if order.logprobs else None  # chunks whose logprobs the client asked for
                     before = outcome.tokens
                     while isinstance(msg, Chunk):
@@ -523,13 +533,18 @@ class GatewayService:
                         if msg.text:
                             text.append(msg.text)
                             parts.append(msg.text)
+                        if msg.tool_calls:
+                            if not order.upstream:
+                                raise _HostFailed("host sent tool calls the order did not ask for")
+                            calls.extend(_tool_call_deltas(msg.tool_calls))
                         msg = framed.receive_ready()
                     joined = text[0] if len(text) == 1 else "".join(text)
+                    outcome.tool_calls = outcome.tool_calls or bool(calls)
                     if detailed:
                         await emit(Delta(joined, tuple(lp for c in detailed for lp in c.logprobs),
-                                         tuple(d for c in detailed for d in c.details), outcome.tokens - before))
-                    elif text:
-                        await emit(Delta(joined, tokens=outcome.tokens - before))
+                                         tuple(d for c in detailed for d in c.details), outcome.tokens - before, tuple(calls)))
+                    elif text or calls:
+                        await emit(Delta(joined, tokens=outcome.tokens - before, tool_calls=tuple(calls)))
                     continue
                 if isinstance(msg, Embedding) and order.kind == "embedding" and not outcome.vector:
                     hasher.update_vector(msg.vector)
@@ -578,10 +593,23 @@ class GatewayService:
         self.settlement.record(countersigned)
 
 
-CARRIED = Capabilities(json_mode=True, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS, max_n=MAX_CHOICES, penalties=True,
-                       logit_bias=True, embeddings=True)
+CARRIED = Capabilities(tools=True, json_mode=True, json_schema=True, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS, max_n=MAX_CHOICES,
+                       penalties=True, logit_bias=True, vision=True, embeddings=True)
 """What an order can carry to a host (the gateway refuses a request needing more, even where a host offers it):
-tool definitions, JSON schemas and images have no place in an order yet."""
+everything a capability names; tools, JSON schemas and images travel in ``Order.upstream``."""
+
+
+def _tool_call_deltas(raw: bytes) -> list[dict]:
+    """A chunk's tool-call deltas, checked to be what the OpenAI stream shape holds (else the host failed)."""
+    try:
+        deltas = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _HostFailed("host sent tool calls that are not JSON") from None
+    if not isinstance(deltas, list) or not all(
+            isinstance(d, dict) and type(d.get("index")) is int and d["index"] >= 0
+            and isinstance(d.get("function", {}), dict) for d in deltas):
+        raise _HostFailed("host sent malformed tool-call deltas")
+    return deltas
 
 _PARAMS = {"json_mode": "response_format", "json_schema": "response_format", "penalties": "presence_penalty", "vision": "messages"}
 

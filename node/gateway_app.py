@@ -222,7 +222,7 @@ class _HotRoutes:
 
             async def collect(index: int, delta: Delta) -> None:
                 clock.delta(delta.tokens)
-                choices[index].add(delta.text, delta.logprobs, delta.details)
+                choices[index].add(delta.text, delta.logprobs, delta.details, delta.tool_calls)
 
             finishes = await self.gateway.complete_choices(req, bearer, collect)
             clock.finish()
@@ -237,7 +237,7 @@ class _HotRoutes:
 
         async def emit(index: int, delta: Delta) -> None:
             clock.delta(delta.tokens)
-            event = shaper.sse_delta(index, delta.text, delta.logprobs, delta.details)
+            event = shaper.sse_delta(index, delta.text, delta.logprobs, delta.details, delta.tool_calls)
             if sending is None:
                 await state.chunk(event)
                 return

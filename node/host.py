@@ -14,6 +14,7 @@ counters), and each can be taken back alone.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -30,9 +31,12 @@ from .backends.base import Backend, BackendError, GenerationRequest, Token
 from .offers import Announcer, OfferBook, OfferTerms, follow_offers
 from .prices import PriceBook, follow_prices
 from .p2p import P2PNode
+from .quietlog import QuietLog
 from .wire import FramedStream, PeerGone
 
 log = logging.getLogger(__name__)
+_refusals = QuietLog(log)
+"""A gateway that keeps sending what this host refuses (out of credit, under the ask) is one line per window."""
 
 ORDER_TIMEOUT = 30.0
 """How long a stream may stay open without an order: gateways keep spare
@@ -398,7 +402,7 @@ class HostService:
 
     async def _refuse(self, framed: FramedStream, server: ModelServer | None, code: str, message: str, retryable: bool) -> None:
         (server.stats if server is not None else self.unmatched).refused += 1
-        log.info("refused an order: %s (%s)", message, code)
+        _refusals.info(code, "refused an order: %s (%s)", message, code)
         with trio.move_on_after(SEND_TIMEOUT):
             await framed.send(Error(code=code, message=message, retryable=retryable))
 
@@ -509,19 +513,25 @@ def _chunk(tokens: list[Token]) -> Chunk:
     logprobs = tuple(t.logprob for t in tokens if t.logprob is not None)
     logprobs = logprobs if len(logprobs) == n_tokens else ()
     details = tuple(t.detail for t in tokens if t.detail is not None) if tokens[0].detail is not None else ()
+    calls = [d for t in tokens for d in t.tool_calls]
     return Chunk(
         text="".join(t.text for t in tokens),
         n_tokens=n_tokens,
         token_ids=ids if len(ids) == n_tokens else (),
         logprobs=logprobs,
         details=details if len(details) == n_tokens and logprobs else (),
+        tool_calls=json.dumps(calls, ensure_ascii=False, separators=(",", ":")).encode() if calls else b"",
     )
 
 
 def order_lacks(order: Order, caps: Capabilities) -> list[str]:
     """What ``order`` asks for that ``caps`` does not offer (the host's last check before serving)."""
     s = order.sampling
+    upstream = order.upstream_fields()
     wanted = {
+        "tools": ("tools" in upstream or any(m.role == "tool" for m in order.messages)) and not caps.tools,
+        "json_schema": "response_format" in upstream and not caps.json_schema,
+        "vision": _has_images(upstream.get("messages", ())) and not caps.vision,
         "embeddings": order.kind == "embedding" and not caps.embeddings,
         "logprobs": order.logprobs and not caps.logprobs,
         f"top_logprobs={order.top_logprobs}": order.top_logprobs > caps.top_logprobs,
@@ -530,3 +540,8 @@ def order_lacks(order: Order, caps: Capabilities) -> list[str]:
         "json_mode": s.json_mode and not caps.json_mode,
     }
     return [name for name, lacking in wanted.items() if lacking]
+
+
+def _has_images(messages: list) -> bool:
+    return any(isinstance(part, dict) and part.get("type") == "image_url"
+               for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list) for part in m["content"])

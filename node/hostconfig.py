@@ -25,8 +25,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpunexus.protocol.messages import Capabilities
 from gpunexus.protocol.money import usd_to_micro
 
+from .backends.openai_upstream import parse_supports
 from .check import Minimums, minimums_from
 from .gpu import parse_capability
 
@@ -49,6 +51,8 @@ class ModelSpec:
     upstream: str | None = None
     upstream_model: str | None = None
     upstream_key: str | None = None
+    upstream_supports: Capabilities | None = None
+    """``openai`` backend: what the upstream does beyond plain text (``--upstream-supports``); None is plain text."""
     model_dir: str | None = None
     price: str = "0.20"
     """USD per million tokens, or ``market``."""
@@ -81,6 +85,7 @@ MODEL_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "upstream": (str, "openai backend: base URL of the OpenAI-compatible server"),
     "upstream_model": (str, "openai backend: model name on the upstream"),
     "upstream_key": (str, "openai backend: bearer key for the upstream"),
+    "upstream_supports": ((str, list), "openai backend: what the upstream does beyond plain text, e.g. \"tools,json_schema\" or [\"tools\"]"),
     "model_dir": (str, "exllamav2 backend: the EXL2 model folder"),
     "price": ((str, int, float), "USD per million tokens, or \"market\""),
     "min_price": ((str, int, float), "with price = \"market\": the floor"),
@@ -122,6 +127,7 @@ def _defaults(args: argparse.Namespace) -> ModelSpec:
         upstream=args.upstream,
         upstream_model=args.upstream_model,
         upstream_key=args.upstream_key,
+        upstream_supports=getattr(args, "upstream_supports", None),
         model_dir=args.model_dir,
         price=getattr(args, "price", "0.20"),
         min_price=getattr(args, "min_price", None),
@@ -176,6 +182,12 @@ def _spec_from_table(table: dict, defaults: ModelSpec, where: str) -> ModelSpec:
             minimums = dataclasses.replace(minimums, compute_capability=parse_capability(table["min_compute_capability"]))
         except ValueError as exc:
             raise ConfigError(f"{where}: min_compute_capability: {exc}") from None
+    if "upstream_supports" in table:
+        names = table["upstream_supports"]
+        try:
+            table = {**table, "upstream_supports": parse_supports(names if isinstance(names, str) else ",".join(map(str, names)))}
+        except ValueError as exc:
+            raise ConfigError(f"{where}: upstream_supports: {exc}") from None
     plain = {k: (str(v) if k in ("price", "min_price") else v) for k, v in table.items() if k not in number_minimums and k != "min_compute_capability"}
     if "tokens_per_s" in plain:
         plain["tokens_per_s"] = float(plain["tokens_per_s"])

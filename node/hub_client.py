@@ -76,6 +76,7 @@ from gpunexus.protocol.messages import (
 )
 from gpunexus.protocol.signing import Signer
 
+from .quietlog import QuietLog
 from .settlement import Grant, SettlementRefused
 
 log = logging.getLogger(__name__)
@@ -258,6 +259,8 @@ class HubSettlement:
         """A larger budget to ask at the next renewal, when requests in flight need it."""
         self._revocation_cursor = 0.0
         self._key_refused: str | None = None
+        self._quiet = QuietLog(log)
+        """Failures of the background loops, each logged once per window (a hub down for an hour is one line)."""
         self._no_credit = False
         self._hub_reached = False
         self.key_id = api_key.split("_")[1] if api_key.count("_") >= 2 else ""
@@ -436,8 +439,9 @@ class HubSettlement:
             try:
                 await self.renew()
                 backoff = 1.0
+                self._quiet.resolved("renewal", "allowance renewed again")
             except (HubUnavailable, HubRefused, ProtocolError) as exc:
-                log.warning("allowance renewal failed: %s", exc)
+                self._quiet.warning("renewal", "allowance renewal failed: %s", exc)
                 # Back-off: never hammer a hub that is down or says no, but retry as
                 # soon as it answers anything else (it is back).
                 with trio.move_on_after(backoff):
@@ -466,9 +470,10 @@ class HubSettlement:
             try:
                 await self.flush()
                 backoff = 0.5
+                self._quiet.resolved("delivery", "receipts delivered again (%d queued)", len(self.queue))
                 continue
             except HubUnavailable as exc:
-                log.warning("receipt delivery failed (%d queued): %s", len(self.queue), exc)
+                self._quiet.warning("delivery", "receipt delivery failed (%d queued): %s", len(self.queue), exc)
                 delay = max(backoff, exc.retry_after or 0.0)
             except HubRefused as exc:
                 log.warning("hub refused a receipt batch: %s", exc)
@@ -523,15 +528,17 @@ class HubSettlement:
             await trio.sleep(self.audit_poll_s)
             try:
                 await self.answer_audits()
+                self._quiet.resolved("audits", "audit openings answered again")
             except (HubUnavailable, HubRefused, ProtocolError) as exc:
-                log.warning("audit openings: %s", exc)
+                self._quiet.warning("audits", "audit openings: %s", exc)
 
     async def _reputation_loop(self) -> None:
         while True:
             try:
                 await self.refresh_reputation()
+                self._quiet.resolved("reputation", "host reputations fetched again")
             except (HubUnavailable, HubRefused, ProtocolError, KeyError) as exc:
-                log.warning("host reputations: %s", exc)
+                self._quiet.warning("reputation", "host reputations: %s", exc)
             await trio.sleep(self.reputation_poll_s)
 
     async def answer_audits(self) -> int:
@@ -628,6 +635,7 @@ class HostHubLink:
         """Per period not yet published: ``merkle.receipt_leaf`` of each receipt signed, in issue order."""
         self.roots: dict[int, ReceiptRoot] = {}
         """Roots published (or refused by the hub) for the last periods, by period."""
+        self._quiet = QuietLog(log)
         self._http = httpx.AsyncClient(base_url=self.hub_url, headers={"authorization": f"Bearer {api_key}"},
                                        transport=transport, timeout=timeout_s)
 
@@ -709,7 +717,7 @@ class HostHubLink:
             except HubRefused as exc:
                 log.warning("hub refused the receipt root of period %d: %s", period, exc)
             except HubUnavailable as exc:
-                log.info("receipt root of period %d not published yet: %s", period, exc)
+                self._quiet.info("root", "receipt root of period %d not published yet: %s", period, exc)
                 continue
             else:
                 done.append(root)
@@ -726,7 +734,7 @@ class HostHubLink:
             try:  # the first use of a period creates its secret: before this host's root, as it must be
                 await _call(self._http, "GET", "/v1/audits/commitment", self.timeout_s)
             except (HubRefused, HubUnavailable) as exc:
-                log.info("audit commitment not fetched: %s", exc)
+                self._quiet.info("commitment", "audit commitment not fetched: %s", exc)
             await self.publish_roots()
             now = self.clock()
             next_end = (math.floor(now / self.audit_period_s) + 1) * self.audit_period_s

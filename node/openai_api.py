@@ -6,12 +6,13 @@ directly. Responses are shaped in :mod:`.openai_shapes`.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
 from gpunexus.protocol.limits import MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_STOP_SEQUENCES, MAX_TOKENS
 from gpunexus.pricing.capabilities import PLAIN, Needs
-from gpunexus.protocol.messages import MAX_CHOICES, MAX_TOP_LOGPROBS, ROLES, ChatMessage
+from gpunexus.protocol.messages import MAX_CHOICES, MAX_TOP_LOGPROBS, ROLES, ChatMessage, upstream_bytes
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -59,6 +60,9 @@ class CompletionRequest:
     json_mode: bool = False
     needs: Needs = PLAIN
     """What a host must offer to serve this request (see ``pricing.capabilities``)."""
+    upstream: bytes = b""
+    """Tools, tool choice, a JSON schema and messages beyond text, for a
+    pass-through host's engine (``Order.upstream``); empty for plain text."""
 
 
 # Every parameter of OpenAI's two completion APIs (and vLLM's ``top_k``): an
@@ -73,7 +77,6 @@ _CHAT = _COMMON | {
     "audio", "prediction", "reasoning_effort", "web_search_options",
 }
 _COMPLETION = _COMMON | {"prompt", "echo", "suffix", "best_of"}
-_TOOL_PARAMS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
 _NOT_SUPPORTED = ("audio", "prediction", "reasoning_effort", "web_search_options", "metadata", "echo", "suffix")
 """Known parameters no gateway host can honour yet: a 400 naming them when set."""
 
@@ -105,9 +108,13 @@ def parse_request(body: object, kind: str) -> CompletionRequest:
         raise bad("you must provide a model parameter", param="model")
     messages: tuple[ChatMessage, ...] = ()
     prompt = ""
-    vision = False
+    vision = tool_turns = False
+    upstream: dict = {}
     if kind == "chat":
-        messages, vision = _parse_messages(body.get("messages"))
+        messages, verbatim, vision, tool_turns = _parse_messages(body.get("messages"))
+        if verbatim is not None:
+            upstream["messages"] = verbatim
+        upstream.update(_parse_tools(body))
     else:
         prompt = _parse_prompt(body.get("prompt"))
     n = _integer(body, "n", 1, 1, MAX_CHOICES)
@@ -147,13 +154,15 @@ def parse_request(body: object, kind: str) -> CompletionRequest:
     logit_bias = _parse_logit_bias(body.get("logit_bias"))
     logprobs, top_logprobs = _parse_logprobs(body, kind)
     json_mode, json_schema = _parse_response_format(body.get("response_format"))
-    tools = any(body.get(name) not in (None, [], {}) for name in _TOOL_PARAMS)
+    if json_schema:
+        upstream["response_format"] = body["response_format"]
     needs = Needs(
-        tools=tools, json_mode=json_mode, json_schema=json_schema, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
+        tools=bool(upstream.get("tools")) or tool_turns, json_mode=json_mode, json_schema=json_schema, logprobs=logprobs, top_logprobs=top_logprobs, n=n,
         penalties=bool(presence or frequency), logit_bias=bool(logit_bias), vision=vision,
     )
     return CompletionRequest(kind, model, messages, prompt, stream, include_usage, max_tokens, temperature, top_p, top_k,
-                             stop, seed, user, n, presence, frequency, logit_bias, logprobs, top_logprobs, json_mode, needs)
+                             stop, seed, user, n, presence, frequency, logit_bias, logprobs, top_logprobs, json_mode, needs,
+                             upstream_bytes(upstream))
 
 
 def _parse_logit_bias(value: object) -> tuple[tuple[int, float], ...]:
@@ -191,7 +200,73 @@ def _parse_response_format(value: object) -> tuple[bool, bool]:
     kind = value.get("type") if isinstance(value, dict) else None
     if kind not in ("text", "json_object", "json_schema"):
         raise bad("'response_format.type' must be 'text', 'json_object' or 'json_schema'.", param="response_format.type")
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not _is_function_name(spec.get("name")):
+            raise bad("'response_format.json_schema' must be an object with a 'name' (1-64 letters, digits, _ or -).",
+                      param="response_format.json_schema")
+        if not isinstance(spec.get("schema", {}), dict) or not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise bad("'response_format.json_schema.schema' must be a JSON Schema object (and 'strict' a boolean).",
+                      param="response_format.json_schema.schema")
     return kind == "json_object", kind == "json_schema"
+
+
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_TOOLS = 128
+"""OpenAI's own bound on ``tools``."""
+
+
+def _is_function_name(value: object) -> bool:
+    return isinstance(value, str) and _FUNCTION_NAME.fullmatch(value) is not None
+
+
+def _parse_tools(body: dict) -> dict:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked, as the engine behind a host gets them."""
+    for name in ("functions", "function_call"):
+        if body.get(name) is not None:
+            raise bad(f"'{name}' is deprecated and not supported here: send 'tools' and 'tool_choice'.", param=name,
+                      code="unsupported_parameter")
+    out: dict = {}
+    tools = body.get("tools")
+    names = set()
+    if tools is not None:
+        if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+            raise bad(f"'tools' must be an array of at most {MAX_TOOLS} tools.", param="tools")
+        for i, tool in enumerate(tools):
+            where = f"tools[{i}]"
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+                raise bad(f"'{where}' must be {{\"type\": \"function\", \"function\": {{...}}}}.", param=where)
+            if not _is_function_name(function.get("name")):
+                raise bad(f"'{where}.function.name' must be 1-64 letters, digits, underscores or dashes.", param=f"{where}.function.name")
+            if not isinstance(function.get("parameters", {}), dict):
+                raise bad(f"'{where}.function.parameters' must be a JSON Schema object.", param=f"{where}.function.parameters")
+            if not isinstance(function.get("description", ""), str):
+                raise bad(f"'{where}.function.description' must be a string.", param=f"{where}.function.description")
+            names.add(function["name"])
+        if tools:
+            out["tools"] = tools
+    choice = body.get("tool_choice")
+    if choice is not None:
+        if not names:
+            raise bad("'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice")
+        if isinstance(choice, dict):
+            function = choice.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
+            if choice.get("type") != "function" or not isinstance(name, str):
+                raise bad("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}.", param="tool_choice")
+            if name not in names:
+                raise bad(f"'tool_choice' names the function '{name[:64]}', which is not in 'tools'.", param="tool_choice")
+        elif choice not in ("none", "auto", "required"):
+            raise bad("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}.", param="tool_choice")
+        out["tool_choice"] = choice
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None:
+        if not isinstance(parallel, bool):
+            raise bad("'parallel_tool_calls' must be a boolean.", param="parallel_tool_calls")
+        if names:
+            out["parallel_tool_calls"] = parallel
+    return out
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -238,48 +313,69 @@ def _encodable(text: str) -> bool:
     return True
 
 
-_MESSAGE_FIELDS = frozenset({"role", "content"})
-_TOOL_FIELDS = ("tool_calls", "function_call", "tool_call_id")
+_MESSAGE_FIELDS = {"assistant": frozenset({"role", "content", "tool_calls"}), "tool": frozenset({"role", "content", "tool_call_id"})}
+_TEXT_FIELDS = frozenset({"role", "content"})
 
 
-def _parse_messages(value: object) -> tuple[tuple[ChatMessage, ...], bool]:
-    """The messages flattened to text, and whether any holds an image (a vision need)."""
+def _parse_messages(value: object) -> tuple[tuple[ChatMessage, ...], list | None, bool, bool]:
+    """The messages flattened to text; the messages as given where one is more than
+    text (else None); whether any holds an image (a vision need); whether any is a
+    tool call or a tool result (a tools need)."""
     if not isinstance(value, list) or not value:
         raise bad("'messages' must be a non-empty array.", param="messages")
     if len(value) > MAX_MESSAGES:
         raise bad(f"'messages' may hold at most {MAX_MESSAGES} messages.", param="messages")
     out = []
     total = 0
-    vision = False
+    vision = tool_turns = False
     for i, m in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad(f"'{where}' must be an object.", param=where)
         role = m.get("role")
-        if role in ("tool", "function"):
-            raise bad(f"'{where}.role' is '{role}': tool results need tool calling, which no host behind this gateway offers.",
+        if role == "function":
+            raise bad(f"'{where}.role' is 'function', which is deprecated: send tool results with role 'tool'.",
                       param=f"{where}.role", code="unsupported_parameter")
         if role not in ROLES:
-            raise bad(f"'{where}.role' must be one of {', '.join(r for r in ROLES if r != 'tool')}.", param=f"{where}.role")
-        for name in _TOOL_FIELDS:
-            if name in m:
-                raise bad(f"'{where}.{name}' needs tool calling, which no host behind this gateway offers.",
-                          param=f"{where}.{name}", code="unsupported_parameter")
+            raise bad(f"'{where}.role' must be one of {', '.join(ROLES)}.", param=f"{where}.role")
         for name in m:
-            if name not in _MESSAGE_FIELDS:
-                raise bad(f"'{where}.{name}' is not supported by this gateway.", param=f"{where}.{name}", code="unsupported_parameter")
-        if m.get("content") is None:
+            if name not in _MESSAGE_FIELDS.get(role, _TEXT_FIELDS):
+                raise bad(f"'{where}.{name}' is not supported on a '{role}' message.", param=f"{where}.{name}", code="unsupported_parameter")
+        calls = _tool_calls_text(m.get("tool_calls"), f"{where}.tool_calls") if role == "assistant" else ""
+        if role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise bad(f"'{where}.tool_call_id' is required: the id of the tool call this message answers.", param=f"{where}.tool_call_id")
+        tool_turns = tool_turns or role == "tool" or bool(calls)
+        if m.get("content") is None and not calls:
             raise bad(f"'{where}.content' is required.", param=f"{where}.content")
-        text, images = _content_text(m["content"], f"{where}.content")
+        text, images = _content_text(m.get("content") or "", f"{where}.content", images_allowed=role in ("user", "system", "developer"))
         vision = vision or images
+        text += calls
         total += len(text)
         if total > MAX_PROMPT_CHARS:
             raise bad("The messages are too long.", param="messages", code="context_length_exceeded")
         out.append(ChatMessage(role=role, content=text))
-    return tuple(out), vision
+    return tuple(out), (value if vision or tool_turns else None), vision, tool_turns
 
 
-def _content_text(content: object, where: str) -> tuple[str, bool]:
+def _tool_calls_text(value: object, where: str) -> str:
+    """An assistant message's ``tool_calls`` checked; their JSON, which the flattened message carries as text."""
+    if value is None:
+        return ""
+    if not isinstance(value, list) or not value or len(value) > MAX_TOOLS:
+        raise bad(f"'{where}' must be a non-empty array of at most {MAX_TOOLS} tool calls.", param=where)
+    for i, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(call, dict) or call.get("type") != "function" or not isinstance(call.get("id"), str)
+                or not isinstance(function, dict) or not _is_function_name(function.get("name"))
+                or not isinstance(function.get("arguments"), str)):
+            raise bad(f"'{where}[{i}]' must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\": string}}}}.",
+                      param=f"{where}[{i}]")
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _content_text(content: object, where: str, *, images_allowed: bool = True) -> tuple[str, bool]:
     """The text of a message's content, and whether it holds image parts."""
     if isinstance(content, str):
         return content, False
@@ -290,10 +386,14 @@ def _content_text(content: object, where: str) -> tuple[str, bool]:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.append(part["text"])
-            elif kind == "image_url":
+            elif kind == "image_url" and images_allowed:
+                image = part.get("image_url")
+                if not isinstance(image, dict) or not isinstance(image.get("url"), str) or image.get("detail", "auto") not in ("auto", "low", "high"):
+                    raise bad(f"'{where}[{i}].image_url' must be {{\"url\": string, \"detail\"?: auto|low|high}}.", param=f"{where}[{i}].image_url")
                 images = True
             else:
-                raise bad(f"'{where}[{i}]' must be a text or image_url part.", param=f"{where}[{i}]")
+                allowed = "a text or image_url part" if images_allowed else "a text part"
+                raise bad(f"'{where}[{i}]' must be {allowed}.", param=f"{where}[{i}]")
         return "".join(parts), images
     raise bad(f"'{where}' must be a string or an array of content parts.", param=where)
 

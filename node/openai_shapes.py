@@ -3,7 +3,8 @@
 Pure functions and small builders, no I/O. Responses follow what
 api.openai.com sends, so the official SDK (and anything built on it) parses
 them unchanged: chat and completions, streamed and not, ``n`` choices,
-``logprobs`` in each API's own shape, embeddings as floats or base64.
+``logprobs`` in each API's own shape, tool calls (streamed as deltas, or
+joined in the message), embeddings as floats or base64.
 """
 
 from __future__ import annotations
@@ -88,15 +89,33 @@ class Choice:
 
     def __init__(self, request: CompletionRequest) -> None:
         self.parts: list[str] = []
+        self.tool_calls: dict[int, dict] = {}
+        """Tool calls by their stream index, their streamed pieces joined."""
         self.chat_logprobs: list[dict] | None = [] if request.logprobs and request.kind == "chat" else None
         self.completion_logprobs = CompletionLogprobs(request.top_logprobs > 0) if request.logprobs and request.kind == "completion" else None
 
-    def add(self, text: str, logprobs: Sequence[float], details: Sequence[TokenDetail]) -> None:
+    def add(self, text: str, logprobs: Sequence[float], details: Sequence[TokenDetail], tool_calls: Sequence[dict] = ()) -> None:
         self.parts.append(text)
+        for delta in tool_calls:
+            call = self.tool_calls.setdefault(delta["index"], {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+            if delta.get("id"):
+                call["id"] = delta["id"]
+            function = delta.get("function") or {}
+            for name in ("name", "arguments"):
+                if isinstance(function.get(name), str):
+                    call["function"][name] += function[name]
         if self.chat_logprobs is not None:
             self.chat_logprobs.extend(chat_logprobs(logprobs, details))
         elif self.completion_logprobs is not None:
             self.completion_logprobs.add(logprobs, details)
+
+    def message(self) -> dict:
+        """The chat ``message``: content null when the answer is tool calls only, as OpenAI sends it."""
+        text = "".join(self.parts)
+        if not self.tool_calls:
+            return {"role": "assistant", "content": text, "refusal": None}
+        return {"role": "assistant", "content": text or None, "refusal": None,
+                "tool_calls": [self.tool_calls[i] for i in sorted(self.tool_calls)]}
 
     def logprobs(self) -> dict | None:
         if self.chat_logprobs is not None:
@@ -137,11 +156,16 @@ class ResponseShaper:
             self._frames[index] = frame
         return frame
 
-    def sse_delta(self, index: int, text: str, logprobs: Sequence[float] = (), details: Sequence[TokenDetail] = ()) -> bytes:
-        if self._plain and index in self._sent_role:  # the hot path: one string to encode
+    def sse_delta(self, index: int, text: str, logprobs: Sequence[float] = (), details: Sequence[TokenDetail] = (),
+                  tool_calls: Sequence[dict] = ()) -> bytes:
+        if self._plain and index in self._sent_role and not tool_calls:  # the hot path: one string to encode
             head, tail = self._frames[index]
             return head + json.dumps(text).encode() + tail
         out = self._role(index)
+        if tool_calls:  # chat only: the engine's deltas as it streamed them, with any text beside them
+            delta: dict = {"content": text, "tool_calls": list(tool_calls)} if text else {"tool_calls": list(tool_calls)}
+            lp = {"content": chat_logprobs(logprobs, details), "refusal": None} if logprobs else None
+            return out + self._event({"choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": None}]})
         if self._plain:
             head, tail = self._frame(index)
             return out + head + json.dumps(text).encode() + tail
@@ -186,7 +210,7 @@ class ResponseShaper:
                 "model": self.request.model,
                 "system_fingerprint": self.fingerprint,
                 "choices": [
-                    {"index": i, "message": {"role": "assistant", "content": "".join(c.parts), "refusal": None}, "logprobs": c.logprobs(), "finish_reason": reason}
+                    {"index": i, "message": c.message(), "logprobs": c.logprobs(), "finish_reason": reason}
                     for i, (c, reason) in enumerate(zip(choices, finish_reasons))
                 ],
                 "usage": usage.as_dict(),

@@ -13,6 +13,7 @@ Settlement (gateway <-> hub over HTTP): :class:`Allowance`, countersigned
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import ClassVar
 
 import msgpack
@@ -24,6 +25,7 @@ from .limits import (
     MAX_ADDRS,
     MAX_CHUNK_TOKENS,
     MAX_COMMITMENT_BYTES,
+    MAX_FRAME_BYTES,
     MAX_LOGIT_BIAS,
     MAX_MESSAGES,
     MAX_NAME_CHARS,
@@ -38,7 +40,7 @@ OFFERS_TOPIC = "gpunexus/offers/1"
 PRICES_TOPIC = "gpunexus/prices/1"
 INFER_PROTOCOL = "/gpunexus/infer/1"
 
-FINISH_REASONS = ("stop", "length")
+FINISH_REASONS = ("stop", "length", "tool_calls")
 ORDER_KINDS = ("chat", "completion", "embedding")
 MAX_EMBEDDING_DIMS = 65_536
 ROLES = ("system", "user", "assistant", "developer", "tool")
@@ -57,8 +59,32 @@ def _token_ids_ok(ids: tuple[int, ...]) -> bool:
     return len(ids) <= MAX_TOKENS and all(0 <= t < 2**32 for t in ids)
 
 
-def _prompt_hash(kind: str, messages: tuple[ChatMessage, ...], prompt: str, continuation: str, continuation_ids: tuple[int, ...]) -> bytes:
+UPSTREAM_FIELDS = frozenset({"messages", "tools", "tool_choice", "parallel_tool_calls", "response_format"})
+"""What ``Order.upstream`` may carry: the fields only the engine behind a pass-through host understands."""
+
+
+def upstream_bytes(fields: dict) -> bytes:
+    """``Order.upstream`` for ``fields`` (empty when there are none): canonical, so equal fields sign alike."""
+    if not fields:
+        return b""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _check_upstream(raw: bytes) -> None:
+    _require(len(raw) <= MAX_FRAME_BYTES, "order.upstream too long")
+    try:
+        fields = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("order.upstream is not JSON") from None
+    _require(isinstance(fields, dict) and fields and set(fields) <= UPSTREAM_FIELDS,
+             f"order.upstream must be an object of some of {sorted(UPSTREAM_FIELDS)}")
+
+
+def _prompt_hash(kind: str, messages: tuple[ChatMessage, ...], prompt: str, continuation: str, continuation_ids: tuple[int, ...],
+                 upstream: bytes = b"") -> bytes:
     body = [kind, [m.to_wire() for m in messages], prompt, continuation, list(continuation_ids)]
+    if upstream:  # appended only when present, so the hashes of plain-text orders are unchanged
+        body.append(upstream)
     return hashlib.sha256(msgpack.packb(body, use_bin_type=True)).digest()
 
 
@@ -290,6 +316,13 @@ class Order(Message):
     continuation_ids: tuple[int, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    upstream: bytes = b""
+    """OpenAI fields a pass-through host (``--backend openai``) forwards to its
+    engine as they are: canonical JSON (sorted keys, compact) of an object
+    with some of :data:`UPSTREAM_FIELDS`. ``messages`` is there only when a
+    message is more than text (image parts, tool calls, tool results); the
+    flattened ``messages`` above still hold its text, for counts and audits.
+    Empty for plain text. Covered by the prompt hash, so receipts bind it."""
     sig: bytes = b""
 
     def check(self) -> None:
@@ -309,10 +342,17 @@ class Order(Message):
         _require(len(self.continuation) <= MAX_TEXT_CHARS, "order.continuation too long")
         _require(_token_ids_ok(self.continuation_ids), "order.continuation_ids out of range")
         _require(len(self.allowance) <= 4096, "order.allowance too long")
+        if self.upstream:
+            _require(self.kind != "embedding", "an embedding order carries no upstream fields")
+            _check_upstream(self.upstream)
 
     def prompt_hash(self) -> bytes:
-        """SHA-256 of exactly what the model is asked: kind, messages, prompt, continuation (text and ids)."""
-        return _prompt_hash(self.kind, self.messages, self.prompt, self.continuation, self.continuation_ids)
+        """SHA-256 of exactly what the model is asked: kind, messages, prompt, continuation (text and ids), upstream fields."""
+        return _prompt_hash(self.kind, self.messages, self.prompt, self.continuation, self.continuation_ids, self.upstream)
+
+    def upstream_fields(self) -> dict:
+        """``upstream`` decoded (``{}`` when empty); :meth:`check` made sure it is a JSON object of known fields."""
+        return json.loads(self.upstream) if self.upstream else {}
 
 
 @message
@@ -354,10 +394,16 @@ class Chunk(Message):
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     details: tuple[TokenDetail, ...] = ()
+    tool_calls: bytes = b""
+    """Tool-call deltas of this chunk as the engine streamed them: a JSON array of
+    OpenAI ``delta.tool_calls`` items (``index``, and ``id``, ``type``,
+    ``function.name``/``arguments`` pieces). Empty when the chunk is text only."""
 
     def check(self) -> None:
         _require(not self.details or (len(self.details) == self.n_tokens == len(self.logprobs)), "chunk details do not match its tokens")
-        _require(0 < self.n_tokens <= MAX_CHUNK_TOKENS, "chunk token count out of range")
+        _require(len(self.tool_calls) <= MAX_TEXT_CHARS, "chunk tool calls too long")
+        # A chunk of tool-call deltas alone (an id and a name, no argument text yet) may count no token.
+        _require(0 < self.n_tokens <= MAX_CHUNK_TOKENS or (self.n_tokens == 0 and bool(self.tool_calls)), "chunk token count out of range")
         _require(not self.token_ids or len(self.token_ids) == self.n_tokens, "chunk token ids do not match its count")
         _require(len(self.text) <= MAX_TEXT_CHARS, "chunk text too long")
         _require(not self.logprobs or len(self.logprobs) == len(self.token_ids), "chunk logprobs do not match tokens")
@@ -604,11 +650,16 @@ class OutputHasher:
         self._ids = hashlib.sha256(b"gpunexus/output-ids/1\n")
         self._text = hashlib.sha256(b"gpunexus/output-text/1\n")
         self._vectors: hashlib._Hash | None = None
+        self._tools: hashlib._Hash | None = None
         self.tokens = 0
 
     def update(self, chunk: Chunk) -> None:
         self._ids.update(b"".join(t.to_bytes(4, "big") for t in chunk.token_ids))
         self._text.update(chunk.text.encode("utf-8", "surrogatepass"))
+        if chunk.tool_calls:
+            if self._tools is None:
+                self._tools = hashlib.sha256(b"gpunexus/output-tool-calls/1\n")
+            self._tools.update(len(chunk.tool_calls).to_bytes(4, "big") + chunk.tool_calls)
         self.tokens += chunk.n_tokens
 
     def update_vector(self, vector: bytes) -> None:
@@ -618,7 +669,8 @@ class OutputHasher:
 
     def digest(self) -> bytes:
         vectors = self._vectors.digest() if self._vectors is not None else b""
-        return hashlib.sha256(self._ids.digest() + self._text.digest() + vectors).digest()
+        tools = self._tools.digest() if self._tools is not None else b""
+        return hashlib.sha256(self._ids.digest() + self._text.digest() + vectors + tools).digest()
 
 
 def host_registration_statement(hub_id: str, peer_id: str) -> bytes:

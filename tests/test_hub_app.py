@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 
 import httpx
+import pytest
 import sqlalchemy as sa
 from gpunexus.hub import keys
 from gpunexus.hub.app import create_app
@@ -152,3 +153,40 @@ async def test_405_names_the_allowed_methods(served):
         assert {m.strip() for m in r.headers["allow"].split(",")} == {"GET", "HEAD", "OPTIONS"}
         r = await http.get("/v1/receipts")
         assert r.status_code == 405 and "POST" in r.headers["allow"]
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise KeyError(f"{name}{labels} not in /metrics")
+
+
+async def test_metrics_show_requests_receipts_and_the_ledger_to_an_admin_only(served):
+    market, url, _ = served
+    _, admin_key = market.hub.db.write_sync(keys.add_user, "ops@example.com", "admin")
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        assert (await http.get("/metrics")).status_code == 401
+        assert (await http.get("/metrics", headers=_auth(market.client_key))).status_code == 403
+        await market.register_host()
+        await market.hub.allowance(market.client, market.gateway.peer_id, 1_000_000)
+        receipts = [market.receipt() for _ in range(2)]
+        r = await http.post("/v1/receipts", headers=_auth(market.client_key),
+                            json={"receipts": [base64.b64encode(x.encode()).decode() for x in receipts + receipts[:1]]})
+        assert [x["status"] for x in r.json()["results"]] == ["settled", "settled", "duplicate"]
+        r = await http.get("/metrics", headers=_auth(admin_key))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert _sample(text, "gpunexus_hub_receipts_total", status="settled") == 2
+    assert _sample(text, "gpunexus_hub_receipts_total", status="duplicate") == 1
+    assert _sample(text, "gpunexus_hub_requests_total", route="/v1/receipts", status="200") == 1
+    assert _sample(text, "gpunexus_hub_requests_total", route="/metrics", status="403") == 1
+    assert _sample(text, "gpunexus_hub_request_seconds_count", route="/v1/receipts") == 1
+    assert _sample(text, "gpunexus_hub_receipts_settled") == 2
+    assert _sample(text, "gpunexus_hub_ledger_total_micro_usd") == 0
+    fee = sum(x.cost_micro for x in receipts) * market.hub.config.fee_bps // 10_000
+    assert _sample(text, "gpunexus_hub_platform_balance_micro_usd", account="platform:fee") == pytest.approx(fee, abs=2)

@@ -92,3 +92,25 @@ def test_flags_that_name_one_models_files_refuse_several_models(tmp_path):
         specs("--model", "tiny", "--config", write(tmp_path, "[[model]]\nid = 'nano'\n"))
     with pytest.raises(ConfigError, match="cannot read"):
         specs("--config", str(tmp_path / "missing.toml"))
+
+
+def test_an_upstream_says_what_it_supports_per_model(tmp_path):
+    path = write(tmp_path, """\
+        [[model]]
+        id = "llama"
+        backend = "openai"
+        upstream = "http://127.0.0.1:11434/v1"
+        upstream_supports = ["tools", "json_schema"]
+
+        [[model]]
+        id = "plain"
+        backend = "openai"
+        upstream = "http://127.0.0.1:11434/v1"
+        """)
+    llama, plain = specs("--config", path)
+    assert llama.upstream_supports.tools and llama.upstream_supports.json_schema and not llama.upstream_supports.vision
+    assert plain.upstream_supports is None
+    [flagged] = specs("--model", "m", "--backend", "openai", "--upstream", "http://u/v1", "--upstream-supports", "vision")
+    assert flagged.upstream_supports.vision
+    with pytest.raises(ConfigError, match="upstream_supports: unknown capability 'telepathy'"):
+        specs("--config", write(tmp_path, "[[model]]\nid = 'm'\nupstream_supports = 'tools,telepathy'\n"))

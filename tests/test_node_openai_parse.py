@@ -31,13 +31,60 @@ def test_empty_content_and_text_parts_are_accepted():
 
 
 @pytest.mark.parametrize("message,param", [
-    ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages[1].role"),
+    ({"role": "tool", "content": "42"}, "messages[1].tool_call_id"),
     ({"role": "function", "content": "42", "name": "f"}, "messages[1].role"),
-    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]}, "messages[1].tool_calls"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]}, "messages[1].tool_calls[0]"),
+    ({"role": "assistant", "content": None, "tool_calls": []}, "messages[1].tool_calls"),
+    ({"role": "user", "content": "hi", "tool_call_id": "c1"}, "messages[1].tool_call_id"),
+    ({"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}, "messages[1].content[0]"),
 ])
-def test_tool_messages_are_refused_naming_them(message, param):
+def test_malformed_tool_turns_are_refused_naming_them(message, param):
     error = refused({"model": "tiny", "messages": [{"role": "user", "content": "hi"}, message]})
-    assert error.param == param and "tool" in error.message
+    assert error.param == param
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_a_tool_conversation_travels_verbatim_for_the_engine():
+    turns = [{"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+             {"role": "tool", "tool_call_id": "call_1", "content": "12 C, rain"}]
+    req = parse_request({"model": "m", "messages": turns, "tools": [WEATHER], "tool_choice": "auto", "parallel_tool_calls": False}, "chat")
+    assert req.needs.tools and not req.needs.vision
+    assert json.loads(req.upstream) == {"messages": turns, "tools": [WEATHER], "tool_choice": "auto", "parallel_tool_calls": False}
+    assert [m.role for m in req.messages] == ["user", "assistant", "tool"]
+    assert "get_weather" in req.messages[1].content and req.messages[2].content == "12 C, rain"
+
+
+def test_plain_text_carries_no_upstream_fields():
+    assert parse_request(chat(), "chat").upstream == b""
+    assert parse_request(chat(response_format={"type": "json_object"}), "chat").upstream == b""
+
+
+def test_a_json_schema_and_images_go_to_the_engine():
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": True}}
+    image = [{"type": "text", "text": "what is it"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    req = parse_request({"model": "m", "messages": [{"role": "user", "content": image}], "response_format": fmt}, "chat")
+    assert req.needs.json_schema and req.needs.vision
+    assert json.loads(req.upstream) == {"messages": [{"role": "user", "content": image}], "response_format": fmt}
+    assert req.messages[0].content == "what is it"
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tools": [WEATHER], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": []}}}, "response_format.json_schema.schema"),
+])
+def test_malformed_tool_parameters_are_refused_naming_them(extra, param):
+    assert refused(chat(**extra)).param == param
 
 
 def test_unknown_message_fields_are_refused_not_dropped():

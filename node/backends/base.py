@@ -41,11 +41,14 @@ class GenerationRequest:
     logprobs: bool = False
     """Give each token a ``detail`` (its bytes, and ``top_logprobs`` alternatives)."""
     top_logprobs: int = 0
+    upstream: dict | None = None
+    """``Order.upstream`` decoded: tools, tool choice, a JSON schema and messages
+    beyond text, for a backend that forwards them to an engine; None: plain text."""
 
     @classmethod
     def from_order(cls, order: Order) -> GenerationRequest:
         return cls(order.kind, order.messages, order.prompt, order.continuation, order.sampling, order.max_tokens,
-                   order.continuation_ids, order.logprobs, order.top_logprobs)
+                   order.continuation_ids, order.logprobs, order.top_logprobs, order.upstream_fields() or None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,8 @@ class Token:
     count: int = 1
     detail: TokenDetail | None = None
     """Where the request asked for logprobs: the token's bytes and its likeliest alternatives."""
+    tool_calls: tuple[dict, ...] = ()
+    """Tool-call deltas the engine streamed with this token (OpenAI ``delta.tool_calls`` items)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,13 @@ text-less chunk, so what is billed is the upstream's own count and the
 gateway still checks it chunk by chunk. The upstream's prompt-token count is
 used for ``tokens_in``.
 
+Beyond text, what the host declares its engine supports (``--upstream-supports``)
+is announced and passed through: tools and tool choice (tool-call deltas
+stream back as the engine sent them, finish reason ``tool_calls``), JSON mode
+and JSON schemas, image parts, penalties and logit bias. The messages of a
+tool conversation or with images go to the engine as the client sent them
+(``Order.upstream``).
+
 What cannot be verified here: upstream servers expose no token ids and no
 hidden states, and do not sample with our seeded sampler, so receipts from
 this backend carry no activation commitment and cannot be seed-replayed; the
@@ -23,21 +30,40 @@ import httpx
 import trio
 
 from . import lean_http
+from gpunexus.protocol.messages import PLAIN_TEXT, Capabilities
+
 from .base import BackendError, GenerationRequest, GenerationResult, ModelInfo, Token
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 120.0
 
 
+PASSED_THROUGH = ("tools", "json_mode", "json_schema", "vision", "penalties", "logit_bias")
+"""What an engine behind ``--backend openai`` may be declared to support (``--upstream-supports``)."""
+
+
+def parse_supports(text: str) -> Capabilities:
+    """``tools,json_schema,vision`` as the capabilities an upstream host announces; ValueError naming an unknown one."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PASSED_THROUGH]
+    if unknown:
+        raise ValueError(f"unknown capability {unknown[0]!r}: choose from {', '.join(PASSED_THROUGH)}")
+    return Capabilities(**dict.fromkeys(names, True))
+
+
 class OpenAIUpstreamBackend:
     default_slots = 64
     """Upstream servers batch many requests on one GPU; they queue the rest themselves."""
 
-    def __init__(self, base_url: str, model: str, *, upstream_model: str | None = None, api_key: str | None = None, max_context: int = 8192, license: str = "") -> None:
+    def __init__(self, base_url: str, model: str, *, upstream_model: str | None = None, api_key: str | None = None, max_context: int = 8192, license: str = "",
+                 supports: Capabilities = PLAIN_TEXT) -> None:
         self.base_url = base_url.rstrip("/")
         self.upstream_model = upstream_model or model
         digest = hashlib.sha256(f"openai-upstream\n{self.upstream_model}".encode()).hexdigest()
-        self.info = ModelInfo(name=model, model_hash=f"upstream-{digest[:16]}", max_context=max_context, license=license)
+        if supports.logprobs or supports.embeddings or supports.max_n > 1:
+            # Logprobs need token ids in a chunk, and the gateway fans n out and sends no embeddings here.
+            raise ValueError("an upstream host passes through tools, json_mode, json_schema, vision, penalties and logit_bias")
+        self.info = ModelInfo(name=model, model_hash=f"upstream-{digest[:16]}", max_context=max_context, license=license, capabilities=supports)
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
             headers=headers,
@@ -62,8 +88,18 @@ class OpenAIUpstreamBackend:
             body["stop"] = list(s.stop)
         if s.top_k:
             body["top_k"] = s.top_k
+        if s.presence_penalty:
+            body["presence_penalty"] = s.presence_penalty
+        if s.frequency_penalty:
+            body["frequency_penalty"] = s.frequency_penalty
+        if s.logit_bias:
+            body["logit_bias"] = {str(b.token): b.bias for b in s.logit_bias}
+        if s.json_mode:
+            body["response_format"] = {"type": "json_object"}
+        upstream = dict(request.upstream or {})
         if request.kind == "chat":
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            messages = upstream.pop("messages", None) or [{"role": m.role, "content": m.content} for m in request.messages]
+            body.update(upstream)  # tools, tool_choice, parallel_tool_calls, a JSON schema: as the client sent them
             if request.continuation:
                 # vLLM and llama.cpp continue a trailing assistant message with these flags.
                 messages.append({"role": "assistant", "content": request.continuation})
@@ -158,12 +194,20 @@ class _Events:
                 self.prompt_tokens = usage.get("prompt_tokens")
                 self.completion_tokens = usage.get("completion_tokens")
             for choice in obj.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
-                if text:
-                    self.produced += 1
-                    self.tokens.send_nowait(Token(text, None, None))
-                if choice.get("finish_reason"):
-                    self.finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
+                if self.chat:
+                    delta = choice.get("delta") or {}
+                    text, calls = delta.get("content"), delta.get("tool_calls")
+                else:
+                    text, calls = choice.get("text"), None
+                if text or calls:
+                    # An event counts as a token when it carries text: content, or a piece of a
+                    # tool call's arguments. The opening delta of a call (its id and name) is none.
+                    count = 1 if text or any((c.get("function") or {}).get("arguments") for c in calls or ()) else 0
+                    self.produced += count
+                    self.tokens.send_nowait(Token(text or "", None, None, count=count, tool_calls=tuple(calls) if calls else ()))
+                reason = choice.get("finish_reason")
+                if reason:
+                    self.finish_reason = reason if reason in ("length", "tool_calls") else "stop"
 
 
 def _estimate_prompt_tokens(request: GenerationRequest) -> int:
