@@ -26,6 +26,7 @@ hardware), so :data:`MINIMUMS_SOURCE` says so wherever minimums are shown.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -308,7 +309,34 @@ async def run_gates(models: list[tuple[Backend, str, Minimums]], *, hub: str | N
         throughput = await measure_throughput(backend)
         measured = Measurements(gpus, throughput, hub_probe, tuple(peers))
         reports.append(Report(backend.info.name, backend_name, minimums, measured, evaluate(measured, minimums, network_strict=network_strict)))
-    return reports
+    return shared_vram(reports, gpus)
+
+
+def shared_vram(reports: list[Report], gpus: GpuSurvey) -> list[Report]:
+    """Models served together share the GPUs: each one that passes alone must also fit beside those before it.
+
+    In order (the command line's, the file's), every model that passes its own
+    checks and names a VRAM minimum adds it to a running total; a model whose
+    total exceeds the GPUs' memory gets a failed ``vram-shared`` line, and is
+    not counted, so the ones after it may still fit. One model, or models
+    without VRAM minimums, are left as they are.
+    """
+    if sum(r.minimums.vram_gb is not None for r in reports) < 2:
+        return reports
+    taken, names, out = 0.0, [], []
+    for report in reports:
+        need = report.minimums.vram_gb
+        if need is None or not report.ok:
+            out.append(report)
+            continue
+        required = f">= {taken + need:g} GB" + (f" (with {', '.join(names)})" if names else "")
+        fits = taken + need <= gpus.total_memory_gb
+        line = CheckLine("vram-shared", PASS if fits else FAIL, f"{gpus.total_memory_gb:.1f} GB", required)
+        if fits:
+            taken += need
+            names.append(report.model)
+        out.append(dataclasses.replace(report, lines=report.lines + (line,)))
+    return out
 
 
 def unloadable_backend_report(model: str, backend_name: str, minimums: Minimums, error: str, *, survey=survey_gpus) -> Report:

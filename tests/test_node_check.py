@@ -311,3 +311,19 @@ def test_models_without_a_gpu_offers_the_reference_models_only():
     assert report["gpu"].startswith("no GPU")
     assert [m["model"] for m in report["models"] if m["ok"]] == ["tiny", "nano"]
     assert run("node", "models", "--bits", "zero").returncode == 2
+
+
+async def test_models_served_together_must_fit_in_the_gpus_together():
+    from gpunexus.node.backends.reference import ReferenceBackend
+    from gpunexus.node.check import run_gates
+
+    one_4090 = lambda: GpuSurvey((Gpu("NVIDIA GeForce RTX 4090", 24564, (8, 9)),))  # 25.8 GB
+    models = [(ReferenceBackend("tiny"), "reference", Minimums(tokens_per_s=1, vram_gb=16)),
+              (ReferenceBackend("nano"), "reference", Minimums(tokens_per_s=1, vram_gb=12)),  # 28 GB with tiny: does not fit
+              (ReferenceBackend("nano", public_name="nano-b"), "reference", Minimums(tokens_per_s=1, vram_gb=8))]  # 24 GB with tiny: fits
+    tiny, nano, nano_b = await run_gates(models, survey=one_4090)
+    assert tiny.ok and not nano.ok and nano_b.ok
+    assert nano.failures[0].name == "vram-shared" and nano.failures[0].required == ">= 28 GB (with tiny)"
+    assert [ln.required for ln in nano_b.lines if ln.name == "vram-shared"] == [">= 24 GB (with tiny)"]
+    [alone] = await run_gates(models[1:2], survey=one_4090)
+    assert alone.ok and "vram-shared" not in [ln.name for ln in alone.lines]  # one model: its own line says it all
