@@ -198,10 +198,6 @@ class HostService:
         return next(iter(self.models.values()))
 
     @property
-    def backend(self) -> Backend:
-        return self.first.backend
-
-    @property
     def terms(self) -> OfferTerms:
         return self.first.terms
 
@@ -255,10 +251,6 @@ class HostService:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 if self.enabled:
                     await self.announcer.withdraw()
-
-    @property
-    def follow_market(self) -> bool:
-        return self.first.follow_market
 
     def follow_market_price(self, min_price_micro_per_mtok: int, model: str | None = None) -> None:
         """Ask the market price (never under ``min_price``) from now on, not a fixed one (the first model by default)."""
