@@ -40,7 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     node = sub.add_parser("node", help="run a host or a gateway peer", description="Run a host (serve a model) or a gateway (OpenAI API on localhost), and steer a running host.")
     actions = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
 
-    serve = actions.add_parser("serve", help="serve a model to the network as a host", description="Serve one or more models to the network from one peer. The first line on stdout is 'peer: <multiaddr>' for a gateway's --bootstrap. "
+    from .hostconfig import MODEL_KEYS
+
+    serve = actions.add_parser("serve", help="serve a model to the network as a host",
+                               epilog=f"--config keys per [[model]] table: {', '.join(MODEL_KEYS)}. Host-wide settings (--listen, --bootstrap, --hub, "
+                               "--region, --available, --swarm-key) stay flags.", description="Serve one or more models to the network from one peer. The first line on stdout is 'peer: <multiaddr>' for a gateway's --bootstrap. "
                                 "Each model has its own offer, slots and check; one that fails the check is refused, the others are served.")
     serve.add_argument("--model", action="append", metavar="NAME", help="public model name gateways ask for (for --backend reference: the reference model, e.g. tiny or nano); "
                        "repeat it to serve several models from this one peer, the other flags applying to each")
