@@ -182,6 +182,8 @@ def _spec_from_table(table: dict, defaults: ModelSpec, where: str) -> ModelSpec:
             minimums = dataclasses.replace(minimums, compute_capability=parse_capability(table["min_compute_capability"]))
         except ValueError as exc:
             raise ConfigError(f"{where}: min_compute_capability: {exc}") from None
+    if minimums != defaults.minimums:
+        minimums = dataclasses.replace(minimums, source=f"{where}, flags for the rest")
     if "upstream_supports" in table:
         names = table["upstream_supports"]
         try:

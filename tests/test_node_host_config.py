@@ -60,6 +60,7 @@ def test_a_config_file_gives_each_model_its_own_terms_and_flags_fill_the_gaps(tm
     assert (small.id, small.reference, small.follows_market, small.price_micro(), small.slots, small.license) == ("chat-small", "nano", True, 100_000, 5, "flag licence")
     assert (small.minimums.tokens_per_s, small.minimums.vram_gb, small.minimums.compute_capability, small.force) == (2.0, 4.0, (8, 0), True)
     assert small.minimums.bandwidth_mbps == 100.0
+    assert small.minimums.source == f"{path}: [[model]] #2 (chat-small), flags for the rest"  # what node check prints as the minimums' source
     assert tiny.minimums.vram_gb is None and tiny.minimums.bandwidth_mbps is None  # one table's minimums are not another's
 
 
