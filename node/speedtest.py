@@ -11,9 +11,13 @@ this protocol (``open_p2p`` registers it):
 - ``U``: the prober sends up to that many bytes and closes its side; the
   peer answers with the uint64 count it received.
 
-A peer sends or takes at most :data:`MAX_BYTES` per stream and runs one test
-at a time (another asking meanwhile is reset at once), so answering costs a
-host a bounded, occasional few megabytes. The prober stops after
+A peer sends or takes at most :data:`MAX_BYTES` per stream, runs one test
+at a time (another asking meanwhile is reset at once) and moves at most
+:data:`PEER_BUDGET_BYTES` per asking peer and :data:`TOTAL_BUDGET_BYTES`
+for all peers together each :data:`PEER_BUDGET_S` (past either, reset): a
+new identity per probe gets past the first but not the second, so answering
+costs a host at most about 18 Mbit/s however many peers ask, and in practice
+a few megabytes when a host or the setup script checks. The prober stops after
 :data:`TIME_BUDGET_S` whatever it moved, so a slow link gives a slow figure,
 not a hung check. Download speed is timed from the first byte to the last
 (the request's round trip excluded); upload from the first byte sent to the
@@ -34,6 +38,9 @@ DEFAULT_BYTES = 4 * 2**20
 TIME_BUDGET_S = 3.0
 SERVE_LIMIT_S = 15.0
 CHUNK = 64 * 1024
+PEER_BUDGET_BYTES = 4 * MAX_BYTES
+TOTAL_BUDGET_BYTES = 16 * MAX_BYTES
+PEER_BUDGET_S = 60.0
 _HEADER = struct.Struct(">cQ")
 _COUNT = struct.Struct(">Q")
 _ZEROS = bytes(CHUNK)
@@ -57,9 +64,30 @@ async def _read_exactly(stream, n: int) -> bytes:
     return data
 
 
-def speedtest_handler():
-    """The stream handler a peer answers ``PROTOCOL`` with: one test at a time, each bounded."""
+class PeerBudget:
+    """Bytes each peer had moved for it lately; ``take`` says whether it may have ``n`` more."""
+
+    def __init__(self, limit: int = PEER_BUDGET_BYTES, window_s: float = PEER_BUDGET_S, clock=time.monotonic) -> None:
+        self._limit, self._window, self._clock = limit, window_s, clock
+        self._moved: dict[str, list[tuple[float, int]]] = {}
+
+    def take(self, peer: str, n: int) -> bool:
+        now = self._clock()
+        recent = [(t, b) for t, b in self._moved.get(peer, []) if now - t < self._window]
+        if sum(b for _, b in recent) + n > self._limit:
+            self._moved[peer] = recent
+            return False
+        self._moved[peer] = recent + [(now, n)]
+        for other in [p for p, moves in self._moved.items() if p != peer and all(now - t >= self._window for t, _ in moves)]:
+            del self._moved[other]  # peers that stopped asking are forgotten
+        return True
+
+
+def speedtest_handler(budget: PeerBudget | None = None, total: PeerBudget | None = None):
+    """The stream handler a peer answers ``PROTOCOL`` with: one test at a time, each bounded, each peer and all together budgeted."""
     busy = trio.Lock()
+    budget = budget or PeerBudget()
+    total = total or PeerBudget(limit=TOTAL_BUDGET_BYTES)
 
     async def handle(stream) -> None:
         if busy.locked():
@@ -70,6 +98,9 @@ def speedtest_handler():
                 with trio.move_on_after(SERVE_LIMIT_S):
                     direction, size = _HEADER.unpack(await _read_exactly(stream, _HEADER.size))
                     size = min(size, MAX_BYTES)
+                    if not (budget.take(str(stream.muxed_conn.peer_id), size) and total.take("", size)):
+                        await stream.reset()
+                        return
                     if direction == b"D":
                         for offset in range(0, size, CHUNK):
                             await stream.write(_ZEROS[: min(CHUNK, size - offset)])

@@ -327,3 +327,31 @@ async def test_models_served_together_must_fit_in_the_gpus_together():
     assert [ln.required for ln in nano_b.lines if ln.name == "vram-shared"] == [">= 24 GB (with tiny)"]
     [alone] = await run_gates(models[1:2], survey=one_4090)
     assert alone.ok and "vram-shared" not in [ln.name for ln in alone.lines]  # one model: its own line says it all
+
+
+def test_a_peer_answers_speed_tests_within_a_budget_per_asking_peer():
+    from gpunexus.node.speedtest import PeerBudget
+
+    now = [0.0]
+    budget = PeerBudget(limit=10, window_s=60, clock=lambda: now[0])
+    assert budget.take("a", 6) and not budget.take("a", 6) and budget.take("b", 6)  # each asking peer has its own
+    now[0] = 61.0
+    assert budget.take("a", 6)  # the window has passed
+
+
+async def test_a_peer_over_its_speed_test_budget_is_refused_but_still_reachable():
+    from gpunexus.node import speedtest
+    from gpunexus.node.netprobe import probe_peers
+    from gpunexus.node.p2p import P2PConfig, open_p2p
+    from gpunexus.protocol.signing import Signer
+
+    async with open_p2p(Signer.generate(), P2PConfig(["/ip4/127.0.0.1/tcp/0"])) as peer:
+        peer.host.set_stream_handler(speedtest.PROTOCOL, speedtest.speedtest_handler(speedtest.PeerBudget(limit=2**20)))
+        [probe] = await probe_peers(peer.listen_addrs(), bandwidth_bytes=4 * 2**20)
+        assert probe.reachable and probe.down_mbps is None and probe.bandwidth_error
+        [small] = await probe_peers(peer.listen_addrs(), bandwidth_bytes=2**18)  # another prober identity, within its own budget
+        assert small.down_mbps > 0 and small.up_mbps > 0
+        peer.host.set_stream_handler(speedtest.PROTOCOL, speedtest.speedtest_handler(total=speedtest.PeerBudget(limit=2**19)))
+        [first] = await probe_peers(peer.listen_addrs(), bandwidth_bytes=2**18)
+        [second] = await probe_peers(peer.listen_addrs(), bandwidth_bytes=2**18)  # a new identity, but all peers together are over
+        assert first.down_mbps > 0 and second.reachable and second.down_mbps is None
