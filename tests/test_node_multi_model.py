@@ -75,7 +75,8 @@ async def test_disabling_one_model_drains_it_and_withdraws_only_its_offer():
                 result = {}
 
                 async def in_flight():
-                    result["r"] = await http.post("/chat/completions", json={"model": "nano", "messages": [{"role": "user", "content": "x"}], "max_tokens": 6})
+                    # Seeded: an unseeded draw may end early at the end-of-text token.
+                    result["r"] = await http.post("/chat/completions", json={"model": "nano", "messages": [{"role": "user", "content": "x"}], "max_tokens": 6, "seed": 7})
 
                 nursery.start_soon(in_flight)
                 await gated.paused.wait()
@@ -91,22 +92,23 @@ async def test_disabling_one_model_drains_it_and_withdraws_only_its_offer():
                 status = {m["model"]: m for m in host.service.status()["models"]}
                 assert not status["nano"]["enabled"] and status["tiny"]["enabled"] and host.service.enabled
                 # The other model serves on meanwhile.
-                r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
+                r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "seed": 7})
                 assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
                 gated.release.set()
                 await disabled.wait()
-            assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 6
+            finished = result["r"].json()
+            assert result["r"].status_code == 200 and finished["usage"]["completion_tokens"] == 6 and finished["choices"][0]["finish_reason"] == "length"
             await wait_for_no_offers(gateway, "nano")  # a signed withdrawal, well inside the offer's TTL
             async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
                 assert [m["id"] for m in (await http.get("/models")).json()["data"]] == ["tiny"]
                 gone = await http.post("/chat/completions", json={"model": "nano", "messages": [{"role": "user", "content": "x"}]})
                 assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
                 assert [o.model for o in gateway.book.live()] == ["tiny"]  # re-announced at once, not waiting for a heartbeat
-                r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
+                r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "seed": 7})
                 assert r.status_code == 200
                 await host.service.enable("nano")
                 await wait_for_offers(gateway, "nano")
-                r = await http.post("/chat/completions", json={"model": "nano", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
+                r = await http.post("/chat/completions", json={"model": "nano", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "seed": 7})
                 assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
             with pytest.raises(UnknownModel, match="serves tiny, nano, not 'huge'"):
                 await host.service.disable("huge")
@@ -174,13 +176,13 @@ async def test_serve_config_then_take_one_model_back_from_the_command_line(tmp_p
             assert not gateway.book.for_model("too-slow")
             async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
                 for model in ("tiny", "nano"):
-                    r = await http.post("/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
+                    r = await http.post("/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "seed": 7})
                     assert r.status_code == 200 and r.json()["model"] == model
                 disabled = await gpunexus("node", "disable", "--model", "nano", env=env)
                 assert disabled.returncode == 0 and "disabled (withdrawn)" in disabled.stdout and "draining nano" in disabled.stderr
                 await wait_for_no_offers(gateway, "nano")
                 assert [m["id"] for m in (await http.get("/models")).json()["data"]] == ["tiny"]
-                r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
+                r = await http.post("/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "seed": 7})
                 assert r.status_code == 200
                 unknown = await gpunexus("node", "disable", "--model", "huge", env=env)
                 assert unknown.returncode == 1 and "cannot disable huge: this host serves tiny, nano, not 'huge'" in unknown.stderr
