@@ -185,12 +185,14 @@ def set_suspended(conn: Connection, user_id: int, suspended: bool, now: float) -
     return True
 
 
-def create_key_once(conn: Connection, user: User, name: str, expires_at: float | None, nonce: str) -> str | None:
+def create_key_once(conn: Connection, user: User, name: str, expires_at: float | None, nonce: str, *,
+                    limit_day_micro: int | None = None, limit_month_micro: int | None = None) -> str | None:
     """A new key, unless this form ``nonce`` already made one (a resubmitted form): then None."""
     claimed = conn.execute(sa.select(key_requests.c.key_id).where(key_requests.c.nonce == nonce)).first()
     if claimed is not None:
         return None
-    key = keys.create_key(conn, user, name, expires_at)
+    key = keys.create_key(conn, user, name, expires_at, limit_day_micro=limit_day_micro,
+                          limit_month_micro=limit_month_micro)
     conn.execute(key_requests.insert().values(nonce=nonce, key_id=keys.key_id_of(key)))
     return key
 

@@ -26,7 +26,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from gpunexus.http_drain import DrainBody
 
-from . import bodies, metrics, web
+from . import bodies, keys, metrics, web
 from .body import Body
 from .keys import User
 from .openapi import spec
@@ -80,9 +80,16 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         measured.answered(rule, response.status_code, g.get("started", time.perf_counter()))
         return response
 
-    async def current_user(*, allow_revoked: bool = False) -> User:
+    def bearer() -> str | None:
         header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else None
+        return header[7:].strip() if header[:7].lower() == "bearer " else None
+
+    def bearer_key_id() -> str:
+        """The public id of the (already authenticated) bearer key."""
+        return keys.key_id_of(bearer() or "")
+
+    async def current_user(*, allow_revoked: bool = False) -> User:
+        token = bearer()
         user = await hub.authenticate(token, allow_revoked=allow_revoked)
         wait = limiter.take(token.split("_")[1])
         if wait:
@@ -145,12 +152,14 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
     async def allowance() -> Response:
         user = await current_user()
         data = await read(bodies.ALLOWANCE)
-        a = await hub.allowance(user, data["gateway_id"], data["budget_micro"])
-        target = min(data["budget_micro"] or hub.config.allowance_budget_micro, hub.config.allowance_max_micro)
+        issued = await hub.issue_allowance(user, data["gateway_id"], data["budget_micro"], bearer_key_id())
+        a = issued.allowance
         return jsonify({"allowance": base64.b64encode(a.encode()).decode(), "allowance_id": a.allowance_id,
                         "hub_id": a.hub_id, "account": a.account, "budget_micro": a.budget_micro,
                         "issued_at": a.issued_at, "expires_at": a.expires_at,
-                        "limited_by_balance": a.budget_micro < target})
+                        "limited_by_balance": issued.limited_by_balance,
+                        "refused_models": [r.to_json() for r in issued.refusals],
+                        "limit": issued.limit_note, "key_expires_at": issued.key_expires_at, "terms": issued.terms})
 
     @app.post("/v1/receipts")
     async def submit() -> Response:
@@ -167,9 +176,12 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         user = await current_user(allow_revoked=True)
         after = _query_float("after", 0.0, 0.0, 1e12)
         wait_s = _query_float("wait_s", 0.0, 0.0, hub.config.max_long_poll_s)
-        found = await hub.revocations(user, after, wait_s)
+        terms = request.args.get("terms")
+        if terms is not None and len(terms) > 200:
+            raise HubError(400, "invalid_request_error", "terms is at most 200 characters (the stamp an allowance came with)", "terms")
+        found, stamp = await hub.revocations(user, after, wait_s, terms)
         cursor = max([after, *(r.revoked_at for r in found)])
-        return jsonify({"hub_id": hub.hub_id, "cursor": cursor,
+        return jsonify({"hub_id": hub.hub_id, "cursor": cursor, "terms": stamp,
                         "revocations": [base64.b64encode(r.encode()).decode() for r in found]})
 
     @app.get("/v1/balance")

@@ -70,9 +70,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     password.set_defaults(func=_user_password)
 
     key = actions.add_parser("key", help="manage API keys").add_subparsers(dest="key_command", metavar="ACTION", required=True)
-    create = _with_db(key.add_parser("create", help="create an API key for a user (shown once)"))
-    create.add_argument("email")
+    create = _with_db(key.add_parser("create", help="create an API key for a user (shown once)",
+                                     description="Create an API key for EMAIL and print it (the only time it is shown). "
+                                                 "Spend limits cap what gateways may spend with it per UTC day and per "
+                                                 "calendar month (UTC); past its expiry it gets 401, like a revoked key."))
+    create.add_argument("email", help="the user the key acts for")
     create.add_argument("--name", default="", help="a label for the key")
+    create.add_argument("--limit-day", type=_limit, metavar="USD", help="most the key may spend per UTC day, e.g. 5 or 0.50")
+    create.add_argument("--limit-month", type=_limit, metavar="USD", help="most the key may spend per calendar month (UTC)")
+    create.add_argument("--expires", type=_expires, metavar="DATE|DAYS",
+                        help="last day of validity, YYYY-MM-DD (valid to the end of that UTC day), or a number of days from now")
     create.set_defaults(func=_key_create)
     listing = _with_db(key.add_parser("list", help="list keys (never their secrets)"))
     listing.add_argument("email", nargs="?")
@@ -192,10 +199,43 @@ def _user_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit(value: str) -> int:
+    """``--limit-day`` / ``--limit-month``: a positive USD amount, in micro-USD."""
+    try:
+        micro = usd_to_micro(value.strip().removeprefix("$"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an amount in USD: {value!r} (e.g. 5 or 0.50)") from None
+    if not 0 < micro <= keys.MAX_LIMIT_MICRO:
+        raise argparse.ArgumentTypeError(f"a spend limit must be more than 0 and at most {keys.MAX_LIMIT_MICRO // 1_000_000:,} USD")
+    return micro
+
+
+def _expires(value: str) -> float:
+    """``--expires``: YYYY-MM-DD (the end of that UTC day) or a whole number of days from now, as epoch seconds."""
+    import datetime as dt
+
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        days = int(value)
+        if not 1 <= days <= 3660:
+            raise argparse.ArgumentTypeError("--expires DAYS must be 1 to 3660")
+        return time.time() + days * 86400
+    try:
+        day = dt.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--expires takes YYYY-MM-DD or a number of days, not {value!r}") from None
+    end = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() + 86400
+    if end <= time.time():
+        raise argparse.ArgumentTypeError(f"--expires {value} is in the past")
+    return end
+
+
 def _key_create(args: argparse.Namespace) -> int:
     hub = _open(args)
     try:
-        key = hub.db.write_sync(lambda c: keys.create_key(c, keys.get_user(c, args.email), args.name))
+        key = hub.db.write_sync(lambda c: keys.create_key(c, keys.get_user(c, args.email), args.name, args.expires,
+                                                          limit_day_micro=args.limit_day,
+                                                          limit_month_micro=args.limit_month))
     except keys.UserError as exc:
         return _fail(str(exc))
     print(key)
@@ -203,10 +243,23 @@ def _key_create(args: argparse.Namespace) -> int:
 
 
 def _key_list(args: argparse.Namespace) -> int:
-    rows = _open(args).db.read_sync(keys.list_keys, args.email)
-    print(f"{'KEY ID':<14} {'USER':<32} {'STATUS':<8} NAME")
+    import datetime as dt
+
+    hub = _open(args)
+    rows = hub.db.read_sync(keys.list_keys, args.email)
+    spend = hub.db.read_sync(keys.spend, [k.key_id for k in rows], hub.clock())
+    now = time.time()  # keys expire on wall time (hub/keys.py)
+
+    def usd(micro: int | None) -> str:
+        return "-" if micro is None else keys.usd_text(micro)
+
+    print(f"{'KEY ID':<14} {'USER':<32} {'STATUS':<8} {'EXPIRES (UTC)':<17} {'TODAY/LIMIT USD':<18} {'MONTH/LIMIT USD':<18} NAME")
     for k in rows:
-        print(f"{k.key_id:<14} {k.email:<32} {'revoked' if k.revoked_at else 'active':<8} {k.name}")
+        expires = dt.datetime.fromtimestamp(k.expires_at, dt.UTC).strftime("%Y-%m-%d %H:%M") if k.expires_at else "never"
+        s = spend[k.key_id]
+        print(f"{k.key_id:<14} {k.email:<32} {k.status(now):<8} {expires:<17} "
+              f"{keys.usd_text(s.day_micro) + '/' + usd(k.limit_day_micro):<18} "
+              f"{keys.usd_text(s.month_micro) + '/' + usd(k.limit_month_micro):<18} {k.name}")
     return 0
 
 

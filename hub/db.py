@@ -95,7 +95,10 @@ api_keys = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("revoked_at", sa.Float),
     sa.Column("expires_at", sa.Float),
+    sa.Column("limit_day_micro", sa.BigInteger),
+    sa.Column("limit_month_micro", sa.BigInteger),
 )
+"""``limit_day_micro`` / ``limit_month_micro``: most the key may spend per UTC day / calendar month (NULL: no limit)."""
 
 hosts = sa.Table(
     "hosts",
@@ -123,6 +126,8 @@ allowances = sa.Table(
     sa.Column("issued_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
     sa.Column("live", sa.Boolean, nullable=False),
+    sa.Column("key_id", sa.String(32)),
+    sa.Column("refused_models", sa.Text),
     sa.CheckConstraint("remaining >= 0", name="allowance_not_negative"),
     sa.Index("allowances_by_gateway", "gateway_id", "issued_at"),
 )
@@ -130,7 +135,11 @@ allowances = sa.Table(
 
 When a gateway renews, the old allowance's remaining budget rolls over into
 the new one (``live`` moves), but the old row stays: it still proves that the
-gateway could spend for that account during its validity window.
+gateway could spend for that account during its validity window. ``key_id``
+is the API key that asked for it (NULL on rows from before keys had limits):
+its receipts count against that key's spend limits. ``refused_models`` is the
+JSON list the signed allowance carries: receipts for those models do not
+settle under it.
 """
 
 receipt_log = sa.Table(
@@ -149,7 +158,9 @@ receipt_log = sa.Table(
     sa.Column("entry", sa.LargeBinary, nullable=False),
     sa.Column("entry_hash", sa.LargeBinary(32), nullable=False),
     sa.Column("sig", sa.LargeBinary(64), nullable=False),
+    sa.Column("key_id", sa.String(32)),
     sa.Index("receipt_log_by_time", "settled_at"),
+    sa.Index("receipt_log_by_key", "key_id", "settled_at"),
 )
 
 chain_head = sa.Table(
@@ -378,10 +389,39 @@ models = sa.Table(
     sa.Column("context_length", sa.Integer),
     sa.Column("available", sa.Boolean, nullable=False, default=True),
     sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("family", sa.String(100)),
+    sa.Column("licence_ack", sa.Boolean),
 )
-"""The operator's model catalogue: what a model id is, under which licence, and whether it is offered."""
+"""The operator's model catalogue: what a model id is, under which licence, and whether it is offered.
 
-_ADDED_COLUMNS = (users.c.suspended_at, api_keys.c.expires_at)
+``licence_ack`` (NULL: false): a client's keys may use the model only once
+its account accepted the licence (``licence_acceptances``)."""
+
+licence_acceptances = sa.Table(
+    "licence_acceptances",
+    metadata,
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id"), primary_key=True, autoincrement=False),
+    sa.Column("model", sa.String(256), primary_key=True),
+    sa.Column("licence_name", sa.String(200), nullable=False),
+    sa.Column("licence_url", sa.String(500), nullable=False),
+    sa.Column("accepted_at", sa.Float, nullable=False),
+)
+"""Which licence of a model each account accepted, and when. An acceptance counts
+only while the catalogue names the same licence (name and URL): a changed
+licence must be accepted again."""
+
+disputes = sa.Table(
+    "disputes",
+    metadata,
+    sa.Column("request_id", sa.String(32), primary_key=True),
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("disputed_at", sa.Float, nullable=False),
+    sa.Index("disputes_by_user", "user_id", "disputed_at"),
+)
+"""Receipts a client asked the hub to audit (:mod:`gpunexus.hub.disputes`); the verdict is the ``audits`` row's."""
+
+_ADDED_COLUMNS = (users.c.suspended_at, api_keys.c.expires_at, api_keys.c.limit_day_micro, api_keys.c.limit_month_micro,
+                  allowances.c.key_id, allowances.c.refused_models, receipt_log.c.key_id, models.c.family, models.c.licence_ack)
 """Nullable columns added after the first release; :meth:`Database.create_schema` adds them to older databases."""
 
 _RETRY_PGCODES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
@@ -432,9 +472,9 @@ class Database:
     def create_schema(self) -> None:
         """Create missing tables and the chain head row (idempotent)."""
         metadata.create_all(self.engine)
-        for index in receipt_log.indexes:  # indexes added after a database was created
-            index.create(self.engine, checkfirst=True)
         _add_missing_columns(self.engine)
+        for index in receipt_log.indexes:  # indexes added after a database was created (on columns added just above)
+            index.create(self.engine, checkfirst=True)
         with self.engine.begin() as conn:
             if conn.execute(sa.select(chain_head.c.id)).first() is None:
                 conn.execute(chain_head.insert().values(id=1, seq=0, head_hash=GENESIS))

@@ -7,7 +7,12 @@ human password, so the digest cannot be brute-forced, and a fast hash keeps
 authentication off the request path's critical budget. The full key is
 returned once, at creation, and never again.
 
-A key may carry an expiry; it authenticates until then. A suspended user's
+A key may carry an expiry; it authenticates until then. It may carry spend
+limits per UTC day and per calendar month (UTC): an allowance asked for with
+the key never holds more than what is left under them (see
+:mod:`gpunexus.hub.allowances`), so no gateway can spend past them; what a
+key spent is the cost of the settled receipts of its allowances, by the
+hub's settlement time. A suspended user's
 keys authenticate nothing (suspension also revokes them, so gateways hear
 of it; see :mod:`gpunexus.hub.accounts`).
 
@@ -19,6 +24,7 @@ revocation through a long poll (:meth:`gpunexus.hub.service.Hub.revocations`).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import secrets
@@ -29,10 +35,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import ledger
-from .db import api_keys, users
+from .db import api_keys, receipt_log, users
 
 ROLES = ("client", "host", "admin")
 KEY_PREFIX = "gnx"
+MAX_LIMIT_MICRO = 1_000_000 * 1_000_000
+"""Largest spend limit a key may carry: one million USD."""
 
 
 class AuthError(Exception):
@@ -64,6 +72,8 @@ class KeyInfo:
     created_at: float
     revoked_at: float | None
     expires_at: float | None = None
+    limit_day_micro: int | None = None
+    limit_month_micro: int | None = None
 
     def status(self, now: float) -> str:
         """``active``, ``revoked`` or ``expired``."""
@@ -113,14 +123,21 @@ def user_by_id(conn: Connection, user_id: int) -> User:
     return _user(conn.execute(sa.select(users).where(users.c.id == user_id)).one())
 
 
-def create_key(conn: Connection, user: User, name: str = "", expires_at: float | None = None) -> str:
-    """A new key for ``user`` (valid until ``expires_at`` if given); the returned string is the only copy of the secret."""
+def create_key(conn: Connection, user: User, name: str = "", expires_at: float | None = None, *,
+               limit_day_micro: int | None = None, limit_month_micro: int | None = None) -> str:
+    """A new key for ``user`` (valid until ``expires_at``, spending at most the limits, where given).
+
+    The returned string is the only copy of the secret.
+    """
+    for limit in (limit_day_micro, limit_month_micro):
+        if limit is not None and not 0 < limit <= MAX_LIMIT_MICRO:
+            raise UserError(f"a spend limit must be more than 0 and at most {MAX_LIMIT_MICRO // 1_000_000:,} USD")
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     conn.execute(
         api_keys.insert().values(
             key_id=key_id, user_id=user.id, secret_hash=_hash(secret), name=name[:200], created_at=time.time(),
-            expires_at=expires_at,
+            expires_at=expires_at, limit_day_micro=limit_day_micro, limit_month_micro=limit_month_micro,
         )
     )
     return f"{KEY_PREFIX}_{key_id}_{secret}"
@@ -138,7 +155,8 @@ def list_keys(conn: Connection, email: str | None = None, *, user_id: int | None
         q = q.where(users.c.email == email.strip().lower())
     if user_id is not None:
         q = q.where(api_keys.c.user_id == user_id)
-    return [KeyInfo(r.key_id, r.email, r.name, r.created_at, r.revoked_at, r.expires_at) for r in conn.execute(q)]
+    return [KeyInfo(r.key_id, r.email, r.name, r.created_at, r.revoked_at, r.expires_at, r.limit_day_micro,
+                    r.limit_month_micro) for r in conn.execute(q)]
 
 
 def revoke_key(conn: Connection, key_id: str, *, user_id: int | None = None) -> bool:
@@ -195,3 +213,41 @@ def revocations_since(conn: Connection, user_id: int, after: float) -> list[tupl
 def last_revocation(conn: Connection) -> float:
     """When the latest revocation on this hub happened (0.0 if none): what a watcher polls."""
     return conn.execute(sa.select(sa.func.coalesce(sa.func.max(api_keys.c.revoked_at), 0.0))).scalar_one()
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """What one key spent in the current UTC day and calendar month, and its limits (None: none)."""
+
+    day_micro: int
+    month_micro: int
+    limit_day_micro: int | None
+    limit_month_micro: int | None
+
+
+def usd_text(micro: int) -> str:
+    """Dollars as people write them, exact: 5_000_000 -> "5.00", 1_234_500 -> "1.2345"."""
+    whole, frac = divmod(micro, 1_000_000)
+    return f"{whole:,}." + f"{frac:06d}".rstrip("0").ljust(2, "0")
+
+
+def limit_windows(now: float) -> tuple[float, float]:
+    """(start of the UTC day, start of the UTC calendar month) that ``now`` falls in, in epoch seconds."""
+    day = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day.timestamp(), day.replace(day=1).timestamp()
+
+
+def spend(conn: Connection, key_ids: list[str], now: float) -> dict[str, Spend]:
+    """Settled spend of each of ``key_ids`` today and this month (UTC, by settlement time), with its limits."""
+    day_start, month_start = limit_windows(now)
+
+    def cost_since(t: float):
+        return sa.func.coalesce(sa.func.sum(sa.case((receipt_log.c.settled_at >= t, receipt_log.c.cost), else_=0)), 0)
+
+    spent = {r.key_id: (int(r.day), int(r.month)) for r in conn.execute(
+        sa.select(receipt_log.c.key_id, cost_since(day_start).label("day"), cost_since(month_start).label("month"))
+        .where(receipt_log.c.key_id.in_(key_ids), receipt_log.c.settled_at >= month_start)
+        .group_by(receipt_log.c.key_id))}
+    limits = conn.execute(sa.select(api_keys.c.key_id, api_keys.c.limit_day_micro, api_keys.c.limit_month_micro)
+                          .where(api_keys.c.key_id.in_(key_ids))).all()
+    return {r.key_id: Spend(*spent.get(r.key_id, (0, 0)), r.limit_day_micro, r.limit_month_micro) for r in limits}

@@ -89,7 +89,14 @@ def spec(max_batch: int, extra_paths: dict[str, Any] | None = None, *, max_long_
             "A renewal rolls the unspent budget of the previous allowance over.",
             _obj({"allowance": _B64, "allowance_id": _STR, "hub_id": _STR, "account": _STR,
                   "budget_micro": _MICRO, "issued_at": _NUM, "expires_at": _NUM,
-                  "limited_by_balance": {"type": "boolean", "description": "the account's balance, not the asked budget, set the size"}}),
+                  "limited_by_balance": {"type": "boolean", "description": "the account's balance, not the asked budget, set the size"},
+                  "refused_models": {"type": "array", "description": "why each model the signed allowance refuses is refused: "
+                                     "'unavailable' (switched off by the operator) or 'licence' (not accepted by the account)",
+                                     "items": _obj({"model": _STR, "reason": {"enum": ["unavailable", "licence"]},
+                                                    "licence_name": _STR, "licence_url": _STR})},
+                  "limit": {"type": ["string", "null"], "description": "the key's spend limit that capped the budget, in words"},
+                  "key_expires_at": {"type": ["number", "null"], "description": "when the asking key expires (the allowance never outlives it)"},
+                  "terms": {"type": "string", "description": "the account's catalogue terms stamp: pass it to /v1/revocations"}}),
             body=bodies.ALLOWANCE.schema(), errors=(402, 409))},
         "/v1/receipts": {"post": operation(
             "Settle a batch of countersigned receipts (Receipt.encode(), base64). Each is settled exactly once; "
@@ -103,9 +110,13 @@ def spec(max_batch: int, extra_paths: dict[str, Any] | None = None, *, max_long_
             "A long poll for revocations of the key's account's keys after 'after' (unix s): answers at once when "
             "there are some, else when one happens or after wait_s. Each is a hub-signed Revocation (base64); "
             "'cursor' is the 'after' of the next poll. A revoked key may still poll (it hears of its own "
-            "revocation) and still deliver receipts of work served before it.",
-            _obj({"hub_id": _STR, "cursor": _NUM, "revocations": {"type": "array", "items": _B64}}), errors=(400,),
+            "revocation) and still deliver receipts of work served before it. With 'terms' (the stamp its "
+            "allowance came with) it also answers as soon as the account's catalogue terms moved (a model switched "
+            "off, a licence accepted): the gateway then renews its allowance.",
+            _obj({"hub_id": _STR, "cursor": _NUM, "terms": _STR, "revocations": {"type": "array", "items": _B64}}),
+            errors=(400,),
             parameters=[
+                {"name": "terms", "in": "query", "required": False, "schema": {"type": "string", "maxLength": 200}},
                 {"name": "after", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0, "maximum": 1e12}},
                 {"name": "wait_s", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0, "maximum": max_long_poll_s}},
             ])},

@@ -14,7 +14,7 @@ A batch goes through two phases:
    For each receipt: exactly-once by request id (the same bytes again is a
    ``duplicate``, different bytes under a settled id is refused), a registered
    host, an allowance of the gateway valid at the receipt's ``issued_at`` (see
-   :mod:`gpunexus.hub.allowances`), a price the host actually offered (at most
+   :mod:`gpunexus.hub.allowances`) that does not refuse its model, a price the host actually offered (at most
    the highest price it offered for the model between ``offer_lookback_s``
    before ``issued_at`` and ``clock_skew_s`` after: the gateway signed the
    order at an offered price, and that price, not today's market price, is
@@ -189,6 +189,8 @@ def settle(conn: Connection, signer: Signer, cfg: HubConfig, items: list[Checked
             reason = "unknown host: no host account registered this peer id"
         elif window is None:
             reason = "allowance expired" if r.gateway_id in bound else "no allowance issued to this gateway"
+        elif gw[r.gateway_id].refuse(r.issued_at, cfg.clock_skew_s, r.model):
+            reason = f"the allowance refuses model {r.model!r} (switched off, or its licence not accepted)"
         else:
             reason = offered.refusal(r.host_id, r.model, r.price_micro_per_mtok,
                                      r.issued_at - cfg.offer_lookback_s, r.issued_at + cfg.clock_skew_s)
@@ -217,7 +219,7 @@ def settle(conn: Connection, signer: Signer, cfg: HubConfig, items: list[Checked
             "seq": seq, "request_id": r.request_id, "receipt_hash": digest, "client_user_id": window.user_id,
             "host_user_id": host_user, "model": r.model, "tokens": r.tokens_in + r.tokens_out,
             "cost": r.cost_micro, "fee": fee, "settled_at": now, "entry": encoded, "entry_hash": prev,
-            "sig": chain.sign_hash(signer, prev),
+            "sig": chain.sign_hash(signer, prev), "key_id": window.key_id,
         })
         settled[r.request_id] = digest
         outcomes.append(Outcome(r.request_id, "settled", seq=seq, cost_micro=r.cost_micro))

@@ -22,7 +22,7 @@ from gpunexus.protocol.messages import Allowance, HostReputation, Offer, Receipt
 from gpunexus.protocol.signing import Signer, verify_signature
 from sqlalchemy.engine import Connection
 
-from . import accounts, allowances, catalogue, honesty, keys, ledger, market, receipts, reports
+from . import accounts, allowances, catalogue, disputes, honesty, keys, ledger, market, receipts, reports
 from .config import HubConfig
 from .db import Database, default_url, hosts, receipt_log, users
 from .db import allowances as allowance_table
@@ -88,47 +88,70 @@ class Hub:
         except keys.AuthError as exc:
             raise HubError(401, "invalid_api_key", str(exc)) from None
 
-    async def revocations(self, user: User, after: float, wait_s: float) -> list[Revocation]:
-        """Signed revocations of ``user``'s keys after ``after``; waits up to ``wait_s`` for one.
+    async def revocations(self, user: User, after: float, wait_s: float,
+                          terms: str | None = None) -> tuple[list[Revocation], str]:
+        """Signed revocations of ``user``'s keys after ``after``, and the account's terms stamp.
 
-        A long poll: the gateway keeps one open, so a revocation reaches it
-        within :attr:`REVOCATION_POLL_S` of the database write, whichever hub
-        process (or ``gpunexus hub key revoke``) made it.
+        A long poll: it waits up to ``wait_s`` for a revocation, or for the
+        account's :func:`~gpunexus.hub.catalogue.terms_stamp` to differ from
+        ``terms`` (what the gateway's allowance was issued under: a model
+        switched off, a licence accepted). The gateway keeps one open, so
+        either reaches it within :attr:`REVOCATION_POLL_S` of the database
+        write, whichever hub process (or ``gpunexus hub key revoke``) made it.
         """
+        def look(conn: Connection) -> tuple[list[tuple[str, float]], str]:
+            return keys.revocations_since(conn, user.id, after), catalogue.terms_stamp(conn, user.id)
+
+        seen = None
         with trio.move_on_after(wait_s):
             while True:
                 changed = self._revoked
-                found = await self.db.read(keys.revocations_since, user.id, after)
-                if found:
-                    return [Revocation(self.hub_id, key_id, user.account, at).signed(self.signer) for key_id, at in found]
+                seen = await self.db.read(look)
+                if seen[0] or (terms is not None and seen[1] != terms):
+                    break
                 await changed.wait()
-        return []
+                seen = None
+        found, stamp = seen if seen is not None else await self.db.read(look)
+        return [Revocation(self.hub_id, key_id, user.account, at).signed(self.signer) for key_id, at in found], stamp
 
     async def _watch_revocations(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Wake the long polls whenever the latest revocation in the database changes.
+        """Wake the long polls whenever the latest revocation, or the catalogue and its acceptances, change.
 
-        Polled, because revocations are written by other processes too (the
-        CLI, other hub processes on one PostgreSQL); one cheap indexed max()
+        Polled, because these are written by other processes too (the CLI,
+        other hub processes on one PostgreSQL); a few cheap max() and count()
         per interval for the whole hub, however many gateways are waiting.
         """
-        last = await self.db.read(keys.last_revocation)
+        def marker(conn: Connection) -> tuple:
+            return keys.last_revocation(conn), catalogue.change_marker(conn)
+
+        last = await self.db.read(marker)
         task_status.started()
         while True:
             await trio.sleep(REVOCATION_POLL_S)
-            now = await self.db.read(keys.last_revocation)
+            now = await self.db.read(marker)
             if now != last:
                 last = now
                 self._revoked.set()
                 self._revoked = trio.Event()
 
     # --- allowances -------------------------------------------------------
-    async def allowance(self, user: User, gateway_id: str, budget_micro: int | None) -> Allowance:
+    async def allowance(self, user: User, gateway_id: str, budget_micro: int | None, key_id: str | None = None) -> Allowance:
+        """The signed allowance of :meth:`issue_allowance` alone."""
+        return (await self.issue_allowance(user, gateway_id, budget_micro, key_id)).allowance
+
+    async def issue_allowance(self, user: User, gateway_id: str, budget_micro: int | None,
+                              key_id: str | None = None) -> allowances.Issued:
+        """A fresh allowance for ``gateway_id`` and what its gateway is told beside it (refused models' reasons).
+
+        ``key_id``: the API key that asks; its spend limits cap the budget and its expiry the allowance's.
+        """
         try:
             public_key_from_peer_id(gateway_id)
         except ProtocolError:
             raise HubError(400, "invalid_request_error", "gateway_id is not a peer id", "gateway_id") from None
         try:
-            return await self.db.write(allowances.issue, self.signer, self.config, user, gateway_id, budget_micro, self.clock())
+            return await self.db.write(allowances.issue, self.signer, self.config, user, gateway_id, budget_micro,
+                                       self.clock(), key_id)
         except allowances.AllowanceRefused as exc:
             raise HubError(exc.status, exc.code, exc.message) from None
 
@@ -327,14 +350,30 @@ class Hub:
     async def log_out(self, token: str) -> None:
         await self.db.write(accounts.close_session, token)
 
-    async def create_key(self, user: User, name: str, expires_at: float | None, nonce: str) -> str | None:
-        """A new API key (the only copy of its secret), or None if this form ``nonce`` already made one."""
+    async def create_key(self, user: User, name: str, expires_at: float | None, nonce: str, *,
+                         limit_day_micro: int | None = None, limit_month_micro: int | None = None) -> str | None:
+        """A new API key (the only copy of its secret), or None if this form ``nonce`` already made one.
+
+        ``limit_day_micro`` / ``limit_month_micro``: the most it may spend per UTC day / calendar month.
+        """
         if expires_at is not None and expires_at <= time.time():
             raise HubError(400, "invalid_request_error", "The expiry must be in the future.", "expires")
-        return await self.db.write(accounts.create_key_once, user, name, expires_at, nonce)
+        try:
+            return await self.db.write(functools.partial(accounts.create_key_once, limit_day_micro=limit_day_micro,
+                                                         limit_month_micro=limit_month_micro),
+                                       user, name, expires_at, nonce)
+        except keys.UserError as exc:
+            raise HubError(400, "invalid_request_error", str(exc), "limit_day") from None
 
     async def list_keys(self, user: User) -> list[keys.KeyInfo]:
         return await self.db.read(functools.partial(keys.list_keys, user_id=user.id))
+
+    async def key_spend(self, user: User) -> dict[str, keys.Spend]:
+        """key id -> what each of ``user``'s keys spent today and this month, with its limits."""
+        def read(conn: Connection) -> dict[str, keys.Spend]:
+            return keys.spend(conn, [k.key_id for k in keys.list_keys(conn, user_id=user.id)], self.clock())
+
+        return await self.db.read(read)
 
     async def revoke_key(self, user: User, key_id: str) -> None:
         """Revoke one of ``user``'s own keys (404 for a key that is not theirs or not active)."""
@@ -356,6 +395,18 @@ class Hub:
             raise HubError(404, "not_found", "No request with this id on your account.", "request_id")
         return found
 
+    async def dispute(self, user: User, request_id: str) -> disputes.Dispute:
+        """Ask for an audit of one of ``user``'s settled requests (see :mod:`gpunexus.hub.disputes`)."""
+        try:
+            return await self.db.write(disputes.open_dispute, self.config, user.id, request_id, self.clock())
+        except disputes.DisputeError as exc:
+            raise HubError(exc.status, "not_found" if exc.status == 404 else "rate_limited", exc.message,
+                           "request_id") from None
+
+    async def dispute_of(self, request_id: str) -> disputes.Dispute | None:
+        """The dispute of a request, if any: for its request page (which checked the request is the viewer's)."""
+        return await self.db.read(disputes.dispute_of, request_id)
+
     async def receipt_extract(self, user: User) -> list[tuple[int, bytes, bytes, bytes]]:
         """The signed log entries ``user`` paid or earned: ``chain.write_log`` rows that ``gpunexus audit`` checks."""
         return await self.db.read(reports.receipt_extract, user.id)
@@ -370,6 +421,17 @@ class Hub:
 
     async def models(self) -> list[catalogue.Model]:
         return await self.db.read(catalogue.list_models)
+
+    async def licence_acceptances(self, user: User) -> dict[str, float]:
+        """model -> when ``user``'s account accepted its current licence."""
+        return await self.db.read(catalogue.acceptances, user.id)
+
+    async def accept_licence(self, user: User, model: str) -> catalogue.Model:
+        """Record that ``user``'s account accepts ``model``'s licence: its keys may use it from their next allowance."""
+        try:
+            return await self.db.write(catalogue.accept_licence, user.id, model, self.clock())
+        except catalogue.CatalogueError as exc:
+            raise HubError(404, "not_found", str(exc), "model") from None
 
     # --- admin --------------------------------------------------------------
     @staticmethod

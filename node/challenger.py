@@ -50,6 +50,7 @@ from gpunexus.verify.challenges import challenge_body
 from .challenge_schedule import ChallengeSchedule, Clock, TrioClock
 from .gateway import Delta, GatewayConfig, GatewayService
 from .hub_client import HubRefused, HubSettlement, HubUnavailable, _call
+from .settlement import Grant
 from .offers import OfferBook, follow_offers
 from .openai_api import APIError, parse_request
 from .p2p import P2PConfig, open_p2p
@@ -130,11 +131,11 @@ class AimedBook:
 class ChallengeSettlement(HubSettlement):
     """A gateway's hub settlement that also hands each receipt to the challenge that earned it."""
 
-    def record(self, receipt: Receipt) -> None:
+    def record(self, receipt: Receipt, grant: Grant | None = None) -> None:
         aim = _aim.get()
         if aim is not None:
             aim.receipts.append(receipt)
-        super().record(receipt)
+        super().record(receipt, grant)
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     gw.add_argument("--audit-retention", type=float, default=3600.0, metavar="SECONDS", help="with --hub: keep each paid request and its output this long so the hub can audit the host (default 3600)")
     gw.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="let browser pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; repeatable (default: CORS off)")
     gw.add_argument("--no-audit-retention", action="store_true", help="with --hub: keep no request text for audits; the hub then cannot audit your requests, so this gateway only uses hosts in good standing (no unrecovered failed audit)")
+    gw.add_argument("--team", action="store_true", help="with --hub: a team's gateway, no key of its own; each client sends its own hub API key "
+                    "(Authorization: Bearer) and pays from its own account, with its own allowance, limits and revocation")
     _network_args(gw)
     gw.set_defaults(func=_gateway)
 
@@ -346,10 +348,20 @@ def _gateway(args: argparse.Namespace) -> int:
             raise SystemExit(f"--max-price: {exc}") from None
     from .settlement import FreeSettlement
 
-    hub = _hub_login(args)
+    if args.team:
+        if not args.hub:
+            raise SystemExit("--team needs --hub URL: each member's key is checked and billed there")
+        if args.api_key:
+            raise SystemExit("--team takes no --api-key (or $GPUNEXUS_API_KEY): each client sends its own hub key")
+        from .runtime import HubLogin
+
+        hub = HubLogin(args.hub, "")
+    else:
+        hub = _hub_login(args)
     check_bindable(args.host, args.port, "the OpenAI API")
     options = GatewayOptions(host=args.host, port=args.port, p2p=_p2p(args, "/ip4/127.0.0.1/tcp/0"), config=config, settlement=FreeSettlement(api_key=args.api_key), home=_home(), hub=hub,
-                             audit_retention_s=None if args.no_audit_retention else args.audit_retention, cors_origins=tuple(args.cors_origin))
+                             audit_retention_s=None if args.no_audit_retention else args.audit_retention, cors_origins=tuple(args.cors_origin),
+                             team=args.team)
 
     async def main() -> None:
         async with open_gateway(options) as runtime:

@@ -17,6 +17,8 @@ client's:
   already delivered (the order's ``continuation``, and its token ids where
   the host streamed them, so the continuation is exact), so the client's
   stream simply goes on; the dead host gets no receipt and is not paid;
+* the hub's word on models first: a model the allowance refuses (switched
+  off, licence not accepted) gets 403 naming why, before any host works;
 * money first: each attempt reserves its worst-case cost from the
   allowance (:func:`worst_case_tokens`) before the order leaves, so a
   request the allowance cannot cover gets 402 before any host works;
@@ -67,7 +69,7 @@ from .prices import PriceBook
 from .openai_api import APIError, CompletionRequest, EmbeddingRequest
 from .openai_shapes import Usage
 from .p2p import P2PNode
-from .settlement import Settlement, SettlementRefused
+from .settlement import Grant, Settlement, SettlementRefused
 from .streams import StreamPool
 from .wire import FramedStream, PeerGone
 
@@ -174,8 +176,8 @@ class _Outcome:
     def __init__(self) -> None:
         self.text = ""
         self.tokens = 0
-        self.tool_calls = False
-        """Whether tool-call deltas reached the client: a stream of them cannot be continued elsewhere."""
+        self.tool_calls: list[dict] = []
+        """Tool-call deltas that reached the client, in order: a stream of them cannot be continued elsewhere."""
         self.token_ids: list[int] = []
         self.receipt: Receipt | None = None
         self.problems: list[str] = []
@@ -226,7 +228,7 @@ class GatewayService:
         self.stats.requests += 1
         self.check_serveable(request.model, request.needs)
         try:
-            grant = self.settlement.authorize(bearer)
+            grant = await self._authorize(bearer, request.model)
         except SettlementRefused as unpaid:
             raise _refusal_error(unpaid) from None
         request_id = new_request_id()
@@ -248,7 +250,7 @@ class GatewayService:
             offer = candidates[0]
             continuation_ids = tuple(delivered_ids) if delivered_ids else ()
             order = self._order(request, offer, request_id if attempt == 0 else new_request_id(), seed, delivered_text,
-                                continuation_ids, request.max_tokens - delivered_tokens, grant.allowance)
+                                continuation_ids, request.max_tokens - delivered_tokens, grant)
             reserved = cost_micro(worst_case_tokens(order), order.price_micro_per_mtok)
             try:
                 self.settlement.reserve(grant, reserved)
@@ -302,7 +304,7 @@ class GatewayService:
             else:
                 if receipt.cost_micro > reserved:
                     log.warning("receipt %s costs %d micro-USD, over the %d reserved for it", receipt.request_id, receipt.cost_micro, reserved)
-                self._settle(receipt, order, outcome, delivered_tokens)
+                self._settle(receipt, grant, order, outcome, delivered_tokens)
             prompt_tokens = max(0, receipt.tokens_in - delivered_tokens) if delivered_tokens else receipt.tokens_in
             return Finish(receipt.finish_reason, Usage(prompt_tokens, delivered_tokens + outcome.tokens), receipt.model_hash[:32], outcome.vector)
         if delivered_tokens:
@@ -310,29 +312,32 @@ class GatewayService:
         raise APIError(503, f"No host available for '{request.model}': {last_error}.", type="server_error", code="no_host_available")
 
     async def complete_choices(self, request: CompletionRequest, bearer: str | None, emit: IndexedEmit) -> list[Finish]:
-        """``n`` choices, each its own order (own seed, host, receipt and audit), run side by side.
+        """``n`` choices (per prompt of a batch), each its own order (own seed, host, receipt and audit), run side by side.
 
         Each choice is an independent seeded generation, so fanning it out
         keeps every receipt a single output the verifier replays as is, and a
         failed host costs one choice a failover, not the whole request. The
         first choice that cannot be served ends them all with its error.
         """
-        if request.n == 1:
+        if request.choices == 1:
             return [await self.complete(request, bearer, functools.partial(emit, 0))]
         self.check_serveable(request.model, request.needs)
-        finishes: list[Finish | None] = [None] * request.n
+        prompts = request.batch or (request.prompt,)
+        finishes: list[Finish | None] = [None] * request.choices
         failure: APIError | None = None
 
         async def one(index: int) -> None:
             nonlocal failure
+            prompt, j = divmod(index, request.n)
+            single = dataclasses.replace(request, prompt=prompts[prompt], batch=())
             try:
-                finishes[index] = await self.complete(choice_request(request, index), bearer, functools.partial(emit, index))
+                finishes[index] = await self.complete(choice_request(single, j), bearer, functools.partial(emit, index))
             except APIError as error:
                 failure = failure or error
                 nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            for index in range(request.n):
+            for index in range(request.choices):
                 nursery.start_soon(one, index)
         if failure is not None:
             raise failure
@@ -427,10 +432,10 @@ class GatewayService:
         return True
 
     def _order(self, request: CompletionRequest, offer: Offer, request_id: str, seed: int, continuation: str,
-               continuation_ids: tuple[int, ...], max_tokens: int, allowance: bytes) -> Order:
+               continuation_ids: tuple[int, ...], max_tokens: int, grant: Grant) -> Order:
         return Order(
             request_id=request_id,
-            gateway_id=self.node.peer_id,
+            gateway_id=(grant.signer or self.node.signer).peer_id,
             host_id=offer.peer_id,
             model=request.model,
             price_micro_per_mtok=offer.price_micro_per_mtok,
@@ -445,12 +450,12 @@ class GatewayService:
                 presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
                 logit_bias=tuple(LogitBias(t, b) for t, b in request.logit_bias), json_mode=request.json_mode,
             ),
-            allowance=allowance,
+            allowance=grant.allowance,
             issued_at=time.time(),
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
             upstream=request.upstream,
-        ).signed(self.node.signer)
+        ).signed(grant.signer or self.node.signer)
 
     async def _open(self, offer: Offer) -> FramedStream:
         peer = ID.from_base58(offer.peer_id)
@@ -539,7 +544,7 @@ class GatewayService:
                             calls.extend(_tool_call_deltas(msg.tool_calls))
                         msg = framed.receive_ready()
                     joined = text[0] if len(text) == 1 else "".join(text)
-                    outcome.tool_calls = outcome.tool_calls or bool(calls)
+                    outcome.tool_calls.extend(calls)
                     if detailed:
                         await emit(Delta(joined, tuple(lp for c in detailed for lp in c.logprobs),
                                          tuple(d for c in detailed for d in c.details), outcome.tokens - before, tuple(calls)))
@@ -575,8 +580,15 @@ class GatewayService:
             else:
                 await framed.close()
 
-    def _settle(self, receipt: Receipt, order: Order | None = None, outcome: _Outcome | None = None, first_draw: int = 0) -> None:
-        countersigned = receipt.signed(self.node.signer, "gateway_sig")
+    async def _authorize(self, bearer: str | None, model: str) -> Grant:
+        """The settlement's grant; a team gateway first admits a key it has not seen (one hub call, bounded)."""
+        admit = getattr(self.settlement, "admit", None)
+        if admit is not None:
+            await admit(bearer)
+        return self.settlement.authorize(bearer, model)
+
+    def _settle(self, receipt: Receipt, grant: Grant, order: Order | None = None, outcome: _Outcome | None = None, first_draw: int = 0) -> None:
+        countersigned = receipt.signed(grant.signer or self.node.signer, "gateway_sig")
         self.stats.receipts.append(countersigned)
         del self.stats.receipts[:-100]
         # What an audit of this receipt needs, handed over before the receipt so a
@@ -588,9 +600,10 @@ class GatewayService:
                 request_id=order.request_id, kind=order.kind, messages=order.messages, prompt=order.prompt,
                 continuation=order.continuation, sampling=order.sampling, max_tokens=order.max_tokens,
                 first_draw=first_draw, output_ids=tuple(outcome.token_ids), output_text=outcome.text,
-                continuation_ids=order.continuation_ids, output_vector=outcome.vector,
-            ))
-        self.settlement.record(countersigned)
+                continuation_ids=order.continuation_ids, output_vector=outcome.vector, upstream=order.upstream,
+                output_tool_calls=json.dumps(outcome.tool_calls, ensure_ascii=False).encode() if outcome.tool_calls else b"",
+            ), grant)
+        self.settlement.record(countersigned, grant)
 
 
 CARRIED = Capabilities(tools=True, json_mode=True, json_schema=True, logprobs=True, top_logprobs=MAX_TOP_LOGPROBS, max_n=MAX_CHOICES,

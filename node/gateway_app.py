@@ -45,7 +45,7 @@ from .cors import Cors
 from .gateway import Delta, Finish, GatewayService
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GatewayMetrics, RequestCounter
-from .openai_api import APIError, check_unicode, parse_embedding_request, parse_request
+from .openai_api import APIError, CompletionRequest, check_unicode, parse_embedding_request, parse_request
 from .openai_shapes import Choice, ResponseShaper, Usage, embeddings_response, sse_error
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,10 @@ class _HotRoutes:
         shaper = ResponseShaper(req, new_request_id())
         clock = self.metrics.stream_clock(req.model)
         if not req.stream:
-            choices = [Choice(req) for _ in range(req.n)]
+            choices = [Choice(req) for _ in range(req.choices)]
+            if req.echo:
+                for index, choice in enumerate(choices):
+                    choice.parts.append(_prompt_of(req, index))
 
             async def collect(index: int, delta: Delta) -> None:
                 clock.delta(delta.tokens)
@@ -233,11 +236,17 @@ class _HotRoutes:
             return
 
         # n choices relay side by side: one event at a time reaches the socket.
-        sending = trio.Lock() if req.n > 1 else None
+        sending = trio.Lock() if req.choices > 1 else None
+        unechoed = set(range(req.choices)) if req.echo else set()
+        """Choices whose prompt is still to be sent ahead of their first text (``echo``)."""
 
         async def emit(index: int, delta: Delta) -> None:
             clock.delta(delta.tokens)
-            event = shaper.sse_delta(index, delta.text, delta.logprobs, delta.details, delta.tool_calls)
+            text = delta.text
+            if unechoed and index in unechoed:
+                unechoed.discard(index)
+                text = _prompt_of(req, index) + text
+            event = shaper.sse_delta(index, text, delta.logprobs, delta.details, delta.tool_calls)
             if sending is None:
                 await state.chunk(event)
                 return
@@ -259,6 +268,8 @@ class _HotRoutes:
             return
         finally:
             clock.finish()  # a stream that failed mid-way still had its first token
+        for index in sorted(unechoed):  # a choice that produced no text still echoes its prompt
+            await state.chunk(shaper.sse_delta(index, _prompt_of(req, index)))
         usage = _total(finishes)
         self.metrics.usage(req.model, usage.prompt_tokens, usage.completion_tokens)
         await state.chunk(shaper.sse_finish([f.finish_reason for f in finishes], usage), last=True)
@@ -310,6 +321,11 @@ class _Response:
         elif not self.done:
             with trio.CancelScope(shield=True):
                 await self.chunk(sse_error(error), last=True)
+
+
+def _prompt_of(req: CompletionRequest, index: int) -> str:
+    """The prompt of choice ``index``: with a batch, prompt ``index // n``."""
+    return (req.batch or (req.prompt,))[index // req.n]
 
 
 def _total(finishes: list[Finish]) -> Usage:

@@ -5,9 +5,16 @@ when it runs with ``--hub URL --api-key KEY``:
 
 * ``authorize`` answers from local state only: the current hub-signed
   allowance and what is left of it. 401 once the hub has called the key bad or
-  revoked (or the caller's bearer is not the key), 402 ``insufficient_quota``
-  when the hub has no more credit to give, 503 ``hub_unreachable`` when the
+  revoked, or the key's expiry (which the hub sends with the allowance) has
+  passed (or the caller's bearer is not the key), 402 ``insufficient_quota``
+  when the hub has no more credit to give, 402 ``key_limit_reached`` naming
+  the key's daily or monthly spend limit when that capped the allowance, 503 ``hub_unreachable`` when the
   allowance ran out of time while the hub could not be reached.
+* ``authorize`` also refuses (403) a model the allowance names in
+  ``refused_models``: switched off by the operator (``model_unavailable``)
+  or under a licence the account has not accepted (``licence_not_accepted``,
+  the message names the licence and where to accept it); a licence refusal
+  asks for a fresh allowance at once, so a retry after accepting is served.
 * ``reserve`` holds each order's worst-case cost before the order is sent,
   ``release`` gives it back when the order ends (its receipt is recorded
   right after): the orders in flight plus the receipts not yet delivered
@@ -17,6 +24,10 @@ when it runs with ``--hub URL --api-key KEY``:
   is refused from the moment the hub's signed revocation arrives, while the
   receipts already served under its allowance are still delivered (the hub
   takes them from a revoked key: the allowance, not the key, pays).
+* The same long poll answers when the account's catalogue terms moved (a
+  model switched off, a licence accepted; the stamp came with the allowance):
+  the allowance is renewed at once, so a switch-off binds within about a
+  second while the hub is reachable.
 * ``record`` appends the countersigned receipt to a SQLite queue on disk
   (``synchronous=FULL``) before it returns, so a killed gateway loses nothing.
 * :meth:`HubSettlement.run` renews the allowance in the background (at half
@@ -213,6 +224,45 @@ class _Budget:
     """The budget less the cost of receipts recorded but not yet acknowledged by the hub."""
     limited_by_balance: bool
     """The hub gave less than asked: this allowance holds all the account's credit."""
+    refusals: dict[str, tuple[str, str]]
+    """model -> (error code, message) of the 403 for it, for each model the allowance refuses."""
+    limit: str | None = None
+    """The key's spend limit that capped this budget, in the hub's words (the 402 says it)."""
+    key_expires_at: float | None = None
+
+
+_NO_CREDIT = ("insufficient_quota", "You exceeded your current quota, please add credits.")
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value[:500] if isinstance(value, str) and value else None
+
+
+def _number_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _refusal_messages(refused: tuple[str, ...], reasons: Any, hub_url: str) -> dict[str, tuple[str, str]]:
+    """The 403 (code, message) of each model the signed allowance refuses.
+
+    The signed ``refused_models`` decide what is refused; the answer's
+    unsigned ``refused_models`` list only says why (licence name and URL).
+    A model the reasons do not cover is refused all the same.
+    """
+    why = {r.get("model"): r for r in reasons if isinstance(r, dict)} if isinstance(reasons, list) else {}
+    out = {}
+    for model in refused:
+        r = why.get(model, {})
+        if r.get("reason") == "unavailable":
+            out[model] = ("model_unavailable", f"The model '{model}' is unavailable: the hub's operator has switched it off.")
+            continue
+        name, url = str(r.get("licence_name") or ""), str(r.get("licence_url") or "")
+        licence = f"{name} ({url})" if name and url else name or url
+        out[model] = ("licence_not_accepted",
+                      f"The model '{model}' is published under the licence {licence}: accept it at {hub_url}/models, "
+                      "then retry." if licence else
+                      f"The model '{model}' is not open to this API key's account; see {hub_url}/models.")
+    return out
 
 
 class HubSettlement:
@@ -257,6 +307,12 @@ class HubSettlement:
         """Worst-case cost of the orders in flight (see :meth:`reserve`)."""
         self._want_micro: int | None = None
         """A larger budget to ask at the next renewal, when requests in flight need it."""
+        self._no_credit_reason = _NO_CREDIT
+        """(code, message) of the hub's last 402: no credit, or the key's spend limit reached."""
+        self._refused_seen: set[str] = set()
+        """Models refused under the current allowance that already asked for a renewal."""
+        self._terms: str | None = None
+        """The account's catalogue terms stamp the allowance came with (see the revocation poll)."""
         self._revocation_cursor = 0.0
         self._key_refused: str | None = None
         self._quiet = QuietLog(log)
@@ -271,21 +327,41 @@ class HubSettlement:
         self._audit_lock = trio.Lock()
 
     # --- request path (no I/O but the local queue) ------------------------
-    def authorize(self, bearer: str | None) -> Grant:
+    def authorize(self, bearer: str | None, model: str) -> Grant:
         if self._key_refused is not None:
             raise SettlementRefused(401, "invalid_api_key", self._key_refused)
         if self.require_bearer and not hmac.compare_digest((bearer or "").encode(), self.api_key.encode()):
             raise SettlementRefused(401, "invalid_api_key", "Incorrect API key provided.")
         b = self._budget
+        if b is not None and b.key_expires_at is not None and self.clock() >= b.key_expires_at:
+            raise SettlementRefused(401, "invalid_api_key", "Incorrect API key provided.")  # expired: as if revoked
         if b is None or self.clock() >= b.allowance.expires_at:
             self._renew_now.set()
             if self._no_credit or (b is None and self._hub_reached):
-                raise SettlementRefused(402, "insufficient_quota", "You exceeded your current quota, please add credits.")
+                raise SettlementRefused(402, *self._no_credit_reason)
             raise SettlementRefused(503, "hub_unreachable", "The settlement hub cannot be reached right now; retry shortly.")
+        refusal = b.refusals.get(model)
+        if refusal is not None:
+            if model not in self._refused_seen:
+                # A licence accepted just now binds from the next allowance: ask for it at once,
+                # so a retry after accepting is served. Once per model and allowance, not per request.
+                self._refused_seen.add(model)
+                self._renew_now.set()
+            raise SettlementRefused(403, *refusal)
         if self.available_micro() <= 0 and b.limited_by_balance:
             self._renew_now.set()
-            raise SettlementRefused(402, "insufficient_quota", "You exceeded your current quota, please add credits.")
+            raise SettlementRefused(402, *self._out_of_budget(b))
         return Grant(allowance=b.encoded)
+
+    @staticmethod
+    def _out_of_budget(b: _Budget) -> tuple[str, str]:
+        """The 402 of an allowance that holds all there is: the key's limit, or the account's credit."""
+        return ("key_limit_reached", b.limit) if b.limit else _NO_CREDIT
+
+    @property
+    def refused_key(self) -> str | None:
+        """The hub's reason when it refused this key (401: unknown, revoked, expired); None while it is accepted."""
+        return self._key_refused
 
     def available_micro(self) -> int:
         """What the allowance can still promise: budget less queued receipts and requests in flight."""
@@ -305,16 +381,15 @@ class HubSettlement:
         self._renew_now.set()
         b = self._budget
         if b is None or b.limited_by_balance or self._no_credit:
-            raise SettlementRefused(402, "insufficient_quota",
-                                    "You exceeded your current quota, please add credits "
-                                    f"(this request may cost up to {micro} micro-USD).")
+            code, message = self._no_credit_reason if self._no_credit or b is None else self._out_of_budget(b)
+            raise SettlementRefused(402, code, f"{message} (This request may cost up to {micro} micro-USD.)")
         self._want_micro = max(self._want_micro or 0, 2 * (self._reserved + micro + self.queue.pending_cost()))
         raise SettlementRefused(503, "allowance_renewing", "Requests in flight hold this gateway's allowance; a larger one is on its way, retry shortly.")
 
     def release(self, grant: Grant, micro: int) -> None:
         self._reserved -= micro
 
-    def record(self, receipt: Receipt) -> None:
+    def record(self, receipt: Receipt, grant: Grant | None = None) -> None:
         opening = self._openings.pop(receipt.request_id, None)
         self.queue.append(receipt, opening, self.clock())
         b = self._budget
@@ -325,7 +400,7 @@ class HubSettlement:
         if len(self.queue) >= self.batch_size:
             self._deliver_now.set()
 
-    def retain(self, opening: Opening) -> None:
+    def retain(self, opening: Opening, grant: Grant | None = None) -> None:
         """Keep what an audit of this receipt needs (unless the client opted out).
 
         Called just before :meth:`record` of the same request: the opening is
@@ -405,6 +480,7 @@ class HubSettlement:
                 self._key_refused = exc.message
             elif exc.status == 402:
                 self._no_credit = True
+                self._no_credit_reason = (exc.code, exc.message)
             raise
         self._hub_reached = True
         try:
@@ -416,7 +492,11 @@ class HubSettlement:
         if allowance.gateway_id != self.gateway_id:
             raise ProtocolError("the hub issued an allowance for another gateway")
         self._budget = _Budget(allowance, encoded, allowance.budget_micro - self.queue.pending_cost(),
-                               data.get("limited_by_balance") is True)
+                               data.get("limited_by_balance") is True,
+                               _refusal_messages(allowance.refused_models, data.get("refused_models"), self.hub_url),
+                               _text_or_none(data.get("limit")), _number_or_none(data.get("key_expires_at")))
+        self._refused_seen = set()
+        self._terms = data.get("terms")[:200] if isinstance(data.get("terms"), str) else None
         self._want_micro = None
         self._key_refused = None
         self._no_credit = False
@@ -491,9 +571,11 @@ class HubSettlement:
         backoff = 0.5
         while self._key_refused is None:
             try:
+                params: dict[str, Any] = {"after": self._revocation_cursor, "wait_s": REVOCATION_WAIT_S}
+                if self._terms is not None:
+                    params["terms"] = self._terms
                 data = await _call(self._http, "GET", "/v1/revocations", REVOCATION_WAIT_S + self.timeout_s,
-                                   params={"after": self._revocation_cursor, "wait_s": REVOCATION_WAIT_S},
-                                   timeout=REVOCATION_WAIT_S + self.timeout_s)
+                                   params=params, timeout=REVOCATION_WAIT_S + self.timeout_s)
                 self._hub_answered()
                 self._take_revocations(data)
                 backoff = 0.5
@@ -519,6 +601,12 @@ class HubSettlement:
             if revocation.hub_id == hub_id and revocation.key_id == self.key_id:
                 log.warning("API key %s was revoked at the hub: refusing its requests from now on", self.key_id)
                 self._key_refused = "Incorrect API key provided."
+        terms = data.get("terms")
+        if isinstance(terms, str) and self._terms is not None and terms != self._terms:
+            # The catalogue or this account's acceptances moved since the allowance: its
+            # refused models may be stale. Renew now (and poll with the new stamp, not spin).
+            self._terms = terms
+            self._renew_now.set()
         cursor = data.get("cursor")
         if isinstance(cursor, (int, float)) and math.isfinite(cursor):
             self._revocation_cursor = max(self._revocation_cursor, float(cursor))
@@ -660,8 +748,8 @@ class HostHubLink:
         """An :data:`~gpunexus.node.host.OrderCheck`: the order's allowance, verified offline.
 
         Raises ProtocolError unless the allowance is signed by this hub, issued
-        to the ordering gateway, unexpired and non-empty: a host serves only
-        work the hub has promised to pay for.
+        to the ordering gateway, unexpired, non-empty and does not refuse the
+        order's model: a host serves only work the hub has promised to pay for.
         """
         if self.hub_id is None:
             raise ProtocolError("host is not connected to its hub yet")
@@ -677,6 +765,8 @@ class HostHubLink:
             raise ProtocolError("allowance expired")
         if allowance.budget_micro <= 0:
             raise ProtocolError("allowance has no budget")
+        if order.model in allowance.refused_models:
+            raise ProtocolError(f"the hub refuses model {order.model!r} to this allowance's account")
 
     async def earnings(self) -> dict:
         """The host account's earnings summary (``GET /v1/earnings``)."""

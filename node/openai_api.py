@@ -63,6 +63,16 @@ class CompletionRequest:
     upstream: bytes = b""
     """Tools, tool choice, a JSON schema and messages beyond text, for a
     pass-through host's engine (``Order.upstream``); empty for plain text."""
+    batch: tuple[str, ...] = ()
+    """Completions only: a prompt given as a list of several strings; each gets
+    ``n`` choices, choice ``i * n + j`` being prompt ``i``'s ``j``-th (OpenAI's order)."""
+    echo: bool = False
+    """Completions only: each choice's text begins with its prompt."""
+
+    @property
+    def choices(self) -> int:
+        """How many choices the response holds: ``n`` per prompt."""
+        return self.n * max(1, len(self.batch))
 
 
 # Every parameter of OpenAI's two completion APIs (and vLLM's ``top_k``): an
@@ -77,7 +87,7 @@ _CHAT = _COMMON | {
     "audio", "prediction", "reasoning_effort", "web_search_options",
 }
 _COMPLETION = _COMMON | {"prompt", "echo", "suffix", "best_of"}
-_NOT_SUPPORTED = ("audio", "prediction", "reasoning_effort", "web_search_options", "metadata", "echo", "suffix")
+_NOT_SUPPORTED = ("audio", "prediction", "reasoning_effort", "web_search_options", "metadata", "suffix")
 """Known parameters no gateway host can honour yet: a 400 naming them when set."""
 
 
@@ -110,14 +120,16 @@ def parse_request(body: object, kind: str) -> CompletionRequest:
     prompt = ""
     vision = tool_turns = False
     upstream: dict = {}
+    batch: tuple[str, ...] = ()
     if kind == "chat":
         messages, verbatim, vision, tool_turns = _parse_messages(body.get("messages"))
         if verbatim is not None:
             upstream["messages"] = verbatim
         upstream.update(_parse_tools(body))
     else:
-        prompt = _parse_prompt(body.get("prompt"))
+        prompt, batch = _parse_prompt(body.get("prompt"))
     n = _integer(body, "n", 1, 1, MAX_CHOICES)
+    echo = kind == "completion" and _boolean(body, "echo", False)
     if kind == "completion" and body.get("best_of") not in (None, n):
         raise bad("'best_of' is not supported by this gateway (only equal to n).", param="best_of", code="unsupported_parameter")
     stream = _boolean(body, "stream", False)
@@ -153,6 +165,11 @@ def parse_request(body: object, kind: str) -> CompletionRequest:
     frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
     logit_bias = _parse_logit_bias(body.get("logit_bias"))
     logprobs, top_logprobs = _parse_logprobs(body, kind)
+    if echo and logprobs:
+        raise bad("'echo' with 'logprobs' asks for the prompt's logprobs, which hosts do not report: ask for one or the other.",
+                  param="echo", code="unsupported_parameter")
+    if batch and n * len(batch) > MAX_CHOICES:
+        raise bad(f"'n' times the number of prompts may be at most {MAX_CHOICES}.", param="n")
     json_mode, json_schema = _parse_response_format(body.get("response_format"))
     if json_schema:
         upstream["response_format"] = body["response_format"]
@@ -162,7 +179,7 @@ def parse_request(body: object, kind: str) -> CompletionRequest:
     )
     return CompletionRequest(kind, model, messages, prompt, stream, include_usage, max_tokens, temperature, top_p, top_k,
                              stop, seed, user, n, presence, frequency, logit_bias, logprobs, top_logprobs, json_mode, needs,
-                             upstream_bytes(upstream))
+                             upstream_bytes(upstream), batch, echo)
 
 
 def _parse_logit_bias(value: object) -> tuple[tuple[int, float], ...]:
@@ -398,14 +415,22 @@ def _content_text(content: object, where: str, *, images_allowed: bool = True) -
     raise bad(f"'{where}' must be a string or an array of content parts.", param=where)
 
 
-def _parse_prompt(value: object) -> str:
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-        value = value[0]
+def _parse_prompt(value: object) -> tuple[str, tuple[str, ...]]:
+    """The prompt, and all of them when a list of several strings batches prompts in one request."""
+    if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+        if len(value) > MAX_CHOICES:
+            raise bad(f"'prompt' may batch at most {MAX_CHOICES} prompts.", param="prompt")
+        if sum(len(p) for p in value) > MAX_PROMPT_CHARS:
+            raise bad("The prompts are too long.", param="prompt", code="context_length_exceeded")
+        return value[0], (tuple(value) if len(value) > 1 else ())
+    if isinstance(value, list) and value and all(type(t) is int or isinstance(t, list) for t in value):
+        raise bad("'prompt' as token ids is not supported by this gateway: hosts' tokenizers differ, send text.",
+                  param="prompt", code="unsupported_parameter")
     if not isinstance(value, str):
-        raise bad("'prompt' must be a string (or an array of one string).", param="prompt")
+        raise bad("'prompt' must be a string or an array of strings.", param="prompt")
     if len(value) > MAX_PROMPT_CHARS:
         raise bad("The prompt is too long.", param="prompt", code="context_length_exceeded")
-    return value
+    return value, ()
 
 
 def _parse_stop(value: object) -> tuple[str, ...]:

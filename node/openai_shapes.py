@@ -142,7 +142,7 @@ class ResponseShaper:
         self._usage = ',"usage":null' if request.include_usage else ""
         self._frames: dict[int, tuple[bytes, bytes]] = {}
         self._plain = not request.logprobs
-        self._completion_logprobs = [CompletionLogprobs(request.top_logprobs > 0) for _ in range(request.n)] if request.logprobs and not self.chat else []
+        self._completion_logprobs = [CompletionLogprobs(request.top_logprobs > 0) for _ in range(request.choices)] if request.logprobs and not self.chat else []
 
     def _frame(self, index: int) -> tuple[bytes, bytes]:
         frame = self._frames.get(index)

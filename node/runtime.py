@@ -34,6 +34,7 @@ from .p2p import P2PConfig, P2PNode, open_p2p
 from .prices import PriceBook, follow_prices, relay_hub_prices
 from .schedule import Clock, ScheduleFollower, Window
 from .settlement import FreeSettlement, Settlement
+from .team import TeamSettlement
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,8 @@ class GatewayOptions:
     home: str | Path | None = None
     hub: HubLogin | None = None
     """With a hub, requests are paid from the key's credits (replaces ``settlement``)."""
+    team: bool = False
+    """With a hub: each client pays with its own hub key (``TeamSettlement``); ``hub.api_key`` is unused."""
     audit_retention_s: float | None = 3600.0
     """With a hub: how long each paid request and its output are kept for the hub's
     audits; None (``--no-audit-retention``) keeps nothing, and the gateway then
@@ -217,9 +220,13 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
     if options.hub is not None:
         if options.home is None:
             raise ValueError("a gateway with a hub needs a home folder for its receipt queue")
-        queue = node_home(options.home, "gateway") / "receipts.db"
-        settlement = HubSettlement(options.hub.url, options.hub.api_key, signer.peer_id, queue,
-                                   audit_retention_s=options.audit_retention_s)
+        if options.team:
+            settlement = TeamSettlement(options.hub.url, signer, node_home(options.home, "gateway") / "team",
+                                        audit_retention_s=options.audit_retention_s)
+        else:
+            queue = node_home(options.home, "gateway") / "receipts.db"
+            settlement = HubSettlement(options.hub.url, options.hub.api_key, signer.peer_id, queue,
+                                       audit_retention_s=options.audit_retention_s)
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
         book = OfferBook()
         # A host whose connection dies leaves the book at once, not when its offer expires.

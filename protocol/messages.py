@@ -63,11 +63,21 @@ UPSTREAM_FIELDS = frozenset({"messages", "tools", "tool_choice", "parallel_tool_
 """What ``Order.upstream`` may carry: the fields only the engine behind a pass-through host understands."""
 
 
+def canonical_json(value: object) -> bytes:
+    """Sorted keys, no spaces, UTF-8: equal values give equal bytes on every peer."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def upstream_bytes(fields: dict) -> bytes:
     """``Order.upstream`` for ``fields`` (empty when there are none): canonical, so equal fields sign alike."""
-    if not fields:
-        return b""
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return canonical_json(fields) if fields else b""
+
+
+def _json_array(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), list)
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 def _check_upstream(raw: bytes) -> None:
@@ -92,6 +102,8 @@ def _name(value: str, what: str) -> None:
     _require(0 < len(value) <= MAX_NAME_CHARS, f"{what} must be 1..{MAX_NAME_CHARS} characters")
 
 
+MAX_ALLOWANCE_BYTES = 20_000
+"""An encoded :class:`Allowance` refusing :data:`MAX_REFUSED_MODELS` models of the longest names fits."""
 MAX_TOP_LOGPROBS = 20
 """OpenAI's own bound on ``top_logprobs``."""
 MAX_CHOICES = 128
@@ -341,7 +353,7 @@ class Order(Message):
         _require(len(self.prompt) <= MAX_PROMPT_CHARS, "order.prompt too long")
         _require(len(self.continuation) <= MAX_TEXT_CHARS, "order.continuation too long")
         _require(_token_ids_ok(self.continuation_ids), "order.continuation_ids out of range")
-        _require(len(self.allowance) <= 4096, "order.allowance too long")
+        _require(len(self.allowance) <= MAX_ALLOWANCE_BYTES, "order.allowance too long")
         if self.upstream:
             _require(self.kind != "embedding", "an embedding order carries no upstream fields")
             _check_upstream(self.upstream)
@@ -401,7 +413,9 @@ class Chunk(Message):
 
     def check(self) -> None:
         _require(not self.details or (len(self.details) == self.n_tokens == len(self.logprobs)), "chunk details do not match its tokens")
-        _require(len(self.tool_calls) <= MAX_TEXT_CHARS, "chunk tool calls too long")
+        if self.tool_calls:
+            _require(len(self.tool_calls) <= MAX_TEXT_CHARS, "chunk tool calls too long")
+            _require(_json_array(self.tool_calls), "chunk.tool_calls must be a JSON array")
         # A chunk of tool-call deltas alone (an id and a name, no argument text yet) may count no token.
         _require(0 < self.n_tokens <= MAX_CHUNK_TOKENS or (self.n_tokens == 0 and bool(self.tool_calls)), "chunk token count out of range")
         _require(not self.token_ids or len(self.token_ids) == self.n_tokens, "chunk token ids do not match its count")
@@ -467,9 +481,20 @@ class Receipt(Message):
         _require(len(self.commitment) <= MAX_COMMITMENT_BYTES, "receipt.commitment too long")
 
 
+MAX_REFUSED_MODELS = 64
+"""Most models one allowance may refuse (it rides in every order: see ``Order.allowance``)."""
+
+
 @message
 class Allowance(Message):
-    """A hub-signed budget a gateway may spend for one account until it expires."""
+    """A hub-signed budget a gateway may spend for one account until it expires.
+
+    ``refused_models`` are the model ids this budget must not pay for: the
+    operator switched them off, or their licence needs an acknowledgement
+    the account has not given. The gateway refuses a request for one before
+    any host works, and a host refuses an order for one (it would not be
+    paid), so the hub's word binds without a round trip on the request path.
+    """
 
     TYPE: ClassVar[str] = "allowance"
     SIGNATURES: ClassVar = (("sig", "hub_id"),)
@@ -481,6 +506,7 @@ class Allowance(Message):
     budget_micro: int
     issued_at: float
     expires_at: float
+    refused_models: tuple[str, ...] = ()
     sig: bytes = b""
 
     def check(self) -> None:
@@ -488,6 +514,9 @@ class Allowance(Message):
         _peer(self.gateway_id, "allowance.gateway_id")
         _require(self.budget_micro >= 0, "allowance.budget must be >= 0")
         _require(self.expires_at > self.issued_at, "allowance expires before it is issued")
+        _require(len(self.refused_models) <= MAX_REFUSED_MODELS, f"allowance refuses more than {MAX_REFUSED_MODELS} models")
+        for model in self.refused_models:
+            _name(model, "allowance.refused_models entry")
 
 
 @message
@@ -517,9 +546,18 @@ class Opening(Message):
     continuation_ids: tuple[int, ...] = ()
     output_vector: bytes = b""
     """An embedding order's vector as delivered (float32 LE)."""
+    upstream: bytes = b""
+    """The order's ``upstream`` fields (tools, a schema, messages beyond text), part of its prompt hash."""
+    output_tool_calls: bytes = b""
+    """Every tool-call delta item as delivered, in order: a JSON array (empty: none)."""
 
     def check(self) -> None:
         _require(len(self.request_id) == 32, "opening.request_id must be 32 hex characters")
+        if self.upstream:
+            _check_upstream(self.upstream)
+        if self.output_tool_calls:
+            _require(len(self.output_tool_calls) <= MAX_TEXT_CHARS, "opening.output_tool_calls too long")
+            _require(_json_array(self.output_tool_calls), "opening.output_tool_calls must be a JSON array")
         _require(self.kind in ORDER_KINDS, f"opening.kind must be one of {ORDER_KINDS}")
         _require(len(self.messages) <= MAX_MESSAGES, "opening has too many messages")
         _require(len(self.prompt) <= MAX_PROMPT_CHARS and len(self.continuation) <= MAX_TEXT_CHARS, "opening prompt too long")
@@ -531,7 +569,7 @@ class Opening(Message):
 
     def prompt_hash(self) -> bytes:
         """The same hash as :meth:`Order.prompt_hash` of the order this opens."""
-        return _prompt_hash(self.kind, self.messages, self.prompt, self.continuation, self.continuation_ids)
+        return _prompt_hash(self.kind, self.messages, self.prompt, self.continuation, self.continuation_ids, self.upstream)
 
     def output_hash(self) -> bytes:
         """The :class:`OutputHasher` digest of the delivered output (chunking does not matter)."""
@@ -540,6 +578,8 @@ class Opening(Message):
             hasher.update(Chunk(self.output_text, max(1, len(self.output_ids)), self.output_ids, ()))
         if self.output_vector:
             hasher.update_vector(self.output_vector)
+        if self.output_tool_calls:
+            hasher.update_tool_calls(json.loads(self.output_tool_calls))
         return hasher.digest()
 
 
@@ -657,10 +697,16 @@ class OutputHasher:
         self._ids.update(b"".join(t.to_bytes(4, "big") for t in chunk.token_ids))
         self._text.update(chunk.text.encode("utf-8", "surrogatepass"))
         if chunk.tool_calls:
-            if self._tools is None:
-                self._tools = hashlib.sha256(b"gpunexus/output-tool-calls/1\n")
-            self._tools.update(len(chunk.tool_calls).to_bytes(4, "big") + chunk.tool_calls)
+            self.update_tool_calls(json.loads(chunk.tool_calls))
         self.tokens += chunk.n_tokens
+
+    def update_tool_calls(self, deltas: list) -> None:
+        """Bind tool-call deltas item by item (canonical JSON), so how they were chunked does not matter."""
+        if self._tools is None:
+            self._tools = hashlib.sha256(b"gpunexus/output-tool-calls/1\n")
+        for item in deltas:
+            raw = canonical_json(item)
+            self._tools.update(len(raw).to_bytes(4, "big") + raw)
 
     def update_vector(self, vector: bytes) -> None:
         if self._vectors is None:

@@ -62,6 +62,32 @@ def test_operator_commands(home, capsys):
         hub.db.read_sync(keys.authenticate, second_key)
 
 
+def test_key_limits_and_expiry_on_the_command_line(home, capsys):
+    run("hub", "user", "add", "ada@example.com", "--role", "client")
+    capsys.readouterr()
+    assert run("hub", "key", "create", "ada@example.com", "--name", "capped", "--limit-day", "5",
+               "--limit-month", "$50.25", "--expires", "30") == 0
+    capped = capsys.readouterr().out.strip()
+    assert run("hub", "key", "create", "ada@example.com", "--name", "dated", "--expires", "2099-12-31") == 0
+    dated = capsys.readouterr().out.strip()
+    hub = Hub.open(str(home))
+    infos = {k.name: k for k in hub.db.read_sync(keys.list_keys, None)}
+    assert (infos["capped"].limit_day_micro, infos["capped"].limit_month_micro) == (5_000_000, 50_250_000)
+    assert 29 * 86400 < infos["capped"].expires_at - time.time() <= 30 * 86400
+    assert infos["dated"].expires_at == 4102444800.0  # 2100-01-01 00:00 UTC: the end of the day given
+    assert hub.db.read_sync(keys.authenticate, capped) and hub.db.read_sync(keys.authenticate, dated)
+    assert run("hub", "key", "list") == 0
+    listing = capsys.readouterr().out
+    assert "0.00/5.00" in listing and "0.00/50.25" in listing and "0.00/-" in listing and "2100-01-01 00:00" in listing
+    for bad in (["--limit-day", "0"], ["--limit-day", "five"], ["--expires", "2001-01-01"], ["--expires", "soon"],
+                ["--expires", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            run("hub", "key", "create", "ada@example.com", *bad)
+        assert exit_.value.code == 2
+    assert "spend limit must be more than 0" in capsys.readouterr().err
+    assert len(hub.db.read_sync(keys.list_keys, None)) == 3  # nothing made by the bad ones
+
+
 def test_grant_refused_when_stripe_configured(home, capsys, monkeypatch):
     run("hub", "user", "add", "a@example.com", "--role", "client")
     monkeypatch.setenv(hub_cli.STRIPE_KEY_ENV, "sk_test_x")

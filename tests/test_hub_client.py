@@ -7,7 +7,7 @@ import dataclasses
 import httpx
 import pytest
 import trio
-from gpunexus.hub import keys, ledger
+from gpunexus.hub import catalogue, keys, ledger
 from gpunexus.node.hub_client import HostHubLink, HubRefused, HubSettlement, HubUnavailable
 from gpunexus.node.settlement import SettlementRefused
 from gpunexus.protocol.codec import decode_as
@@ -65,7 +65,7 @@ async def test_gateway_pays_host_through_hub(served, tmp_path, nursery):
     gw = HubSettlement(url, market.client_key, market.gateway.peer_id, tmp_path / "q.db", budget_micro=1_000_000, clock=market.clock)
     await nursery.start(gw.run)
 
-    grant = gw.authorize(market.client_key)
+    grant = gw.authorize(market.client_key, "ref-tiny")
     allowance = decode_as(Allowance, grant.allowance)
     assert allowance.budget_micro == 1_000_000 and allowance.hub_id == market.hub.hub_id
     order = _order(market.gateway, market.host_signer, grant.allowance)
@@ -88,8 +88,48 @@ async def test_gateway_pays_host_through_hub(served, tmp_path, nursery):
     await link.aclose()
 
     with pytest.raises(SettlementRefused) as e:
-        gw.authorize("wrong key")
+        gw.authorize("wrong key", "ref-tiny")
     assert e.value.status == 401
+
+
+async def test_the_allowance_refuses_models_switched_off_or_under_a_licence_not_accepted(served, tmp_path, nursery):
+    market, url, _ = served
+    link = await _register(market, url)
+    hub = market.hub
+    hub.db.write_sync(catalogue.upsert, catalogue.Model(
+        "ref-tiny", "Reference tiny", "Tiny Licence", "https://example.com/tiny", 2048, True, 0.0, licence_ack=True))
+    hub.db.write_sync(catalogue.upsert, catalogue.Model("old", "Old", "", "", None, False, 0.0))
+    gw = HubSettlement(url, market.client_key, market.gateway.peer_id, tmp_path / "m.db", clock=market.clock)
+    await nursery.start(gw.run)
+    with pytest.raises(SettlementRefused) as e:
+        gw.authorize(market.client_key, "ref-tiny")
+    assert (e.value.status, e.value.code) == (403, "licence_not_accepted")
+    assert "Tiny Licence (https://example.com/tiny)" in e.value.message and f"{url}/models" in e.value.message
+    with pytest.raises(SettlementRefused) as e:
+        gw.authorize(market.client_key, "old")
+    assert (e.value.status, e.value.code) == (403, "model_unavailable") and "'old' is unavailable" in e.value.message
+    grant = gw.authorize(market.client_key, "uncatalogued-model")  # the catalogue is no whitelist
+    # A host refuses an order for a refused model even from a gateway that skipped the check.
+    with pytest.raises(ProtocolError, match="refuses model 'ref-tiny'"):
+        await link.check_order(_order(market.gateway, market.host_signer, grant.allowance))
+
+    # Accepting binds from the next allowance, which a refusal asks for at once: retrying gets through.
+    await hub.accept_licence(market.client, "ref-tiny")
+    with trio.fail_after(10):
+        while True:
+            try:
+                grant = gw.authorize(market.client_key, "ref-tiny")
+                break
+            except SettlementRefused:
+                await trio.sleep(0.01)
+    await link.check_order(_order(market.gateway, market.host_signer, grant.allowance))
+    # A new licence must be accepted again.
+    hub.db.write_sync(catalogue.upsert, catalogue.Model(
+        "ref-tiny", "Reference tiny", "Tiny Licence v2", "https://example.com/tiny", 2048, True, 0.0, licence_ack=True))
+    await gw.renew()
+    with pytest.raises(SettlementRefused, match="Tiny Licence v2"):
+        gw.authorize(market.client_key, "ref-tiny")
+    await link.aclose()
 
 
 async def test_refusals_from_local_state(served, tmp_path, nursery):
@@ -98,13 +138,13 @@ async def test_refusals_from_local_state(served, tmp_path, nursery):
     broke = HubSettlement(url, market.host_key, Signer.generate().peer_id, tmp_path / "a.db", clock=market.clock)
     await nursery.start(broke.run)
     with pytest.raises(SettlementRefused) as e:
-        broke.authorize(market.host_key)
+        broke.authorize(market.host_key, "ref-tiny")
     assert (e.value.status, e.value.code) == (402, "insufficient_quota")
 
     # a revoked key: 401 from the next renewal on
     gw = HubSettlement(url, market.client_key, market.gateway.peer_id, tmp_path / "b.db", budget_micro=2000, clock=market.clock)
     await nursery.start(gw.run)
-    grant = gw.authorize(market.client_key)
+    grant = gw.authorize(market.client_key, "ref-tiny")
     gw.record(market.receipt(tokens_in=500, tokens_out=0))  # 1000 of 2000 spent
     gw.reserve(grant, 600)
     with pytest.raises(SettlementRefused) as e:
@@ -120,7 +160,7 @@ async def test_refusals_from_local_state(served, tmp_path, nursery):
     with pytest.raises(HubRefused):
         await gw.renew()
     with pytest.raises(SettlementRefused) as e:
-        gw.authorize(market.client_key)
+        gw.authorize(market.client_key, "ref-tiny")
     assert (e.value.status, e.value.code) == (401, "invalid_api_key")
 
 
@@ -130,7 +170,7 @@ async def test_reservations_never_promise_more_than_the_balance(served, tmp_path
     market.hub.grant_sync("small@example.com", 500, "small")
     gw = HubSettlement(url, key, Signer.generate().peer_id, tmp_path / "s.db", clock=market.clock)
     await nursery.start(gw.run)
-    grant = gw.authorize(key)
+    grant = gw.authorize(key, "ref-tiny")
     for _ in range(4):
         gw.reserve(grant, 120)  # 480 of 500 held by requests in flight
     assert gw.available_micro() == 20
@@ -154,14 +194,14 @@ async def test_hub_down_then_gateway_killed_then_restarted(served, tmp_path):
     receipts = [market.receipt() for _ in range(5)]
     async with trio.open_nursery() as nursery:
         await nursery.start(first.run)
-        first.authorize(market.client_key)  # still serving inside the allowance
+        first.authorize(market.client_key, "ref-tiny")  # still serving inside the allowance
         for r in receipts:
             first.record(r)
         with pytest.raises(HubUnavailable):
             await first.flush()
         clock.now = allowance.expires_at + 1
         with pytest.raises(SettlementRefused) as e:
-            first.authorize(market.client_key)
+            first.authorize(market.client_key, "ref-tiny")
         assert e.value.status == 503
         nursery.cancel_scope.cancel()  # the gateway is killed with 5 receipts queued
     assert _host_earned(market) == 0
@@ -213,7 +253,7 @@ async def test_revocation_reaches_the_gateway_at_once_and_served_work_still_pays
     gw = HubSettlement(url, market.client_key, market.gateway.peer_id, tmp_path / "q.db",
                        flush_interval_s=3600, clock=market.clock)
     await nursery.start(gw.run)
-    gw.authorize(market.client_key)
+    gw.authorize(market.client_key, "ref-tiny")
     served_before = [market.receipt() for _ in range(3)]
     for r in served_before:
         gw.record(r)  # served, countersigned, not delivered yet
@@ -223,7 +263,7 @@ async def test_revocation_reaches_the_gateway_at_once_and_served_work_still_pays
     with trio.fail_after(10):  # the long poll hears of it; no renewal needed
         while True:
             try:
-                gw.authorize(market.client_key)
+                gw.authorize(market.client_key, "ref-tiny")
             except SettlementRefused as refused:
                 assert (refused.status, refused.code) == (401, "invalid_api_key")
                 break

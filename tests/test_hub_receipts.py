@@ -7,7 +7,7 @@ import json
 import threading
 
 import pytest
-from gpunexus.hub import audit, chain, keys, ledger, receipts
+from gpunexus.hub import audit, catalogue, chain, keys, ledger, receipts
 from gpunexus.hub.service import HubError
 from gpunexus.protocol.signing import Signer
 from test_hub_support import backend, db, make_receipt, market  # noqa: F401
@@ -62,6 +62,27 @@ async def test_settle_once_and_split(market):
     assert (earnings["amount_micro"], earnings["requests"], earnings["balance_micro"]) == (900, 1, 900)
     usage = await market.hub.usage(market.client)
     assert (usage["tokens"], usage["amount_micro"]) == (500, 1000)
+
+
+async def test_a_receipt_for_a_model_every_covering_allowance_refuses_settles_nothing(market):
+    hub, clock = market.hub, market.clock
+    hub.db.write_sync(catalogue.upsert, catalogue.Model("ref-tiny", "Reference tiny", "", "", None, True, clock.now))
+    await hub.allowance(market.client, market.gateway.peer_id, 1_000_000)
+    clock.now += 10
+    admin = hub.db.write_sync(keys.create_user, "ops@example.com", "admin")
+    await hub.set_model_available(admin, "ref-tiny", False)
+    a = await hub.allowance(market.client, market.gateway.peer_id, 1_000_000)
+    assert a.refused_models == ("ref-tiny",)
+    # Issued while the allowance from before the switch-off was still valid: served in good faith, paid.
+    [o] = await hub.submit([market.receipt(issued_at=clock.now).encode()])
+    assert o.status == "settled"
+    clock.now += hub.config.allowance_ttl_s + hub.config.clock_skew_s + 1
+    await market.post_offer()
+    await hub.allowance(market.client, market.gateway.peer_id, 1_000_000)
+    before = _state(market)
+    [o] = await hub.submit([market.receipt(issued_at=clock.now).encode()])
+    assert o.status == "refused" and "refuses model 'ref-tiny'" in o.reason
+    assert _state(market) == before
 
 
 async def test_forgeries_post_nothing(market):

@@ -111,6 +111,33 @@ async def test_n_choices_are_independent_seeded_and_the_first_is_n1(market):
     assert three.usage.prompt_tokens == 3 * one.usage.prompt_tokens  # each choice is its own order, billed its prompt
 
 
+async def test_completions_batch_prompts_and_echo_them(market):
+    _, gateway = market
+    kw = dict(model="tiny", max_tokens=8, seed=11, temperature=1.0)
+
+    def use():
+        client = sdk(gateway)
+        hi, bye = (client.completions.create(prompt=p, **kw) for p in ("Hi", "Bye"))
+        batch = client.completions.create(prompt=["Hi", "Bye"], n=2, **kw)
+        echoed = client.completions.create(prompt="Hi", echo=True, **kw)
+        stream = list(client.completions.create(prompt=["Hi", "Bye"], echo=True, stream=True, **kw))
+        return hi, bye, batch, echoed, stream
+
+    hi, bye, batch, echoed, stream = await trio.to_thread.run_sync(use)
+    # Choice i*n + j is prompt i's j-th; each prompt's first choice is the one-prompt request with the same seed.
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.choices[0].text == hi.choices[0].text and batch.choices[2].text == bye.choices[0].text
+    assert batch.choices[1].text != batch.choices[0].text
+    assert batch.usage.prompt_tokens == 2 * (hi.usage.prompt_tokens + bye.usage.prompt_tokens)
+    assert echoed.choices[0].text == "Hi" + hi.choices[0].text
+    assert echoed.usage.completion_tokens == hi.usage.completion_tokens  # the echo is not billed as output
+    streamed = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == ["Hi" + hi.choices[0].text, "Bye" + bye.choices[0].text]
+
+
 async def test_penalties_and_logit_bias_reach_the_sampler(market):
     _, gateway = market
 

@@ -117,7 +117,9 @@ def test_an_unknown_parameter_is_refused_as_openai_refuses_it():
 
 
 @pytest.mark.parametrize("extra,param", [
-    ({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"),
+    ({"echo": True, "logprobs": 1}, "echo"), ({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"),
+    ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": [[1, 2], [3]]}, "prompt"), ({"prompt": ["a"] * 65, "n": 2}, "n"),
+    ({"prompt": []}, "prompt"),
 ])
 def test_completion_parameters_the_gateway_cannot_honour_are_refused(extra, param):
     assert refused({"model": "tiny", "prompt": "x", **extra}, "completion").param == param
@@ -139,3 +141,11 @@ def test_parameters_some_hosts_honour_become_needs():
 
 def test_top_logprobs_needs_logprobs():
     assert refused(chat(top_logprobs=2)).param == "top_logprobs"
+
+
+def test_completions_batch_prompts_and_echo():
+    req = parse_request({"model": "tiny", "prompt": ["a", "b", "c"], "n": 2, "echo": True}, "completion")
+    assert req.batch == ("a", "b", "c") and req.prompt == "a" and req.choices == 6 and req.echo
+    one = parse_request({"model": "tiny", "prompt": ["only"]}, "completion")
+    assert one.batch == () and one.prompt == "only" and one.choices == 1 and not one.echo
+

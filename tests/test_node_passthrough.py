@@ -14,7 +14,11 @@ import json
 import openai
 import pytest
 import trio
+from gpunexus.hub.honesty import opening_problem
 from gpunexus.node.backends.openai_upstream import OpenAIUpstreamBackend, parse_supports
+from gpunexus.node.settlement import FreeSettlement
+from gpunexus.protocol.codec import decode_as
+from gpunexus.protocol.messages import Opening
 from peers import running_gateway, running_host, wait_for_offers
 from upstream import running_engine
 
@@ -78,6 +82,37 @@ async def test_streamed_tool_calls_arrive_as_the_engine_sent_them(market):
     assert sent["tools"] == [WEATHER] and sent["tool_choice"] == FORCED
     receipt = gateway.service.stats.receipts[-1]
     assert receipt.finish_reason == "tool_calls" and receipt.tokens_out == whole.usage.completion_tokens
+
+
+class _Retaining(FreeSettlement):
+    """A private swarm's settlement that keeps what a hub would audit (as HubSettlement.retain does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.openings = {}
+
+    def retain(self, opening, grant=None) -> None:
+        self.openings[opening.request_id] = opening
+
+
+async def test_the_opening_of_a_tool_call_receipt_checks_out_for_an_audit():
+    settlement = _Retaining()
+    async with running_engine() as (_, url):
+        backend = OpenAIUpstreamBackend(url, "engine", upstream_model="tiny", supports=parse_supports("tools"))
+        async with running_host(backend) as host, running_gateway([host.node.listen_addrs()[0]], settlement=settlement) as gateway:
+            await wait_for_offers(gateway, model="engine")
+
+            def use():
+                sdk = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0)
+                return list(sdk.chat.completions.create(model="engine", messages=ASK, tools=[WEATHER], tool_choice=FORCED,
+                                                        max_tokens=16, seed=9, stream=True))
+
+            await trio.to_thread.run_sync(use)
+            receipt = gateway.service.stats.receipts[-1]
+        await backend.aclose()
+    opening = decode_as(Opening, settlement.openings[receipt.request_id].encode())
+    assert json.loads(opening.upstream)["tools"] == [WEATHER] and json.loads(opening.output_tool_calls)
+    assert opening_problem(opening, receipt) == ""  # prompt and output hashes bind the tools and the calls
 
 
 async def test_a_tool_result_conversation_reaches_the_engine_verbatim(market):

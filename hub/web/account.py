@@ -1,4 +1,4 @@
-"""Sign-up, login, logout, the terms, and the public model catalogue.
+"""Sign-up, login, logout, the terms, and the public model catalogue (where licences are accepted).
 
 Login attempts are rate-limited with the hub's own token buckets
 (:mod:`gpunexus.hub.ratelimit`, already tested and clock-injectable), per
@@ -11,9 +11,10 @@ Sign-ups are limited per address too (accounts are free to make).
 
 from __future__ import annotations
 
-from quart import Blueprint, Response, redirect, render_template, request
+from quart import Blueprint, Response, flash, redirect, render_template, request
 
 from .. import accounts
+from ..keys import User
 from ..ratelimit import RateLimiter
 from ..service import Hub, HubError
 from . import auth, forms
@@ -97,4 +98,15 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
 
     @bp.get("/models")
     async def models() -> str:
-        return await render_template("models.html", models=await hub.models())
+        user = await auth.viewer(hub)
+        accepted = await hub.licence_acceptances(user) if user else {}
+        return await render_template("models.html", models=await hub.models(), accepted=accepted)
+
+    @bp.post("/models/accept")
+    @auth.page(hub)
+    async def accept_licence(user: User) -> Response:
+        form = await request.form
+        entry = await hub.accept_licence(user, forms.text(form, "model", max_chars=256, label="model id"))
+        await flash(f"You accepted the licence of {entry.display_name} ({entry.licence}). "
+                    "Your keys may use it now: a gateway that refused it has asked the hub again.")
+        return auth.see_other("web.models")

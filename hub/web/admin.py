@@ -69,8 +69,8 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
         if request.method == "GET":
             return await models_page(user, values={"model": (request.args.get("model") or "")[:256]})
         form = await request.form
-        values = {k: (form.get(k) or "").strip() for k in ("model", "display_name", "licence_name", "licence_url",
-                                                            "context_length", "available")}
+        values = {k: (form.get(k) or "").strip() for k in ("model", "display_name", "family", "licence_name", "licence_url",
+                                                            "context_length", "available", "licence_ack")}
         try:
             entry = Model(
                 model=forms.text(form, "model", max_chars=256, label="model id"),
@@ -79,7 +79,11 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
                 licence_url=forms.url(form, "licence_url", max_chars=500, label="licence URL"),
                 context_length=forms.optional_int(form, "context_length", minimum=1, maximum=10_000_000,
                                                   label="context length"),
-                available=form.get("available") == "1", updated_at=hub.clock())
+                available=form.get("available") == "1", updated_at=hub.clock(),
+                family=forms.text(form, "family", max_chars=100, required=False, label="family"),
+                licence_ack=form.get("licence_ack") == "1")
+            if entry.licence_ack and not (entry.licence_name or entry.licence_url):
+                raise forms.FormError("licence_ack", "Name the licence (or give its URL) that clients must accept.")
         except forms.FormError as exc:
             return await models_page(user, errors={exc.field: exc.message}, values=values, status=400)
         await hub.save_model(user, entry)

@@ -1,6 +1,8 @@
-"""Pages of every account: overview, API keys, usage, the request log, the receipts download.
+"""Pages of every account: overview, API keys, usage, the request log and disputes, the receipts download.
 
-A new key's secret is rendered once, in the answer to the form that made it,
+A key may carry spend limits per UTC day and per calendar month and an
+expiry; the list shows what each key spent today and this month against
+them. A new key's secret is rendered once, in the answer to the form that made it,
 and never stored (only its hash is, :mod:`gpunexus.hub.keys`). The form
 carries a one-time nonce, so a reload that resubmits it makes no second key.
 """
@@ -13,6 +15,7 @@ import time
 from quart import Blueprint, Response, flash, render_template, request
 
 from ..chain import log_lines
+from .. import keys as keys_module
 from .. import reports
 from ..keys import User
 from ..service import Hub
@@ -43,7 +46,8 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
                         values: dict | None = None, status: int = 200, notice: str | None = None) -> tuple[str, int]:
         now = time.time()
         return await render_template(
-            "keys.html", keys=await hub.list_keys(user), now=now, new_key=new_key, errors=errors or {},
+            "keys.html", keys=await hub.list_keys(user), spend=await hub.key_spend(user), now=now, new_key=new_key,
+            errors=errors or {},
             values=values or {}, nonce=secrets.token_urlsafe(24), today=forms.today_utc(now).isoformat(),
             notice=notice), status
 
@@ -53,11 +57,13 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
         if request.method == "GET":
             return await keys_page(user)
         form = await request.form
-        values = {"name": (form.get("name") or "").strip(), "expires": (form.get("expires") or "").strip()}
+        values = {f: (form.get(f) or "").strip() for f in ("name", "expires", "limit_day", "limit_month")}
         try:
             name = forms.text(form, "name", max_chars=forms.MAX_NAME_CHARS, label="key name")
             expires_at = forms.expiry(form, "expires", forms.today_utc(time.time()))
-            key = await hub.create_key(user, name, expires_at, forms.nonce(form))
+            limits = {f"{f}_micro": forms.optional_usd(form, f, maximum_micro=keys_module.MAX_LIMIT_MICRO)
+                      for f in ("limit_day", "limit_month")}
+            key = await hub.create_key(user, name, expires_at, forms.nonce(form), **limits)
         except forms.FormError as exc:
             return await keys_page(user, errors={exc.field: exc.message}, values=values, status=400)
         if key is None:
@@ -102,7 +108,16 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
     @auth.page(hub)
     async def request_detail(user: User, request_id: str) -> str:
         item, side, reasons = await hub.request_detail(user, request_id[:MAX_REQUEST_ID])
-        return await render_template("request.html", item=item, side=side, reasons=reasons)
+        return await render_template("request.html", item=item, side=side, reasons=reasons,
+                                     dispute=await hub.dispute_of(item.request_id))
+
+    @bp.post("/requests/<request_id>/dispute")
+    @auth.page(hub)
+    async def dispute(user: User, request_id: str) -> Response:
+        found = await hub.dispute(user, request_id[:MAX_REQUEST_ID])
+        await flash("Dispute sent: the hub audits this request as soon as your gateway hands over what it kept of it."
+                    if found.audit == "pending" else "This request was already audited: the verdict is below.")
+        return auth.see_other("web.request_detail", request_id=found.request_id)
 
     @bp.get("/receipts.jsonl")
     @auth.page(hub)

@@ -77,6 +77,13 @@ def usd(form: MultiDict, name: str, *, whole_cents: bool = True, minimum_micro: 
     return micro
 
 
+def optional_usd(form: MultiDict, name: str, *, maximum_micro: int) -> int | None:
+    """An optional dollar amount (empty: None) of more than zero, to the micro-USD."""
+    if not (form.get(name) or "").strip():
+        return None
+    return usd(form, name, whole_cents=False, minimum_micro=1, maximum_micro=maximum_micro)
+
+
 def optional_int(form: MultiDict, name: str, *, minimum: int, maximum: int, label: str) -> int | None:
     raw = (form.get(name) or "").strip().replace(",", "")
     if not raw:

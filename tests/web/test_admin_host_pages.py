@@ -93,3 +93,31 @@ async def test_host_earnings_payouts_and_offers(site):
     overview = await v.get("/")
     assert overview.has("Unpaid earnings") and overview.has("$0.09")
     assert (await v.get("/usage")).status == 403  # a host's pages are its own
+
+
+async def test_a_licence_that_must_be_accepted_is_accepted_on_the_models_page(site):
+    v = await _admin(site)
+    r = await v.post("/admin/models", {"model": "ref-tiny", "display_name": "Reference tiny", "family": "reference",
+                                       "licence_ack": "1", "available": "1"})
+    assert r.status == 400 and r.has("Name the licence")  # nothing to accept: refused, nothing saved
+    assert not (await site.visitor().get("/models")).has("Reference tiny")
+    r = await v.post("/admin/models", {"model": "ref-tiny", "display_name": "Reference tiny", "family": "reference",
+                                       "licence_name": "Tiny Licence", "licence_url": "https://example.com/tiny",
+                                       "licence_ack": "1", "available": "1"})
+    assert r.status == 303 and (await v.get("/admin/models")).has("must be accepted")
+    anonymous = await site.visitor().get("/models")
+    assert anonymous.has("must be accepted") and anonymous.has("log in") and not anonymous.has("I accept")
+    assert (await site.visitor().post("/models/accept", {"model": "ref-tiny"}, csrf_from="/login")).status == 302
+
+    site.password_for("client@example.com")
+    client = site.visitor()
+    await client.log_in("client@example.com")
+    page = await client.get("/models")
+    assert page.has("I accept this licence") and page.has("reference")
+    assert (await client.post("/models/accept", {"model": "ref-tiny"}, csrf=False)).status == 400  # CSRF
+    r = await client.post("/models/accept", {"model": "ref-tiny"}, csrf_from="/models")
+    assert r.status == 303
+    page = await client.get("/models")
+    assert page.has("You accepted the licence of Reference tiny") and page.has("accepted") and not page.has("I accept")
+    assert "ref-tiny" in await site.hub.licence_acceptances(site.market.client)
+    assert (await client.post("/models/accept", {"model": "nope"}, csrf_from="/models")).status == 404

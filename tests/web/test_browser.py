@@ -277,3 +277,43 @@ def test_a_host_sees_earnings_and_offers(live, browser, shots):
     d.get(live.url + "/host")
     assert "live" in d.page_source
     _shot(d, shots, "15-host-offers")
+
+
+def test_a_client_accepts_a_licence_limits_a_key_and_disputes_a_request(live, browser, shots):
+    from gpunexus.hub import catalogue
+
+    client, client_key = _user_with_password(live, "careful@example.com", "client", 1_000_000)
+    host, _ = _user_with_password(live, "gpu3@example.com", "host")
+    live.hub.db.write_sync(catalogue.set_available, "ref-tiny", True, time.time())  # the admin test switched it off
+    [request_id] = _settle(live, client, host, count=1)
+    live.hub.db.write_sync(catalogue.upsert, catalogue.Model(
+        "licensed-7b", "Licensed 7B", "Example Community Licence", "https://example.com/licence", 8192, True,
+        time.time(), family="example", licence_ack=True))
+    d = browser
+    _log_in(d, live, "careful@example.com")
+
+    d.get(live.url + "/models")
+    row = next(r for r in d.find_elements(By.CSS_SELECTOR, "#models tbody tr") if "Licensed 7B" in r.text)
+    _submit(d, By.ID, row.find_element(By.CSS_SELECTOR, "button").get_attribute("id"))
+    assert "You accepted the licence of Licensed 7B" in d.find_element(By.CLASS_NAME, "notice").text
+    _shot(d, shots, "16-models-licence-accepted")
+    assert "licensed-7b" in live.hub.db.read_sync(catalogue.acceptances, client.id)
+
+    d.get(live.url + "/keys")
+    _fill(d, {"key-name": "capped", "key-limit-day": "2.50", "key-limit-month": "20"})
+    _submit(d, By.ID, "create-key")
+    assert d.find_element(By.ID, "new-key").text.startswith("gnx_")
+    d.get(live.url + "/keys")
+    assert "$0.00 / $2.50" in d.page_source and "$0.00 / $20.00" in d.page_source
+    _shot(d, shots, "17-key-limits")
+
+    d.get(live.url + f"/requests/{request_id}")
+    _submit(d, By.ID, "dispute-button")
+    assert "waiting for your gateway" in d.find_element(By.ID, "dispute").text
+    # The client's gateway answers the hub's audit request over the JSON API: it kept nothing of this one.
+    r = httpx.post(live.url + "/v1/audits/openings", headers={"authorization": f"Bearer {client_key}"},
+                   json={"request_id": request_id, "opening": None, "reason": "expired"})
+    assert r.status_code == 200, r.text
+    d.get(live.url + f"/requests/{request_id}")
+    assert "unopened" in d.find_element(By.ID, "dispute").text and "gateway: expired" in d.page_source
+    _shot(d, shots, "18-request-disputed")

@@ -56,6 +56,26 @@ async def test_a_key_with_an_expiry_stops_working_after_it(site):
     assert (await v.get("/keys")).has("expired")
 
 
+async def test_a_key_with_spend_limits_shows_them_and_its_spend(site):
+    site.password_for("client@example.com")
+    v = site.visitor()
+    await v.log_in("client@example.com")
+    page = await v.get("/keys")
+    form = {"csrf_token": page.csrf(), "nonce": page.nonce(), "name": "capped", "expires": "",
+            "limit_day": "0.50", "limit_month": "lots"}
+    bad = await v.client.post("/keys", form=form)
+    text = await bad.get_data(as_text=True)
+    assert bad.status_code == 400 and "Enter an amount in US dollars" in text and 'value="0.50"' in text
+    assert len(await site.hub.list_keys(site.market.client)) == 1  # nothing made
+    form.update(limit_month="12", nonce=(await v.get("/keys")).nonce(), csrf_token=(await v.get("/keys")).csrf())
+    made = await v.client.post("/keys", form=form)
+    assert made.status_code == 200
+    [capped] = [k for k in await site.hub.list_keys(site.market.client) if k.name == "capped"]
+    assert (capped.limit_day_micro, capped.limit_month_micro) == (500_000, 12_000_000)
+    listing = await v.get("/keys")
+    assert listing.has("$0.00 / $0.50") and listing.has("$0.00 / $12.00") and listing.has("no limit")
+
+
 async def test_usage_and_request_log_show_a_settled_request(site):
     site.password_for("client@example.com")
     v = site.visitor()
@@ -111,3 +131,25 @@ async def test_the_receipts_download_passes_gpunexus_audit(site, tmp_path, capsy
     lines[2] = json.dumps(entry)
     path.write_text("\n".join(lines) + "\n")
     assert not audit.audit_file(str(path)).ok
+
+
+async def test_a_dispute_is_the_clients_own_once_and_shows_its_verdict(site):
+    request_id = await site.settle()
+    site.password_for("client@example.com")
+    stranger = site.visitor()
+    await stranger.sign_up("other@example.com")
+    r = await stranger.post(f"/requests/{request_id}/dispute", {}, csrf_from="/requests")
+    assert r.status == 404 and await site.hub.dispute_of(request_id) is None
+    v = site.visitor()
+    await v.log_in("client@example.com")
+    assert (await v.post(f"/requests/{request_id}/dispute", {}, csrf=False)).status == 400  # CSRF
+    r = await v.post(f"/requests/{request_id}/dispute", {}, csrf_from=f"/requests/{request_id}")
+    assert r.status == 303
+    page = await v.get(f"/requests/{request_id}")
+    assert page.has("Dispute sent") and page.has("waiting for your gateway") and not page.has("Dispute this request")
+    assert await site.hub.pending_audits(site.market.client) == [request_id]  # the gateway is asked for its opening
+    await site.hub.open_audit(site.market.client, request_id, None, "expired")  # it no longer has it
+    page = await v.get(f"/requests/{request_id}")
+    assert page.has("unopened") and page.has("no longer had this request") and page.has("gateway: expired")
+    again = await site.hub.dispute(site.market.client, request_id)
+    assert again.audit == "unopened"  # pressing again changes nothing

@@ -8,6 +8,10 @@ from gpunexus.hub.db import _ADDED_COLUMNS
 
 def test_missing_columns_are_added_to_an_older_database(db):
     with db.engine.begin() as conn:
+        for column in _ADDED_COLUMNS:  # an older database has no index on them either
+            for index in column.table.indexes:
+                if column in index.columns.values():
+                    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
         for column in _ADDED_COLUMNS:
             conn.exec_driver_sql(f"ALTER TABLE {column.table.name} DROP COLUMN {column.name}")
     db.create_schema()
@@ -16,3 +20,4 @@ def test_missing_columns_are_added_to_an_older_database(db):
         inspector = sa.inspect(conn)
         for column in _ADDED_COLUMNS:
             assert column.name in {c["name"] for c in inspector.get_columns(column.table.name)}
+        assert "receipt_log_by_key" in {i["name"] for i in inspector.get_indexes("receipt_log")}
