@@ -30,6 +30,8 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from gpunexus.protocol.signing import Signer
 
 from .gossip import running_pubsub
+from .speedtest import PROTOCOL as SPEEDTEST_PROTOCOL
+from .speedtest import speedtest_handler
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +175,8 @@ async def open_p2p(signer: Signer, config: P2PConfig) -> AsyncIterator[P2PNode]:
         listen_addrs=listen,
         psk=config.swarm_key,
     )
+    # Every peer answers bandwidth probes (node check): hosts and gateways are each other's bootstrap peers.
+    host.set_stream_handler(SPEEDTEST_PROTOCOL, speedtest_handler())
     async with host.run(listen), running_pubsub(host) as pubsub:
         node = P2PNode(host, pubsub, signer)
         async with trio.open_nursery() as nursery:

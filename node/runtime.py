@@ -27,7 +27,7 @@ from gpunexus.protocol.signing import Signer
 from .backends.base import Backend
 from .gateway import GatewayConfig, GatewayService
 from .gateway_app import create_app, hypercorn_config
-from .host import HostService, OrderCheck
+from .host import HostService, OrderCheck, UnknownModel
 from .hub_client import HostHubLink, HubSettlement, HubUnavailable
 from .offers import OfferBook, follow_offers
 from .p2p import P2PConfig, P2PNode, open_p2p
@@ -80,9 +80,25 @@ class GatewayRuntime:
 
 
 @dataclass
-class HostOptions:
+class ModelOptions:
+    """One model a host serves, with its own terms (``--config host.toml``'s ``[[model]]`` table)."""
+
     backend: Backend
     price_micro_per_mtok: int
+    max_slots: int = 4
+    max_queue: int | None = None
+    tokens_per_s: float = 0.0
+    region: str = ""
+    follow_market: bool = False
+    """Ask the hub's market price (never under ``price_micro_per_mtok``) instead of a fixed one."""
+
+
+@dataclass
+class HostOptions:
+    """A host: one model in the top fields (``backend`` ...), more in ``models``; all in one peer."""
+
+    backend: Backend | None = None
+    price_micro_per_mtok: int = 0
     p2p: P2PConfig = field(default_factory=P2PConfig)
     max_slots: int = 4
     max_queue: int | None = None
@@ -103,6 +119,17 @@ class HostOptions:
     verify: bool = True
     """With a hub and a backend that can (``node/verifier.py``), also act as a peer verifier for the model."""
     verify_poll_s: float = 5.0
+    models: list[ModelOptions] = field(default_factory=list)
+    """Further models served by the same peer, each with its own terms."""
+
+    def served(self) -> list[ModelOptions]:
+        """Every model this host serves, the top fields' one first."""
+        first = [] if self.backend is None else [ModelOptions(self.backend, self.price_micro_per_mtok, self.max_slots, self.max_queue,
+                                                              self.tokens_per_s, self.region, self.follow_market)]
+        served = first + list(self.models)
+        if not served:
+            raise ValueError("a host serves at least one model")
+        return served
 
 
 HUB_CONNECT_MAX_DELAY_S = 15.0
@@ -125,6 +152,11 @@ async def _connect_to_hub(link: HostHubLink) -> str:
             delay = min(delay * 2, HUB_CONNECT_MAX_DELAY_S)
 
 
+def _terms(model: ModelOptions) -> dict:
+    return {"price_micro_per_mtok": model.price_micro_per_mtok, "max_slots": model.max_slots, "max_queue": model.max_queue,
+            "tokens_per_s": model.tokens_per_s, "region": model.region}
+
+
 @asynccontextmanager
 async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
     signer = load_identity(options.home, "host")
@@ -136,19 +168,14 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
         hub_id = await _connect_to_hub(link)
         log.info("registered host %s with hub %s", signer.peer_id, hub_id)
         order_check = link.check_order
+    first, *more = options.served()
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
-        service = HostService(
-            node,
-            options.backend,
-            price_micro_per_mtok=options.price_micro_per_mtok,
-            max_slots=options.max_slots,
-            max_queue=options.max_queue,
-            tokens_per_s=options.tokens_per_s,
-            region=options.region,
-            order_check=order_check,
-        )
-        if options.follow_market:
-            service.follow_market_price(options.price_micro_per_mtok)
+        service = HostService(node, first.backend, order_check=order_check, **_terms(first))
+        for model in more:
+            service.add_model(model.backend, **_terms(model))
+        for model in [first, *more]:
+            if model.follow_market:
+                service.follow_market_price(model.price_micro_per_mtok, model.backend.info.name)
         follower = ScheduleFollower(service, options.schedule, options.clock) if options.schedule else None
         if follower is not None:
             service.start_enabled = follower.available_now()  # outside a window: never announce at all
@@ -156,8 +183,9 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
             service.announcer.on_announce.append(link.post_offer)
             service.on_receipt.append(link.record_receipt)
             nursery.start_soon(link.run_roots)  # each period's signed receipt root (audit selection)
-            if options.verify and can_verify(options.backend):
-                verifier = PeerVerifier(link, options.backend, poll_s=options.verify_poll_s)
+            verifying = [m.backend for m in (first, *more) if can_verify(m.backend)] if options.verify else []
+            if verifying:
+                verifier = PeerVerifier(link, verifying, poll_s=options.verify_poll_s)
                 nursery.start_soon(verifier.run)
             nursery.start_soon(functools.partial(relay_hub_prices, options.hub.url, node.pubsub, service.prices, interval=options.price_poll_s))
         await nursery.start(service.run)
@@ -272,12 +300,18 @@ async def _serve_control(runtime: HostRuntime, folder: Path, *, task_status=trio
 
     @app.post("/enable")
     async def enable():
-        await service.enable()
-        return host_status()
+        return await switch(service.enable)
 
     @app.post("/disable")
     async def disable():
-        await service.disable()
+        return await switch(service.disable)
+
+    async def switch(action):
+        """The whole host, or the one model named by ``?model=`` (``node disable --model A``)."""
+        try:
+            await action(request.args.get("model"))
+        except UnknownModel as exc:
+            return {"error": str(exc)}, 404
         return host_status()
 
     config = hypercorn_config("127.0.0.1", 0)

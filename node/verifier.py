@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import trio
 from gpunexus.protocol.errors import ProtocolError
@@ -45,20 +46,23 @@ def result_for(job: AuditJob, report: PrefillReport, verifier_id: str, now: floa
 
 
 class PeerVerifier:
-    def __init__(self, link: HostHubLink, backend: VerifierBackend, *, poll_s: float = 5.0) -> None:
-        self.link, self.backend, self.poll_s = link, backend, poll_s
+    def __init__(self, link: HostHubLink, backends: Sequence[VerifierBackend], *, poll_s: float = 5.0) -> None:
+        self.link, self.poll_s = link, poll_s
+        self.backends = {b.info.model_hash: b for b in backends}
+        """The engines of this host that verify, by model hash (a host serving several models verifies each)."""
         self.answered: dict[str, dict] = {}
         """The hub's answer per job id, for the jobs this verifier posted (kept for ``node status``)."""
 
     async def poll_once(self) -> int:
         """Fetch this host's jobs, answer each new one; how many were answered."""
-        jobs = await self.link.fetch_jobs([self.backend.info.model_hash])
+        jobs = await self.link.fetch_jobs(list(self.backends))
         done = 0
         for job in jobs:
-            if job.job_id in self.answered or job.model_hash != self.backend.info.model_hash:
+            backend = self.backends.get(job.model_hash)
+            if job.job_id in self.answered or backend is None:
                 continue
             try:
-                report = await self.backend.prefill(job)
+                report = await backend.prefill(job)
             except BackendError as exc:
                 log.warning("cannot verify job %s: %s", job.job_id, exc)
                 continue

@@ -281,7 +281,7 @@ async def test_a_hostile_verifier_is_outvoted_the_honest_host_passes_and_the_hos
                     await _ask(http, "an honest answer")
                     await _open_audits(gateway)
                     assert await hostile.verifier.poll_once() == 1  # round 1: "failed"
-                    late = [PeerVerifier(v.hub, ReferenceBackend("tiny")) for v in (v1, v2)]
+                    late = [PeerVerifier(v.hub, [ReferenceBackend("tiny")]) for v in (v1, v2)]
                     assert await late[0].poll_once() == 1  # round 2: passed, one against one
                     assert await late[0].poll_once() == 0  # the tie-break is never its own
                     assert await late[1].poll_once() == 1  # round 3: passed
@@ -342,7 +342,7 @@ async def test_a_job_not_answered_in_time_goes_to_another_verifier_and_the_late_
                 [job] = await slow.hub.fetch_jobs([backend.info.model_hash])  # drawn, then silent
                 report = await backend.prefill(job)
                 await trio.sleep(0.6)  # its time is up
-                assert await PeerVerifier(v2.hub, backend).poll_once() == 1
+                assert await PeerVerifier(v2.hub, [backend]).poll_once() == 1
                 assert _statuses(hub) == {"passed": 1}
                 [row] = _jobs(hub)
                 assert row.verifier_id == v2.node.peer_id and slow.node.peer_id in row.avoid
@@ -387,6 +387,6 @@ async def test_a_peer_that_only_claims_the_model_hash_but_serves_no_offer_is_nev
                                              headers={"authorization": f"Bearer {client_key}"}) as http:
                     await _ask(http, "who may check this?")
                 await _open_audits(gateway)
-                assert await idle.fetch_jobs([host.service.backend.info.model_hash]) == []
+                assert await idle.fetch_jobs([host.service.first.backend.info.model_hash]) == []
                 assert [j.status for j in _jobs(hub)] == ["unassigned"]
         await idle.aclose()

@@ -50,7 +50,7 @@ async def test_an_upstream_serving_another_model_fails_and_an_honest_one_passes_
             running_host(_backend(honest_url), hub=HubLogin(hub.url, keys["v1"]), price=3 * PRICE,
                          verify_poll_s=NEVER) as v1,
         ):
-            assert cheat.service.backend.info.model_hash == host.service.backend.info.model_hash
+            assert cheat.service.first.backend.info.model_hash == host.service.first.backend.info.model_hash
             boot = [h.node.listen_addrs()[0] for h in (cheat, host, v1)]
             async with running_gateway(boot, hub=HubLogin(hub.url, client_key), home=tmp_path / "gw") as gateway:
                 await wait_for_offers(gateway, model="tiny-up", count=3)

@@ -34,6 +34,21 @@ REFERENCE_CONFIGS: dict[str, ModelConfig] = {
         norm_eps=1e-5,
         weight_seed=2,
     ),
+    # A second, smaller model of another shape and seed: a host serving several
+    # models (``node serve --model tiny --model nano``) is tested with two that differ.
+    "nano": ModelConfig(
+        name="nano",
+        vocab_size=_TOKENIZER.vocab_size,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=192,
+        max_seq_len=1024,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        weight_seed=3,
+    ),
 }
 
 _models: dict[tuple[str, np.dtype], ReferenceModel] = {}
