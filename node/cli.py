@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _network_args(serve)
     check_args.add_minimum_arguments(serve)
     serve.add_argument("--force", action="store_true", help="serve even if this machine fails the start-up check (logged, and marked in the offer's region)")
+    serve.add_argument("--metrics-port", type=port_arg, metavar="PORT", help="serve Prometheus /metrics and /health (200 while taking orders, 503 while "
+                       "drained or withdrawn) on this port; read-only, no token (default: off)")
+    serve.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR", help="with --metrics-port: the address to bind (default 127.0.0.1)")
     serve.add_argument("--available", type=_windows, default=(), metavar="HH:MM-HH:MM[,...]", help="serve only inside these local-time windows, e.g. 18:00-08:00 (may wrap midnight; comma-separated); withdrawn outside them")
     serve.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                        help="with --hub: also act as a peer verifier for this model, replaying the prefill of other "
@@ -262,8 +265,11 @@ def _serve(args: argparse.Namespace) -> int:
         hub=_hub_login(args),
         schedule=args.available,
         verify=args.verify,
+        metrics=(args.metrics_host, args.metrics_port) if args.metrics_port is not None else None,
         models=models,
     )
+    if options.metrics is not None:
+        check_bindable(*options.metrics, "/metrics")
 
     async def main() -> int:
         if not await _gate(args, specs, options):

@@ -28,6 +28,8 @@ from .backends.base import Backend
 from .gateway import GatewayConfig, GatewayService
 from .gateway_app import create_app, hypercorn_config
 from .host import HostService, OrderCheck, UnknownModel
+from .host_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .host_metrics import HostMetrics
 from .hub_client import HostHubLink, HubSettlement, HubUnavailable
 from .offers import OfferBook, follow_offers
 from .p2p import P2PConfig, P2PNode, open_p2p
@@ -66,9 +68,19 @@ class HostRuntime:
     node: P2PNode
     service: HostService
     control_url: str | None = None
+    metrics_url: str | None = None
     hub: HostHubLink | None = None
     schedule: ScheduleFollower | None = None
     verifier: PeerVerifier | None = None
+
+    def status(self) -> dict:
+        """The host's status with its schedule and verifier work (``node status``, ``/metrics``)."""
+        out = self.service.status()
+        if self.schedule is not None:
+            out["schedule"] = self.schedule.status()
+        if self.verifier is not None:
+            out["verifier"] = self.verifier.status()
+        return out
 
 
 @dataclass
@@ -121,6 +133,8 @@ class HostOptions:
     verify_poll_s: float = 5.0
     models: list[ModelOptions] = field(default_factory=list)
     """Further models served by the same peer, each with its own terms."""
+    metrics: tuple[str, int] | None = None
+    """(address, port) of ``/metrics`` and ``/health`` for Prometheus (``--metrics-port``); None: not served."""
 
     def served(self) -> list[ModelOptions]:
         """Every model this host serves, the top fields' one first."""
@@ -194,6 +208,8 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
         runtime = HostRuntime(node, service, hub=link, schedule=follower, verifier=verifier)
         if options.control and options.home is not None:
             runtime.control_url = await nursery.start(_serve_control, runtime, node_home(options.home, "host"))
+        if options.metrics is not None:
+            runtime.metrics_url = (await nursery.start(_serve_metrics, runtime, *options.metrics))[0]
         try:
             yield runtime
         finally:
@@ -263,6 +279,24 @@ async def _serve_http(app, host: str, port: int, *, task_status=trio.TASK_STATUS
     await serve(app, config, task_status=task_status, shutdown_trigger=trio.sleep_forever)
 
 
+async def _serve_metrics(runtime: HostRuntime, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """``/metrics`` (Prometheus) and ``/health`` (200 while serving, 503 while drained or withdrawn); read-only, no token."""
+    metrics = HostMetrics(runtime.status)
+    app = QuartTrio("gpunexus-host-metrics")
+
+    @app.get("/metrics")
+    async def prometheus():
+        return metrics.render(), 200, {"content-type": METRICS_CONTENT_TYPE}
+
+    @app.get("/health")
+    async def health():
+        status = runtime.service.status()
+        taking = status["enabled"] and any(m["enabled"] for m in status["models"])
+        return {"ok": True, "taking_orders": taking, "in_flight": status["in_flight"]}, 200 if taking else 503
+
+    await _serve_http(app, host, port, task_status=task_status)
+
+
 # --- host control: `gpunexus node enable|disable|status` -------------------
 CONTROL_FILE = "control.json"
 
@@ -273,14 +307,6 @@ async def _serve_control(runtime: HostRuntime, folder: Path, *, task_status=trio
     token = secrets.token_urlsafe(24)
     app = QuartTrio("gpunexus-control")
 
-    def host_status() -> dict:
-        out = service.status()
-        if runtime.schedule is not None:
-            out["schedule"] = runtime.schedule.status()
-        if runtime.verifier is not None:
-            out["verifier"] = runtime.verifier.status()
-        return out
-
     @app.before_request
     async def check_token():
         if request.headers.get("authorization") != f"Bearer {token}":
@@ -288,7 +314,7 @@ async def _serve_control(runtime: HostRuntime, folder: Path, *, task_status=trio
 
     @app.get("/status")
     async def status():
-        report = host_status()
+        report = runtime.status()
         if runtime.hub is not None:
             try:
                 earnings = await runtime.hub.earnings()
@@ -312,7 +338,7 @@ async def _serve_control(runtime: HostRuntime, folder: Path, *, task_status=trio
             await action(request.args.get("model"))
         except UnknownModel as exc:
             return {"error": str(exc)}, 404
-        return host_status()
+        return runtime.status()
 
     config = hypercorn_config("127.0.0.1", 0)
     async with trio.open_nursery() as nursery:
