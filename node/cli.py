@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--upstream-model", metavar="NAME", help="--backend openai: model name on the upstream (default: --model)")
     serve.add_argument("--upstream-key", metavar="KEY", help="--backend openai: bearer key for the upstream, if it needs one")
     serve.add_argument("--upstream-supports", type=_supports, metavar="LIST", help="--backend openai: what the upstream engine does beyond plain text, "
-                       "announced in the offer and passed through: a comma-separated list of tools, json_mode, json_schema, vision, penalties, logit_bias "
+                       "announced in the offer and passed through: a comma-separated list of tools, json_mode, json_schema, vision, penalties, logit_bias, logprobs "
                        "(e.g. tools,json_schema for vLLM with tool calling on; default: plain text only)")
     serve.add_argument("--model-dir", metavar="DIR", help="--backend exllamav2: the EXL2 model folder")
     serve.add_argument("--price", default="0.20", metavar="USD_PER_MTOK|market", help="asking price in USD per million tokens (default 0.20), or 'market' to follow the hub's market price")

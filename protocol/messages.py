@@ -421,7 +421,8 @@ class Chunk(Message):
         _require(0 < self.n_tokens <= MAX_CHUNK_TOKENS or (self.n_tokens == 0 and bool(self.tool_calls)), "chunk token count out of range")
         _require(not self.token_ids or len(self.token_ids) == self.n_tokens, "chunk token ids do not match its count")
         _require(len(self.text) <= MAX_TEXT_CHARS, "chunk text too long")
-        _require(not self.logprobs or len(self.logprobs) == len(self.token_ids), "chunk logprobs do not match tokens")
+        # Logprobs come per token: with ids where the backend exposes them, else one per counted token (an upstream engine).
+        _require(not self.logprobs or len(self.logprobs) == (len(self.token_ids) or self.n_tokens), "chunk logprobs do not match tokens")
 
 
 @message

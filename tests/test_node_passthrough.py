@@ -33,7 +33,7 @@ FORCED = {"type": "function", "function": {"name": "get_weather"}}
 @pytest.fixture
 async def market():
     async with running_upstream() as (url, engine):
-        backend = OpenAIUpstreamBackend(url, "engine", upstream_model="tiny", supports=parse_supports("tools,json_mode,json_schema,vision"))
+        backend = OpenAIUpstreamBackend(url, "engine", upstream_model="tiny", supports=parse_supports("tools,json_mode,json_schema,vision,logprobs"))
         async with running_host(backend) as host, running_gateway([host.node.listen_addrs()[0]]) as gateway:
             await wait_for_offers(gateway, model="engine")
             yield engine, url, gateway
@@ -172,3 +172,26 @@ async def test_token_id_prompts_to_a_host_of_unknown_tokenizer_are_refused(marke
 
     error = await trio.to_thread.run_sync(use)
     assert error.param == "prompt" and "tokenizer this gateway knows" in error.message
+
+
+async def test_the_engines_logprobs_reach_the_sdk_as_the_engine_sent_them(market):
+    _, url, gateway = market
+    body = dict(messages=ASK, max_tokens=10, seed=5, temperature=0.9, logprobs=True, top_logprobs=3)
+
+    def use():
+        relayed = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0)
+        direct = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        streamed = [c for chunk in relayed.chat.completions.create(model="engine", stream=True, **body)
+                    for choice in chunk.choices if choice.logprobs for c in choice.logprobs.content]
+        whole = relayed.chat.completions.create(model="engine", **body)
+        at_engine = [c for chunk in direct.chat.completions.create(model="tiny", stream=True, **body)
+                     for choice in chunk.choices if choice.logprobs for c in choice.logprobs.content]
+        return streamed, whole, at_engine
+
+    streamed, whole, at_engine = await trio.to_thread.run_sync(use)
+    assert len(at_engine) == whole.usage.completion_tokens > 0
+    mine = [(c.bytes, round(c.logprob, 6), [(t.bytes, round(t.logprob, 6)) for t in c.top_logprobs]) for c in whole.choices[0].logprobs.content]
+    theirs = [(c.bytes, round(c.logprob, 6), [(t.bytes, round(t.logprob, 6)) for t in c.top_logprobs]) for c in at_engine]
+    assert mine == theirs and [c.bytes for c in streamed] == [c.bytes for c in at_engine]
+    assert all(len(c.top_logprobs) == 3 for c in whole.choices[0].logprobs.content)
+

@@ -127,6 +127,7 @@ async def _chat_events(engine: ReferenceBackend, body: dict):
                           stop=tuple(body.get("stop") or ()), seed=body.get("seed") or 0,
                           json_mode=forced is not None or fmt in ("json_object", "json_schema")),
         max_tokens=body.get("max_tokens") or 64,
+        logprobs=bool(body.get("logprobs")), top_logprobs=body.get("top_logprobs") or 0,
     )
     send, receive = trio.open_memory_channel[Token](math.inf)
     result = None
@@ -147,7 +148,7 @@ async def _chat_events(engine: ReferenceBackend, body: dict):
             if forced is not None:
                 yield _event(head, {"tool_calls": [{"index": 0, "function": {"arguments": token.text}}]})
             else:
-                yield _event(head, {"content": token.text})
+                yield _event(head, {"content": token.text}, logprobs=_scored_token(token) if req.logprobs else None)
     reason = "tool_calls" if forced is not None else ("length" if result.finish_reason == "length" else "stop")
     yield _event(head, {}, reason)
     usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
@@ -165,8 +166,17 @@ def _text(message: dict) -> str:
     return content
 
 
-def _event(head: dict, delta: dict, finish_reason: str | None = None) -> bytes:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def _scored_token(token: Token) -> dict:
+    """Chat's ``logprobs`` of one streamed token, as OpenAI and vLLM send it."""
+    def entry(raw: bytes, logprob: float) -> dict:
+        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+    d = token.detail
+    return {"content": [{**entry(d.token, token.logprob),
+                         "top_logprobs": [entry(t, lp) for t, lp in zip(d.top_tokens, d.top_logprobs)]}]}
+
+
+def _event(head: dict, delta: dict, finish_reason: str | None = None, *, logprobs: dict | None = None) -> bytes:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n"
 
 
