@@ -4,7 +4,7 @@ The architecture lives in the repository's top-level folders, installed as
 subpackages of this one: ``gpunexus.protocol`` (wire vocabulary),
 ``gpunexus.pricing`` (market logic), ``gpunexus.verify`` (honesty),
 ``gpunexus.node`` (libp2p peers) and ``gpunexus.hub`` (money and pages).
-``gpunexus.http_drain`` (keep-alive draining) and ``gpunexus.listening``
+``gpunexus.http_drain`` (keep-alive draining) and ``gpunexus.usage``
 (port and bind checks at start-up) are plumbing the hub and the node share
 (neither owns it, since they never import each other).
 """

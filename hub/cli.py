@@ -17,7 +17,7 @@ import uuid
 
 import trio
 
-from gpunexus.listening import check_bindable, port_arg
+from gpunexus.usage import check_bindable, port_arg
 from gpunexus.protocol.money import micro_to_usd, usd_to_micro
 
 from . import audit, chain, keys, receipts

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import httpx
 import trio
 
-from gpunexus.listening import check_bindable, port_arg
+from gpunexus.usage import check_bindable, port_arg, usage_error
 from gpunexus.protocol.money import micro_to_usd, usd_to_micro
 
 from . import check as check_args
-from .startup import check_libp2p_listen, multiaddr_arg, peer_multiaddr_arg
+from .startup import check_hub, check_libp2p_listen, hub_url_arg, multiaddr_arg, peer_multiaddr_arg
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -89,8 +89,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     gw.add_argument("--audit-retention", type=float, default=3600.0, metavar="SECONDS", help="with --hub: keep each paid request and its output this long so the hub can audit the host (default 3600)")
     gw.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="let browser pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; repeatable (default: CORS off)")
     gw.add_argument("--no-audit-retention", action="store_true", help="with --hub: keep no request text for audits; the hub then cannot audit your requests, so this gateway only uses hosts in good standing (no unrecovered failed audit)")
-    gw.add_argument("--team", action="store_true", help="with --hub: a team's gateway, no key of its own; each client sends its own hub API key "
-                    "(Authorization: Bearer) and pays from its own account, with its own allowance, limits and revocation")
     _network_args(gw)
     gw.set_defaults(func=_gateway)
 
@@ -180,8 +178,10 @@ def _windows(text: str):
 def _network_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", action="append", default=[], type=peer_multiaddr_arg, metavar="MULTIADDR", help="peer to dial at start (a host's 'peer:' line); repeatable")
     p.add_argument("--swarm-key", type=Path, metavar="FILE", help="private swarm: only peers with this key can connect (see 'gpunexus node swarm-key')")
-    p.add_argument("--hub", metavar="URL", help="settlement hub base URL (omit for a private swarm without billing)")
-    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("GPUNEXUS_API_KEY"), help="hub API key (or $GPUNEXUS_API_KEY); without --hub on a gateway: the bearer key clients must send")
+    p.add_argument("--hub", type=hub_url_arg, metavar="URL", help="settlement hub base URL (omit for a private swarm without billing)")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("GPUNEXUS_API_KEY"), help="hub API key (or $GPUNEXUS_API_KEY); "
+                   "on a gateway with --hub and no key: a team's gateway, each client sending its own hub key; "
+                   "without --hub on a gateway: the bearer key clients must send")
 
 
 def _p2p(args: argparse.Namespace, default_listen: str) -> P2PConfig:
@@ -202,7 +202,7 @@ def _hub_login(args: argparse.Namespace) -> HubLogin | None:
     if not args.hub:
         return None
     if not args.api_key:
-        raise SystemExit("--hub needs --api-key (or $GPUNEXUS_API_KEY)")
+        raise usage_error("--hub needs --api-key (or $GPUNEXUS_API_KEY)")
     return HubLogin(args.hub, args.api_key)
 
 
@@ -213,7 +213,7 @@ def make_backend(spec: ModelSpec) -> Backend:
         return ReferenceBackend(spec.reference or spec.id, public_name=spec.id)
     if spec.backend == "openai":
         if not spec.upstream:
-            raise SystemExit(f"--backend openai needs --upstream URL (e.g. http://127.0.0.1:11434/v1 for Ollama){_which(spec)}")
+            raise usage_error(f"--backend openai needs --upstream URL (e.g. http://127.0.0.1:11434/v1 for Ollama){_which(spec)}")
         from .backends.openai_upstream import OpenAIUpstreamBackend
 
         return OpenAIUpstreamBackend(spec.upstream, spec.id, upstream_model=spec.upstream_model, api_key=spec.upstream_key, license=spec.license or "",
@@ -221,7 +221,7 @@ def make_backend(spec: ModelSpec) -> Backend:
     from .backends.exllamav2 import ExLlamaV2Backend
 
     if not spec.model_dir:
-        raise SystemExit(f"--backend exllamav2 needs --model-dir DIR (an EXL2 model folder){_which(spec)}")
+        raise usage_error(f"--backend exllamav2 needs --model-dir DIR (an EXL2 model folder){_which(spec)}")
     return ExLlamaV2Backend(spec.model_dir, spec.id, max_slots=spec.slots or 1)
 
 
@@ -235,7 +235,7 @@ def _specs(args: argparse.Namespace) -> list[ModelSpec]:
     try:
         return specs_from_args(args)
     except ConfigError as exc:
-        raise SystemExit(str(exc)) from None
+        raise usage_error(str(exc)) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -243,16 +243,19 @@ def _serve(args: argparse.Namespace) -> int:
     from .runtime import HostOptions, ModelOptions, open_host
 
     if not args.model and args.config is None:
-        raise SystemExit("node serve needs --model NAME (repeatable) or --config HOST.TOML")
+        raise usage_error("node serve needs --model NAME (repeatable) or --config HOST.TOML")
     specs = _specs(args)
+    hub = _hub_login(args)
+    if hub is not None:
+        check_hub(hub.url, hub.api_key)
     if any(spec.follows_market for spec in specs) and not args.hub:
-        raise SystemExit("--price market needs --hub URL: market prices come from the hub")
+        raise usage_error("--price market needs --hub URL: market prices come from the hub")
     models: list[ModelOptions] = []
     for spec in specs:
         try:
             backend = make_backend(spec)
         except BackendError as exc:
-            raise SystemExit(f"cannot start the backend: {exc}" + (_which(spec) if len(specs) > 1 else "")) from None
+            raise usage_error(f"cannot start the backend: {exc}" + (_which(spec) if len(specs) > 1 else "")) from None
         if spec.license is not None:
             backend.info = dataclasses.replace(backend.info, license=spec.license)
         models.append(ModelOptions(backend, spec.price_micro(), max_slots=spec.slots or getattr(backend, "default_slots", 1),
@@ -262,7 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
         region=args.region,
         home=_home(),
         control=True,
-        hub=_hub_login(args),
+        hub=hub,
         schedule=args.available,
         verify=args.verify,
         metrics=(args.metrics_host, args.metrics_port) if args.metrics_port is not None else None,
@@ -356,28 +359,30 @@ def _gateway(args: argparse.Namespace) -> int:
         try:
             config.max_price_micro_per_mtok = usd_to_micro(args.max_price)
         except ValueError as exc:
-            raise SystemExit(f"--max-price: {exc}") from None
+            raise usage_error(f"--max-price: {exc}") from None
     from .settlement import FreeSettlement
 
-    if args.team:
-        if not args.hub:
-            raise SystemExit("--team needs --hub URL: each member's key is checked and billed there")
-        if args.api_key:
-            raise SystemExit("--team takes no --api-key (or $GPUNEXUS_API_KEY): each client sends its own hub key")
+    team = bool(args.hub) and not args.api_key
+    if team:  # a team's gateway: each client pays with its own hub key
         from .runtime import HubLogin
 
+        check_hub(args.hub)
         hub = HubLogin(args.hub, "")
     else:
         hub = _hub_login(args)
+        if hub is not None:
+            check_hub(hub.url, hub.api_key)
     check_bindable(args.host, args.port, "the OpenAI API")
     options = GatewayOptions(host=args.host, port=args.port, p2p=_p2p(args, "/ip4/127.0.0.1/tcp/0"), config=config, settlement=FreeSettlement(api_key=args.api_key), home=_home(), hub=hub,
                              audit_retention_s=None if args.no_audit_retention else args.audit_retention, cors_origins=tuple(args.cors_origin),
-                             team=args.team)
+                             team=team)
 
     async def main() -> None:
         async with open_gateway(options) as runtime:
             print(f"base_url: {runtime.base_url}", flush=True)
             log.info("gateway peer %s; OpenAI API at %s", runtime.node.peer_id, runtime.base_url)
+            if team:
+                log.info("team gateway: each client pays with its own hub key (Authorization: Bearer gnx_...)")
             await trio.sleep_forever()
 
     trio.run(main)
@@ -461,7 +466,9 @@ def _check(args: argparse.Namespace) -> int:
                 backends[i] = make_backend(spec)
             except BackendError as exc:  # the engine does not start here (no CUDA, unknown model): a failed check
                 reports[i] = unloadable_backend_report(spec.id, spec.backend, spec.minimums, str(exc))
-    except (SystemExit, ConfigError, OSError) as exc:  # a flag or file that cannot work: usage, not a verdict
+    except SystemExit:  # a flag that cannot work (said on stderr already): usage, not a verdict
+        return 2
+    except (ConfigError, OSError) as exc:  # a config file that cannot work: usage too
         print(f"gpunexus node check: {exc}", file=sys.stderr)
         return 2
 
@@ -488,7 +495,7 @@ def _swarm_key(args: argparse.Namespace) -> int:
     from .p2p import format_swarm_key
 
     if args.path.exists():
-        raise SystemExit(f"{args.path} exists; refusing to overwrite a swarm key")
+        raise usage_error(f"{args.path} exists; refusing to overwrite a swarm key")
     fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(format_swarm_key(secrets.token_hex(32)))

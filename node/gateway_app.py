@@ -65,7 +65,8 @@ def create_app(gateway: GatewayService, *, cors_origins: tuple[str, ...] = ()) -
     app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["BODY_TIMEOUT"] = 30
-    metrics = GatewayMetrics(lambda: {model: len(offers) for model, offers in gateway.book.models().items()})
+    balances = getattr(gateway.settlement, "allowance_balances", dict)
+    metrics = GatewayMetrics(lambda: {model: len(offers) for model, offers in gateway.book.models().items()}, balances)
     app.extensions["gpunexus_metrics"] = metrics
 
     def _error_response(error: APIError):

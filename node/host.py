@@ -31,12 +31,9 @@ from .backends.base import Backend, BackendError, GenerationRequest, Token
 from .offers import Announcer, OfferBook, OfferTerms, follow_offers
 from .prices import PriceBook, follow_prices
 from .p2p import P2PNode
-from .quietlog import QuietLog
 from .wire import FramedStream, PeerGone
 
 log = logging.getLogger(__name__)
-_refusals = QuietLog(log)
-"""A gateway that keeps sending what this host refuses (out of credit, under the ask) is one line per window."""
 
 ORDER_TIMEOUT = 30.0
 """How long a stream may stay open without an order: gateways keep spare
@@ -394,7 +391,8 @@ class HostService:
 
     async def _refuse(self, framed: FramedStream, server: ModelServer | None, code: str, message: str, retryable: bool) -> None:
         (server.stats if server is not None else self.unmatched).refused += 1
-        _refusals.info(code, "refused an order: %s (%s)", message, code)
+        # Routine (busy, under the ask, drained): counted in node status and /metrics, logged only at -vv.
+        log.debug("refused an order: %s (%s)", message, code)
         with trio.move_on_after(SEND_TIMEOUT):
             await framed.send(Error(code=code, message=message, retryable=retryable))
 

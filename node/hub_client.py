@@ -366,6 +366,10 @@ class HubSettlement:
         """The hub's reason when it refused this key (401: unknown, revoked, expired); None while it is accepted."""
         return self._key_refused
 
+    def allowance_balances(self) -> dict[str, int]:
+        """``{key id: available_micro()}`` for the gateway's ``/metrics``."""
+        return {self.key_id: self.available_micro()}
+
     def available_micro(self) -> int:
         """What the allowance can still promise: budget less queued receipts and requests in flight."""
         b = self._budget

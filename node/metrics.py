@@ -28,14 +28,14 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class GatewayMetrics:
-    def __init__(self, hosts_by_model: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, hosts_by_model: Callable[[], dict[str, int]], allowances: Callable[[], dict[str, int]] = dict) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("gpunexus_gateway_requests", "HTTP requests answered, by route and status", ["route", "status"], registry=self.registry)
         self.errors = Counter("gpunexus_gateway_errors", "Errors answered (JSON or mid-stream SSE), by OpenAI error code", ["code"], registry=self.registry)
         self.tokens = Counter("gpunexus_gateway_tokens", "Tokens served, by model and kind (prompt or completion)", ["model", "kind"], registry=self.registry)
         self.ttft = Histogram("gpunexus_gateway_time_to_first_token_seconds", "From request body read to the first token relayed", ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.inter_token = Histogram("gpunexus_gateway_inter_token_seconds", "Mean time between tokens of a response, first to last", ["model"], buckets=_TOKEN_BUCKETS, registry=self.registry)
-        self.registry.register(_HostsCollector(hosts_by_model))
+        self.registry.register(_HostsCollector(hosts_by_model, allowances))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -80,16 +80,26 @@ class StreamClock:
 
 
 class _HostsCollector:
-    """``gpunexus_gateway_hosts{model}``: live offers in the book, counted when scraped."""
+    """Read when scraped: ``gpunexus_gateway_hosts{model}`` (live offers in the book) and
+    ``gpunexus_gateway_allowance_micro_usd{key}`` (what each hub allowance can still promise)."""
 
-    def __init__(self, hosts_by_model: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, hosts_by_model: Callable[[], dict[str, int]], allowances: Callable[[], dict[str, int]]) -> None:
         self._hosts = hosts_by_model
+        self._allowances = allowances
 
     def collect(self):
         family = GaugeMetricFamily("gpunexus_gateway_hosts", "Hosts with a live offer in the book, by model", labels=["model"])
         for model, count in sorted(self._hosts().items()):
             family.add_metric([model], count)
         yield family
+        balances = self._allowances()
+        if balances:
+            allowance = GaugeMetricFamily("gpunexus_gateway_allowance_micro_usd",
+                                          "What the hub allowance can still promise (budget less receipts queued and requests in flight), by API key id",
+                                          labels=["key"])
+            for key, micro in sorted(balances.items()):
+                allowance.add_metric([key], micro)
+            yield allowance
 
 
 class RequestCounter:

@@ -157,6 +157,10 @@ class TeamSettlement:
             raise ValueError("a team gateway records a receipt for the member whose grant paid it")
         self._members[grant.payer].record(receipt)
 
+    def allowance_balances(self) -> dict[str, int]:
+        """Each member key's allowance left, by key id (for the gateway's ``/metrics``)."""
+        return {m.key_id: m.available_micro() for m in self._members.values()}
+
     def excluded_host(self, peer_id: str) -> bool:
         """Hosts the hub's signed reputations exclude (every member reads the same list; the first that has one says)."""
         return any(m.excluded_host(peer_id) for m in self._members.values())

@@ -8,9 +8,11 @@ import socket
 import subprocess
 
 import pytest
+import trio
 
 from gpunexus.node.quietlog import QuietLog
 
+from market import running_hub
 from test_cli import GPUNEXUS, home, run  # noqa: F401  (home is a fixture)
 
 
@@ -22,6 +24,7 @@ from test_cli import GPUNEXUS, home, run  # noqa: F401  (home is a fixture)
     (("node", "gateway", "--bootstrap", "/ip4/127.0.0.1/tcp/4001"), "--bootstrap", "names no peer"),
     (("node", "check", "--bootstrap", "nonsense"), "--bootstrap", "not a multiaddr"),
     (("hub", "serve", "--port", "http"), "--port", "not a port number: 'http'"),
+    (("node", "gateway", "--hub", "notaurl"), "--hub", "not an http:// or https:// URL"),
 ])
 def test_a_bad_address_is_refused_by_the_parser_in_one_line(home, args, flag, says):
     out = run(*args, env=home)
@@ -40,7 +43,7 @@ def taken_port():
 
 
 @pytest.mark.parametrize("command", ["gateway", "hub", "host", "host-metrics"])
-def test_a_port_in_use_is_one_line_and_exit_1(home, taken_port, command):
+def test_a_port_in_use_is_one_line_and_exit_2(home, taken_port, command):
     args = {
         "gateway": ("node", "gateway", "--port", str(taken_port)),
         "hub": ("hub", "serve", "--port", str(taken_port)),
@@ -48,15 +51,31 @@ def test_a_port_in_use_is_one_line_and_exit_1(home, taken_port, command):
         "host-metrics": ("node", "serve", "--model", "tiny", "--listen", "/ip4/127.0.0.1/tcp/0", "--metrics-port", str(taken_port)),
     }[command]
     out = run(*args, env=home)
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
+    assert out.stderr.startswith("gpunexus: error: ")
     assert f"cannot listen on 127.0.0.1:{taken_port}" in out.stderr and "Address already in use" in out.stderr
 
 
 def test_an_unassignable_listen_address_is_one_line(home):
     out = run("node", "serve", "--model", "tiny", "--listen", "/ip4/192.0.2.1/tcp/4001", env=home)
-    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "cannot listen on 192.0.2.1:4001" in out.stderr and "Cannot assign requested address" in out.stderr
+
+
+def test_a_hub_that_is_not_there_is_one_line_and_exit_2(home):
+    for args in (("node", "gateway", "--hub", "http://127.0.0.1:9", "--api-key", "gnx_a_b"),
+                 ("node", "serve", "--model", "tiny", "--hub", "http://127.0.0.1:9", "--api-key", "gnx_a_b")):
+        out = run(*args, env=home)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert "cannot reach the hub at http://127.0.0.1:9" in out.stderr and "check --hub" in out.stderr
+
+
+async def test_a_key_the_hub_refuses_is_one_line_and_exit_2(home, tmp_path):
+    async with running_hub(tmp_path / "hub") as hub:
+        out = await trio.to_thread.run_sync(lambda: run("node", "gateway", "--hub", hub.url, "--api-key", "gnx_no_such", env=home))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"the hub at {hub.url} refused --api-key" in out.stderr
 
 
 def test_a_reader_that_leaves_early_is_no_error(home):

@@ -7,6 +7,7 @@ import openai
 import pytest
 import sqlalchemy as sa
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from gpunexus.hub import keys
 from gpunexus.hub.db import receipt_log
 from gpunexus.node.runtime import HubLogin
@@ -56,6 +57,10 @@ async def test_each_member_pays_with_their_own_key_on_one_gateway(tmp_path):
                 assert team.members == 3  # ana, ben, broke (a key the hub knows, without credit); not the unknown one
                 async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
                     anonymous = await http.post("/chat/completions", json=ASK)
+                    scraped = (await http.get(gateway.base_url.removesuffix("/v1") + "/metrics")).text
+                keys_shown = {s.labels["key"]: s.value for f in text_string_to_metric_families(scraped) for s in f.samples
+                              if s.name == "gpunexus_gateway_allowance_micro_usd"}
+                assert {ana.split("_")[1], ben.split("_")[1]} <= set(keys_shown) and keys_shown[ana.split("_")[1]] > 0
                 assert anonymous.status_code == 401 and "your own hub API key" in anonymous.json()["error"]["message"]
                 for member in team._members.values():
                     await member.flush()
