@@ -62,6 +62,28 @@ async def test_litellm_completion_streaming_and_embedding(market):
     assert len(vectors.data[0]["embedding"]) > 0
 
 
+async def test_langchain_structured_output_through_an_upstream_host():
+    from langchain_openai import ChatOpenAI
+
+    schema = {"title": "Answer", "type": "object", "properties": {"text": {"type": "string"}}}
+    async with running_upstream() as (url, engine):
+        backend = OpenAIUpstreamBackend(url, "engine", upstream_model="tiny", supports=parse_supports("json_schema,json_mode"))
+        async with running_host(backend) as host, running_gateway([host.node.listen_addrs()[0]]) as gateway:
+            await wait_for_offers(gateway, model="engine")
+
+            def use():
+                chat = ChatOpenAI(base_url=gateway.base_url, api_key="unused", model="engine", max_tokens=24, seed=2, max_retries=0)
+                return (chat.with_structured_output(schema, method="json_schema").invoke("Answer in JSON."),
+                        chat.with_structured_output(schema, method="json_mode").invoke("Answer in JSON."))
+
+            by_schema, by_mode = await trio.to_thread.run_sync(use)
+        await backend.aclose()
+    assert isinstance(by_schema, dict) and isinstance(by_mode, dict)
+    formats = [r.get("response_format") for r in engine.requests]
+    assert formats[0]["type"] == "json_schema" and formats[0]["json_schema"]["schema"]["properties"] == schema["properties"]
+    assert formats[1] == {"type": "json_object"}
+
+
 async def test_langchain_bound_tools_through_an_upstream_host():
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
