@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from discovery_sim import GossipParams, LinkModel, TopicResult, WireSizes, simulate_topic  # noqa: E402
+from discovery_sim import GossipParams, TopicResult, WireSizes, simulate_topic  # noqa: E402
 from libp2p.crypto.ed25519 import create_new_key_pair  # noqa: E402
 from libp2p.peer.id import ID  # noqa: E402
 from libp2p.peer.peerstore import create_signed_peer_record  # noqa: E402

@@ -184,8 +184,6 @@ from libp2p.stream_muxer.yamux.yamux import (
     YamuxStream,
 )
 
-os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
-
 try:
     from libp2p.io.trio import TrioTCPStream as _TrioTCPStream
     from libp2p.stream_muxer.yamux import yamux as _yamux
@@ -256,6 +254,7 @@ def install_yamux_tweaks() -> None:
     """Apply the yamux and TCP tweaks (items 9-12 above) once; ``node.wire`` calls it when it loads."""
     if _yamux is None or getattr(_yamux.Yamux, _PATCHED, False):
         return
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")  # item 9 (an operator's own value is kept)
     original = _yamux.Yamux._write_frame
     _UPSTREAM[(_yamux.Yamux, "_write_frame")] = original
     logger = _yamux.logger
