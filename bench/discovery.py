@@ -282,7 +282,7 @@ def _s(seconds: float) -> str:
 
 def print_table(rows: list[Row]) -> None:
     print("| scenario | hosts | gateways | gateway KB/s (in+out) | host KB/s | gateway memory | host memory "
-          "| 99 % of topic reached, s | gateway p99, s | busiest CPU/uplink | goal met |")
+          "| 99 % of topic reached, s | gateway p99, s | CPU/uplink load, median peer | goal met |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ok = r.gw_bps <= GOAL_BPS and r.gw_p99_s <= GOAL_P99_S and r.delivered
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows)
     print()
     print(f"flat topic: a gateway spends ~{per_host:,.0f} B/s per host on the network (over {GOAL_BPS / 1000:g} KB/s "
-          f"from {max(1, math.ceil(GOAL_BPS / per_host))} hosts on); the busiest peer's CPU or uplink saturates at "
+          f"from {max(1, math.ceil(GOAL_BPS / per_host))} hosts on); a typical (median) peer's CPU or uplink saturates at "
           f"~{1 / per_host_rho:,.0f} hosts, after which offers never arrive on time.")
     print(f"shards: offers new or changed go out at once (the 2 s path); unchanged ones every {args.refresh:g} s "
           f"(effective {interval:.0f} s per host with a change every {args.change_every:g} s), expiring after "
