@@ -48,7 +48,9 @@ import time
 import tracemalloc
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # imported from a test: find discovery_sim next to us, shadowing nothing
+    sys.path.append(_HERE)
 
 from discovery_sim import GossipParams, TopicResult, WireSizes, simulate_topic  # noqa: E402
 from libp2p.crypto.ed25519 import create_new_key_pair  # noqa: E402

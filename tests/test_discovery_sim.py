@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+BENCH = str(Path(__file__).resolve().parent.parent / "bench")
+if BENCH not in sys.path:
+    sys.path.append(BENCH)  # appended: bench/ modules must not shadow anything tests import
 
 import discovery  # noqa: E402
 from discovery_sim import LinkModel, simulate_topic  # noqa: E402
