@@ -24,7 +24,16 @@ Then: commitment bytes per token, host tokens/s with the CommitmentBuilder on
 and off, verifier time per audit against host generation time, and the
 commitment thresholds ``commitment.calibrate`` derives from the honest blocks.
 
-    python bench/verify.py [--n 1000] [--max-tokens 32] [--budget 150]
+``--peer`` adds the peer-verifier paths (``verify.peer``) for every case:
+``peer fp32`` (a float32 verifier's own commitment and replay, judged by the
+hub: the float16 host against a float32 peer), ``peer fp16`` (a float16 peer,
+the host's own arithmetic) and ``logprob`` (what an ``--backend openai``
+verifier reports: logprobs and top-5 ranks only, judged statistically), with
+the verifier's prefill time, the logprob limits ``calibrate_logprobs`` derives
+from the honest outputs, and how many jobs a lazy verifier (passes
+everything) gets before a known-answer job catches it at ``--known-rate``.
+
+    python bench/verify.py [--n 1000] [--max-tokens 32] [--budget 150] [--peer] [--known-rate 0.05]
 """
 
 from __future__ import annotations
@@ -56,11 +65,43 @@ from gpunexus.verify.commitment import (
     commit,
 )
 from gpunexus.verify.generate import generate
+from gpunexus.verify.peer import (
+    RANK_UNKNOWN,
+    TINY_LOGPROB_LIMITS,
+    PrefillReport,
+    calibrate_logprobs,
+    judge,
+    logprob_stats,
+    reference_prefill,
+)
 from gpunexus.verify.registry import load_reference
 from gpunexus.verify.sampler import SamplingParams
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "tell", "me", "story", "about", "hello", "world", "why", "how", "what", "river", "mountain", "code", "python", "market", "price", "token", "model", "answer", "question", "write", "poem"]
 ROWS = ("honest", "other-model", "int4", "random+proof", "wrong-seed", "replay", "inflated", "early-stop")
+PATHS = ("hub replay", "peer fp32", "peer fp16", "logprob")
+LOGPROB_TOP_K = 5
+
+
+def logprob_only(report: PrefillReport) -> PrefillReport:
+    """What an engine without activations or seeded sampler would report: logprobs and top-5 ranks."""
+    ranks = tuple(r if r < LOGPROB_TOP_K else RANK_UNKNOWN for r in report.ranks)
+    return dataclasses.replace(report, engine="openai", commitment=b"", ranks=ranks, top_k=LOGPROB_TOP_K,
+                               seed_replayed=False, replay_reasons=())
+
+
+def peer_verdict(r: AuditRequest, report: PrefillReport) -> Verdict:
+    return judge(tokens_in=r.tokens_in, tokens_out=r.tokens_out, output_tokens=len(r.output_ids),
+                 commitment=r.commitment, report=report, temperature=r.params.temperature)
+
+
+def jobs_until_caught(rate: float, trials: int, rng: np.random.Generator) -> list[int]:
+    """Per lazy verifier: jobs answered (audits and the known-answer one) until the first known-answer job.
+
+    Each audit sends, with probability ``rate``, a known-bad job too (hub/peer_audit.py); the lazy
+    verifier passes it and is caught there.
+    """
+    return [int(rng.geometric(rate)) + 1 for _ in range(trials)] if rate > 0 else []
 
 
 def binom_cdf(k: int, n: int, p: float) -> float:
@@ -116,6 +157,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="requests per row (goal)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--budget", type=float, default=150.0, help="seconds before no new request starts")
+    ap.add_argument("--peer", action="store_true", help="also judge every case on the peer-verifier paths")
+    ap.add_argument("--known-rate", type=float, default=0.05, help="known-answer job rate for the lazy-verifier row")
     args = ap.parse_args()
     started = time.perf_counter()
 
@@ -147,6 +190,9 @@ def main() -> None:
         return AuditRequest(**fields)
 
     verdicts: dict[str, list[Verdict]] = {row: [] for row in ROWS}
+    by_path: dict[str, dict[str, list[Verdict]]] = {path: {row: [] for row in ROWS} for path in PATHS[1:]}
+    honest_logprobs = []
+    peer_s: list[float] = []
     audit_s: list[float] = []
     gen16_s: list[float] = []
     builder_s = 0.0
@@ -196,6 +242,17 @@ def main() -> None:
                 if row == "honest":
                     audit_s.append(time.perf_counter() - t0)
                 verdicts[row].append(v)
+                if args.peer:
+                    t0 = time.perf_counter()
+                    report = reference_prefill(ref, tok, r, engine="reference-float32")
+                    if row == "honest":
+                        peer_s.append(time.perf_counter() - t0)
+                    by_path["peer fp32"][row].append(peer_verdict(r, report))
+                    by_path["peer fp16"][row].append(peer_verdict(r, reference_prefill(host16, tok, r, engine="reference-float16")))
+                    lp = logprob_only(report)
+                    by_path["logprob"][row].append(peer_verdict(r, lp))
+                    if row == "honest":
+                        honest_logprobs.append(logprob_stats(lp.logprobs, lp.ranks, lp.top_k))
         previous = [h for h, _, _ in pair]
     main_s = time.perf_counter() - started
 
@@ -213,6 +270,34 @@ def main() -> None:
         else:
             bound = f"detect >= {100 * lower95(flagged, n):.2f}%"
         print(f"| {row} | {n} | {flagged} | {100 * flagged / max(n, 1):.2f}% | {bound} | {by} |")
+
+    if args.peer:
+        print("\npeer-verifier paths (the hub judges what a verifier's one prefill reports, verify.peer.judge):\n")
+        print("| host | " + " | ".join(f"{p} flagged (95% bound)" for p in PATHS) + " |")
+        print("|---|" + "---|" * len(PATHS))
+        for row in ROWS:
+            cells = []
+            for path in PATHS:
+                vs = verdicts[row] if path == "hub replay" else by_path[path][row]
+                n, flagged = len(vs), sum(not v.passed for v in vs)
+                bound = f"<= {100 * upper95(flagged, n):.2f}%" if row == "honest" else f">= {100 * lower95(flagged, n):.2f}%"
+                cells.append(f"{flagged}/{n} ({bound})")
+            print(f"| {row} | " + " | ".join(cells) + " |")
+        if honest_logprobs:
+            lim = calibrate_logprobs(honest_logprobs)
+            worst_mean = min(s.mean_logprob for s in honest_logprobs)
+            print(f"\nlogprob calibration over {len(honest_logprobs)} honest outputs: worst mean logprob {worst_mean:.2f}, "
+                  f"outside top-{LOGPROB_TOP_K} {max(s.outside_top_k for s in honest_logprobs):.2f}, "
+                  f"longest improbable run {max(s.longest_improbable_run for s in honest_logprobs)}")
+            print(f"  -> calibrate_logprobs(): mean >= {lim.min_mean_logprob}, outside <= {lim.max_outside_top_k}, "
+                  f"run <= {lim.max_improbable_run}; shipped TINY_LOGPROB_LIMITS: mean >= "
+                  f"{TINY_LOGPROB_LIMITS.min_mean_logprob}, outside <= {TINY_LOGPROB_LIMITS.max_outside_top_k}, "
+                  f"run <= {TINY_LOGPROB_LIMITS.max_improbable_run}")
+        caught = jobs_until_caught(args.known_rate, 10_000, np.random.default_rng(11))
+        if caught:
+            print(f"lazy verifier at a {args.known_rate:.0%} known-answer rate (10,000 simulated): caught after "
+                  f"{np.mean(caught):.1f} jobs on average, median {int(np.median(caught))}, 95th percentile "
+                  f"{int(np.quantile(caught, 0.95))}")
 
     honest_v = verdicts["honest"]
     near = sum(v.stats.near_ties for v in honest_v)
@@ -253,6 +338,10 @@ def main() -> None:
     print(f"verifier: {a_ms:.1f} ms per audited request (median {1e3 * float(np.median(audit_s)):.1f}) vs host generation "
           f"{g_ms:.1f} ms (float16 host) / {g32_ms:.1f} ms (float32 host) per request: "
           f"{a_ms / g32_ms:.2f}x a float32 generation")
+    if peer_s:
+        p_ms = 1e3 * float(np.mean(peer_s))
+        print(f"peer verifier: {p_ms:.1f} ms per job (one prefill + replay + own commitment): "
+              f"{p_ms / g32_ms:.2f}x a float32 generation")
 
     blocks = [b for v in honest_v if v.stats.commitment for b in v.stats.commitment.blocks]
     if blocks:

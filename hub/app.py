@@ -241,6 +241,18 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         data = await read(bodies.OPENING)
         return jsonify(await hub.open_audit(user, data["request_id"], data["opening"], data["reason"] or ""))
 
+    @app.get("/v1/audits/jobs")
+    async def audit_jobs() -> Response:
+        user = await current_user()
+        peer_id = request.args.get("peer_id", "")
+        jobs = await hub.audit_jobs(user, peer_id, request.args.getlist("model_hash"))
+        return jsonify({"hub_id": hub.hub_id, "jobs": [base64.b64encode(j).decode() for j in jobs]})
+
+    @app.post("/v1/audits/results")
+    async def audit_result() -> Response:
+        user = await current_user()
+        return jsonify(await hub.post_verifier_result(user, (await read(bodies.RESULT))["result"]))
+
     @app.get("/v1/reputation")
     async def reputation() -> Response:
         public()

@@ -179,7 +179,8 @@ def check_audits(report: AuditReport, audit_log: str, openings: str | None) -> N
     base64 Opening}``), every ``passed``/``failed``/``skipped`` verdict is recomputed: the opening
     must match the receipt, and ``verify.audit.audit`` on the reference model must give the same
     status and the same reason codes (the text before the first ':'; the numbers in a reason may
-    differ in the last digits between machines).
+    differ in the last digits between machines). A verdict that rests on peer verifiers (its line
+    lists ``verifiers``) is noted with their ids, not recomputed: the engine is theirs.
     """
     from gpunexus.protocol.messages import ReceiptRoot
     from gpunexus.verify import selection
@@ -262,6 +263,12 @@ def check_audits(report: AuditReport, audit_log: str, openings: str | None) -> N
             elif not (0.0 <= rate <= 1.0) or not selection.is_selected(secret, root or bytes(32), rid, rate):
                 fault(f"{where}: not selected by the revealed secret (rate {rate})")
         if status not in ("passed", "failed", "skipped"):
+            continue
+        judged = v.get("verifiers") if isinstance(v.get("verifiers"), list) else []
+        if judged:  # the hub did not replay it: the verdict is the peer verifiers' (hub/peer_audit.py)
+            who = ", ".join(f"round {j.get('round')} {j.get('verifier_id')} {j.get('verdict')}"
+                            for j in judged if isinstance(j, dict))
+            report.notes.append(f"{where}: verdict {status} rests on peer verifiers ({who}); not recomputed here")
             continue
         if openings is None:
             continue

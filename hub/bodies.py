@@ -50,6 +50,8 @@ OFFER = Body({"offer": _message("Offer.encode()")}, required=("offer",))
 
 ROOT = Body({"root": _message("ReceiptRoot.encode()")}, required=("root",))
 
+RESULT = Body({"result": _message("VerifierResult.encode()")}, required=("result",))
+
 OPENING = Body({
     "request_id": REQUEST_ID,
     "opening": Nullable(_message("Opening.encode()")),

@@ -54,6 +54,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--audit-rate", type=float, default=HubConfig().audit_rate, metavar="FRACTION",
                        help="fraction of settled receipts audited (default 0.05; suspect hosts are audited more)")
     _audit_timing(serve)
+    serve.add_argument("--no-hub-replay", dest="hub_replay", action="store_false",
+                       help="send every audit to peer verifiers, even of models the hub could replay itself")
+    serve.add_argument("--verifier-fee", type=int, default=HubConfig().verifier_fee_micro, metavar="MICRO_USD",
+                       help="what a peer verifier earns per answered job, from the platform fee "
+                            f"(default {HubConfig().verifier_fee_micro} micro-USD)")
+    serve.add_argument("--known-answer-rate", type=float, default=HubConfig().known_answer_rate, metavar="FRACTION",
+                       help="share of peer audits that also send a verifier a job whose answer the hub knows "
+                            f"(default {HubConfig().known_answer_rate})")
     serve.add_argument("--challenge-account", action="append", default=[], metavar="EMAIL",
                        help="an account whose requests are the hub's challenges: all its receipts are audited; repeatable")
     serve.set_defaults(func=_serve)
@@ -305,6 +313,8 @@ def _hosts(args: argparse.Namespace) -> int:
         for v in h["recent"]:
             money = f" (withheld {micro_to_usd(v['withheld_micro'])} USD, debt {micro_to_usd(v['debt_micro'])} USD)" if v["status"] == "failed" else ""
             print(f"    {v['request_id']}  {v['status']}{money}")
+            for judged in v.get("verifiers", []):
+                print(f"        verifier round {judged['round']}: {judged['verifier_id'] or '(not drawn yet)'} {judged['verdict']}")
             for reason in v["reasons"]:
                 print(f"        {reason}")
     return 0
@@ -380,6 +390,8 @@ def _serve(args: argparse.Namespace) -> int:
         config = HubConfig(fee_bps=args.fee_bps, epoch_s=args.epoch_s, reference_prices=refs, audit_rate=args.audit_rate,
                            audit_period_s=args.audit_period_s, audit_root_grace_s=args.audit_root_grace_s,
                            challenge_accounts=frozenset(args.challenge_account), public_url=args.public_url or "",
+                           hub_replay=args.hub_replay, verifier_fee_micro=args.verifier_fee,
+                           known_answer_rate=args.known_answer_rate,
                            **({"reference_price_micro_per_mtok": default_ref} if default_ref else {}))
     except ValueError as exc:
         return _fail(str(exc))

@@ -53,6 +53,19 @@ class HubConfig:
     public_url: str = ""
     """The URL people reach the hub at (``hub serve --public-url``). When it is ``https://``, the
     dashboard's cookies are ``Secure`` (see :mod:`gpunexus.hub.web.auth`); empty: plain loopback HTTP."""
+    hub_replay: bool = True
+    """Audit receipts of models the hub has a reference for on the hub itself; False sends every
+    audit to peer verifiers (``hub/peer_audit.py``)."""
+    verifier_fee_micro: int = 100
+    """What a peer verifier earns per answered job, paid from the platform fee."""
+    known_answer_rate: float = 0.05
+    """Share of peer audits that also send a job whose answer the hub knows (an altered opening)."""
+    verifier_job_ttl_s: float = 300.0
+    """How long a verifier has to answer a job before it is drawn again among the others."""
+    verifier_seen_s: float = 120.0
+    """A verifier is drawn only if it polled for jobs this recently."""
+    verifier_min_p_honest: float = 0.5
+    """Reputation (``p_honest``) a host needs to be drawn as a verifier."""
     challenge_accounts: frozenset[str] = frozenset()
     """Emails of the hub's own client accounts that send challenge requests through
     ordinary gateways (``gpunexus hub challenge``): every receipt they pay is audited."""
@@ -68,6 +81,10 @@ class HubConfig:
             raise ValueError("audit_rate must be in [0, 1] and audit_period_s > 0")
         if self.audit_root_grace_s < 0:
             raise ValueError("audit_root_grace_s must be >= 0")
+        if self.verifier_fee_micro < 0 or not 0 <= self.known_answer_rate <= 1:
+            raise ValueError("verifier_fee_micro must be >= 0 and known_answer_rate in [0, 1]")
+        if self.verifier_job_ttl_s <= 0 or self.verifier_seen_s <= 0 or not 0 <= self.verifier_min_p_honest <= 1:
+            raise ValueError("verifier_job_ttl_s and verifier_seen_s must be > 0, verifier_min_p_honest in [0, 1]")
         if self.offer_lookback_s < 0 or self.max_offer_ttl_s <= 0:
             raise ValueError("offer_lookback_s must be >= 0 and max_offer_ttl_s > 0")
 

@@ -329,6 +329,45 @@ host_reputation = sa.Table(
 )
 """Audit record per host peer id (``verify.reputation.Reputation``)."""
 
+audit_jobs = sa.Table(
+    "audit_jobs",
+    metadata,
+    sa.Column("job_id", sa.String(32), primary_key=True),
+    sa.Column("request_id", sa.String(32), nullable=False, index=True),
+    sa.Column("round", sa.Integer, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("model_hash", sa.String(256), nullable=False),
+    sa.Column("opening", sa.LargeBinary, nullable=False),
+    sa.Column("avoid", sa.Text, nullable=False, default="[]"),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("verifier_id", sa.String(64)),
+    sa.Column("job", sa.LargeBinary),
+    sa.Column("expires_at", sa.Float),
+    sa.Column("result", sa.LargeBinary),
+    sa.Column("verdict", sa.String(16), nullable=False, default=""),
+    sa.Column("reasons", sa.Text, nullable=False, default="[]"),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("answered_at", sa.Float),
+    sa.Column("fee", sa.BigInteger, nullable=False, default=0),
+    sa.Index("audit_jobs_by_status", "status", "verifier_id"),
+)
+"""Peer-verifier jobs (``hub/peer_audit.py``). ``kind``: ``audit`` (a real receipt's audit, ``round`` 1 or 2),
+``known-bad`` (an opening the hub altered: the right answer is "fail"). ``status``: ``unassigned`` (no
+verifier drawn yet), ``assigned`` (``job`` is the signed ``AuditJob``), ``answered``. ``avoid`` (JSON) lists
+the peer ids never to draw for it (the audited host, earlier verifiers); ``verdict``/``reasons`` are the
+hub's judgement of the verifier's result; ``fee`` what the verifier was paid for it."""
+
+verifiers = sa.Table(
+    "verifiers",
+    metadata,
+    sa.Column("peer_id", sa.String(64), primary_key=True),
+    sa.Column("model_hash", sa.String(256), primary_key=True),
+    sa.Column("user_id", sa.BigInteger, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("seen_at", sa.Float, nullable=False),
+)
+"""Host peers that poll for verifier jobs (``GET /v1/audits/jobs``), per model hash, and when they last did."""
+
 passwords = sa.Table(
     "passwords",
     metadata,

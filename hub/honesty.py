@@ -57,6 +57,7 @@ from sqlalchemy.engine import Connection
 from . import ledger
 from .config import HubConfig
 from .db import (
+    audit_jobs,
     audit_openings,
     audit_periods,
     audit_roots,
@@ -283,7 +284,7 @@ def record_verdict(conn: Connection, request_id: str, status: str, reasons: list
     """Store the verdict (and the opening it rests on); update reputation and withhold pay for a failed audit. Idempotent."""
     row = conn.execute(sa.select(audits.c.status, audits.c.host_id).where(audits.c.request_id == request_id)
                        .with_for_update()).one()
-    if row.status != "pending":
+    if row.status not in ("pending", "verifying"):  # verifying: peer verifiers have it (hub/peer_audit.py)
         return {"request_id": request_id, "status": row.status, "already": True}
     if opening is not None:
         conn.execute(ledger.insert_ignore(conn, audit_openings).values(request_id=request_id, opening=opening, received_at=now))
@@ -324,6 +325,20 @@ def reputations(conn: Connection) -> list[tuple[str, rep_mod.Reputation]]:
     return [(r.peer_id, rep_mod.Reputation(r.passes, r.fails)) for r in rows]
 
 
+def verifier_verdicts(conn: Connection, request_ids: list[str]) -> dict[str, list[dict]]:
+    """Each audit's peer-verifier verdicts in round order (``hub/peer_audit.py``): who judged, and what."""
+    if not request_ids:
+        return {}
+    out: dict[str, list[dict]] = {}
+    for r in conn.execute(sa.select(audit_jobs.c.request_id, audit_jobs.c.round, audit_jobs.c.verifier_id,
+                                    audit_jobs.c.status, audit_jobs.c.verdict)
+                          .where(audit_jobs.c.request_id.in_(request_ids), audit_jobs.c.kind == "audit")
+                          .order_by(audit_jobs.c.round)):
+        out.setdefault(r.request_id, []).append({"round": r.round, "verifier_id": r.verifier_id,
+                                                 "verdict": r.verdict or r.status})
+    return out
+
+
 def host_report(conn: Connection, recent: int = 5) -> list[dict]:
     """Every host that has an audit record or a selected receipt, with its recent verdicts."""
     reps = dict(reputations(conn))
@@ -334,13 +349,15 @@ def host_report(conn: Connection, recent: int = 5) -> list[dict]:
         rows = conn.execute(sa.select(audits.c.request_id, audits.c.status, audits.c.reasons, audits.c.decided_at,
                                       audits.c.withheld, audits.c.debt)
                             .where(audits.c.host_id == peer).order_by(audits.c.selected_at.desc()).limit(recent)).all()
+        by_verifiers = verifier_verdicts(conn, [x.request_id for x in rows])
         out.append({
             "peer_id": peer, "audits": r.passes + r.fails, "failures": r.fails, "p_honest": r.p_honest,
             "excluded": rep_mod.excluded(r),
             "pending": conn.execute(sa.select(sa.func.count()).select_from(audits)
-                                    .where(audits.c.host_id == peer, audits.c.status == "pending")).scalar_one(),
+                                    .where(audits.c.host_id == peer, audits.c.status.in_(("pending", "verifying")))).scalar_one(),
             "recent": [{"request_id": x.request_id, "status": x.status, "reasons": json.loads(x.reasons or "[]"),
-                        "decided_at": x.decided_at, "withheld_micro": x.withheld, "debt_micro": x.debt} for x in rows],
+                        "decided_at": x.decided_at, "withheld_micro": x.withheld, "debt_micro": x.debt,
+                        "verifiers": by_verifiers.get(x.request_id, [])} for x in rows],
         })
     return out
 
@@ -358,8 +375,10 @@ def export_audits(conn: Connection, cfg: HubConfig, now: float) -> list[dict]:
       deadline passed (its secret is public); later periods are not listed (their secret stays hidden).
     * ``{"kind": "root", "host_id", "period", "root": base64 ReceiptRoot}``: every host-signed root.
     * ``{"kind": "verdict", "request_id", "host_id", "period", "rate", "status", "reasons": [..],
-      "decided_at"}``: every selected receipt (the receipt itself is in the receipt log), ``status``
-      ``pending``, ``passed``, ``failed``, ``unopened`` or ``skipped``.
+      "decided_at", "verifiers": [{"round", "verifier_id", "verdict"}]}``: every selected receipt (the
+      receipt itself is in the receipt log), ``status`` ``pending``, ``verifying`` (with peer
+      verifiers), ``passed``, ``failed``, ``unopened`` or ``skipped``; ``verifiers`` is empty where the
+      hub replayed the audit itself, else the escalation path (``hub/peer_audit.py``).
     """
     last = math.floor((now - cfg.audit_root_grace_s) / cfg.audit_period_s) - 1
     out: list[dict] = [{"format": AUDIT_LOG_FORMAT, "period_s": cfg.audit_period_s,
@@ -369,10 +388,12 @@ def export_audits(conn: Connection, cfg: HubConfig, now: float) -> list[dict]:
     for r in conn.execute(sa.select(audit_roots).order_by(audit_roots.c.period, audit_roots.c.host_id)):
         out.append({"kind": "root", "host_id": r.host_id, "period": r.period,
                     "root": base64.b64encode(r.blob).decode()})
-    for r in conn.execute(sa.select(audits).order_by(audits.c.selected_at, audits.c.request_id)):
+    rows = conn.execute(sa.select(audits).order_by(audits.c.selected_at, audits.c.request_id)).all()
+    judged = verifier_verdicts(conn, [r.request_id for r in rows])
+    for r in rows:
         out.append({"kind": "verdict", "request_id": r.request_id, "host_id": r.host_id, "period": r.period,
                     "rate": r.rate, "status": r.status, "reasons": json.loads(r.reasons or "[]"),
-                    "decided_at": r.decided_at})
+                    "decided_at": r.decided_at, "verifiers": judged.get(r.request_id, [])})
     return out
 
 

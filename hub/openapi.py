@@ -172,11 +172,31 @@ def spec(max_batch: int, extra_paths: dict[str, Any] | None = None, *, max_long_
         "/v1/audits/openings": {"post": operation(
             "A gateway's opening of a selected receipt (Opening.encode(), base64), or null with a reason when it "
             "kept none. The hub checks it against the receipt's prompt and output hashes, audits it with the "
-            "reference model and answers the verdict; a failed audit withholds the host's pay for the receipt.",
-            _obj({"request_id": _STR, "status": {"enum": ["passed", "failed", "unopened", "skipped", "pending"]},
+            "reference model and answers the verdict; a failed audit withholds the host's pay for the receipt. "
+            "A model the hub cannot replay goes to peer verifiers instead: status verifying, jobs created.",
+            _obj({"request_id": _STR, "status": {"enum": ["passed", "failed", "unopened", "skipped", "pending", "verifying"]},
                   "passed": {"type": "boolean"}, "reasons": {"type": "array", "items": _STR},
                   "withheld_micro": _MICRO, "debt_micro": _MICRO}, ["request_id", "status"]),
             body=bodies.OPENING.schema(), errors=(404,))},
+        "/v1/audits/jobs": {"get": operation(
+            "A verifier host's audit jobs (each a hub-signed AuditJob, base64) for peer_id, one of the key's host "
+            "peers; polling also marks it available to verify the given model hashes. Jobs are drawn "
+            "SHA-256('gpunexus-verifier-draw/1\\0' || len(secret):u16 || secret || job_id) mod the eligible "
+            "verifiers, sorted (hub/peer_audit.py).",
+            _obj({"hub_id": _STR, "jobs": {"type": "array", "items": _B64}}), errors=(400, 403),
+            parameters=[
+                {"name": "peer_id", "in": "query", "required": True, "schema": {"type": "string", "maxLength": 64}},
+                {"name": "model_hash", "in": "query", "required": True, "style": "form", "explode": True,
+                 "schema": {"type": "array", "minItems": 1, "maxItems": 16, "items": {"type": "string", "minLength": 1, "maxLength": 256}}},
+            ])},
+        "/v1/audits/results": {"post": operation(
+            "A verifier's signed result of one job (VerifierResult.encode(), base64). The hub judges it "
+            "(verify.peer.judge): a pass decides the audit, a first failure draws a second verifier, a second "
+            "failure fails the host. Each answered job pays the verifier's fee once (not a missed known-answer job).",
+            _obj({"job_id": _STR, "verdict": {"enum": ["passed", "failed"]}, "fee_micro": _MICRO,
+                  "escalated": {"type": "boolean"}, "already": {"type": "boolean"}, "audit": {"type": "object"}},
+                 ["job_id", "verdict"]),
+            body=bodies.RESULT.schema(), errors=(409,))},
         "/v1/reputation": {"get": operation(
             "Every audited host's reputation, each a hub-signed HostReputation (base64): gateways skip hosts "
             "marked excluded.", _obj({"hub_id": _STR, "reputations": {"type": "array", "items": _B64}}),

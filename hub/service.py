@@ -18,11 +18,20 @@ import trio
 from gpunexus.protocol.codec import decode_as
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.ids import public_key_from_peer_id
-from gpunexus.protocol.messages import Allowance, HostReputation, Offer, Receipt, ReceiptRoot, Revocation, host_registration_statement
+from gpunexus.protocol.messages import (
+    Allowance,
+    HostReputation,
+    Offer,
+    Receipt,
+    ReceiptRoot,
+    Revocation,
+    VerifierResult,
+    host_registration_statement,
+)
 from gpunexus.protocol.signing import Signer, verify_signature
 from sqlalchemy.engine import Connection
 
-from . import accounts, allowances, catalogue, disputes, honesty, keys, ledger, market, receipts, reports
+from . import accounts, allowances, catalogue, disputes, honesty, keys, ledger, market, peer_audit, receipts, reports
 from .config import HubConfig
 from .db import Database, default_url, hosts, receipt_log, users
 from .db import allowances as allowance_table
@@ -231,9 +240,43 @@ class Hub:
         problem = honesty.opening_problem(opening, receipt)
         if problem:
             raise HubError(400, "invalid_opening", f"opening refused: {problem}", "opening")
+        if not (self.config.hub_replay and honesty.reference_for(receipt.model_hash)):
+            if opening.kind == "embedding":  # peer verifiers replay generations, not vectors
+                return await self.db.write(honesty.record_verdict, request_id, "skipped",
+                                           ["embedding: no reference here, and peer verifiers replay generations only"],
+                                           self.clock(), blob)
+            out = await self.db.write(peer_audit.open_jobs, self.config, request_id, receipt, blob, self.clock())
+            await self.db.write(peer_audit.assign, self.config, self.signer, self.clock())
+            return out
         status, verdict = await trio.to_thread.run_sync(honesty.run_audit, opening, receipt)
         reasons = list(verdict.reasons) if verdict else [f"model: no reference model with hash {receipt.model_hash[:16]}..."]
         return await self.db.write(honesty.record_verdict, request_id, status, reasons, self.clock(), blob)
+
+    async def audit_jobs(self, user: User, peer_id: str, model_hashes: list[str]) -> list[bytes]:
+        """A verifier host's signed jobs (``GET /v1/audits/jobs``); polling marks it available for its models."""
+        if user.role not in ("host", "admin"):
+            raise HubError(403, "permission_denied", "only a host account can verify")
+        if not 1 <= len(model_hashes) <= 16 or not all(0 < len(h) <= 256 for h in model_hashes):
+            raise HubError(400, "invalid_request_error", "give 1 to 16 model_hash parameters", "model_hash")
+        try:
+            return await self.db.write(peer_audit.jobs_for, self.config, self.signer, user.id, peer_id,
+                                       model_hashes, self.clock())
+        except peer_audit.JobRefused as exc:
+            raise HubError(403, "permission_denied", str(exc), "peer_id") from None
+
+    async def post_verifier_result(self, user: User, blob: bytes) -> dict:
+        """A verifier's signed result (``POST /v1/audits/results``): judged, escalated, paid."""
+        try:
+            result = decode_as(VerifierResult, blob)
+            result.verify()
+        except ProtocolError as exc:
+            raise HubError(400, "invalid_result", f"result refused: {exc}", "result") from None
+        if result.hub_id != self.hub_id:
+            raise HubError(400, "invalid_result", "result refused: it names another hub", "result")
+        try:
+            return await self.db.write(peer_audit.accept_result, self.config, user.id, result, blob, self.clock())
+        except peer_audit.JobRefused as exc:
+            raise HubError(409, "job_refused", f"result refused: {exc}", "result") from None
 
     async def reputations(self) -> list[HostReputation]:
         """Every audited host's reputation, signed by the hub."""

@@ -14,8 +14,9 @@ What is measured, and why it is the number that matters:
   holding a layer must run the kernels), from ``nvidia-smi`` (:mod:`.gpu`).
 - **tokens/s** of the chosen backend on a short real run: what a client's
   stream will see, and what the offer announces (never a claimed figure).
-- **latency** to the hub and to each bootstrap peer, over real round trips
-  (:mod:`.netprobe`).
+- **latency** to the hub and to each bootstrap peer, over real round trips,
+  and **bandwidth** each way to each bootstrap peer, over a few megabytes
+  moved on the same connection (:mod:`.netprobe`, :mod:`.speedtest`).
 
 Minimums come from flags. The hub has no catalogue of per-model minimums to
 read them from (``GET /v1/hub`` and the market routes say nothing about
@@ -25,6 +26,7 @@ hardware), so :data:`MINIMUMS_SOURCE` says so wherever minimums are shown.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -58,6 +60,8 @@ class Minimums:
     compute_capability: tuple[int, int] | None = None
     max_latency_ms: float | None = None
     """Applies to the hub and to every bootstrap peer."""
+    bandwidth_mbps: float | None = None
+    """Mbit/s each way to every bootstrap peer (the hub's is not measured: see :mod:`.netprobe`)."""
     source: str = MINIMUMS_SOURCE
 
 
@@ -155,10 +159,17 @@ def evaluate(measured: Measurements, minimums: Minimums, *, network_strict: bool
     a hub restarting, or a network that comes up after the service, must not
     keep a host down. A latency over the minimum is a FAIL either way.
     """
-    lines = [_vram_line(measured.gpus, minimums), _compute_line(measured.gpus, minimums), _throughput_line(measured.throughput, minimums)]
+    lines = [*evaluate_hardware(measured.gpus, minimums), _throughput_line(measured.throughput, minimums)]
     for probe in ([measured.hub] if measured.hub else []) + list(measured.peers):
         lines.append(_network_line(probe, minimums, network_strict))
+        if probe.kind == "peer" and probe.reachable:
+            lines.append(_bandwidth_line(probe, minimums, network_strict))
     return tuple(lines)
+
+
+def evaluate_hardware(gpus: GpuSurvey, minimums: Minimums) -> tuple[CheckLine, CheckLine]:
+    """The VRAM and compute lines alone: what a model needs of the GPUs, judged without its engine."""
+    return _vram_line(gpus, minimums), _compute_line(gpus, minimums)
 
 
 def _vram_line(gpus: GpuSurvey, minimums: Minimums) -> CheckLine:
@@ -200,6 +211,18 @@ def _network_line(probe: Probe, minimums: Minimums, strict: bool) -> CheckLine:
     measured = f"{probe.latency_ms:.1f} ms" + (f" (connect {probe.connect_ms:.0f} ms)" if probe.connect_ms is not None else "")
     ok = limit is None or probe.latency_ms <= limit
     return CheckLine(name, PASS if ok else FAIL, measured, required, probe.target)
+
+
+def _bandwidth_line(probe: Probe, minimums: Minimums, strict: bool) -> CheckLine:
+    """Both directions must meet the minimum. Not measured (an older peer) is a WARN, unless a minimum
+    was asked for and the check is strict: then it is a FAIL, since nothing shows the link meets it."""
+    limit = minimums.bandwidth_mbps
+    required = "-" if limit is None else f">= {limit:g} Mbit/s"
+    if probe.down_mbps is None or probe.up_mbps is None:
+        return CheckLine("bandwidth", FAIL if strict and limit is not None else WARN, f"not measured: {probe.bandwidth_error}", required, probe.target)
+    measured = f"down {probe.down_mbps:g} / up {probe.up_mbps:g} Mbit/s"
+    ok = limit is None or min(probe.down_mbps, probe.up_mbps) >= limit
+    return CheckLine("bandwidth", PASS if ok else FAIL, measured, required, probe.target)
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -245,8 +268,20 @@ async def _measure_generic(backend: Backend) -> float:
 async def run_gate(backend: Backend, backend_name: str, minimums: Minimums, *, hub: str | None = None,
                    bootstrap: list[str] | tuple[str, ...] = (), swarm_key: str | None = None,
                    network_strict: bool = True, survey=survey_gpus) -> Report:
-    """Measure everything, then judge. The network goes first: a libp2p dial is
-    CPU work that would otherwise be counted against the engine's speed."""
+    """Measure everything, then judge one model (:func:`run_gates` for several)."""
+    [report] = await run_gates([(backend, backend_name, minimums)], hub=hub, bootstrap=bootstrap, swarm_key=swarm_key,
+                               network_strict=network_strict, survey=survey)
+    return report
+
+
+async def run_gates(models: list[tuple[Backend, str, Minimums]], *, hub: str | None = None,
+                    bootstrap: list[str] | tuple[str, ...] = (), swarm_key: str | None = None,
+                    network_strict: bool = True, survey=survey_gpus) -> list[Report]:
+    """One report per (backend, backend name, minimums): the machine and the network
+    are measured once, each engine's speed on its own, each verdict against its own
+    model's minimums. The network goes first: a libp2p dial is CPU work that would
+    otherwise be counted against the engines' speed; the engines go one at a time
+    for the same reason."""
     hub_probe: Probe | None = None
     peers: list[Probe] = []
     gpus = GpuSurvey(())
@@ -269,15 +304,45 @@ async def run_gate(backend: Backend, backend_name: str, minimums: Minimums, *, h
         if bootstrap:
             nursery.start_soon(probe_the_peers)
         nursery.start_soon(survey_the_gpus)
-    throughput = await measure_throughput(backend)
-    measured = Measurements(gpus, throughput, hub_probe, tuple(peers))
-    return Report(backend.info.name, backend_name, minimums, measured, evaluate(measured, minimums, network_strict=network_strict))
+    reports = []
+    for backend, backend_name, minimums in models:
+        throughput = await measure_throughput(backend)
+        measured = Measurements(gpus, throughput, hub_probe, tuple(peers))
+        reports.append(Report(backend.info.name, backend_name, minimums, measured, evaluate(measured, minimums, network_strict=network_strict)))
+    return shared_vram(reports, gpus)
+
+
+def shared_vram(reports: list[Report], gpus: GpuSurvey) -> list[Report]:
+    """Models served together share the GPUs: each one that passes alone must also fit beside those before it.
+
+    In order (the command line's, the file's), every model that passes its own
+    checks and names a VRAM minimum adds it to a running total; a model whose
+    total exceeds the GPUs' memory gets a failed ``vram-shared`` line, and is
+    not counted, so the ones after it may still fit. One model, or models
+    without VRAM minimums, are left as they are.
+    """
+    if sum(r.minimums.vram_gb is not None for r in reports) < 2:
+        return reports
+    taken, names, out = 0.0, [], []
+    for report in reports:
+        need = report.minimums.vram_gb
+        if need is None or not report.ok:
+            out.append(report)
+            continue
+        required = f">= {taken + need:g} GB" + (f" (with {', '.join(names)})" if names else "")
+        fits = taken + need <= gpus.total_memory_gb
+        line = CheckLine("vram-shared", PASS if fits else FAIL, f"{gpus.total_memory_gb:.1f} GB", required)
+        if fits:
+            taken += need
+            names.append(report.model)
+        out.append(dataclasses.replace(report, lines=report.lines + (line,)))
+    return out
 
 
 def unloadable_backend_report(model: str, backend_name: str, minimums: Minimums, error: str, *, survey=survey_gpus) -> Report:
     """The verdict when the engine does not even start (no CUDA, unknown model): the GPU lines still say why."""
     measured = Measurements(survey(), Throughput(None, error))
-    lines = evaluate(measured, minimums)[:2] + (CheckLine("backend", FAIL, f"cannot load: {error}", "a working engine"),)
+    lines = evaluate_hardware(measured.gpus, minimums) + (CheckLine("backend", FAIL, f"cannot load: {error}", "a working engine"),)
     return Report(model, backend_name, minimums, measured, lines)
 
 
@@ -366,8 +431,11 @@ def add_minimum_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-vram-gb", type=_positive, default=None, metavar="GB", help="the model's minimum GPU memory, all GPUs together, in GB (no minimum by default)")
     p.add_argument("--min-compute-capability", type=_capability, default=None, metavar="X.Y", help="the lowest CUDA compute capability the model's kernels run on, e.g. 8.0 (no minimum by default)")
     p.add_argument("--max-latency-ms", type=_positive, default=None, metavar="MS", help="the most round-trip time to the hub and to each bootstrap peer (default: reachable is enough)")
+    p.add_argument("--min-bandwidth-mbps", type=_positive, default=None, metavar="MBIT_S",
+                   help="the least throughput each way to each bootstrap peer, in Mbit/s (measured by moving a few MB each way; no minimum by default)")
 
 
 def minimums_from(args: argparse.Namespace) -> Minimums:
     return Minimums(tokens_per_s=args.min_tokens_per_s, vram_gb=args.min_vram_gb,
-                    compute_capability=args.min_compute_capability, max_latency_ms=args.max_latency_ms)
+                    compute_capability=args.min_compute_capability, max_latency_ms=args.max_latency_ms,
+                    bandwidth_mbps=args.min_bandwidth_mbps)

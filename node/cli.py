@@ -25,6 +25,7 @@ from .startup import check_libp2p_listen, multiaddr_arg, peer_multiaddr_arg
 
 if TYPE_CHECKING:
     from .backends.base import Backend
+    from .hostconfig import ModelSpec
     from .p2p import P2PConfig
     from .runtime import HostOptions, HubLogin
 
@@ -39,14 +40,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     node = sub.add_parser("node", help="run a host or a gateway peer", description="Run a host (serve a model) or a gateway (OpenAI API on localhost), and steer a running host.")
     actions = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
 
-    serve = actions.add_parser("serve", help="serve a model to the network as a host", description="Serve a model to the network. The first line on stdout is 'peer: <multiaddr>' for a gateway's --bootstrap.")
-    serve.add_argument("--model", required=True, help="public model name gateways ask for (for --backend reference: the reference config, e.g. tiny)")
+    from .hostconfig import MODEL_KEYS
+
+    serve = actions.add_parser("serve", help="serve a model to the network as a host",
+                               epilog=f"--config keys per [[model]] table: {', '.join(MODEL_KEYS)}. Host-wide settings (--listen, --bootstrap, --hub, "
+                               "--region, --available, --swarm-key) stay flags.", description="Serve one or more models to the network from one peer. The first line on stdout is 'peer: <multiaddr>' for a gateway's --bootstrap. "
+                                "Each model has its own offer, slots and check; one that fails the check is refused, the others are served.")
+    serve.add_argument("--model", action="append", metavar="NAME", help="public model name gateways ask for (for --backend reference: the reference model, e.g. tiny or nano); "
+                       "repeat it to serve several models from this one peer, the other flags applying to each")
+    serve.add_argument("--config", type=Path, metavar="HOST.TOML", help="serve the models of this file instead: one [[model]] table per model with its own "
+                       "id, backend, price, slots, license, minimums... (see README 'Run a host'); a key a table leaves out takes its flag")
     serve.add_argument("--backend", choices=("reference", "openai", "exllamav2"), default="reference", help="inference backend (default: reference, the CPU numpy model)")
     serve.add_argument("--upstream", metavar="URL", help="--backend openai: base URL of the OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1")
     serve.add_argument("--upstream-model", metavar="NAME", help="--backend openai: model name on the upstream (default: --model)")
     serve.add_argument("--upstream-key", metavar="KEY", help="--backend openai: bearer key for the upstream, if it needs one")
     serve.add_argument("--upstream-supports", type=_supports, metavar="LIST", help="--backend openai: what the upstream engine does beyond plain text, "
-                       "announced in the offer and passed through: a comma-separated list of tools, json_mode, json_schema, vision, penalties, logit_bias "
+                       "announced in the offer and passed through: a comma-separated list of tools, json_mode, json_schema, vision, penalties, logit_bias, logprobs "
                        "(e.g. tools,json_schema for vLLM with tool calling on; default: plain text only)")
     serve.add_argument("--model-dir", metavar="DIR", help="--backend exllamav2: the EXL2 model folder")
     serve.add_argument("--price", default="0.20", metavar="USD_PER_MTOK|market", help="asking price in USD per million tokens (default 0.20), or 'market' to follow the hub's market price")
@@ -60,7 +69,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     _network_args(serve)
     check_args.add_minimum_arguments(serve)
     serve.add_argument("--force", action="store_true", help="serve even if this machine fails the start-up check (logged, and marked in the offer's region)")
+    serve.add_argument("--metrics-port", type=port_arg, metavar="PORT", help="serve Prometheus /metrics and /health (200 while taking orders, 503 while "
+                       "drained or withdrawn) on this port; read-only, no token (default: off)")
+    serve.add_argument("--metrics-host", default="127.0.0.1", metavar="ADDR", help="with --metrics-port: the address to bind (default 127.0.0.1)")
     serve.add_argument("--available", type=_windows, default=(), metavar="HH:MM-HH:MM[,...]", help="serve only inside these local-time windows, e.g. 18:00-08:00 (may wrap midnight; comma-separated); withdrawn outside them")
+    serve.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --hub: also act as a peer verifier for this model, replaying the prefill of other "
+                            "hosts' audited outputs for a per-job fee (default on where the backend can: reference, "
+                            "exllamav2, openai for completions; --no-verify turns it off)")
     serve.set_defaults(func=_serve)
 
     gw = actions.add_parser("gateway", help="run the OpenAI-compatible gateway on localhost", description="Serve the OpenAI API on localhost and stream every request from a host, peer to peer.")
@@ -80,13 +96,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     for name, text in (("enable", "take requests again"), ("disable", "finish in-flight requests, then withdraw from the network"), ("status", "show in-flight, served, earnings and uptime")):
         p = actions.add_parser(name, help=f"running host: {text}", description=f"Tell the host running under $GPUNEXUS_HOME to {text}.")
+        if name != "status":
+            p.add_argument("--model", action="append", metavar="NAME", help=f"{name} only this model of the host (repeatable); the host's other models keep their state")
         p.set_defaults(func=_control, action=name)
 
     check = actions.add_parser("check", help="hardware and network check for a model (the gate 'node serve' applies)",
                                description="Measure this machine against a model's minimums: GPU memory and compute capability (nvidia-smi), "
                                "the backend's tokens/s on a short real run, and round trips to the hub and the bootstrap peers. "
                                "Exit 0 when every check passes, 1 when one fails, 2 for bad usage.")
-    check.add_argument("--model", default="tiny", help="model name, as for 'node serve' (default tiny)")
+    check.add_argument("--model", action="append", metavar="NAME", help="model name, as for 'node serve' (default tiny); repeatable: one verdict per model")
+    check.add_argument("--config", type=Path, metavar="HOST.TOML", help="check every model of this file, as 'node serve --config' would serve them")
     check.add_argument("--backend", choices=("reference", "openai", "exllamav2"), default="reference")
     check.add_argument("--upstream", metavar="URL", help="--backend openai: base URL of the OpenAI-compatible server")
     check.add_argument("--upstream-model", metavar="NAME")
@@ -99,6 +118,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--json", action="store_true", help="print the measurements and verdicts as JSON")
     check.set_defaults(func=_check)
 
+    models = actions.add_parser("models", help="the known models this machine's hardware can serve, PASS/FAIL each",
+                                description="List the models gpunexus knows with what each needs (GPU memory for the weights and one slot's KV cache "
+                                "at --context, computed from the architecture; engine speed for the CPU reference models, measured here) against "
+                                "this machine (nvidia-smi, a short real run), PASS or FAIL each. 'node check --model M' then checks one fully.")
+    models.add_argument("--context", type=_positive_int, default=None, metavar="TOKENS", help="context to size the KV cache for (default 8192, capped by each model's own)")
+    models.add_argument("--bits", type=check_args._positive, default=None, metavar="BPW", help="EXL2 bits per weight of the GPU models (default 4.0)")
+    models.add_argument("--json", action="store_true", help="print every model's minimums and checks as JSON")
+    models.set_defaults(func=_models)
+
     market = sub.add_parser("market", help="market prices, demand, supply and utilisation per model", description="Show the hub's market: price, demand and supply (tokens/s), utilisation, hosts, what a GPU-hour earns, and the last day's prices, per model.")
     market.add_argument("--hub", default=os.environ.get("GPUNEXUS_HUB"), metavar="URL", help="hub base URL (or $GPUNEXUS_HUB)")
     market.add_argument("--json", action="store_true", help="print the hub's answer as JSON")
@@ -107,6 +135,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     key = actions.add_parser("swarm-key", help="write a new pre-shared key for a private swarm", description="Write a new swarm key file (libp2p pnet format). Share it with your team's hosts and gateways; peers without it cannot connect.")
     key.add_argument("path", type=Path)
     key.set_defaults(func=_swarm_key)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .known_models import DEFAULT_BITS, DEFAULT_CONTEXT, judge, known_models, render
+
+    listed = known_models(args.context or DEFAULT_CONTEXT, args.bits or DEFAULT_BITS)
+    gpus, verdicts = trio.run(judge, listed)
+    if args.json:
+        print(json.dumps({"gpu": gpus.describe(), "models": [v.to_json() for v in verdicts]}, indent=2))
+    else:
+        print(render(gpus, verdicts))
+    return 0
 
 
 def _supports(text: str):
@@ -156,68 +206,80 @@ def _hub_login(args: argparse.Namespace) -> HubLogin | None:
     return HubLogin(args.hub, args.api_key)
 
 
-def make_backend(args: argparse.Namespace) -> Backend:
-    if args.backend == "reference":
+def make_backend(spec: ModelSpec) -> Backend:
+    if spec.backend == "reference":
         from .backends.reference import ReferenceBackend
 
-        return ReferenceBackend(args.model)
-    if args.backend == "openai":
-        if not args.upstream:
-            raise SystemExit("--backend openai needs --upstream URL (e.g. http://127.0.0.1:11434/v1 for Ollama)")
+        return ReferenceBackend(spec.reference or spec.id, public_name=spec.id)
+    if spec.backend == "openai":
+        if not spec.upstream:
+            raise SystemExit(f"--backend openai needs --upstream URL (e.g. http://127.0.0.1:11434/v1 for Ollama){_which(spec)}")
         from .backends.openai_upstream import OpenAIUpstreamBackend
 
-        return OpenAIUpstreamBackend(args.upstream, args.model, upstream_model=args.upstream_model, api_key=getattr(args, "upstream_key", None), license=getattr(args, "license", None) or "",
-                                     **({"supports": args.upstream_supports} if getattr(args, "upstream_supports", None) else {}))
+        return OpenAIUpstreamBackend(spec.upstream, spec.id, upstream_model=spec.upstream_model, api_key=spec.upstream_key, license=spec.license or "",
+                                     **({"supports": spec.upstream_supports} if spec.upstream_supports is not None else {}))
     from .backends.exllamav2 import ExLlamaV2Backend
 
-    if not args.model_dir:
-        raise SystemExit("--backend exllamav2 needs --model-dir DIR (an EXL2 model folder)")
-    return ExLlamaV2Backend(args.model_dir, args.model, max_slots=getattr(args, "slots", None) or 1)
+    if not spec.model_dir:
+        raise SystemExit(f"--backend exllamav2 needs --model-dir DIR (an EXL2 model folder){_which(spec)}")
+    return ExLlamaV2Backend(spec.model_dir, spec.id, max_slots=spec.slots or 1)
+
+
+def _which(spec: ModelSpec) -> str:
+    return f" (model {spec.id!r})"
+
+
+def _specs(args: argparse.Namespace) -> list[ModelSpec]:
+    from .hostconfig import ConfigError, specs_from_args
+
+    try:
+        return specs_from_args(args)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
     from .backends.base import BackendError
-    from .runtime import HostOptions, open_host
+    from .runtime import HostOptions, ModelOptions, open_host
 
-    follow_market = args.price == "market"
-    if follow_market and not args.hub:
+    if not args.model and args.config is None:
+        raise SystemExit("node serve needs --model NAME (repeatable) or --config HOST.TOML")
+    specs = _specs(args)
+    if any(spec.follows_market for spec in specs) and not args.hub:
         raise SystemExit("--price market needs --hub URL: market prices come from the hub")
-    try:
-        price = usd_to_micro(args.min_price or "0.20") if follow_market else usd_to_micro(args.price)
-    except ValueError as exc:
-        raise SystemExit(f"--price/--min-price: {exc}") from None
-    if args.slots is not None and args.slots < 1:
-        raise SystemExit("--slots must be at least 1")
-    if args.queue is not None and args.queue < 0:
-        raise SystemExit("--queue must be 0 or more")
-    try:
-        backend = make_backend(args)
-    except BackendError as exc:
-        raise SystemExit(f"cannot start the backend: {exc}") from None
-    slots = args.slots or getattr(backend, "default_slots", 1)
-    if args.license is not None:
-        backend.info = dataclasses.replace(backend.info, license=args.license)
+    models: list[ModelOptions] = []
+    for spec in specs:
+        try:
+            backend = make_backend(spec)
+        except BackendError as exc:
+            raise SystemExit(f"cannot start the backend: {exc}" + (_which(spec) if len(specs) > 1 else "")) from None
+        if spec.license is not None:
+            backend.info = dataclasses.replace(backend.info, license=spec.license)
+        models.append(ModelOptions(backend, spec.price_micro(), max_slots=spec.slots or getattr(backend, "default_slots", 1),
+                                   max_queue=spec.queue, region=args.region, follow_market=spec.follows_market))
     options = HostOptions(
-        backend=backend,
-        price_micro_per_mtok=price,
         p2p=_p2p(args, "/ip4/0.0.0.0/tcp/4001"),
-        max_slots=slots,
-        max_queue=args.queue,
         region=args.region,
         home=_home(),
         control=True,
         hub=_hub_login(args),
-        follow_market=follow_market,
         schedule=args.available,
+        verify=args.verify,
+        metrics=(args.metrics_host, args.metrics_port) if args.metrics_port is not None else None,
+        models=models,
     )
+    if options.metrics is not None:
+        check_bindable(*options.metrics, "/metrics")
 
     async def main() -> int:
-        if not await _gate(args, backend, options):
+        if not await _gate(args, specs, options):
             return 1
         async with open_host(options) as runtime:
             addrs = runtime.node.listen_addrs()
             print(f"peer: {addrs[0]}", flush=True)
-            log.info("serving %s (%s) at %s USD/Mtok, %.1f tokens/s, %d slots", backend.info.name, backend.info.model_hash, micro_to_usd(price), options.tokens_per_s, slots)
+            for model in options.models:
+                log.info("serving %s (%s) at %s USD/Mtok, %.1f tokens/s, %d slots", model.backend.info.name, model.backend.info.model_hash,
+                         micro_to_usd(model.price_micro_per_mtok), model.tokens_per_s, model.max_slots)
             for addr in addrs[1:]:
                 log.info("also reachable at %s", addr)
             if runtime.schedule is not None:
@@ -229,31 +291,37 @@ def _serve(args: argparse.Namespace) -> int:
     return trio.run(main)
 
 
-async def _gate(args: argparse.Namespace, backend: Backend, options: HostOptions) -> bool:
-    """``node check``'s gate before anything is announced; sets the offer's speed (and region if forced).
+async def _gate(args: argparse.Namespace, specs: list[ModelSpec], options: HostOptions) -> bool:
+    """``node check``'s gate before anything is announced; sets each offer's speed (and region if forced).
 
-    False (and one line on stderr naming every failed check) when the machine
-    fails and ``--force`` is not given.
+    A model the machine fails is refused (one line on stderr naming every
+    failed check) unless ``--force`` (or its table's ``force``) is given; the
+    others are served. False when no model is left to serve.
     """
-    from .check import WARN, announced_tokens_per_s, forced_region, minimums_from, run_gate
+    from .check import WARN, announced_tokens_per_s, forced_region, run_gates
 
-    report = await run_gate(backend, args.backend, minimums_from(args), hub=args.hub, bootstrap=args.bootstrap,
-                            swarm_key=options.p2p.swarm_key, network_strict=False)
-    for line in report.lines:
-        log.log(logging.WARNING if line.status == WARN else logging.INFO, "check %s %s: %s (needs %s)%s",
-                line.name, line.status, line.measured, line.required, f" {line.target}" if line.target else "")
-    if not report.ok:
-        if not args.force:
-            print(f"refusing to serve {report.model}: this machine fails the check: {report.failure_summary()} (--force serves anyway)", file=sys.stderr, flush=True)
-            return False
-        options.region = forced_region(options.region, report)
-        log.warning("--force: serving %s although it fails the check (%s); the offer's region says %r", report.model, report.failure_summary(), options.region)
-    elif args.force:
-        log.info("--force: nothing to force, every check passed")
-    options.tokens_per_s, note = announced_tokens_per_s(report.tokens_per_s, args.tokens_per_s)
-    if note:
-        log.warning(note)
-    return True
+    reports = await run_gates([(m.backend, spec.backend, spec.minimums) for spec, m in zip(specs, options.models)], hub=args.hub,
+                              bootstrap=args.bootstrap, swarm_key=options.p2p.swarm_key, network_strict=False)
+    served = []
+    for spec, model, report in zip(specs, options.models, reports):
+        for line in report.lines:
+            log.log(logging.WARNING if line.status == WARN else logging.INFO, "check %s %s %s: %s (needs %s)%s", report.model,
+                    line.name, line.status, line.measured, line.required, f" {line.target}" if line.target else "")
+        if not report.ok:
+            if not spec.force:
+                print(f"refusing to serve {report.model}: this machine fails the check: {report.failure_summary()} (--force serves anyway)", file=sys.stderr, flush=True)
+                await model.backend.aclose()  # a GPU engine gives its memory back to the models that are served
+                continue
+            model.region = forced_region(model.region, report)
+            log.warning("--force: serving %s although it fails the check (%s); the offer's region says %r", report.model, report.failure_summary(), model.region)
+        elif spec.force:
+            log.info("--force: nothing to force for %s, every check passed", report.model)
+        model.tokens_per_s, note = announced_tokens_per_s(report.tokens_per_s, spec.tokens_per_s)
+        if note:
+            log.warning("%s: %s", report.model, note)
+        served.append(model)
+    options.models = served
+    return bool(served)
 
 
 async def _drain_on_signal(service, schedule=None) -> None:
@@ -325,20 +393,35 @@ def _control(args: argparse.Namespace) -> int:
         return 1
     info = json.loads(path.read_text())
     headers = {"authorization": f"Bearer {info['token']}"}
+    models = getattr(args, "model", None) or [None]
     try:
         with httpx.Client(timeout=600 if args.action == "disable" else 10) as client:
-            if args.action == "disable":
-                print("draining: waiting for in-flight requests to finish...", file=sys.stderr)
-            r = client.request("GET" if args.action == "status" else "POST", f"{info['url']}/{args.action}", headers=headers)
-            r.raise_for_status()
+            for model in models:
+                if args.action == "disable":
+                    print(f"draining{' ' + model if model else ''}: waiting for in-flight requests to finish...", file=sys.stderr)
+                r = client.request("GET" if args.action == "status" else "POST", f"{info['url']}/{args.action}", headers=headers,
+                                   params={"model": model} if model else None)
+                if r.status_code == 404 and model:
+                    print(f"cannot {args.action} {model}: {r.json()['error']}", file=sys.stderr)
+                    return 1
+                r.raise_for_status()
     except httpx.HTTPError as exc:
         print(f"cannot reach the host (pid {info.get('pid')}): {exc}", file=sys.stderr)
         return 1
     status = r.json()
     state = "enabled" if status["enabled"] else "disabled (withdrawn)"
     print(f"host {status['peer_id']}: {state}")
-    print(f"  model        {status['model']} ({status['model_hash']})")
-    print(f"  price        {micro_to_usd(status['price_micro_per_mtok'])} USD per million tokens")
+    served = status.get("models", [])
+    if len(served) > 1:
+        print(f"  models       {len(served)}, {sum(m['enabled'] for m in served)} taking orders")
+        for m in served:
+            m_state = "enabled" if m["enabled"] else ("disabled (withdrawn)" if not m["model_enabled"] else "host disabled")
+            print(f"    {m['model']:<16} {m_state:<20} {micro_to_usd(m['price_micro_per_mtok'])} USD/Mtok, {m['in_flight']} of {m['max_slots']} slots, "
+                  f"{m['served']} served ({m['model_hash']})")
+    else:
+        taken_back = bool(served) and not served[0]["model_enabled"]
+        print(f"  model        {status['model']} ({status['model_hash']}){' disabled (withdrawn)' if taken_back else ''}")
+        print(f"  price        {micro_to_usd(status['price_micro_per_mtok'])} USD per million tokens")
     print(f"  in flight    {status['in_flight']} of {status['max_slots']} slots")
     print(f"  served       {status['served']} requests, {status['tokens_out']} tokens out, {status['failed']} failed, {status['refused']} refused")
     print(f"  billed       {micro_to_usd(status['billed_micro'])} USD (receipts signed)")
@@ -347,6 +430,10 @@ def _control(args: argparse.Namespace) -> int:
     elif "earnings_error" in status:
         print(f"  earnings     unknown: {status['earnings_error']}")
     print(f"  uptime       {status['uptime_s']:.0f} s")
+    if "verifier" in status:
+        v = status["verifier"]
+        print(f"  verifier     {v['jobs']} jobs answered ({v['passed']} judged passed, {v['failed']} failed, "
+              f"{v['refused']} refused), {micro_to_usd(v['fees_micro'])} USD in fees")
     if "schedule" in status:
         when = status["schedule"]
         change = "never changes"
@@ -358,31 +445,43 @@ def _control(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    """One verdict per model, the machine and the network measured once; exit 0 only if every model passes."""
     from .backends.base import BackendError
-    from .check import Report, minimums_from, render, render_json, run_gate, unloadable_backend_report
+    from .check import Report, render, render_json, run_gates, unloadable_backend_report
+    from .hostconfig import ConfigError, specs_from_args
     from .p2p import load_swarm_key
 
-    minimums = minimums_from(args)
     try:
+        specs = specs_from_args(args)
         swarm_key = load_swarm_key(args.swarm_key) if args.swarm_key else None
-        backend = make_backend(args)
-    except (SystemExit, ValueError, OSError) as exc:  # a flag that cannot work: usage, not a verdict
+        backends: dict[int, Backend] = {}
+        reports: dict[int, Report] = {}
+        for i, spec in enumerate(specs):
+            try:
+                backends[i] = make_backend(spec)
+            except BackendError as exc:  # the engine does not start here (no CUDA, unknown model): a failed check
+                reports[i] = unloadable_backend_report(spec.id, spec.backend, spec.minimums, str(exc))
+    except (SystemExit, ConfigError, OSError) as exc:  # a flag or file that cannot work: usage, not a verdict
         print(f"gpunexus node check: {exc}", file=sys.stderr)
         return 2
-    except BackendError as exc:  # the engine does not start here (no CUDA, unknown model): a failed check
-        report = unloadable_backend_report(args.model, args.backend, minimums, str(exc))
-        detail = ""
-    else:
-        async def measure() -> Report:
-            try:
-                return await run_gate(backend, args.backend, minimums, hub=args.hub, bootstrap=args.bootstrap, swarm_key=swarm_key)
-            finally:
-                await backend.aclose()
 
-        report = trio.run(measure)
-        detail = f" ({backend.info.model_hash}, context {backend.info.max_context})"
-    print(render_json(report) if args.json else render(report, detail))
-    return 0 if report.ok else 1
+    async def measure() -> list[tuple[Report, str]]:
+        try:
+            measured = await run_gates([(b, specs[i].backend, specs[i].minimums) for i, b in backends.items()], hub=args.hub,
+                                       bootstrap=args.bootstrap, swarm_key=swarm_key)
+        finally:
+            for backend in backends.values():
+                await backend.aclose()
+        reports.update(zip(backends, measured))
+        return [(reports[i], f" ({backends[i].info.model_hash}, context {backends[i].info.max_context})" if i in backends else "") for i in range(len(specs))]
+
+    results = trio.run(measure)
+    if args.json:
+        reports = [report for report, _ in results]
+        print(render_json(reports[0]) if len(reports) == 1 else json.dumps({"ok": all(r.ok for r in reports), "models": [r.to_json() for r in reports]}, indent=2))
+    else:
+        print("\n\n".join(render(report, detail) for report, detail in results))
+    return 0 if all(report.ok for report, _ in results) else 1
 
 
 def _swarm_key(args: argparse.Namespace) -> int:

@@ -63,6 +63,7 @@ from gpunexus.protocol.messages import (
     TokenDetail,
 )
 from gpunexus.protocol.money import cost_micro
+from gpunexus.verify.registry import is_byte_level
 
 from .offers import OfferBook
 from .prices import PriceBook
@@ -222,6 +223,32 @@ class GatewayService:
         uncarried = lacking(CARRIED, needs)
         if uncarried:
             raise APIError(400, f"This gateway cannot pass {' and '.join(uncarried)} to hosts yet.", param=_param_of(uncarried[0]), code="unsupported_parameter")
+
+    def detokenize(self, request: CompletionRequest) -> CompletionRequest:
+        """A request whose prompts came as token ids, as text: exact where every host's tokenizer is known here.
+
+        Orders carry text, and hosts encode it with their own tokenizer, so ids
+        can only become text where that round trip is exact: the reference
+        models' byte-level vocabulary (ids 0-255 are bytes). For any other
+        host the ids would mean another text, so the answer is a 400.
+        """
+        if not request.prompt_ids:
+            return request
+        offers = self.book.for_model(request.model)
+        if not offers:
+            raise APIError(404, f"The model '{request.model}' does not exist or no host serves it right now.", param="model", code="model_not_found")
+        if not all(is_byte_level(o.model_hash) for o in offers):
+            raise APIError(400, f"'prompt' as token ids needs a tokenizer this gateway knows; the hosts of '{request.model}' "
+                           "run one it does not: send text.", param="prompt", code="unsupported_parameter")
+        texts = []
+        for i, ids in enumerate(request.prompt_ids):
+            if any(t > 255 for t in ids):
+                raise APIError(400, f"'prompt[{i}]' holds special tokens (ids above 255); send them as text.", param="prompt")
+            try:
+                texts.append(bytes(ids).decode("utf-8"))
+            except UnicodeDecodeError:
+                raise APIError(400, f"'prompt[{i}]' is not UTF-8 text as token ids.", param="prompt") from None
+        return dataclasses.replace(request, prompt=texts[0], batch=tuple(texts) if len(texts) > 1 else (), prompt_ids=())
 
     async def complete(self, request: CompletionRequest, bearer: str | None, emit: Emit) -> Finish:
         """Run one request to the end, emitting text as it arrives; APIError if it cannot start."""

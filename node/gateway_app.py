@@ -213,7 +213,7 @@ class _HotRoutes:
         except (ValueError, UnicodeDecodeError):
             raise APIError(400, "We could not parse the JSON body of your request.") from None
         check_unicode(raw, body)
-        req = parse_request(body, kind)
+        req = self.gateway.detokenize(parse_request(body, kind))
         bearer = _bearer(_header(scope, b"authorization"))
         shaper = ResponseShaper(req, new_request_id())
         clock = self.metrics.stream_clock(req.model)

@@ -47,8 +47,9 @@ when it runs with ``--hub URL --api-key KEY``:
 
 :class:`HostHubLink` is a host's: it learns the hub's peer id, proves its own
 peer id to bind it to the host account (so receipts naming it pay that
-account), checks each order's allowance offline, and reads earnings for
-``gpunexus node status``.
+account), checks each order's allowance offline, reads earnings for
+``gpunexus node status``, and, as a peer verifier (``node/verifier.py``),
+fetches its audit jobs and posts its signed results.
 
 Nothing here imports the hub: the two meet on HTTP, speaking
 ``gpunexus.protocol`` messages (base64 in JSON).
@@ -75,6 +76,7 @@ from gpunexus.protocol.codec import decode_as
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.messages import (
     Allowance,
+    AuditJob,
     HostReputation,
     Offer,
     Opening,
@@ -83,6 +85,7 @@ from gpunexus.protocol.messages import (
     Receipt,
     ReceiptRoot,
     Revocation,
+    VerifierResult,
     host_registration_statement,
 )
 from gpunexus.protocol.signing import Signer
@@ -829,6 +832,34 @@ class HostHubLink:
             now = self.clock()
             next_end = (math.floor(now / self.audit_period_s) + 1) * self.audit_period_s
             await trio.sleep(max(0.5, min(next_end - now + 0.5, 60.0)))
+
+    # --- peer verification (hub/peer_audit.py draws the verifiers) -------
+    async def fetch_jobs(self, model_hashes: list[str]) -> list[AuditJob]:
+        """This host's verifier jobs (``GET /v1/audits/jobs``); polling also tells the hub it verifies these models.
+
+        Only jobs signed by this host's hub, addressed to this peer and unexpired are kept.
+        """
+        params = [("peer_id", self.signer.peer_id), *(("model_hash", h) for h in model_hashes)]
+        data = await _call(self._http, "GET", "/v1/audits/jobs", self.timeout_s, params=params)
+        if not isinstance(data, dict) or not isinstance(data.get("jobs"), list):
+            raise ProtocolError("the hub's jobs answer is not a JSON object with a jobs list")
+        jobs = []
+        for blob in data["jobs"]:
+            try:
+                job = decode_as(AuditJob, base64.b64decode(blob, validate=True))
+                job.verify()
+            except (ProtocolError, binascii.Error, TypeError) as exc:
+                log.warning("hub sent an unreadable audit job: %s", exc)
+                continue
+            if job.hub_id == self.hub_id and job.verifier_id == self.signer.peer_id \
+                    and job.expires_at + CLOCK_SKEW_S >= self.clock():
+                jobs.append(job)
+        return jobs
+
+    async def post_result(self, result: VerifierResult) -> dict:
+        """Deliver a signed verifier result (``POST /v1/audits/results``); the hub's answer."""
+        return await _call(self._http, "POST", "/v1/audits/results", self.timeout_s,
+                           json={"result": base64.b64encode(result.encode()).decode()})
 
     async def aclose(self) -> None:
         await self._http.aclose()

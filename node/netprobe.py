@@ -8,14 +8,19 @@ The ping is the latency figure; the dial is reported beside it because it is
 several round trips plus handshake CPU, not a latency. The peer is dialled
 from a throwaway identity, so a check leaves no trace of the host's own key.
 
-Bandwidth is not measured: a meaningful figure needs megabytes moved each
-way, and neither the hub nor a peer has an endpoint that would take or send
-them. Latency is what a streamed answer's first token pays.
+Bandwidth to each peer is then measured over the same connection with
+``/gpunexus/speedtest/1`` (:mod:`.speedtest`): megabytes each way, one peer
+after another so they do not share the link. A peer of an older version that
+does not speak it is still reachable; its bandwidth is "not measured".
+Bandwidth to the hub is not measured: tokens flow peer to peer, the hub only
+takes small batches of receipts, and it has no endpoint that moves megabytes.
+Latency is what a streamed answer's first token pays.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import statistics
 import time
@@ -25,6 +30,8 @@ from dataclasses import dataclass, field
 import httpx
 import multiaddr
 import trio
+
+from . import speedtest
 
 PROBE_TIMEOUT_S = 5.0
 ROUND_TRIPS = 3
@@ -41,6 +48,11 @@ class Probe:
     """Opening the connection (TCP, TLS or Noise and yamux for a peer), for the record."""
     error: str = ""
     samples_ms: tuple[float, ...] = field(default=())
+    down_mbps: float | None = None
+    """Peers only: Mbit/s from the peer to us, and from us to it (``up_mbps``); None if not measured."""
+    up_mbps: float | None = None
+    bandwidth_error: str = ""
+    """Why bandwidth was not measured (the peer does not speak the protocol, the test broke)."""
 
     @property
     def reachable(self) -> bool:
@@ -82,8 +94,8 @@ def _check_hub_answer(response: httpx.Response) -> None:
 
 
 async def probe_peers(addrs: list[str], *, swarm_key: str | None = None, timeout: float = PROBE_TIMEOUT_S,
-                      round_trips: int = ROUND_TRIPS) -> list[Probe]:
-    """Dial every peer at once from one throwaway libp2p node, then ping each."""
+                      round_trips: int = ROUND_TRIPS, bandwidth_bytes: int = speedtest.DEFAULT_BYTES) -> list[Probe]:
+    """Dial every peer at once from one throwaway libp2p node, ping each, then measure each one's bandwidth in turn."""
     if not addrs:
         return []
     from gpunexus.protocol.signing import Signer
@@ -96,7 +108,35 @@ async def probe_peers(addrs: list[str], *, swarm_key: str | None = None, timeout
             async with trio.open_nursery() as nursery:
                 for addr in addrs:
                     nursery.start_soon(_probe_peer, node, addr, timeout, round_trips, results)
+            for addr in addrs:
+                if results[addr].reachable and bandwidth_bytes:
+                    results[addr] = await _probe_bandwidth(node, results[addr], bandwidth_bytes)
     return [results[a] for a in addrs]
+
+
+def _not_supported(exc: BaseException | None) -> bool:
+    """Whether libp2p's multistream negotiation said "na" somewhere down ``exc``'s chain."""
+    while exc is not None:
+        if "not supported" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+async def _probe_bandwidth(node, probe: Probe, size: int) -> Probe:
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    peer_id = info_from_p2p_addr(multiaddr.Multiaddr(probe.target)).peer_id
+    limit = 2 * speedtest.TIME_BUDGET_S + 2 * PROBE_TIMEOUT_S
+    try:
+        with trio.fail_after(limit):
+            measured = await speedtest.measure(node.host, peer_id, round_trip_s=(probe.latency_ms or 0.0) / 1000, size=size)
+    except trio.TooSlowError:
+        return dataclasses.replace(probe, bandwidth_error=f"no answer within {limit:g} s")
+    except Exception as exc:  # an older peer without the protocol, or a test cut off: reachable all the same
+        text = f"an older peer: no {speedtest.PROTOCOL}" if _not_supported(exc) else str(exc) or type(exc).__name__
+        return dataclasses.replace(probe, bandwidth_error=text)
+    return dataclasses.replace(probe, down_mbps=measured.down_mbps, up_mbps=measured.up_mbps)
 
 
 @contextlib.contextmanager

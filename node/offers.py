@@ -146,9 +146,14 @@ class OfferTerms:
 
 
 class Announcer:
-    """Publishes a host's offers on a heartbeat, and its withdrawal on disable."""
+    """Publishes a host's offers on a heartbeat, and its withdrawal on disable.
 
-    def __init__(self, pubsub, signer: Signer, addrs: Callable[[], list[str]], free_slots: Callable[[], int]) -> None:
+    ``free_slots`` answers per offer (a host of several models keeps slots per
+    model). Sequence numbers only grow, even within one millisecond, so the
+    offers announced right after a withdrawal supersede it (:meth:`reannounce`).
+    """
+
+    def __init__(self, pubsub, signer: Signer, addrs: Callable[[], list[str]], free_slots: Callable[[OfferTerms], int]) -> None:
         self._pubsub = pubsub
         self._signer = signer
         self._addrs = addrs
@@ -158,6 +163,11 @@ class Announcer:
         self.on_announce: list[Callable[[Offer], Awaitable[None]]] = []
         """Also told of every offer announced (a host's hub: market supply and price checks)."""
         self._wake = trio.Event()
+        self._last_seq = 0
+
+    def _next_seq(self) -> int:
+        self._last_seq = max(next_seq(), self._last_seq + 1)
+        return self._last_seq
 
     def offer(self, terms: OfferTerms) -> Offer:
         now = time.time()
@@ -167,14 +177,14 @@ class Announcer:
             model_hash=terms.model_hash,
             price_micro_per_mtok=terms.price_micro_per_mtok,
             tokens_per_s=terms.tokens_per_s,
-            free_slots=min(self._free_slots(), terms.max_slots),
+            free_slots=min(self._free_slots(terms), terms.max_slots),
             max_slots=terms.max_slots,
             max_context=terms.max_context,
             region=terms.region,
             license=terms.license,
             follows_market=terms.follows_market,
             addrs=tuple(self._addrs()),
-            seq=next_seq(),
+            seq=self._next_seq(),
             issued_at=now,
             expires_at=now + OFFER_TTL,
             capabilities=terms.capabilities,
@@ -192,8 +202,22 @@ class Announcer:
 
     async def withdraw(self) -> None:
         self.active = False
-        msg = Withdraw(peer_id=self._signer.peer_id, seq=next_seq(), issued_at=time.time()).signed(self._signer)
+        msg = Withdraw(peer_id=self._signer.peer_id, seq=self._next_seq(), issued_at=time.time()).signed(self._signer)
         await self._pubsub.publish(OFFERS_TOPIC, msg.encode())
+
+    async def reannounce(self) -> None:
+        """Take back the offers no longer in ``terms`` and keep the rest: one model of several.
+
+        ``Withdraw`` names no model (it takes back all of a peer's offers), and
+        changing that signed message would split the network between old and
+        new peers. So the host withdraws everything and at once announces what
+        it still serves, with newer sequence numbers: every offer book drops
+        the model taken back at once, and keeps the others, whatever order
+        gossip delivers the two in (a withdrawal only removes older offers).
+        """
+        await self.withdraw()
+        self.active = True
+        await self.announce_now()
 
     def wake(self) -> None:
         """Re-announce at once (enabled again, price changed)."""

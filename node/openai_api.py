@@ -68,11 +68,14 @@ class CompletionRequest:
     ``n`` choices, choice ``i * n + j`` being prompt ``i``'s ``j``-th (OpenAI's order)."""
     echo: bool = False
     """Completions only: each choice's text begins with its prompt."""
+    prompt_ids: tuple[tuple[int, ...], ...] = ()
+    """Completions only: the prompt(s) as token ids, as sent; the gateway turns them into
+    text where it knows the hosts' tokenizer (``GatewayService.detokenize``)."""
 
     @property
     def choices(self) -> int:
         """How many choices the response holds: ``n`` per prompt."""
-        return self.n * max(1, len(self.batch))
+        return self.n * max(1, len(self.batch), len(self.prompt_ids))
 
 
 # Every parameter of OpenAI's two completion APIs (and vLLM's ``top_k``): an
@@ -121,13 +124,14 @@ def parse_request(body: object, kind: str) -> CompletionRequest:
     vision = tool_turns = False
     upstream: dict = {}
     batch: tuple[str, ...] = ()
+    prompt_ids: tuple[tuple[int, ...], ...] = ()
     if kind == "chat":
         messages, verbatim, vision, tool_turns = _parse_messages(body.get("messages"))
         if verbatim is not None:
             upstream["messages"] = verbatim
         upstream.update(_parse_tools(body))
     else:
-        prompt, batch = _parse_prompt(body.get("prompt"))
+        prompt, batch, prompt_ids = _parse_prompt(body.get("prompt"))
     n = _integer(body, "n", 1, 1, MAX_CHOICES)
     echo = kind == "completion" and _boolean(body, "echo", False)
     if kind == "completion" and body.get("best_of") not in (None, n):
@@ -168,7 +172,7 @@ def parse_request(body: object, kind: str) -> CompletionRequest:
     if echo and logprobs:
         raise bad("'echo' with 'logprobs' asks for the prompt's logprobs, which hosts do not report: ask for one or the other.",
                   param="echo", code="unsupported_parameter")
-    if batch and n * len(batch) > MAX_CHOICES:
+    if n * max(1, len(batch), len(prompt_ids)) > MAX_CHOICES:
         raise bad(f"'n' times the number of prompts may be at most {MAX_CHOICES}.", param="n")
     json_mode, json_schema = _parse_response_format(body.get("response_format"))
     if json_schema:
@@ -179,7 +183,7 @@ def parse_request(body: object, kind: str) -> CompletionRequest:
     )
     return CompletionRequest(kind, model, messages, prompt, stream, include_usage, max_tokens, temperature, top_p, top_k,
                              stop, seed, user, n, presence, frequency, logit_bias, logprobs, top_logprobs, json_mode, needs,
-                             upstream_bytes(upstream), batch, echo)
+                             upstream_bytes(upstream), batch, echo, prompt_ids)
 
 
 def _parse_logit_bias(value: object) -> tuple[tuple[int, float], ...]:
@@ -415,22 +419,25 @@ def _content_text(content: object, where: str, *, images_allowed: bool = True) -
     raise bad(f"'{where}' must be a string or an array of content parts.", param=where)
 
 
-def _parse_prompt(value: object) -> tuple[str, tuple[str, ...]]:
-    """The prompt, and all of them when a list of several strings batches prompts in one request."""
+def _parse_prompt(value: object) -> tuple[str, tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    """The prompt; all of them when a list of several strings batches prompts; or the prompts as token ids."""
     if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
         if len(value) > MAX_CHOICES:
             raise bad(f"'prompt' may batch at most {MAX_CHOICES} prompts.", param="prompt")
         if sum(len(p) for p in value) > MAX_PROMPT_CHARS:
             raise bad("The prompts are too long.", param="prompt", code="context_length_exceeded")
-        return value[0], (tuple(value) if len(value) > 1 else ())
-    if isinstance(value, list) and value and all(type(t) is int or isinstance(t, list) for t in value):
-        raise bad("'prompt' as token ids is not supported by this gateway: hosts' tokenizers differ, send text.",
-                  param="prompt", code="unsupported_parameter")
+        return value[0], (tuple(value) if len(value) > 1 else ()), ()
+    if isinstance(value, list) and value and all(type(t) is int for t in value):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(p, list) and p and all(type(t) is int and 0 <= t < 2**32 for t in p) for p in value):
+        if len(value) > MAX_CHOICES or sum(len(p) for p in value) > MAX_PROMPT_CHARS:
+            raise bad("The token-id prompts are too long.", param="prompt", code="context_length_exceeded")
+        return "", (), tuple(tuple(p) for p in value)
     if not isinstance(value, str):
-        raise bad("'prompt' must be a string or an array of strings.", param="prompt")
+        raise bad("'prompt' must be a string, an array of strings, an array of token ids or an array of such arrays.", param="prompt")
     if len(value) > MAX_PROMPT_CHARS:
         raise bad("The prompt is too long.", param="prompt", code="context_length_exceeded")
-    return value, ()
+    return value, (), ()
 
 
 def _parse_stop(value: object) -> tuple[str, ...]:

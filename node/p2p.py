@@ -31,6 +31,8 @@ from gpunexus.protocol.signing import Signer
 
 from .gossip import running_pubsub
 from .libp2p_compat import allow_redial
+from .speedtest import PROTOCOL as SPEEDTEST_PROTOCOL
+from .speedtest import speedtest_handler
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +174,8 @@ async def open_p2p(signer: Signer, config: P2PConfig) -> AsyncIterator[P2PNode]:
         listen_addrs=listen,
         psk=config.swarm_key,
     )
+    # Every peer answers bandwidth probes (node check): hosts and gateways are each other's bootstrap peers.
+    host.set_stream_handler(SPEEDTEST_PROTOCOL, speedtest_handler())
     async with host.run(listen), running_pubsub(host) as pubsub:
         node = P2PNode(host, pubsub, signer)
         async with trio.open_nursery() as nursery:

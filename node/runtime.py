@@ -27,7 +27,9 @@ from gpunexus.protocol.signing import Signer
 from .backends.base import Backend
 from .gateway import GatewayConfig, GatewayService
 from .gateway_app import create_app, hypercorn_config
-from .host import HostService, OrderCheck
+from .host import HostService, OrderCheck, UnknownModel
+from .host_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .host_metrics import HostMetrics
 from .hub_client import HostHubLink, HubSettlement, HubUnavailable
 from .offers import OfferBook, follow_offers
 from .p2p import P2PConfig, P2PNode, open_p2p
@@ -35,6 +37,7 @@ from .prices import PriceBook, follow_prices, relay_hub_prices
 from .schedule import Clock, ScheduleFollower, Window
 from .settlement import FreeSettlement, Settlement
 from .team import TeamSettlement
+from .verifier import PeerVerifier, can_verify
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +68,19 @@ class HostRuntime:
     node: P2PNode
     service: HostService
     control_url: str | None = None
+    metrics_url: str | None = None
     hub: HostHubLink | None = None
     schedule: ScheduleFollower | None = None
+    verifier: PeerVerifier | None = None
+
+    def status(self) -> dict:
+        """The host's status with its schedule and verifier work (``node status``, ``/metrics``)."""
+        out = self.service.status()
+        if self.schedule is not None:
+            out["schedule"] = self.schedule.status()
+        if self.verifier is not None:
+            out["verifier"] = self.verifier.status()
+        return out
 
 
 @dataclass
@@ -78,9 +92,25 @@ class GatewayRuntime:
 
 
 @dataclass
-class HostOptions:
+class ModelOptions:
+    """One model a host serves, with its own terms (``--config host.toml``'s ``[[model]]`` table)."""
+
     backend: Backend
     price_micro_per_mtok: int
+    max_slots: int = 4
+    max_queue: int | None = None
+    tokens_per_s: float = 0.0
+    region: str = ""
+    follow_market: bool = False
+    """Ask the hub's market price (never under ``price_micro_per_mtok``) instead of a fixed one."""
+
+
+@dataclass
+class HostOptions:
+    """A host: one model in the top fields (``backend`` ...), more in ``models``; all in one peer."""
+
+    backend: Backend | None = None
+    price_micro_per_mtok: int = 0
     p2p: P2PConfig = field(default_factory=P2PConfig)
     max_slots: int = 4
     max_queue: int | None = None
@@ -98,6 +128,22 @@ class HostOptions:
     """Availability windows (``--available``): withdrawn outside them, announced inside; empty is always."""
     clock: Clock | None = None
     """The schedule's wall clock (tests inject one); the system's by default."""
+    verify: bool = True
+    """With a hub and a backend that can (``node/verifier.py``), also act as a peer verifier for the model."""
+    verify_poll_s: float = 5.0
+    models: list[ModelOptions] = field(default_factory=list)
+    """Further models served by the same peer, each with its own terms."""
+    metrics: tuple[str, int] | None = None
+    """(address, port) of ``/metrics`` and ``/health`` for Prometheus (``--metrics-port``); None: not served."""
+
+    def served(self) -> list[ModelOptions]:
+        """Every model this host serves, the top fields' one first."""
+        first = [] if self.backend is None else [ModelOptions(self.backend, self.price_micro_per_mtok, self.max_slots, self.max_queue,
+                                                              self.tokens_per_s, self.region, self.follow_market)]
+        served = first + list(self.models)
+        if not served:
+            raise ValueError("a host serves at least one model")
+        return served
 
 
 HUB_CONNECT_MAX_DELAY_S = 15.0
@@ -120,29 +166,30 @@ async def _connect_to_hub(link: HostHubLink) -> str:
             delay = min(delay * 2, HUB_CONNECT_MAX_DELAY_S)
 
 
+def _terms(model: ModelOptions) -> dict:
+    return {"price_micro_per_mtok": model.price_micro_per_mtok, "max_slots": model.max_slots, "max_queue": model.max_queue,
+            "tokens_per_s": model.tokens_per_s, "region": model.region}
+
+
 @asynccontextmanager
 async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
     signer = load_identity(options.home, "host")
     link = None
+    verifier: PeerVerifier | None = None
     order_check = options.order_check
     if options.hub is not None:
         link = HostHubLink(options.hub.url, options.hub.api_key, signer)
         hub_id = await _connect_to_hub(link)
         log.info("registered host %s with hub %s", signer.peer_id, hub_id)
         order_check = link.check_order
+    first, *more = options.served()
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
-        service = HostService(
-            node,
-            options.backend,
-            price_micro_per_mtok=options.price_micro_per_mtok,
-            max_slots=options.max_slots,
-            max_queue=options.max_queue,
-            tokens_per_s=options.tokens_per_s,
-            region=options.region,
-            order_check=order_check,
-        )
-        if options.follow_market:
-            service.follow_market_price(options.price_micro_per_mtok)
+        service = HostService(node, first.backend, order_check=order_check, **_terms(first))
+        for model in more:
+            service.add_model(model.backend, **_terms(model))
+        for model in [first, *more]:
+            if model.follow_market:
+                service.follow_market_price(model.price_micro_per_mtok, model.backend.info.name)
         follower = ScheduleFollower(service, options.schedule, options.clock) if options.schedule else None
         if follower is not None:
             service.start_enabled = follower.available_now()  # outside a window: never announce at all
@@ -150,13 +197,19 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
             service.announcer.on_announce.append(link.post_offer)
             service.on_receipt.append(link.record_receipt)
             nursery.start_soon(link.run_roots)  # each period's signed receipt root (audit selection)
+            verifying = [m.backend for m in (first, *more) if can_verify(m.backend)] if options.verify else []
+            if verifying:
+                verifier = PeerVerifier(link, verifying, poll_s=options.verify_poll_s)
+                nursery.start_soon(verifier.run)
             nursery.start_soon(functools.partial(relay_hub_prices, options.hub.url, node.pubsub, service.prices, interval=options.price_poll_s))
         await nursery.start(service.run)
         if follower is not None:
             nursery.start_soon(follower.run)
-        runtime = HostRuntime(node, service, hub=link, schedule=follower)
+        runtime = HostRuntime(node, service, hub=link, schedule=follower, verifier=verifier)
         if options.control and options.home is not None:
             runtime.control_url = await nursery.start(_serve_control, runtime, node_home(options.home, "host"))
+        if options.metrics is not None:
+            runtime.metrics_url = (await nursery.start(_serve_metrics, runtime, *options.metrics))[0]
         try:
             yield runtime
         finally:
@@ -226,6 +279,24 @@ async def _serve_http(app, host: str, port: int, *, task_status=trio.TASK_STATUS
     await serve(app, config, task_status=task_status, shutdown_trigger=trio.sleep_forever)
 
 
+async def _serve_metrics(runtime: HostRuntime, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """``/metrics`` (Prometheus) and ``/health`` (200 while serving, 503 while drained or withdrawn); read-only, no token."""
+    metrics = HostMetrics(runtime.status)
+    app = QuartTrio("gpunexus-host-metrics")
+
+    @app.get("/metrics")
+    async def prometheus():
+        return metrics.render(), 200, {"content-type": METRICS_CONTENT_TYPE}
+
+    @app.get("/health")
+    async def health():
+        status = runtime.service.status()
+        taking = status["enabled"] and any(m["enabled"] for m in status["models"])
+        return {"ok": True, "taking_orders": taking, "in_flight": status["in_flight"]}, 200 if taking else 503
+
+    await _serve_http(app, host, port, task_status=task_status)
+
+
 # --- host control: `gpunexus node enable|disable|status` -------------------
 CONTROL_FILE = "control.json"
 
@@ -236,12 +307,6 @@ async def _serve_control(runtime: HostRuntime, folder: Path, *, task_status=trio
     token = secrets.token_urlsafe(24)
     app = QuartTrio("gpunexus-control")
 
-    def host_status() -> dict:
-        out = service.status()
-        if runtime.schedule is not None:
-            out["schedule"] = runtime.schedule.status()
-        return out
-
     @app.before_request
     async def check_token():
         if request.headers.get("authorization") != f"Bearer {token}":
@@ -249,7 +314,7 @@ async def _serve_control(runtime: HostRuntime, folder: Path, *, task_status=trio
 
     @app.get("/status")
     async def status():
-        report = host_status()
+        report = runtime.status()
         if runtime.hub is not None:
             try:
                 earnings = await runtime.hub.earnings()
@@ -261,13 +326,19 @@ async def _serve_control(runtime: HostRuntime, folder: Path, *, task_status=trio
 
     @app.post("/enable")
     async def enable():
-        await service.enable()
-        return host_status()
+        return await switch(service.enable)
 
     @app.post("/disable")
     async def disable():
-        await service.disable()
-        return host_status()
+        return await switch(service.disable)
+
+    async def switch(action):
+        """The whole host, or the one model named by ``?model=`` (``node disable --model A``)."""
+        try:
+            await action(request.args.get("model"))
+        except UnknownModel as exc:
+            return {"error": str(exc)}, 404
+        return runtime.status()
 
     config = hypercorn_config("127.0.0.1", 0)
     async with trio.open_nursery() as nursery:

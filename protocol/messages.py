@@ -7,7 +7,8 @@ Inference (stream ``/gpunexus/infer/1``): the gateway sends one
 host-signed :class:`Receipt`, or with an :class:`Error`.
 Settlement (gateway <-> hub over HTTP): :class:`Allowance`, countersigned
 :class:`Receipt`. Audits (gateway <-> hub over HTTP): :class:`Opening`,
-:class:`HostReputation`, :class:`Revocation`.
+:class:`HostReputation`, :class:`Revocation`. Peer verification (verifier <-> hub over
+HTTP): :class:`AuditJob` (hub-signed), :class:`VerifierResult` (verifier-signed).
 """
 
 from __future__ import annotations
@@ -420,7 +421,8 @@ class Chunk(Message):
         _require(0 < self.n_tokens <= MAX_CHUNK_TOKENS or (self.n_tokens == 0 and bool(self.tool_calls)), "chunk token count out of range")
         _require(not self.token_ids or len(self.token_ids) == self.n_tokens, "chunk token ids do not match its count")
         _require(len(self.text) <= MAX_TEXT_CHARS, "chunk text too long")
-        _require(not self.logprobs or len(self.logprobs) == len(self.token_ids), "chunk logprobs do not match tokens")
+        # Logprobs come per token: with ids where the backend exposes them, else one per counted token (an upstream engine).
+        _require(not self.logprobs or len(self.logprobs) == (len(self.token_ids) or self.n_tokens), "chunk logprobs do not match tokens")
 
 
 @message
@@ -657,6 +659,101 @@ class ReceiptRoot(Message):
         _peer(self.host_id, "receipt_root.host_id")
         _require(self.period >= 0 and self.count >= 0, "receipt_root.period and count must be >= 0")
         _require(len(self.root) == 32, "receipt_root.root must be 32 bytes")
+
+
+MAX_LOGPROB_TOKENS = 65_536
+"""Most output tokens one verifier result scores (longer outputs are audited by the hub or not at all)."""
+ENGINES_MAX_CHARS = 64
+
+
+@message
+class AuditJob(Message):
+    """The hub's request to a peer verifier: replay the prefill of one delivered output.
+
+    Signed by the hub, addressed to one verifier peer id, expiring. It holds
+    what the host claimed (counts, finish reason, activation commitment) and
+    the gateway's :class:`Opening` (the request and the delivered output),
+    but never the host's identity or its signed receipt: a verifier cannot
+    favour a host it knows, and a known-answer job (an altered opening the
+    hub made itself) looks like any other. ``round`` is 1 for the first
+    verifier of an audit, 2 for the one a failure draws, 3 for the one that
+    breaks a tie between the first two.
+    """
+
+    TYPE: ClassVar[str] = "audit_job"
+    SIGNATURES: ClassVar = (("sig", "hub_id"),)
+
+    job_id: str
+    hub_id: str
+    verifier_id: str
+    round: int
+    model: str
+    model_hash: str
+    opening: Opening
+    tokens_in: int
+    tokens_out: int
+    finish_reason: str
+    commitment: bytes
+    issued_at: float
+    expires_at: float
+    sig: bytes = b""
+
+    def check(self) -> None:
+        _require(len(self.job_id) == 32, "audit_job.job_id must be 32 hex characters")
+        _peer(self.hub_id, "audit_job.hub_id")
+        _peer(self.verifier_id, "audit_job.verifier_id")
+        _require(self.round in (1, 2, 3), "audit_job.round must be 1, 2 or 3")
+        _name(self.model, "audit_job.model")
+        _require(0 < len(self.model_hash) <= MAX_NAME_CHARS, "audit_job.model_hash is empty or too long")
+        _require(min(self.tokens_in, self.tokens_out) >= 0, "audit_job counts must be >= 0")
+        _require(self.finish_reason in FINISH_REASONS, "audit_job.finish_reason unknown")
+        _require(len(self.commitment) <= MAX_COMMITMENT_BYTES, "audit_job.commitment too long")
+        _require(self.expires_at >= self.issued_at, "audit_job expires before it was issued")
+
+
+@message
+class VerifierResult(Message):
+    """A peer verifier's answer to one :class:`AuditJob`, signed by the verifier's peer id.
+
+    The numbers the hub judges by (``verify.peer.judge``), not a verdict:
+    the prompt token count by the verifier's tokenizer, its own activation
+    commitment over the output (empty for an engine without activations),
+    each delivered token's logprob and rank (``verify.peer.RANK_UNKNOWN``
+    beyond the ``top_k`` the engine lists), and, where the engine replays the
+    seeded sampler, the reasons that replay found.
+    """
+
+    TYPE: ClassVar[str] = "verifier_result"
+    SIGNATURES: ClassVar = (("sig", "verifier_id"),)
+
+    job_id: str
+    hub_id: str
+    verifier_id: str
+    model_hash: str
+    engine: str
+    prompt_tokens: int
+    commitment: bytes
+    logprobs: tuple[float, ...]
+    ranks: tuple[int, ...]
+    top_k: int
+    seed_replayed: bool
+    replay_reasons: tuple[str, ...]
+    issued_at: float
+    sig: bytes = b""
+
+    def check(self) -> None:
+        _require(len(self.job_id) == 32, "verifier_result.job_id must be 32 hex characters")
+        _peer(self.hub_id, "verifier_result.hub_id")
+        _peer(self.verifier_id, "verifier_result.verifier_id")
+        _require(0 < len(self.engine) <= ENGINES_MAX_CHARS, "verifier_result.engine is empty or too long")
+        _require(self.prompt_tokens >= 0 and 0 <= self.top_k <= 255, "verifier_result counts out of range")
+        _require(len(self.commitment) <= MAX_COMMITMENT_BYTES, "verifier_result.commitment too long")
+        _require(len(self.logprobs) <= MAX_LOGPROB_TOKENS and len(self.ranks) == len(self.logprobs),
+                 "verifier_result needs one rank per logprob")
+        _require(all(lp <= 1e-6 for lp in self.logprobs), "verifier_result.logprobs must be <= 0")
+        _require(all(0 <= r <= 255 for r in self.ranks), "verifier_result.ranks must be 0..255")
+        _require(len(self.replay_reasons) <= 16 and all(len(r) <= 1000 for r in self.replay_reasons),
+                 "verifier_result.replay_reasons too long")
 
 
 ERROR_CODES = ("busy", "bad_request", "unknown_model", "price", "payment", "internal", "protocol", "draining")

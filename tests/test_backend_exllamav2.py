@@ -33,11 +33,15 @@ from gpunexus.node.backends.exllamav2 import (
     compile_chat_template,
     model_folder_hash,
 )
-from gpunexus.protocol.messages import ChatMessage, Sampling
+from gpunexus.protocol.messages import AuditJob, ChatMessage, Opening, Sampling
+from gpunexus.protocol.signing import Signer
 from gpunexus.verify.commitment import decode_commitment
 from gpunexus.verify.generate import generate
+from gpunexus.verify.peer import judge
 from gpunexus.verify.registry import load_reference
 from gpunexus.verify.sampler import SamplingParams, sample, uniform
+
+HUB = Signer.generate()
 
 # -- without exllamav2 / CUDA ---------------------------------------------------
 
@@ -282,6 +286,48 @@ async def test_generate_rejects_a_prompt_that_fills_the_window() -> None:
     assert caught.value.code == "bad_request"
 
 
+async def _served_job(backend, request: GenerationRequest, **changes) -> AuditJob:
+    """Serve ``request`` on ``backend`` and make the hub's signed job for what it delivered."""
+    send, receive = trio.open_memory_channel[Token](1000)
+    result = await backend.generate(request, send)
+    ids = []
+    while True:
+        try:
+            ids.append(receive.receive_nowait().token_id)
+        except trio.WouldBlock:
+            break
+    opening = Opening("ab" * 16, request.kind, request.messages, request.prompt, request.continuation,
+                      request.sampling, request.max_tokens, 0, tuple(ids), "")
+    job = AuditJob("cd" * 16, HUB.peer_id, HUB.peer_id, 1, "m", "h" * 64, opening, result.prompt_tokens,
+                   result.completion_tokens, result.finish_reason, result.commitment, 0.0, 60.0)
+    return dataclasses.replace(job, **changes)
+
+
+def _judged(job: AuditJob, report):
+    return judge(tokens_in=job.tokens_in, tokens_out=job.tokens_out, output_tokens=len(job.opening.output_ids),
+                 commitment=job.commitment, report=report)
+
+
+async def test_prefill_as_a_peer_verifier_passes_what_it_serves_and_fails_another_seed() -> None:
+    model, _ = load_reference()
+    backend = _stand_in_backend()
+    backend._vocab_size = model.config.vocab_size
+    backend._limiter = trio.CapacityLimiter(1)
+    backend.prefill_all = lambda ids: model.new_session().prefill_all(ids)
+    request = GenerationRequest("chat", (ChatMessage(role="user", content="tell me a story"),), "", "",
+                                Sampling(temperature=1.0, top_p=1.0, top_k=0, stop=(), seed=5), 40)
+    job = await _served_job(backend, request)
+    report = await backend.prefill(job)
+    assert report.engine == "exllamav2" and report.seed_replayed and report.replay_reasons == ()
+    assert len(report.logprobs) == job.tokens_out and report.prompt_tokens == job.tokens_in
+    assert _judged(job, report).passed
+    reseeded = dataclasses.replace(job, opening=dataclasses.replace(
+        job.opening, sampling=dataclasses.replace(job.opening.sampling, seed=6)))
+    assert _judged(reseeded, await backend.prefill(reseeded)).codes == {"seed-replay"}
+    with pytest.raises(BackendError, match="no token ids"):
+        await backend.prefill(dataclasses.replace(job, opening=dataclasses.replace(job.opening, output_ids=())))
+
+
 # -- on a CUDA GPU with exllamav2 -------------------------------------------------
 
 
@@ -461,3 +507,20 @@ def test_gpu_stop_event_ends_generation(gpu_backend: ExLlamaV2Backend) -> None:
     next(stream)
     stop.set()
     assert len(list(stream)) <= 1
+
+
+async def test_gpu_prefill_commitment_and_replay_as_a_peer_verifier(gpu_backend: ExLlamaV2Backend) -> None:
+    """The GPU's one cache-less forward pass against its own token-by-token decode: the same draws and,
+    where exllamav2 returns hidden states, a commitment the hub's comparison accepts."""
+    request = GenerationRequest("completion", (), "Once upon a time", "", Sampling(temperature=1.0, top_p=1.0, top_k=0,
+                                                                                   stop=(), seed=9), 48)
+    job = await _served_job(gpu_backend, request)
+    report = await gpu_backend.prefill(job)
+    assert report.replay_reasons == () and len(report.logprobs) == job.tokens_out
+    if gpu_backend.returns_hidden:
+        assert decode_commitment(report.commitment).n_tokens == job.tokens_out
+    verdict = _judged(job, report)
+    assert verdict.passed, verdict.reasons
+    reseeded = dataclasses.replace(job, opening=dataclasses.replace(
+        job.opening, sampling=dataclasses.replace(job.opening.sampling, seed=10)))
+    assert "seed-replay" in _judged(reseeded, await gpu_backend.prefill(reseeded)).codes

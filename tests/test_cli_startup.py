@@ -39,12 +39,13 @@ def taken_port():
         yield holder.getsockname()[1]
 
 
-@pytest.mark.parametrize("command", ["gateway", "hub", "host"])
+@pytest.mark.parametrize("command", ["gateway", "hub", "host", "host-metrics"])
 def test_a_port_in_use_is_one_line_and_exit_1(home, taken_port, command):
     args = {
         "gateway": ("node", "gateway", "--port", str(taken_port)),
         "hub": ("hub", "serve", "--port", str(taken_port)),
         "host": ("node", "serve", "--model", "tiny", "--listen", f"/ip4/127.0.0.1/tcp/{taken_port}"),
+        "host-metrics": ("node", "serve", "--model", "tiny", "--listen", "/ip4/127.0.0.1/tcp/0", "--metrics-port", str(taken_port)),
     }[command]
     out = run(*args, env=home)
     assert out.returncode == 1

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import re
 import textwrap
 
 import pytest
@@ -189,6 +190,45 @@ async def test_check_measures_round_trips_to_a_real_hub_and_peer(tmp_path):
         assert result == "FAIL" and measured.startswith("unreachable: ")
 
 
+def test_bandwidth_is_judged_each_way_and_an_unmeasured_link_only_warns():
+    fast = Probe("peer", "/ip4/a", 1.0, 250.0, down_mbps=900.0, up_mbps=40.0)
+    old = Probe("peer", "/ip4/b", 1.0, 250.0, bandwidth_error="an older peer: no /gpunexus/speedtest/1")
+    measured = Measurements(GpuSurvey(()), Throughput(50.0), None, (fast, old))
+
+    def bandwidth(minimums, strict=True):
+        return [(ln.target, ln.status, ln.measured) for ln in evaluate(measured, minimums, network_strict=strict) if ln.name == "bandwidth"]
+
+    assert bandwidth(Minimums()) == [("/ip4/a", PASS, "down 900 / up 40 Mbit/s"), ("/ip4/b", WARN, "not measured: an older peer: no /gpunexus/speedtest/1")]
+    assert [s for _, s, _ in bandwidth(Minimums(bandwidth_mbps=50))] == [FAIL, FAIL]  # the slower direction decides; unmeasured proves nothing
+    assert [s for _, s, _ in bandwidth(Minimums(bandwidth_mbps=10), strict=False)] == [PASS, WARN]  # node serve: an older peer only warns
+    unreachable = Measurements(GpuSurvey(()), Throughput(50.0), None, (Probe("peer", "/ip4/c", error="refused"),))
+    assert [ln.name for ln in evaluate(unreachable, Minimums(bandwidth_mbps=10))][-1] == "peer"  # one FAIL line, not two
+
+
+async def test_check_measures_bandwidth_to_a_real_peer_and_gates_on_it():
+    from gpunexus.node import speedtest
+    from gpunexus.node.p2p import P2PConfig, open_p2p
+    from gpunexus.protocol.signing import Signer
+
+    async with running_host() as host, open_p2p(Signer.generate(), P2PConfig(["/ip4/127.0.0.1/tcp/0"])) as older:
+        older.host.remove_stream_handler(speedtest.PROTOCOL)  # a peer of a version before the speed test
+        peer, old = host.node.listen_addrs()[0], older.listen_addrs()[0]
+        out = await arun("node", "check", "--model", "tiny", "--bootstrap", peer, "--min-bandwidth-mbps", "1", "--json")
+        assert out.returncode == 0, out.stdout
+        report = json.loads(out.stdout)
+        [line] = [c for c in report["checks"] if c["name"] == "bandwidth"]
+        assert line["status"] == "PASS" and line["target"] == peer and line["required"] == ">= 1 Mbit/s"
+        [probe] = report["measured"]["network"]
+        assert probe["down_mbps"] > 1 and probe["up_mbps"] > 1  # megabytes really moved each way on loopback
+        assert report["minimums"]["bandwidth_mbps"] == 1
+        slow = await arun("node", "check", "--model", "tiny", "--bootstrap", peer, "--bootstrap", old, "--min-bandwidth-mbps", "1e9")
+        stdout = slow.stdout.decode()
+        assert slow.returncode == 1
+        assert [cells[1] for cells in row(stdout, "bandwidth")] == ["FAIL", "FAIL"]
+        assert "not measured: an older peer: no /gpunexus/speedtest/1" in stdout
+        assert [cells[1] for cells in row(stdout, "peer")] == ["PASS", "PASS"]  # the older peer is reachable all the same
+
+
 def test_check_refuses_a_url_that_is_not_a_hub(tmp_path):
     import http.server
     import threading
@@ -237,3 +277,81 @@ async def test_serve_force_announces_the_measured_speed_and_says_so_in_the_offer
     finally:
         host.terminate()
         host.wait(timeout=30)
+
+
+# --- node models: what this machine's hardware can serve ----------------------------------------
+def test_gpu_memory_is_computed_from_the_architecture():
+    from gpunexus.node.known_models import GPU_MODELS, RUNTIME_OVERHEAD_GB, vram_gb
+
+    llama = GPU_MODELS["llama-3.1-8b-instruct"]
+    # 8.03e9 weights at 4 bits + a 8192-token FP16 KV cache of 32 layers x 8 heads x 128 + the runtime.
+    assert vram_gb(llama, 8192, 4.0) == round(4.015 + 2 * 32 * 8 * 128 * 2 * 8192 / 1e9 + RUNTIME_OVERHEAD_GB, 1) == 6.1
+    assert vram_gb(llama, 32768, 6.0) > vram_gb(llama, 8192, 6.0) > vram_gb(llama, 8192, 4.0)
+
+
+def test_models_lists_what_the_gpu_can_serve(fake_gpu):
+    out = run("node", "models", env=fake_gpu)
+    assert out.returncode == 0, out.stderr
+    verdicts = {cells[0]: cells[-1] for cells in (re.split(r"\s{2,}", line.strip()) for line in out.stdout.splitlines()) if len(cells) == 6}
+    assert verdicts.pop("MODEL") == "RESULT"
+    assert verdicts["tiny"] == verdicts["nano"] == "PASS"  # measured on this CPU
+    assert verdicts["llama-3.1-8b-instruct"] == verdicts["qwen2.5-32b-instruct"] == "PASS"  # 6.1 and 19.5 GB of 25.8
+    assert verdicts["llama-3.1-70b-instruct"] == "FAIL"  # 39 GB
+    assert "gpu       NVIDIA GeForce RTX 4090, 24564 MiB, compute 8.9" in out.stdout
+    longer = json.loads(run("node", "models", "--context", "131072", "--bits", "8", "--json", env=fake_gpu).stdout)
+    by_name = {m["model"]: m for m in longer["models"]}
+    assert by_name["llama-3.1-8b-instruct"]["context"] == 131072 and by_name["mistral-7b-instruct-v0.3"]["context"] == 32768  # capped
+    assert not by_name["llama-3.1-8b-instruct"]["ok"]  # 8 GB of weights, 17.2 GB of KV cache, 1 GB runtime: over 25.8
+    assert by_name["tiny"]["checks"][2]["name"] == "tokens/s" and by_name["tiny"]["ok"]
+
+
+def test_models_without_a_gpu_offers_the_reference_models_only():
+    out = run("node", "models", "--json", env=dict(os.environ, PATH="/nonexistent"))
+    report = json.loads(out.stdout)
+    assert report["gpu"].startswith("no GPU")
+    assert [m["model"] for m in report["models"] if m["ok"]] == ["tiny", "nano"]
+    assert run("node", "models", "--bits", "zero").returncode == 2
+
+
+async def test_models_served_together_must_fit_in_the_gpus_together():
+    from gpunexus.node.backends.reference import ReferenceBackend
+    from gpunexus.node.check import run_gates
+
+    one_4090 = lambda: GpuSurvey((Gpu("NVIDIA GeForce RTX 4090", 24564, (8, 9)),))  # 25.8 GB
+    models = [(ReferenceBackend("tiny"), "reference", Minimums(tokens_per_s=1, vram_gb=16)),
+              (ReferenceBackend("nano"), "reference", Minimums(tokens_per_s=1, vram_gb=12)),  # 28 GB with tiny: does not fit
+              (ReferenceBackend("nano", public_name="nano-b"), "reference", Minimums(tokens_per_s=1, vram_gb=8))]  # 24 GB with tiny: fits
+    tiny, nano, nano_b = await run_gates(models, survey=one_4090)
+    assert tiny.ok and not nano.ok and nano_b.ok
+    assert nano.failures[0].name == "vram-shared" and nano.failures[0].required == ">= 28 GB (with tiny)"
+    assert [ln.required for ln in nano_b.lines if ln.name == "vram-shared"] == [">= 24 GB (with tiny)"]
+    [alone] = await run_gates(models[1:2], survey=one_4090)
+    assert alone.ok and "vram-shared" not in [ln.name for ln in alone.lines]  # one model: its own line says it all
+
+
+def test_a_peer_answers_speed_tests_within_a_budget_per_asking_peer():
+    from gpunexus.node.speedtest import PeerBudget
+
+    now = [0.0]
+    budget = PeerBudget(limit=10, window_s=60, clock=lambda: now[0])
+    assert budget.take("a", 6) and not budget.take("a", 6) and budget.take("b", 6)  # each asking peer has its own
+    now[0] = 61.0
+    assert budget.take("a", 6)  # the window has passed
+
+
+async def test_a_peer_over_its_speed_test_budget_is_refused_but_still_reachable():
+    from gpunexus.node import speedtest
+    from gpunexus.node.netprobe import probe_peers
+    from gpunexus.node.p2p import P2PConfig, open_p2p
+    from gpunexus.protocol.signing import Signer
+
+    async with open_p2p(Signer.generate(), P2PConfig(["/ip4/127.0.0.1/tcp/0"])) as peer:
+        peer.host.set_stream_handler(speedtest.PROTOCOL, speedtest.speedtest_handler(speedtest.PeerBudget(limit=2**20)))
+        [probe] = await probe_peers(peer.listen_addrs(), bandwidth_bytes=4 * 2**20)
+        assert probe.reachable and probe.down_mbps is None and probe.bandwidth_error
+        [small] = await probe_peers(peer.listen_addrs(), bandwidth_bytes=2**18)  # another prober identity, within its own budget
+        assert small.down_mbps > 0 and small.up_mbps > 0
+        peer.host.set_stream_handler(speedtest.PROTOCOL, speedtest.speedtest_handler(total=speedtest.PeerBudget(limit=2**19)))
+        [first] = await probe_peers(peer.listen_addrs(), bandwidth_bytes=2**18)
+        [second] = await probe_peers(peer.listen_addrs(), bandwidth_bytes=2**18)  # a new identity, but all peers together are over
+        assert first.down_mbps > 0 and second.reachable and second.down_mbps is None

@@ -78,3 +78,28 @@ async def test_cors_is_off_by_default_and_on_for_the_configured_origin():
                     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == APP
                 r = await http.get(f"{opened.base_url}/models", headers={"origin": "http://evil.example"})
                 assert "access-control-allow-origin" not in r.headers
+
+
+async def test_host_metrics_count_orders_tokens_and_billing_per_model_and_health_follows_disable():
+    async with running_host(metrics=("127.0.0.1", 0), price=300_000) as host, running_gateway([host.node.listen_addrs()[0]]) as gateway:
+        await wait_for_offers(gateway)
+
+        def use():
+            client = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0)
+            return [client.chat.completions.create(model="tiny", messages=HI, max_tokens=6, seed=i) for i in range(3)]
+
+        answers = await trio.to_thread.run_sync(use)
+        async with httpx.AsyncClient(base_url=host.metrics_url, timeout=10) as http:
+            r = await http.get("/metrics")
+            healthy = await http.get("/health")
+            await host.service.disable()
+            drained = await http.get("/health")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    m = samples(r.text)
+    assert m[("gpunexus_host_requests_total", (("model", "tiny"), ("outcome", "served")))] == 3
+    assert m[("gpunexus_host_tokens_total", (("model", "tiny"),))] == sum(a.usage.completion_tokens for a in answers)
+    assert m[("gpunexus_host_billed_micro_usd_total", (("model", "tiny"),))] == sum(r.cost_micro for r in gateway.service.stats.receipts)
+    assert m[("gpunexus_host_price_micro_usd_per_mtok", (("model", "tiny"),))] == 300_000
+    assert m[("gpunexus_host_in_flight", (("model", "tiny"),))] == 0 and m[("gpunexus_host_enabled", (("model", "tiny"),))] == 1
+    assert healthy.status_code == 200 and healthy.json()["taking_orders"] is True
+    assert drained.status_code == 503 and drained.json()["taking_orders"] is False

@@ -138,6 +138,23 @@ async def test_completions_batch_prompts_and_echo_them(market):
     assert streamed == ["Hi" + hi.choices[0].text, "Bye" + bye.choices[0].text]
 
 
+async def test_token_id_prompts_are_the_same_request_as_their_text_on_a_byte_level_model(market):
+    _, gateway = market
+    kw = dict(model="tiny", max_tokens=8, seed=12, temperature=1.0)
+
+    def use():
+        client = sdk(gateway)
+        text = client.completions.create(prompt=["Hi", "Bye"], **kw)
+        ids = client.completions.create(prompt=[list(b"Hi"), list(b"Bye")], **kw)
+        with pytest.raises(openai.BadRequestError) as special:
+            client.completions.create(prompt=[256, 72], **kw)
+        return text, ids, special.value
+
+    text, ids, special = await trio.to_thread.run_sync(use)
+    assert [c.text for c in ids.choices] == [c.text for c in text.choices]
+    assert special.param == "prompt" and "special tokens" in special.message
+
+
 async def test_penalties_and_logit_bias_reach_the_sampler(market):
     _, gateway = market
 

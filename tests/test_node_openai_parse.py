@@ -118,8 +118,8 @@ def test_an_unknown_parameter_is_refused_as_openai_refuses_it():
 
 @pytest.mark.parametrize("extra,param", [
     ({"echo": True, "logprobs": 1}, "echo"), ({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"),
-    ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": [[1, 2], [3]]}, "prompt"), ({"prompt": ["a"] * 65, "n": 2}, "n"),
-    ({"prompt": []}, "prompt"),
+    ({"prompt": [[1, 2], []]}, "prompt"), ({"prompt": [1, "a"]}, "prompt"), ({"prompt": ["a"] * 65, "n": 2}, "n"),
+    ({"prompt": []}, "prompt"), ({"prompt": [-1]}, "prompt"),
 ])
 def test_completion_parameters_the_gateway_cannot_honour_are_refused(extra, param):
     assert refused({"model": "tiny", "prompt": "x", **extra}, "completion").param == param
@@ -148,4 +148,11 @@ def test_completions_batch_prompts_and_echo():
     assert req.batch == ("a", "b", "c") and req.prompt == "a" and req.choices == 6 and req.echo
     one = parse_request({"model": "tiny", "prompt": ["only"]}, "completion")
     assert one.batch == () and one.prompt == "only" and one.choices == 1 and not one.echo
+
+
+def test_token_id_prompts_are_kept_for_the_gateway_to_resolve():
+    one = parse_request({"model": "tiny", "prompt": [72, 105]}, "completion")
+    assert one.prompt_ids == ((72, 105),) and one.prompt == "" and one.choices == 1
+    two = parse_request({"model": "tiny", "prompt": [[72], [66, 121, 101]], "n": 2}, "completion")
+    assert two.prompt_ids == ((72,), (66, 121, 101)) and two.choices == 4
 

@@ -20,7 +20,7 @@ from gpunexus.node.settlement import FreeSettlement
 from gpunexus.protocol.codec import decode_as
 from gpunexus.protocol.messages import Opening
 from peers import running_gateway, running_host, wait_for_offers
-from upstream import running_engine
+from upstream import running_upstream
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -32,8 +32,8 @@ FORCED = {"type": "function", "function": {"name": "get_weather"}}
 
 @pytest.fixture
 async def market():
-    async with running_engine() as (engine, url):
-        backend = OpenAIUpstreamBackend(url, "engine", upstream_model="tiny", supports=parse_supports("tools,json_mode,json_schema,vision"))
+    async with running_upstream() as (url, engine):
+        backend = OpenAIUpstreamBackend(url, "engine", upstream_model="tiny", supports=parse_supports("tools,json_mode,json_schema,vision,logprobs"))
         async with running_host(backend) as host, running_gateway([host.node.listen_addrs()[0]]) as gateway:
             await wait_for_offers(gateway, model="engine")
             yield engine, url, gateway
@@ -97,7 +97,7 @@ class _Retaining(FreeSettlement):
 
 async def test_the_opening_of_a_tool_call_receipt_checks_out_for_an_audit():
     settlement = _Retaining()
-    async with running_engine() as (_, url):
+    async with running_upstream() as (url, _):
         backend = OpenAIUpstreamBackend(url, "engine", upstream_model="tiny", supports=parse_supports("tools"))
         async with running_host(backend) as host, running_gateway([host.node.listen_addrs()[0]], settlement=settlement) as gateway:
             await wait_for_offers(gateway, model="engine")
@@ -159,3 +159,39 @@ async def test_a_host_without_tools_is_never_sent_them():
         error = await trio.to_thread.run_sync(use)
     assert error.code == "capability_not_offered" and "No host offers tools for model 'tiny'" in error.message
     assert plain.service.stats.served == 0
+
+
+async def test_token_id_prompts_to_a_host_of_unknown_tokenizer_are_refused(market):
+    _, _, gateway = market
+
+    def use():
+        sdk = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.completions.create(model="engine", prompt=[72, 105], max_tokens=4)
+        return refused.value
+
+    error = await trio.to_thread.run_sync(use)
+    assert error.param == "prompt" and "tokenizer this gateway knows" in error.message
+
+
+async def test_the_engines_logprobs_reach_the_sdk_as_the_engine_sent_them(market):
+    _, url, gateway = market
+    body = dict(messages=ASK, max_tokens=10, seed=5, temperature=0.9, logprobs=True, top_logprobs=3)
+
+    def use():
+        relayed = openai.OpenAI(base_url=gateway.base_url, api_key="unused", max_retries=0)
+        direct = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        streamed = [c for chunk in relayed.chat.completions.create(model="engine", stream=True, **body)
+                    for choice in chunk.choices if choice.logprobs for c in choice.logprobs.content]
+        whole = relayed.chat.completions.create(model="engine", **body)
+        at_engine = [c for chunk in direct.chat.completions.create(model="tiny", stream=True, **body)
+                     for choice in chunk.choices if choice.logprobs for c in choice.logprobs.content]
+        return streamed, whole, at_engine
+
+    streamed, whole, at_engine = await trio.to_thread.run_sync(use)
+    assert len(at_engine) == whole.usage.completion_tokens > 0
+    mine = [(c.bytes, round(c.logprob, 6), [(t.bytes, round(t.logprob, 6)) for t in c.top_logprobs]) for c in whole.choices[0].logprobs.content]
+    theirs = [(c.bytes, round(c.logprob, 6), [(t.bytes, round(t.logprob, 6)) for t in c.top_logprobs]) for c in at_engine]
+    assert mine == theirs and [c.bytes for c in streamed] == [c.bytes for c in at_engine]
+    assert all(len(c.top_logprobs) == 3 for c in whole.choices[0].logprobs.content)
+

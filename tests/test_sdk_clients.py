@@ -14,7 +14,7 @@ import pytest
 import trio
 from gpunexus.node.backends.openai_upstream import OpenAIUpstreamBackend, parse_supports
 from peers import running_gateway, running_host, wait_for_offers
-from upstream import running_engine
+from upstream import running_upstream
 
 # litellm fetches a model price list from the internet at import unless told to use its own copy.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -71,7 +71,7 @@ async def test_langchain_bound_tools_through_an_upstream_host():
         """The weather in a city now."""
         return "12 C"
 
-    async with running_engine() as (engine, url):
+    async with running_upstream() as (url, engine):
         backend = OpenAIUpstreamBackend(url, "engine", upstream_model="tiny", supports=parse_supports("tools"))
         async with running_host(backend) as host, running_gateway([host.node.listen_addrs()[0]]) as gateway:
             await wait_for_offers(gateway, model="engine")

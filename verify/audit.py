@@ -173,8 +173,19 @@ class Verdict:
 
 
 def audit(
-    model: ReferenceModel, tokenizer: ByteTokenizer, request: AuditRequest, policy: AuditPolicy = AuditPolicy()
+    model: ReferenceModel,
+    tokenizer: ByteTokenizer,
+    request: AuditRequest,
+    policy: AuditPolicy = AuditPolicy(),
+    *,
+    prefilled: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Verdict:
+    """Judge ``request`` against ``model``.
+
+    ``prefilled`` is ``prefill_all(prompt + output[:-1])``'s (logits, hidden)
+    when the caller already ran it (a peer verifier also builds its own
+    commitment from the same pass, ``verify.peer``): one forward pass, not two.
+    """
     reasons: list[str] = []
     output = [int(t) for t in request.output_ids]
     try:
@@ -197,7 +208,7 @@ def audit(
         reasons.append("request: output does not fit the model (context or vocabulary)")
         return Verdict(False, tuple(reasons))
 
-    logits, hidden = model.new_session().prefill_all(prompt + output[:-1])
+    logits, hidden = prefilled or model.new_session().prefill_all(prompt + output[:-1])
     start = len(prompt) - 1
     params = request.params
 

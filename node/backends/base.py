@@ -14,7 +14,8 @@ from typing import Protocol
 
 import trio
 
-from gpunexus.protocol.messages import PLAIN_TEXT, Capabilities, ChatMessage, Order, Sampling, TokenDetail
+from gpunexus.protocol.messages import PLAIN_TEXT, AuditJob, Capabilities, ChatMessage, Order, Sampling, TokenDetail
+from gpunexus.verify.peer import PrefillReport
 
 
 class BackendError(Exception):
@@ -112,3 +113,14 @@ class EmbeddingBackend(Backend, Protocol):
 
     async def embed(self, request: GenerationRequest) -> EmbeddingResult:
         """The embedding of ``request.prompt`` (an ``embedding`` order)."""
+
+
+class VerifierBackend(Backend, Protocol):
+    """A backend that can act as a peer verifier for its model (``node serve --verify``).
+
+    One prefill of the job's prompt + delivered output on this engine, no new
+    generation; the hub judges the numbers (``verify.peer.judge``).
+    """
+
+    async def prefill(self, job: AuditJob) -> PrefillReport:
+        """The verifier's report on ``job`` (raises BackendError when the engine cannot score it)."""

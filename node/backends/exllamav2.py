@@ -26,6 +26,10 @@ residual stream of the last position *before* the final norm (exllamav2 takes
 it at the input of the norm module), float32, in ``GeneratedToken.hidden`` of
 :meth:`ExLlamaV2Backend.generate_ids`; elsewhere ``hidden`` is empty.
 
+As a peer verifier (``prefill``) the backend runs one cache-less forward pass
+over a job's prompt + delivered output and reports the seed replay of every
+draw, the logprobs and its own commitment from the same hidden states.
+
 Slots: one generation at a time per slot, ``max_slots`` slots (default 1),
 each with its own FP16 KV cache of ``max_seq_len`` positions. exllamav2 keeps
 per-device scratch buffers inside the model, so two forward passes must never
@@ -53,8 +57,10 @@ from typing import Any
 import numpy as np
 import trio
 
+from gpunexus.protocol.messages import AuditJob
 from gpunexus.verify.commitment import CommitmentBuilder
 from gpunexus.verify.generate import GeneratedToken, _drain, _StopStringFilter
+from gpunexus.verify.peer import PrefillReport, prefill_report
 from gpunexus.verify.sampler import SamplingParams, sample, uniform
 
 from .base import BackendError, GenerationRequest, GenerationResult, ModelInfo, Token
@@ -320,6 +326,44 @@ class ExLlamaV2Backend:
             stop.set()
         commitment = builder.finish() if builder is not None else b""
         return GenerationResult(prompt_tokens=len(prompt), completion_tokens=count, finish_reason=finish, commitment=commitment)
+
+    def prefill_all(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """One cache-less forward pass over ``ids``: float32 logits (n, vocab) and, where exllamav2
+        returns it, the last hidden state of every position (n, dim; else an empty array)."""
+        if len(ids) > self._config.max_input_len:
+            raise ValueError(f"{len(ids)} tokens exceed one forward pass of {self._config.max_input_len}")
+        kwargs = {"return_last_state": True} if self.returns_hidden else {}
+        with self._gpu:
+            out = self._model.forward(self._ids_tensor(ids), **kwargs)
+            logits, state = out if isinstance(out, tuple) else (out, None)
+            rows = logits[0, :, : self._vocab_size].float().cpu().numpy()
+            hidden = state[0].float().cpu().numpy() if state is not None else np.empty((0, 0), np.float32)
+        return rows, hidden
+
+    async def prefill(self, job: AuditJob) -> PrefillReport:
+        """As a peer verifier: one forward pass over the job's prompt + delivered output on this GPU,
+        the seed replay of every draw and this engine's own commitment (``verify.peer.prefill_report``)."""
+        o = job.opening
+        request = GenerationRequest(o.kind, o.messages, o.prompt, o.continuation, o.sampling, o.max_tokens,
+                                    o.continuation_ids)
+        try:
+            prompt, first_draw = self.prompt_ids(request)
+        except ValueError as exc:
+            raise BackendError(str(exc), code="bad_request", retryable=False) from None
+        output = [int(t) for t in o.output_ids]
+        if not output or not all(0 <= t < self._vocab_size for t in output):
+            raise BackendError("the job's output has no token ids of this model", code="bad_request", retryable=False)
+        params = SamplingParams.from_sampling(o.sampling, o.max_tokens, o.sampling.seed)
+
+        def work() -> PrefillReport:
+            logits, hidden = self.prefill_all(prompt + output[:-1])
+            return prefill_report(logits, hidden, len(prompt), output, params, first_draw, engine="exllamav2",
+                                  host_commitment=job.commitment)
+
+        try:
+            return await trio.to_thread.run_sync(work, limiter=self._limiter)
+        except ValueError as exc:
+            raise BackendError(str(exc), code="bad_request", retryable=False) from None
 
     def measure_tokens_per_s(self, tokens: int = 64) -> float:
         """Decode speed on this GPU, for the offer (a short greedy run, prefill excluded)."""

@@ -17,8 +17,16 @@ tool conversation or with images go to the engine as the client sent them
 
 What cannot be verified here: upstream servers expose no token ids and no
 hidden states, and do not sample with our seeded sampler, so receipts from
-this backend carry no activation commitment and cannot be seed-replayed; the
-honesty checks that remain are counts and spot checks of output quality.
+this backend carry no activation commitment and cannot be seed-replayed.
+What can: as a peer verifier (``prefill``) this backend asks its own upstream
+for the logprobs of a delivered completion given its prompt
+(``/v1/completions`` with ``echo: true`` and ``logprobs: 5``, the OpenAI
+legacy scoring call that vLLM answers; TGI has prompt logprobs only in its
+native ``/generate``, and llama.cpp's server and Ollama do not echo prompt
+logprobs through the OpenAI API), and the hub judges those
+numbers statistically (``verify.peer``). Chat audits are refused on this
+path: the chat template lives in the upstream, so the verifier cannot
+rebuild the exact prompt text.
 """
 
 from __future__ import annotations
@@ -30,15 +38,18 @@ import httpx
 import trio
 
 from . import lean_http
-from gpunexus.protocol.messages import PLAIN_TEXT, Capabilities
+from gpunexus.protocol.messages import MAX_TOP_LOGPROBS, PLAIN_TEXT, AuditJob, Capabilities, TokenDetail
+from gpunexus.verify.peer import RANK_UNKNOWN, PrefillReport
 
 from .base import BackendError, GenerationRequest, GenerationResult, ModelInfo, Token
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 120.0
+ECHO_TOP_K = 5
+"""Alternatives per token asked of the upstream when scoring: OpenAI's legacy API allowed at most 5."""
 
 
-PASSED_THROUGH = ("tools", "json_mode", "json_schema", "vision", "penalties", "logit_bias")
+PASSED_THROUGH = ("tools", "json_mode", "json_schema", "vision", "penalties", "logit_bias", "logprobs")
 """What an engine behind ``--backend openai`` may be declared to support (``--upstream-supports``)."""
 
 
@@ -48,7 +59,10 @@ def parse_supports(text: str) -> Capabilities:
     unknown = [n for n in names if n not in PASSED_THROUGH]
     if unknown:
         raise ValueError(f"unknown capability {unknown[0]!r}: choose from {', '.join(PASSED_THROUGH)}")
-    return Capabilities(**dict.fromkeys(names, True))
+    caps = dict.fromkeys(names, True)
+    if caps.get("logprobs"):
+        caps["top_logprobs"] = MAX_TOP_LOGPROBS  # OpenAI's bound, which vLLM and llama.cpp's server accept
+    return Capabilities(**caps)
 
 
 class OpenAIUpstreamBackend:
@@ -60,9 +74,9 @@ class OpenAIUpstreamBackend:
         self.base_url = base_url.rstrip("/")
         self.upstream_model = upstream_model or model
         digest = hashlib.sha256(f"openai-upstream\n{self.upstream_model}".encode()).hexdigest()
-        if supports.logprobs or supports.embeddings or supports.max_n > 1:
-            # Logprobs need token ids in a chunk, and the gateway fans n out and sends no embeddings here.
-            raise ValueError("an upstream host passes through tools, json_mode, json_schema, vision, penalties and logit_bias")
+        if supports.embeddings or supports.max_n > 1:
+            # The gateway fans n out into one order per choice, and embeddings need an embedding engine.
+            raise ValueError(f"an upstream host passes through {', '.join(PASSED_THROUGH)}")
         self.info = ModelInfo(name=model, model_hash=f"upstream-{digest[:16]}", max_context=max_context, license=license, capabilities=supports)
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
@@ -96,6 +110,12 @@ class OpenAIUpstreamBackend:
             body["logit_bias"] = {str(b.token): b.bias for b in s.logit_bias}
         if s.json_mode:
             body["response_format"] = {"type": "json_object"}
+        if request.logprobs:
+            if request.kind == "chat":
+                body["logprobs"] = True
+                body["top_logprobs"] = request.top_logprobs
+            else:
+                body["logprobs"] = request.top_logprobs
         upstream = dict(request.upstream or {})
         if request.kind == "chat":
             messages = upstream.pop("messages", None) or [{"role": m.role, "content": m.content} for m in request.messages]
@@ -112,7 +132,7 @@ class OpenAIUpstreamBackend:
 
     async def generate(self, request: GenerationRequest, tokens: trio.MemorySendChannel[Token]) -> GenerationResult:
         url, body = self._body(request)
-        events = _Events(request.kind == "chat", tokens)
+        events = _Events(request.kind == "chat", tokens, logprobs=request.logprobs)
         try:
             if self._lean is not None:
                 await self._stream_lean(url[len(self.base_url):], body, events)
@@ -138,6 +158,26 @@ class OpenAIUpstreamBackend:
         if prompt_tokens is None:
             prompt_tokens = _estimate_prompt_tokens(request)
         return GenerationResult(prompt_tokens=int(prompt_tokens), completion_tokens=produced, finish_reason=finish_reason)
+
+    async def prefill(self, job: AuditJob) -> PrefillReport:
+        """As a peer verifier: the upstream's logprobs of the delivered completion (one scoring call, echo)."""
+        o = job.opening
+        if o.kind != "completion":
+            raise BackendError("the logprob path scores completions only: the chat template is the upstream's",
+                               code="bad_request", retryable=False)
+        prompt = o.prompt + o.continuation
+        body = {"model": self.upstream_model, "prompt": prompt + o.output_text, "echo": True, "logprobs": ECHO_TOP_K,
+                "max_tokens": 1, "temperature": 0.0}
+        try:
+            response = await self._client.post(f"{self.base_url}/completions", json=body)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"upstream unreachable: {type(exc).__name__}: {exc}") from None
+        if response.status_code != 200:
+            raise BackendError(f"upstream answered {response.status_code} to a scoring call: {response.text[:300]}")
+        try:
+            return _scored(response.json()["choices"][0]["logprobs"], len(prompt), len(prompt) + len(o.output_text))
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise BackendError(f"upstream's echo logprobs are not in the OpenAI shape: {exc}") from None
 
     async def _stream_lean(self, path: str, body: dict, events: _Events) -> None:
         assert self._lean is not None
@@ -168,11 +208,12 @@ class OpenAIUpstreamBackend:
 class _Events:
     """Server-sent events of an OpenAI stream, fed as bytes arrive; tokens go out as they are parsed."""
 
-    __slots__ = ("buffer", "chat", "completion_tokens", "finish_reason", "produced", "prompt_tokens", "tokens")
+    __slots__ = ("buffer", "chat", "completion_tokens", "finish_reason", "logprobs", "produced", "prompt_tokens", "tokens")
 
-    def __init__(self, chat: bool, tokens: trio.MemorySendChannel[Token]) -> None:
+    def __init__(self, chat: bool, tokens: trio.MemorySendChannel[Token], *, logprobs: bool = False) -> None:
         self.chat = chat
         self.tokens = tokens
+        self.logprobs = logprobs
         self.buffer = b""
         self.produced = 0
         self.prompt_tokens = None
@@ -199,7 +240,13 @@ class _Events:
                     text, calls = delta.get("content"), delta.get("tool_calls")
                 else:
                     text, calls = choice.get("text"), None
-                if text or calls:
+                if self.logprobs and not calls:
+                    scored = _token_logprobs(choice.get("logprobs"), self.chat)
+                    if scored:
+                        self._send_scored(text or "", scored)
+                    elif text:
+                        raise ValueError("the upstream sent a token without the logprobs asked for")
+                elif text or calls:
                     # An event counts as a token when it carries text: content, or a piece of a
                     # tool call's arguments. The opening delta of a call (its id and name) is none.
                     count = 1 if text or any((c.get("function") or {}).get("arguments") for c in calls or ()) else 0
@@ -208,6 +255,51 @@ class _Events:
                 reason = choice.get("finish_reason")
                 if reason:
                     self.finish_reason = reason if reason in ("length", "tool_calls") else "stop"
+
+    def _send_scored(self, text: str, scored: list[tuple[float, TokenDetail]]) -> None:
+        """One token per logprob entry (an event may carry several); the event's text rides on the first."""
+        for i, (logprob, detail) in enumerate(scored):
+            self.produced += 1
+            self.tokens.send_nowait(Token(text if i == 0 else "", None, logprob, detail=detail))
+
+
+def _token_logprobs(logprobs: object, chat: bool) -> list[tuple[float, TokenDetail]]:
+    """Each token's logprob and detail from an event's ``logprobs``, in chat's or the legacy completions' shape."""
+    if not isinstance(logprobs, dict):
+        return []
+    out = []
+    if chat:
+        for entry in logprobs.get("content") or ():
+            tops = entry.get("top_logprobs") or ()
+            out.append((float(entry["logprob"]), TokenDetail(
+                _token_bytes(entry), tuple(_token_bytes(t) for t in tops), tuple(float(t["logprob"]) for t in tops))))
+        return out
+    for token, logprob, tops in zip(logprobs.get("tokens") or (), logprobs.get("token_logprobs") or (),
+                                    logprobs.get("top_logprobs") or [None] * len(logprobs.get("tokens") or ())):
+        tops = tops or {}
+        out.append((float(logprob), TokenDetail(token.encode(), tuple(t.encode() for t in tops), tuple(float(v) for v in tops.values()))))
+    return out
+
+
+def _token_bytes(entry: dict) -> bytes:
+    """A chat logprob entry's token as bytes: its ``bytes`` where given (a piece of a character), else its text."""
+    raw = entry.get("bytes")
+    return bytes(raw) if isinstance(raw, list) else str(entry.get("token", "")).encode()
+
+
+def _scored(logprobs: dict, prompt_end: int, output_end: int) -> PrefillReport:
+    """The report from an echo answer: tokens before ``prompt_end`` are the prompt, those up to
+    ``output_end`` the delivered output (what the upstream generated after it is ignored)."""
+    prompt_tokens, lps, ranks = 0, [], []
+    for token, lp, top, offset in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"],
+                                      logprobs["text_offset"], strict=True):
+        if offset < prompt_end:
+            prompt_tokens += 1
+        elif offset < output_end:
+            lps.append(float(lp))
+            alternatives = top or {}
+            ranks.append(sum(v > lp for v in alternatives.values()) if token in alternatives else RANK_UNKNOWN)
+    return PrefillReport("openai", prompt_tokens, b"", tuple(lps), tuple(ranks), ECHO_TOP_K, False)
 
 
 def _estimate_prompt_tokens(request: GenerationRequest) -> int:

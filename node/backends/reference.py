@@ -17,12 +17,14 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import trio
 
-from gpunexus.protocol.messages import MAX_TOP_LOGPROBS, Capabilities, TokenDetail
+from gpunexus.protocol.messages import MAX_TOP_LOGPROBS, AuditJob, Capabilities, TokenDetail
 from gpunexus.verify.commitment import CommitmentBuilder
 from gpunexus.verify.embedding import embed
 from gpunexus.verify.generate import GeneratedToken, generate
+from gpunexus.verify.peer import PrefillReport, job_request, reference_prefill
 from gpunexus.verify.registry import load_reference
 from gpunexus.verify.sampler import SamplingParams, top_logprobs
 
@@ -36,9 +38,9 @@ class ReferenceBackend:
     default_slots = 2
     """Two decodes at once keep a small CPU busy without starving the network loop."""
 
-    def __init__(self, name: str = "tiny", *, public_name: str | None = None) -> None:
+    def __init__(self, name: str = "tiny", *, public_name: str | None = None, dtype: type = np.float32) -> None:
         try:
-            self.model, self.tokenizer = load_reference(name)
+            self.model, self.tokenizer = load_reference(name, dtype)
         except LookupError as exc:
             raise BackendError(str(exc), code="unknown_model", retryable=False) from None
         self.info = ModelInfo(
@@ -109,6 +111,12 @@ class ReferenceBackend:
             raise BackendError(f"input of {len(ids)} tokens exceeds the context of {self.model.config.max_seq_len}", code="bad_request", retryable=False)
         vector = await trio.to_thread.run_sync(embed, self.model, ids, abandon_on_cancel=True)
         return EmbeddingResult(prompt_tokens=len(ids), vector=vector.tobytes())
+
+    async def prefill(self, job: AuditJob) -> PrefillReport:
+        """As a peer verifier: one ``prefill_all`` of the job's prompt + output (``verify.peer.reference_prefill``)."""
+        engine = f"reference-{np.dtype(self.model.dtype).name}"
+        return await trio.to_thread.run_sync(
+            lambda: reference_prefill(self.model, self.tokenizer, job_request(job), engine=engine), abandon_on_cancel=True)
 
     def measure_tokens_per_s(self, tokens: int = 64) -> float:
         """Decode speed on this machine, for the offer (a short greedy run)."""
