@@ -11,6 +11,17 @@ relayed batches so machine drift cancels, and charges the CPU of the gateway
 and host processes to the relay); and prints a table of its rows next to the
 figures of the two peers to beat (LiteLLM proxy, LocalLMarket).
 
+With ``--many-streams 128,512`` (the default) the same processes then run
+paced batches (50 tokens/s per stream) at those concurrencies, one round
+each (``--paced-rounds-many``), with the host's ``--slots`` raised to match.
+The harness measures the token source's and its own (the client's) CPU next
+to the relay's; this script samples the gateway's and host's resident memory
+during each row for the memory per stream, and names the limit of each row:
+"machine" when the direct batches already fall short of the paced demand
+(source and client cannot keep up) or relay, source and client together use
+at least 90 % of the cores, "relay" when the ratio falls short otherwise. The harness's HTTP client keeps at most 256
+connections, so a 512-stream batch is 256 streams at a time on the client side.
+
 Part 2 runs the reference backend (``gpunexus.verify``'s numpy model) in this
 process: called directly, then through gateway -> libp2p -> host, with httpx
 as the client, at 1 and 32 streams.
@@ -29,6 +40,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -113,6 +125,7 @@ def run_harness(args, procs: Procs, tmp: Path) -> list[dict]:
     env_gw = dict(os.environ, GPUNEXUS_HOME=str(tmp / "gateway"), PYTHONUNBUFFERED="1")
     host = procs.start("host", [py, "-m", "gpunexus", "node", "serve", "--model", MODEL, "--backend", "openai",
                                 "--upstream", f"http://127.0.0.1:{src_port}/v1", "--tokens-per-s", "1000",
+                                "--slots", str(max([64, *args.many_streams])),
                                 "--listen", "/ip4/127.0.0.1/tcp/0"], env=env_host, stdout=subprocess.PIPE)
     peer = None
     deadline = time.monotonic() + 60
@@ -150,15 +163,67 @@ def run_harness(args, procs: Procs, tmp: Path) -> list[dict]:
         value = getattr(args, name)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
+    results = _run_harness_once(argv, procs, out)
+    pids = {"gateway": gateway.pid, "host": host.pid}
+    for conc in args.many_streams:  # one harness run per concurrency, so each row has its own memory peak
+        many_out = tmp / f"relay-{conc}.json"
+        many = argv[: argv.index("--out")] + [
+            "--out", str(many_out), "--label", "gpunexus", "--conc", str(conc),
+            "--fast-rounds-32", "0", "--paced-rounds-32", str(args.paced_rounds_many)]
+        idle = {name: rss_bytes(pid) for name, pid in pids.items()}
+        with RssPeak(pids) as peak:
+            rows = _run_harness_once(many, procs, many_out)
+        for row in rows:
+            row["rss_idle"] = idle
+            row["rss_peak"] = dict(peak.peak)
+        results += rows
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _run_harness_once(argv: list[str], procs: Procs, out: Path) -> list[dict]:
     harness = subprocess.Popen(argv, stdout=sys.stderr, start_new_session=True)
     procs.procs.append(("harness", harness))
     rc = harness.wait()
     if rc != 0:
         raise SystemExit(f"relay_bench.py exited with {rc}")
-    results = json.loads(out.read_text())["results"]
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-    return results
+    return json.loads(out.read_text())["results"]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of one process (Linux /proc), 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class RssPeak:
+    """Samples the peak resident memory of named processes in a thread while the block runs."""
+
+    def __init__(self, pids: dict[str, int], every_s: float = 0.2) -> None:
+        self.pids = pids
+        self.every_s = every_s
+        self.peak = {name: 0 for name in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            for name, pid in self.pids.items():
+                self.peak[name] = max(self.peak[name], rss_bytes(pid))
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _fmt_range(lo, hi, fmt):
@@ -189,6 +254,34 @@ def harness_table(results: list[dict]) -> str:
         rows.append((r["mode"], str(r["conc"]), f"{d['ttft_p50_ms']:.1f}", f"{rl['ttft_p50_ms']:.1f}", f"{added:+.1f}",
                      f"{c['ttft_p99_added_ms']:+.1f}", f"{ratio:.3f}", f"{cpu:.0f}", *cells, verdict))
     return _table(head, rows)
+
+
+def many_streams_table(results: list[dict]) -> str:
+    """The paced rows past 32 streams: ratio, TTFT, the relay's CPU against the source's and the client's, memory."""
+    cores = os.cpu_count() or 1
+    head = ("streams", "agg ratio", "TTFT p50 added ms", "relay CPU µs/tok", "relay CPU %", "source CPU %",
+            "client CPU %", "gateway+host MB per stream", "relay errors", "limit")
+    rows = []
+    for r in results:
+        if r["mode"] != "paced" or r["conc"] <= 32:
+            continue
+        d, rl, c = r["direct"], r["relay"], r["cmp"]
+        relay, source, client = rl["relay_cpu_pct"], rl["source_cpu_pct"], rl["client_cpu_pct"]
+        direct_share = (d["agg_tps"] or 0) / (r["conc"] * r["rate"])
+        if direct_share < 0.95 or relay + source + client >= 90 * cores:
+            limit = f"machine (direct: {direct_share:.0%} of {r['conc'] * r['rate']:,.0f} tok/s asked)"
+        else:
+            limit = "relay" if (c["agg_tps_ratio"] or 0) < 0.98 else "-"
+        grown = sum(r["rss_peak"].values()) - sum(r["rss_idle"].values()) if "rss_peak" in r else None
+        per_stream = f"{grown / r['conc'] / 1e6:.2f}" if grown is not None else "-"
+        rows.append((str(r["conc"]), f"{c['agg_tps_ratio']:.3f}", f"{c['ttft_p50_added_ms']:+.1f}",
+                     f"{rl['relay_cpu_us_per_token']:.0f}", f"{relay:.0f}", f"{source:.0f}", f"{client:.0f}",
+                     per_stream, str(rl["errors"]), limit))
+    return _table(head, rows) + (f"\n(this machine: {cores} cores = {100 * cores} %. The limit is the machine "
+                                 "when the direct batches themselves fall short of the paced demand (the source "
+                                 "and the client cannot keep up, so the relay's ratio says little) or the three "
+                                 "together use 90 % of the cores. Memory per stream: peak resident growth of "
+                                 "gateway + host over idle during that row, divided by its streams.)")
 
 
 def _table(head, rows) -> str:
@@ -308,6 +401,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("fast-rounds-1", "fast-rounds-32", "paced-rounds-1", "paced-rounds-32"):
         ap.add_argument(f"--{name}", type=int, default=None, help="passed to relay_bench.py (default: the harness's own)")
+    ap.add_argument("--many-streams", default="128,512",
+                    help="paced concurrencies past 32 to run after the harness's own rows, comma-separated "
+                         "(default 128,512; empty to skip)")
+    ap.add_argument("--paced-rounds-many", type=int, default=1,
+                    help="rounds of each --many-streams concurrency (default 1)")
     ap.add_argument("--out", default="", help="write the harness's JSON rows here")
     ap.add_argument("--skip-harness", action="store_true", help="only the reference-backend table")
     ap.add_argument("--skip-reference", action="store_true", help="only the harness table")
@@ -315,6 +413,13 @@ def main() -> int:
     ap.add_argument("--ref-tokens", type=int, default=32, help="tokens per request for the reference backend (default 32)")
     ap.add_argument("--ref-rounds", type=int, default=2, help="rounds per concurrency for the reference backend (default 2)")
     args = ap.parse_args()
+    try:
+        args.many_streams = [int(c) for c in args.many_streams.split(",") if c.strip()]
+    except ValueError:
+        ap.error(f"--many-streams takes comma-separated integers, not {args.many_streams!r}")
+    if any(c <= 32 for c in args.many_streams) or args.paced_rounds_many < 1:
+        ap.error("--many-streams values must be above 32 (the harness's own rows cover 1 and 32), "
+                 "--paced-rounds-many at least 1")
     if not SHARED_BENCH.is_dir() and not args.skip_harness:
         raise SystemExit(f"shared bench harness not found at {SHARED_BENCH}")
 
@@ -339,7 +444,10 @@ def main() -> int:
         procs.stop()
     if results:
         print("\nopenai SDK-style client -> gateway -> libp2p -> host (--backend openai) -> token source, vs the source directly")
-        print(harness_table(results))
+        print(harness_table([r for r in results if r["conc"] <= 32]))
+        if any(r["conc"] > 32 for r in results):
+            print("\npaced 50 tokens/s per stream, many streams on one gateway and one host")
+            print(many_streams_table(results))
     if ref:
         print(f"\nreference backend (gpunexus.verify 'tiny', {args.ref_tokens} tokens/request): backend called directly vs HTTP -> gateway -> libp2p -> host")
         print(ref)

@@ -30,6 +30,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from gpunexus.protocol.signing import Signer
 
 from .gossip import running_pubsub
+from .libp2p_compat import allow_redial
 from .speedtest import PROTOCOL as SPEEDTEST_PROTOCOL
 from .speedtest import speedtest_handler
 
@@ -116,11 +117,9 @@ class P2PNode:
         bootstrap address answered again. Our own dials are already paced
         (``REDIAL_INTERVAL``, the matcher's back-off), so an explicit dial
         clears the entry first. The cache is private to py-libp2p: absent, this
-        does nothing.
+        does nothing (:func:`gpunexus.node.libp2p_compat.allow_redial`).
         """
-        cache = getattr(self.host.get_network(), "_negative_peer_cache", None)
-        if cache is not None:
-            cache.evict(peer_id)
+        allow_redial(self.host.get_network(), peer_id)
 
     def on_disconnect(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(peer_id)`` whenever the last connection to a peer closes."""

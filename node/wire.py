@@ -6,7 +6,6 @@ request by at most that long, never hang it.
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from typing import TypeVar
 
@@ -20,16 +19,17 @@ from libp2p.network.stream.exceptions import (
     StreamError,
     StreamReset,
 )
-from libp2p.network.stream.net_stream import NetStream, StreamState
-from libp2p.stream_muxer.yamux.yamux import (
-    HEADER_SIZE,
-    MAX_MESSAGE_SIZE,
-    TYPE_DATA,
-    YAMUX_HEADER_FORMAT,
-    YamuxStream,
+
+from .libp2p_compat import (
+    direct_data_frame,
+    fast_yamux,
+    install_yamux_tweaks,
+    mark_broken,
+    read_buffered,
+    write_direct,
 )
 
-from . import yamux_tuning  # noqa: F401  (measured yamux tweaks, see its docstring)
+install_yamux_tweaks()  # measured yamux/Noise/TCP tweaks, see node/libp2p_compat.py
 
 M = TypeVar("M", bound=Message)
 
@@ -39,11 +39,6 @@ STREAM_ERRORS = (StreamEOF, StreamReset, StreamClosed, StreamError, trio.BrokenR
 
 class PeerGone(Exception):
     """The stream ended or broke before the expected message arrived."""
-
-
-_HEADER = struct.Struct(YAMUX_HEADER_FORMAT)
-_MAX_DATA = MAX_MESSAGE_SIZE - HEADER_SIZE
-_READABLE = (StreamState.OPEN, StreamState.CLOSE_WRITE)
 
 
 class FramedStream:
@@ -61,40 +56,24 @@ class FramedStream:
     the fast paths do not await between checking and updating yamux's state,
     and every upstream update of that state (window, buffer, flags) is itself
     made without an await in the middle, so no half-made update can be seen.
+    The fast paths live in :mod:`gpunexus.node.libp2p_compat` with the rest
+    of what reaches into py-libp2p's private parts.
     """
 
     def __init__(self, stream) -> None:
         self.stream = stream
         self._decoder = FrameDecoder()
         self._ready: deque[bytes] = deque()
-        muxed = getattr(stream, "muxed_stream", None)
-        self._yamux = muxed if type(stream) is NetStream and type(muxed) is YamuxStream else None
+        self._yamux = fast_yamux(stream)
 
     async def send(self, msg: Message) -> None:
         await self.send_raw(encode_frame(msg))
 
-    def _direct_frame(self, data: bytes) -> bytes | None:
-        """The yamux DATA frame for ``data`` with its window taken, if the fast path applies."""
-        y = self._yamux
-        n = len(data)
-        if (
-            y is None
-            or self.stream._state is not StreamState.OPEN
-            or y.send_closed
-            or y.closed
-            or not 0 < n <= _MAX_DATA
-            or n > y.send_window
-            or y.rw_lock._writer_lock.value == 0
-        ):
-            return None
-        y.send_window -= n
-        return _HEADER.pack(0, TYPE_DATA, 0, y.stream_id, n) + data
-
     async def send_raw(self, frame: bytes) -> None:
-        direct = self._direct_frame(frame)
+        direct = direct_data_frame(self.stream, self._yamux, frame)
         try:
             if direct is not None:
-                await self._yamux.conn._write_frame(direct)
+                await write_direct(self._yamux, direct)
             else:
                 await self.stream.write(frame)
         except STREAM_ERRORS as exc:
@@ -102,52 +81,14 @@ class FramedStream:
         except Exception as exc:  # the connection under a direct write broke
             if direct is None:
                 raise
-            self.stream._state = StreamState.ERROR
+            mark_broken(self.stream)
             raise PeerGone(f"stream broke while sending: {type(exc).__name__}") from None
-
-    async def _read_direct(self) -> bytes | None:
-        """Bytes from yamux's buffer for this stream (waiting for them if need be), or None for the full path."""
-        y = self._yamux
-        if y is None:
-            return None
-        conn = y.conn
-        sid = y.stream_id
-        waited = False
-        while True:
-            if (
-                self.stream._state not in _READABLE
-                or conn.event_shutting_down.is_set()
-                or y.reset_received
-                or y.closed
-                or sid not in conn.streams
-            ):
-                return None
-            buffer = conn.stream_buffers.get(sid)
-            if buffer is None:
-                return None
-            if buffer:
-                data = bytes(buffer)
-                buffer.clear()
-                await y._auto_tune_and_send_window_update(bytes_read=len(data))
-                if not waited:
-                    await trio.lowlevel.checkpoint()
-                return data
-            if y.recv_closed:
-                return None
-            event = conn.stream_events.get(sid)
-            if event is None:
-                return None
-            if event.is_set():
-                # A wake-up for bytes already taken (or for state checked above): arm a fresh one.
-                event = conn.stream_events[sid] = trio.Event()
-            await event.wait()
-            waited = True
 
     async def receive(self) -> Message:
         """The next message; PeerGone at end of stream, ProtocolError on garbage."""
         while not self._ready:
             try:
-                data = await self._read_direct()
+                data = await read_buffered(self.stream, self._yamux)
                 if data is None:
                     data = await self.stream.read(READ_SIZE)
             except STREAM_ERRORS as exc:
