@@ -65,6 +65,7 @@ from gpunexus.protocol.messages import (
 from gpunexus.protocol.money import cost_micro
 from gpunexus.verify.registry import is_byte_level
 
+from .libp2p_compat import connection_shutting_down
 from .offers import OfferBook
 from .prices import PriceBook
 from .openai_api import APIError, CompletionRequest, EmbeddingRequest
@@ -447,9 +448,7 @@ class GatewayService:
         the connection, so ``is_connected`` can still say yes when the stream
         breaks; the muxer's shutdown flag is set first.
         """
-        muxer = getattr(framed.stream, "muxed_conn", None)
-        shutting = getattr(muxer, "event_shutting_down", None)
-        return (shutting is not None and shutting.is_set()) or not self.node.is_connected(peer_id)
+        return connection_shutting_down(framed.stream) or not self.node.is_connected(peer_id)
 
     def _still_queued(self, offer: Offer, framed: FramedStream, wait: _QueueWait) -> bool:
         """Past a first-token deadline: wait one more for this host (see `_QueueWait`)?"""
