@@ -1,7 +1,7 @@
 """The hub's HTTP API (quart-trio): JSON in, JSON out, OpenAI-shaped errors.
 
 ``/metrics`` (Prometheus) needs an admin account's key. Every route but ``/openapi.json``, ``/v1/hub``, the market's ``/v1/prices``
-and ``/v1/market`` and the Stripe webhook needs ``Authorization: Bearer <API
+and ``/v1/market``, the model ``/v1/catalogue`` and the Stripe webhook needs ``Authorization: Bearer <API
 key>``; the key is checked against the database on every request
 (revocation is immediate) and then charged one token from its rate-limit
 bucket (429 with ``retry-after`` when empty). The public market routes are
@@ -214,6 +214,11 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         public()
         blobs = await hub.market.latest_updates()
         return jsonify({"hub_id": hub.hub_id, "prices": [base64.b64encode(b).decode() for b in blobs]})
+
+    @app.get("/v1/catalogue")
+    async def public_catalogue() -> Response:
+        public()
+        return jsonify({"hub_id": hub.hub_id, "models": [m.to_json() for m in await hub.models()]})
 
     @app.get("/v1/market")
     async def market() -> Response:

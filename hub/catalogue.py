@@ -44,6 +44,19 @@ class Model:
     family: str = ""
     licence_ack: bool = False
     """Clients must accept the licence before their keys may use the model."""
+    min_vram_gb: float | None = None
+    min_compute_capability: str = ""
+    """``"8.0"``-style; empty: no minimum."""
+    min_tokens_per_s: float | None = None
+    """What a host must measure to serve the model (``node check`` reads them from ``GET /v1/catalogue``)."""
+
+    def to_json(self) -> dict:
+        """The public catalogue entry (``GET /v1/catalogue``)."""
+        return {"model": self.model, "display_name": self.display_name, "family": self.family,
+                "licence_name": self.licence_name, "licence_url": self.licence_url, "licence_ack": self.licence_ack,
+                "context_length": self.context_length, "available": self.available,
+                "minimums": {"vram_gb": self.min_vram_gb, "compute_capability": self.min_compute_capability or None,
+                             "tokens_per_s": self.min_tokens_per_s}}
 
     @property
     def licence(self) -> str:
@@ -71,7 +84,9 @@ def _model(row) -> Model:
     m = row._mapping
     return Model(model=m["model"], display_name=m["display_name"], licence_name=m["licence_name"],
                  licence_url=m["licence_url"], context_length=m["context_length"], available=bool(m["available"]),
-                 updated_at=m["updated_at"], family=m["family"] or "", licence_ack=bool(m["licence_ack"]))
+                 updated_at=m["updated_at"], family=m["family"] or "", licence_ack=bool(m["licence_ack"]),
+                 min_vram_gb=m["min_vram_gb"], min_compute_capability=m["min_compute_capability"] or "",
+                 min_tokens_per_s=m["min_tokens_per_s"])
 
 
 def list_models(conn: Connection) -> list[Model]:

@@ -430,6 +430,9 @@ models = sa.Table(
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.Column("family", sa.String(100)),
     sa.Column("licence_ack", sa.Boolean),
+    sa.Column("min_vram_gb", sa.Float),
+    sa.Column("min_compute_capability", sa.String(16)),
+    sa.Column("min_tokens_per_s", sa.Float),
 )
 """The operator's model catalogue: what a model id is, under which licence, and whether it is offered.
 
@@ -460,7 +463,8 @@ disputes = sa.Table(
 """Receipts a client asked the hub to audit (:mod:`gpunexus.hub.disputes`); the verdict is the ``audits`` row's."""
 
 _ADDED_COLUMNS = (users.c.suspended_at, api_keys.c.expires_at, api_keys.c.limit_day_micro, api_keys.c.limit_month_micro,
-                  allowances.c.key_id, allowances.c.refused_models, receipt_log.c.key_id, models.c.family, models.c.licence_ack)
+                  allowances.c.key_id, allowances.c.refused_models, receipt_log.c.key_id, models.c.family, models.c.licence_ack,
+                  models.c.min_vram_gb, models.c.min_compute_capability, models.c.min_tokens_per_s)
 """Nullable columns added after the first release; :meth:`Database.create_schema` adds them to older databases."""
 
 _RETRY_PGCODES = {"40001", "40P01"}  # serialization_failure, deadlock_detected

@@ -138,6 +138,17 @@ def spec(max_batch: int, extra_paths: dict[str, Any] | None = None, *, max_long_
             "The latest hub-signed market price per model (PriceUpdate.encode(), base64). A price for epoch k is "
             "computed at k * epoch_s (unix seconds) from the epoch before and holds until epoch k + 1.",
             _obj({"hub_id": _STR, "prices": {"type": "array", "items": _B64}}), auth=False, errors=(429,))},
+        "/v1/catalogue": {"get": operation(
+            "The operator's model catalogue: each model id with its display name, family, licence (name, URL, and "
+            "whether clients must accept it), context length, availability, and the minimums a host must measure "
+            "to serve it (node check reads them; null: no minimum).",
+            _obj({"hub_id": _STR, "models": {"type": "array", "items": _obj({
+                "model": _STR, "display_name": _STR, "family": _STR, "licence_name": _STR, "licence_url": _STR,
+                "licence_ack": {"type": "boolean"}, "context_length": {"type": ["integer", "null"]},
+                "available": {"type": "boolean"}, "minimums": _obj({
+                    "vram_gb": {"type": ["number", "null"]}, "compute_capability": {"type": ["string", "null"]},
+                    "tokens_per_s": {"type": ["number", "null"]}})})}}),
+            auth=False, errors=(429,))},
         "/v1/market": {"get": operation(
             "The market per model: latest price, demand (settled tokens/s: refused demand is not reported yet) and "
             "supply (offered tokens/s), utilisation (null: demand and no supply), live hosts, the price bounds, "

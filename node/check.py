@@ -18,9 +18,10 @@ What is measured, and why it is the number that matters:
   and **bandwidth** each way to each bootstrap peer, over a few megabytes
   moved on the same connection (:mod:`.netprobe`, :mod:`.speedtest`).
 
-Minimums come from flags. The hub has no catalogue of per-model minimums to
-read them from (``GET /v1/hub`` and the market routes say nothing about
-hardware), so :data:`MINIMUMS_SOURCE` says so wherever minimums are shown.
+Minimums come from the hub's model catalogue (``GET /v1/catalogue``, the
+operator's minimum GPU memory, compute capability and tokens/s per model)
+where it has them, else from flags (or a ``--config`` table); each report
+names its source.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
     from .backends.base import Backend
 
 PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
-MINIMUMS_SOURCE = "flags (the hub publishes no catalogue of model minimums yet)"
+MINIMUMS_SOURCE = "flags"
+CATALOGUE_TIMEOUT_S = 5.0
 DEFAULT_MIN_TOKENS_PER_S = 10.0
 GENERIC_MEASURE_TIMEOUT_S = 120.0
 MAX_REGION = 64
@@ -433,6 +435,37 @@ def add_minimum_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-latency-ms", type=_positive, default=None, metavar="MS", help="the most round-trip time to the hub and to each bootstrap peer (default: reachable is enough)")
     p.add_argument("--min-bandwidth-mbps", type=_positive, default=None, metavar="MBIT_S",
                    help="the least throughput each way to each bootstrap peer, in Mbit/s (measured by moving a few MB each way; no minimum by default)")
+
+
+def fetch_catalogue(hub: str, *, timeout_s: float = CATALOGUE_TIMEOUT_S) -> dict[str, dict]:
+    """The hub's public catalogue by model id; ``{}`` when it cannot be had (the check reports the hub itself)."""
+    import httpx
+
+    try:
+        answer = httpx.get(f"{hub.rstrip('/')}/v1/catalogue", timeout=timeout_s)
+        entries = answer.json().get("models") if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return {}
+    return {e["model"]: e for e in entries or () if isinstance(e, dict) and isinstance(e.get("model"), str)}
+
+
+def with_catalogue(minimums: Minimums, entry: dict | None, hub: str) -> Minimums:
+    """``minimums`` with the catalogue entry's where it names one: the market's operator sets what a model needs."""
+    given = (entry or {}).get("minimums")
+    if not isinstance(given, dict):
+        return minimums
+    changes: dict = {}
+    for key, attr in (("vram_gb", "vram_gb"), ("tokens_per_s", "tokens_per_s")):
+        if isinstance(given.get(key), (int, float)) and given[key] > 0:
+            changes[attr] = float(given[key])
+    if isinstance(given.get("compute_capability"), str) and given["compute_capability"]:
+        try:
+            changes["compute_capability"] = parse_capability(given["compute_capability"])
+        except ValueError:
+            pass
+    if not changes:
+        return minimums
+    return dataclasses.replace(minimums, **changes, source=f"the hub's catalogue ({hub}), {minimums.source} for the rest")
 
 
 def minimums_from(args: argparse.Namespace) -> Minimums:

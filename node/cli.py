@@ -233,9 +233,17 @@ def _specs(args: argparse.Namespace) -> list[ModelSpec]:
     from .hostconfig import ConfigError, specs_from_args
 
     try:
-        return specs_from_args(args)
+        return _with_hub_catalogue(specs_from_args(args), args.hub)
     except ConfigError as exc:
         raise usage_error(str(exc)) from None
+
+
+def _with_hub_catalogue(specs: list[ModelSpec], hub: str | None) -> list[ModelSpec]:
+    """Each model's minimums from the hub's catalogue where it names them (``node check`` and ``node serve``)."""
+    if not hub:
+        return specs
+    catalogue = check_args.fetch_catalogue(hub)
+    return [dataclasses.replace(s, minimums=check_args.with_catalogue(s.minimums, catalogue.get(s.id), hub)) for s in specs]
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -457,7 +465,7 @@ def _check(args: argparse.Namespace) -> int:
     from .p2p import load_swarm_key
 
     try:
-        specs = specs_from_args(args)
+        specs = _with_hub_catalogue(specs_from_args(args), args.hub)
         swarm_key = load_swarm_key(args.swarm_key) if args.swarm_key else None
         backends: dict[int, Backend] = {}
         reports: dict[int, Report] = {}

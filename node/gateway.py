@@ -65,6 +65,7 @@ from gpunexus.protocol.messages import (
 from gpunexus.protocol.money import cost_micro
 from gpunexus.verify.registry import is_byte_level
 
+from .catalogue import CatalogueView
 from .libp2p_compat import connection_shutting_down
 from .offers import OfferBook
 from .prices import PriceBook
@@ -195,6 +196,8 @@ class GatewayService:
         self.config = config or GatewayConfig()
         self.matcher = Matcher()
         self.stats = GatewayStats()
+        self.catalogue = CatalogueView()
+        """The hub's catalogue (licences, availability) for ``/v1/models``; filled only with a hub."""
         self._pool: StreamPool | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -114,6 +114,7 @@ def create_app(gateway: GatewayService, *, cors_origins: tuple[str, ...] = ()) -
                 "license": offers[0].license,
                 "max_context": max(o.max_context for o in offers),
                 "capabilities": capabilities_of(offers),
+                **gateway.catalogue.describe(name),
             })
             market = gateway.prices.get(name)
             if market is not None:

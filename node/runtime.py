@@ -264,6 +264,8 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
             nursery.start_soon(functools.partial(relay_hub_prices, options.hub.url, node.pubsub, prices, interval=options.config.price_poll_s))
         await nursery.start(settlement.run)
         service = GatewayService(node, book, settlement, options.config, prices=prices)
+        if options.hub is not None:
+            await nursery.start(functools.partial(service.catalogue.follow, options.hub.url))
         await nursery.start(service.run)
         app = create_app(service, cors_origins=options.cors_origins)
         bound = await nursery.start(_serve_http, app, options.host, options.port)

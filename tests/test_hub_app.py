@@ -190,3 +190,18 @@ async def test_metrics_show_requests_receipts_and_the_ledger_to_an_admin_only(se
     assert _sample(text, "gpunexus_hub_ledger_total_micro_usd") == 0
     fee = sum(x.cost_micro for x in receipts) * market.hub.config.fee_bps // 10_000
     assert _sample(text, "gpunexus_hub_platform_balance_micro_usd", account="platform:fee") == pytest.approx(fee, abs=2)
+
+
+async def test_the_catalogue_is_public_with_licences_and_host_minimums(served):
+    from gpunexus.hub import catalogue
+
+    market, url, _ = served
+    market.hub.db.write_sync(catalogue.upsert, catalogue.Model(
+        "llama3.1:8b", "Llama 3.1 8B", "Llama 3.1 Community License", "https://llama.com/llama3_1/license", 131072, True,
+        0.0, family="Llama 3.1", licence_ack=True, min_vram_gb=16.0, min_compute_capability="8.0", min_tokens_per_s=30.0))
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        r = await http.get("/v1/catalogue")
+    assert r.status_code == 200
+    [entry] = r.json()["models"]
+    assert entry["licence_name"] == "Llama 3.1 Community License" and entry["licence_ack"] is True and entry["available"] is True
+    assert entry["minimums"] == {"vram_gb": 16.0, "compute_capability": "8.0", "tokens_per_s": 30.0}

@@ -55,6 +55,10 @@ async def test_licence_and_availability_are_enforced_before_any_host_works(tmp_p
                                        home=tmp_path / "gw") as gateway:
                 await wait_for_offers(gateway)
                 client = openai.OpenAI(base_url=gateway.base_url, api_key=client_key, max_retries=0)
+                # /v1/models shows the catalogue's licence, not the host's own claim.
+                listed = (await trio.to_thread.run_sync(lambda: httpx.get(f"{gateway.base_url}/models").json()))["data"][0]
+                assert listed["license"] == "Tiny Community Licence" and listed["license_url"] == "https://example.com/tiny-licence"
+                assert listed["licence_must_be_accepted"] is True and listed["available"] is True
 
                 def ask() -> str:
                     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)

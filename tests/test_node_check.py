@@ -129,7 +129,7 @@ def test_check_passes_low_minimums_and_fails_impossible_ones():
     assert ok.returncode == 0, ok.stderr
     [[_, result, measured, required]] = row(ok.stdout, "tokens/s")
     assert result == "PASS" and float(measured) > 1 and required == ">= 1"
-    assert "minimums  from flags (the hub publishes no catalogue" in ok.stdout
+    assert "minimums  from flags" in ok.stdout
     assert ok.stdout.rstrip().splitlines()[-1] == "PASS: this machine can serve the model"
     slow = run("node", "check", "--model", "tiny", "--min-tokens-per-s", "1e12")
     assert slow.returncode == 1
@@ -355,3 +355,19 @@ async def test_a_peer_over_its_speed_test_budget_is_refused_but_still_reachable(
         [first] = await probe_peers(peer.listen_addrs(), bandwidth_bytes=2**18)
         [second] = await probe_peers(peer.listen_addrs(), bandwidth_bytes=2**18)  # a new identity, but all peers together are over
         assert first.down_mbps > 0 and second.reachable and second.down_mbps is None
+
+
+async def test_the_hubs_catalogue_sets_a_models_minimums(tmp_path):
+    from gpunexus.hub import catalogue
+
+    async with running_hub(tmp_path / "hub") as hub:
+        hub.hub.db.write_sync(catalogue.upsert, catalogue.Model(
+            model="tiny", display_name="Tiny", licence_name="Apache-2.0", licence_url="", context_length=2048,
+            available=True, updated_at=0.0, min_tokens_per_s=1e9, min_compute_capability="8.0"))
+        out = await arun("node", "check", "--model", "tiny", "--hub", hub.url, "--min-tokens-per-s", "1", "--json")
+        flags_only = await arun("node", "check", "--model", "tiny", "--min-tokens-per-s", "1", "--json")
+    report = json.loads(out.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert out.returncode == 1 and checks["tokens/s"]["status"] == "FAIL" and "1e+09" in checks["tokens/s"]["required"]
+    assert report["minimums"]["source"].startswith(f"the hub's catalogue ({hub.url})")
+    assert flags_only.returncode == 0 and json.loads(flags_only.stdout)["minimums"]["source"] == "flags"

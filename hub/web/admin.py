@@ -70,7 +70,8 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
             return await models_page(user, values={"model": (request.args.get("model") or "")[:256]})
         form = await request.form
         values = {k: (form.get(k) or "").strip() for k in ("model", "display_name", "family", "licence_name", "licence_url",
-                                                            "context_length", "available", "licence_ack")}
+                                                            "context_length", "available", "licence_ack", "min_vram_gb",
+                                                            "min_compute_capability", "min_tokens_per_s")}
         try:
             entry = Model(
                 model=forms.text(form, "model", max_chars=256, label="model id"),
@@ -81,7 +82,11 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
                                                   label="context length"),
                 available=form.get("available") == "1", updated_at=hub.clock(),
                 family=forms.text(form, "family", max_chars=100, required=False, label="family"),
-                licence_ack=form.get("licence_ack") == "1")
+                licence_ack=form.get("licence_ack") == "1",
+                min_vram_gb=forms.optional_number(form, "min_vram_gb", minimum=0.1, maximum=10_000, label="minimum GPU memory"),
+                min_compute_capability=forms.compute_capability(form, "min_compute_capability"),
+                min_tokens_per_s=forms.optional_number(form, "min_tokens_per_s", minimum=0.1, maximum=1_000_000,
+                                                       label="minimum tokens/s"))
             if entry.licence_ack and not (entry.licence_name or entry.licence_url):
                 raise forms.FormError("licence_ack", "Name the licence (or give its URL) that clients must accept.")
         except forms.FormError as exc:

@@ -93,6 +93,28 @@ def optional_int(form: MultiDict, name: str, *, minimum: int, maximum: int, labe
     return int(raw)
 
 
+def optional_number(form: MultiDict, name: str, *, minimum: float, maximum: float, label: str) -> float | None:
+    """An optional decimal number (empty: None) within bounds."""
+    raw = (form.get(name) or "").strip().replace(",", "")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = None
+    if value is None or not raw.isascii() or not minimum <= value <= maximum:
+        raise FormError(name, f"The {label} must be a number from {minimum:g} to {maximum:g}.")
+    return value
+
+
+def compute_capability(form: MultiDict, name: str) -> str:
+    """An empty string or a CUDA compute capability such as ``8.0`` or ``12.0``."""
+    raw = (form.get(name) or "").strip()
+    if raw and not re.fullmatch(r"\d{1,2}\.\d", raw):
+        raise FormError(name, "The compute capability must look like 8.0 or 8.9 (major.minor).")
+    return raw
+
+
 def url(form: MultiDict, name: str, *, max_chars: int, label: str) -> str:
     """An empty string or an ``http(s)://`` URL (nothing that a link could run, like ``javascript:``)."""
     value = text(form, name, max_chars=max_chars, required=False, label=label)

@@ -62,8 +62,9 @@ async def test_the_catalogue_records_models_and_availability(site):
     assert (await v.get("/admin/models")).has("Offered by hosts but not catalogued")
     r = await v.post("/admin/models", {"model": "ref-tiny", "display_name": "Reference tiny", "licence_name": "Apache-2.0",
                                        "licence_url": "https://www.apache.org/licenses/LICENSE-2.0", "context_length": "2,048",
-                                       "available": "1"})
+                                       "available": "1", "min_vram_gb": "0.5", "min_compute_capability": "", "min_tokens_per_s": "20"})
     assert r.status == 303
+    assert (await v.get("/admin/models")).has("0.5 GB, 20 tok/s")
     public = await site.visitor().get("/models")  # no login needed
     assert public.has("Reference tiny") and public.has("Apache-2.0") and public.has("2,048") and public.has("available")
     r = await v.post("/admin/models/availability", {"model": "ref-tiny", "available": "0"}, csrf_from="/admin/models")
@@ -73,6 +74,10 @@ async def test_the_catalogue_records_models_and_availability(site):
     assert r.status == 404
     r = await v.post("/admin/models", {"model": "m", "display_name": "M", "context_length": "-3"})
     assert r.status == 400 and r.has("whole number")
+    r = await v.post("/admin/models", {"model": "m", "display_name": "M", "min_compute_capability": "eight"})
+    assert r.status == 400 and r.has("major.minor")
+    r = await v.post("/admin/models", {"model": "m", "display_name": "M", "min_vram_gb": "lots"})
+    assert r.status == 400 and r.has("minimum GPU memory must be a number")
 
 
 async def test_host_earnings_payouts_and_offers(site):
