@@ -16,9 +16,16 @@ comes first, the session credits once.
 
 Auto-recharge. A client who set a threshold and an amount is charged
 off-session with the saved card when a settled batch leaves their balance
-under the threshold. A card that needs the customer present
+under the threshold. One drop under the threshold is one charge: the
+PaymentIntent's idempotency key names the user, how many recharges were
+credited so far, the card and the amount, so another pass before the credit
+lands (a second settled batch while the charge is still ``processing``,
+another hub process) gets Stripe's first answer back, not a second charge;
+the credit's journal key is the PaymentIntent id, shared with the
+``payment_intent.succeeded`` webhook. A card that needs the customer present
 (``authentication_required``) is not retried: the error is kept and shown in
-``GET /v1/billing`` until a new Checkout saves a usable card.
+``GET /v1/billing`` and on the billing page until a new Checkout saves a
+usable card.
 
 Money out. When a host's balance reaches its payout threshold and it has a
 Connect account, the amount (whole cents) is first moved to the Stripe
@@ -51,7 +58,7 @@ from sqlalchemy.engine import Connection
 
 from . import ledger
 from .body import MAX_INT, Body, Int, Nullable, decode_object
-from .db import payouts, stripe_events, users
+from .db import journal, payouts, postings, stripe_events, users
 from .keys import User
 from .ledger import Journal
 from .openapi import operation
@@ -220,7 +227,7 @@ class StripeBilling:
 
     async def recharge(self, user_id: int) -> str | None:
         """Charge the saved card if the balance is under the threshold; the PaymentIntent status."""
-        row, balance = await self.hub.db.read(_user_and_balance, user_id)
+        row, balance, credited = await self.hub.db.read(_recharge_state, user_id)
         if (row.recharge_threshold_micro is None or row.payment_method_id is None or row.recharge_error
                 or balance >= row.recharge_threshold_micro):
             return None
@@ -231,8 +238,9 @@ class StripeBilling:
             "metadata": {"user_id": str(user_id), "kind": "auto_recharge"},
         }
         try:
+            key = f"recharge-{self.hub.hub_id}-{user_id}-{credited}-{row.payment_method_id}-{params['amount']}"
             pi = await self._stripe(self.client.v1.payment_intents.create, params=params,
-                                    options={"idempotency_key": f"recharge-{secrets.token_hex(12)}"})
+                                    options={"idempotency_key": key[:255]})
         except stripe.CardError as exc:
             reason = exc.code or "card_error"
             log.warning("auto-recharge of user %s failed: %s", user_id, reason)
@@ -424,6 +432,15 @@ def _credit(conn: Connection, key: str, user_id: int, micro: int, now: float) ->
 def _user_and_balance(conn: Connection, user_id: int):
     row = conn.execute(sa.select(users).where(users.c.id == user_id)).one()
     return row, ledger.balance(conn, row.account_id)
+
+
+def _recharge_state(conn: Connection, user_id: int):
+    """(user row, balance, auto-recharges credited so far): what names the next recharge's charge."""
+    row, balance = _user_and_balance(conn, user_id)
+    credited = conn.execute(
+        sa.select(sa.func.count()).select_from(postings.join(journal, journal.c.key == postings.c.journal_key))
+        .where(postings.c.account_id == row.account_id, journal.c.key.like("stripe:pi:%"))).scalar_one()
+    return row, balance, credited
 
 
 def _reserve_payout(conn: Connection, payout_id: str, user_id: int, account_id: int, amount: int, now: float) -> None:

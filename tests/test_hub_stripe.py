@@ -2,7 +2,9 @@
 
 No network: :class:`FakeStripe` is a ``stripe.HTTPClient`` that answers the
 few endpoints the hub uses the way Stripe's API does (JSON objects, card
-errors as HTTP 402 with an ``error`` body), and records every call.
+errors as HTTP 402 with an ``error`` body, a POST repeated with the same
+``Idempotency-Key`` answered with the first answer again), and records every
+call (a replayed POST is recorded once, as Stripe performs it once).
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class FakeStripe(stripe.HTTPClient):
         self.charge_error: str | None = None
         self.transfer_error = False
         self.retrieve_error = False
+        self.charge_status = "succeeded"
+        self.answered: dict[str, tuple[bytes, int, dict]] = {}  # idempotency key -> first answer
+        self.replays = 0
+        self.intents: dict[str, dict] = {}  # PaymentIntents created
         self._n = 0
 
     def _id(self, prefix: str) -> str:
@@ -38,6 +44,16 @@ class FakeStripe(stripe.HTTPClient):
         return f"{prefix}_{self._n:04d}"
 
     def request(self, method, url, headers, post_data=None):
+        key = {k.lower(): v for k, v in (headers or {}).items()}.get("idempotency-key") if method == "post" else None
+        if key in self.answered:
+            self.replays += 1
+            return self.answered[key]
+        answer = self._answer(method, url, post_data)
+        if key:
+            self.answered[key] = answer
+        return answer
+
+    def _answer(self, method, url, post_data):
         path = urlsplit(url).path
         form = {k: v[0] for k, v in parse_qs(post_data or "").items()}
         self.calls.append((method, path, form))
@@ -58,8 +74,11 @@ class FakeStripe(stripe.HTTPClient):
                 body = {"error": {"type": "card_error", "code": self.charge_error, "message": "Your card was declined.",
                                   "payment_intent": {"id": self._id("pi"), "object": "payment_intent", "status": "requires_payment_method"}}}
             else:
-                body = {"id": self._id("pi"), "object": "payment_intent", "status": "succeeded",
-                        "amount": int(form["amount"]), "amount_received": int(form["amount"]), "metadata": {}}
+                received = int(form["amount"]) if self.charge_status == "succeeded" else 0
+                body = {"id": self._id("pi"), "object": "payment_intent", "status": self.charge_status,
+                        "amount": int(form["amount"]), "amount_received": received,
+                        "metadata": {k[9:-1]: v for k, v in form.items() if k.startswith("metadata[")}}
+                self.intents[body["id"]] = body
         elif path == "/v1/transfers":
             if self.transfer_error:
                 status, body = 400, {"error": {"type": "invalid_request_error", "message": "No such destination"}}
@@ -216,6 +235,49 @@ async def test_settlement_triggers_recharge_and_payout(billed):
     assert _balance(market, market.client) == 11_000_000 - 1_000_000 + 5_000_000
     await billing.process_pending()  # nothing new noted: no more calls
     assert len(fake.calls) == len(calls)
+
+
+def _recharged_event(event_id: str, pi: dict) -> bytes:
+    return _event(event_id, "payment_intent.succeeded", {**pi, "status": "succeeded", "amount_received": pi["amount"]})
+
+
+def _charges(fake) -> list[dict]:
+    return [f for _, p, f in fake.calls if p == "/v1/payment_intents"]
+
+
+async def test_a_settled_request_under_the_threshold_charges_the_saved_card_once(billed):
+    """One drop under the threshold is one charge, however many settled batches see it before the credit lands."""
+    market, billing, fake, app = billed
+    client = app.test_client()
+    await market.register_host()
+    await _post_webhook(client, _event("evt_card", "checkout.session.completed", _session("cs_1", market.client.id, 100)))
+    await billing.set_auto_recharge(market.client, 10_500_000, 5_000_000)
+    await market.hub.allowance(market.client, market.gateway.peer_id, 1_000_000)  # 11 USD less the 1 USD held
+    fake.charge_status = "processing"  # the card's bank answers later: the credit comes by webhook
+    for _ in range(3):  # three settled batches while the charge is processing
+        await market.hub.submit([market.receipt(tokens_in=50_000, tokens_out=0).encode()])
+        await billing.process_pending()
+    assert len(_charges(fake)) == 1
+    [charge] = _charges(fake)
+    assert (charge["amount"], charge["payment_method"], charge["metadata[kind]"]) == ("500", "pm_card_saved", "auto_recharge")
+    assert fake.replays == 2  # the later passes sent the same idempotency key and got the first answer back
+    before = _balance(market, market.client)
+    [pi] = fake.intents.values()
+    assert (await (await _post_webhook(client, _recharged_event("evt_pi", pi))).get_json()) == {"applied": True}
+    assert _balance(market, market.client) == before + 5_000_000
+    assert (await (await _post_webhook(client, _recharged_event("evt_pi_again", pi))).get_json()) == {"applied": True}
+    assert _balance(market, market.client) == before + 5_000_000  # another event for the same charge: no more
+
+    fake.charge_status = "succeeded"  # above the threshold now: a settled batch charges nothing
+    await market.hub.submit([market.receipt(tokens_in=50_000, tokens_out=0).encode()])
+    await billing.process_pending()
+    assert len(_charges(fake)) == 1
+    await billing.set_auto_recharge(market.client, 20_000_000, 5_000_000)  # under again: a new charge, credited at once
+    await market.hub.submit([market.receipt(tokens_in=50_000, tokens_out=0).encode()])
+    before = _balance(market, market.client)
+    await billing.process_pending()
+    assert len(_charges(fake)) == 2 and _balance(market, market.client) == before + 5_000_000
+    assert market.hub.db.read_sync(ledger.verify).ok
 
 
 def _malformed_events(user_id: int) -> dict[str, bytes]:

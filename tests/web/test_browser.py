@@ -11,6 +11,7 @@ host name but the loopback one resolves to nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
@@ -19,8 +20,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -53,28 +55,38 @@ class LiveHub:
         return trio.from_thread.run(functools.partial(fn, *args), trio_token=self.token)
 
 
-@pytest.fixture(scope="module")
-def live() -> Iterator[LiveHub]:
+@contextlib.contextmanager
+def served(make_app: Callable[[Hub], Any]) -> Iterator[LiveHub]:
+    """A fresh hub in a temporary home, serving ``make_app(hub)`` on a loopback port from a thread of its own."""
     home = tempfile.mkdtemp(prefix="gpunexus-web-")
     hub = Hub.open(home)
+    app = make_app(hub)
     ready: queue.Queue = queue.Queue()
     stop: list[trio.Event] = []
 
     async def main() -> None:
         stop.append(trio.Event())
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(functools.partial(serve, hub, create_app(hub), host="127.0.0.1", port=0,
+            binds = await nursery.start(functools.partial(serve, hub, app, host="127.0.0.1", port=0,
                                                           shutdown_trigger=stop[0].wait))
             ready.put((binds[0], trio.lowlevel.current_trio_token()))
 
     thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
     thread.start()
     url, token = ready.get(timeout=30)
-    yield LiveHub(hub, url, token)
-    trio.from_thread.run_sync(stop[0].set, trio_token=token)
-    thread.join(timeout=30)
-    hub.db.dispose()
-    shutil.rmtree(home, ignore_errors=True)
+    try:
+        yield LiveHub(hub, url, token)
+    finally:
+        trio.from_thread.run_sync(stop[0].set, trio_token=token)
+        thread.join(timeout=30)
+        hub.db.dispose()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveHub]:
+    with served(create_app) as hub:
+        yield hub
 
 
 @pytest.fixture(scope="module")
