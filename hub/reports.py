@@ -197,9 +197,10 @@ def host_view(conn: Connection, user_id: int, recent: int = 20) -> dict:
 
 
 def payout_summary(conn: Connection, user_id: int) -> dict:
-    """A host's unpaid balance, payouts made and in flight, its threshold, and the payout history."""
-    row = conn.execute(sa.select(users.c.account_id, users.c.payout_threshold_micro, users.c.connect_account_id)
-                       .where(users.c.id == user_id)).one()
+    """A host's unpaid balance, payouts made and in flight, its threshold, its Connect account and whether Stripe
+    said it can be paid out (None: not asked), and the payout history."""
+    row = conn.execute(sa.select(users.c.account_id, users.c.payout_threshold_micro, users.c.connect_account_id,
+                                 users.c.connect_payouts_enabled).where(users.c.id == user_id)).one()
     history = [dict(r._mapping) for r in conn.execute(
         sa.select(payouts.c.payout_id, payouts.c.amount, payouts.c.status, payouts.c.transfer_id, payouts.c.created_at)
         .where(payouts.c.user_id == user_id).order_by(payouts.c.created_at.desc()).limit(50))]
@@ -211,6 +212,7 @@ def payout_summary(conn: Connection, user_id: int) -> dict:
         "in_flight_micro": int(totals.get("pending", 0)),
         "threshold_micro": row.payout_threshold_micro,
         "connect_account_id": row.connect_account_id,
+        "payouts_enabled": row.connect_payouts_enabled,
         "history": history,
     }
 

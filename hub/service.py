@@ -281,8 +281,10 @@ class Hub:
             raise HubError(400, "invalid_request_error", "threshold must be >= 0", "threshold_micro")
 
         def update(conn: Connection) -> None:
+            same = users.c.connect_account_id == connect_account_id  # a new account id's payout state is not known yet
             conn.execute(sa.update(users).where(users.c.id == user.id).values(
-                payout_threshold_micro=threshold_micro, connect_account_id=connect_account_id))
+                payout_threshold_micro=threshold_micro, connect_account_id=connect_account_id,
+                connect_payouts_enabled=sa.case((same, users.c.connect_payouts_enabled), else_=None)))
 
         await self.db.write(update)
         return {"threshold_micro": threshold_micro, "connect_account_id": connect_account_id}

@@ -37,6 +37,9 @@ class FakeStripe(stripe.HTTPClient):
         self.answered: dict[str, tuple[bytes, int, dict]] = {}  # idempotency key -> first answer
         self.replays = 0
         self.intents: dict[str, dict] = {}  # PaymentIntents created
+        self.accounts: dict[str, dict] = {}  # Connect accounts created
+        self.links: dict[str, dict] = {}  # Account Links: token -> account, refresh_url, return_url
+        self.onboarding_base = "https://connect.stripe.com"
         self._n = 0
 
     def _id(self, prefix: str) -> str:
@@ -79,6 +82,19 @@ class FakeStripe(stripe.HTTPClient):
                         "amount": int(form["amount"]), "amount_received": received,
                         "metadata": {k[9:-1]: v for k, v in form.items() if k.startswith("metadata[")}}
                 self.intents[body["id"]] = body
+        elif path == "/v1/accounts" and method == "post":
+            body = {"id": self._id("acct"), "object": "account", "type": form.get("type"), "email": form.get("email"),
+                    "charges_enabled": False, "payouts_enabled": False, "details_submitted": False,
+                    "capabilities": {"transfers": "inactive"} if form.get("capabilities[transfers][requested]") else {},
+                    "metadata": {k[9:-1]: v for k, v in form.items() if k.startswith("metadata[")}}
+            self.accounts[body["id"]] = body
+        elif path.startswith("/v1/accounts/") and method == "get":
+            account = self.accounts.get(path.rsplit("/", 1)[1])
+            status, body = (200, account) if account else (404, {"error": {
+                "type": "invalid_request_error", "code": "resource_missing",
+                "message": f"No such account: '{path.rsplit('/', 1)[1]}'", "param": "account"}})
+        elif path == "/v1/account_links":
+            status, body = self._account_link(form)
         elif path == "/v1/transfers":
             if self.transfer_error:
                 status, body = 400, {"error": {"type": "invalid_request_error", "message": "No such destination"}}
@@ -87,6 +103,28 @@ class FakeStripe(stripe.HTTPClient):
         else:
             status, body = 404, {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({path})"}}
         return json.dumps(body).encode(), status, {"request-id": self._id("req")}
+
+    def _account_link(self, form: dict) -> tuple[int, dict]:
+        """Stripe's checks of ``POST /v1/account_links``, then a link valid for five minutes."""
+        for param in ("account", "type", "refresh_url", "return_url"):
+            if not form.get(param):
+                return 400, {"error": {"type": "invalid_request_error", "message": f"Missing required param: {param}.",
+                                       "param": param}}
+        if form["account"] not in self.accounts:
+            return 400, {"error": {"type": "invalid_request_error", "code": "account_invalid", "param": "account",
+                                   "message": f"No such account: '{form['account']}'"}}
+        if form["type"] not in ("account_onboarding", "account_update"):
+            return 400, {"error": {"type": "invalid_request_error", "param": "type", "message": "Invalid type."}}
+        token = self._id("link")
+        self.links[token] = {"account": form["account"], "refresh_url": form["refresh_url"], "return_url": form["return_url"]}
+        return 200, {"object": "account_link", "created": 1700000000, "expires_at": 1700000300,
+                     "url": f"{self.onboarding_base}/setup/e/{form['account']}/{token}"}
+
+    def onboard(self, account_id: str) -> dict:
+        """The host finished Stripe's onboarding: the account is paid out from now on (its ``account.updated``)."""
+        self.accounts[account_id].update(details_submitted=True, charges_enabled=True, payouts_enabled=True,
+                                         capabilities={"transfers": "active"})
+        return self.accounts[account_id]
 
     def close(self) -> None:
         pass
@@ -278,6 +316,61 @@ async def test_a_settled_request_under_the_threshold_charges_the_saved_card_once
     await billing.process_pending()
     assert len(_charges(fake)) == 2 and _balance(market, market.client) == before + 5_000_000
     assert market.hub.db.read_sync(ledger.verify).ok
+
+
+async def test_connect_onboarding_through_account_links_then_payouts(billed):
+    """One Express account per host, a fresh Account Link each time; payouts wait until Stripe enables them."""
+    market, billing, fake, app = billed
+    client = app.test_client()
+    host_auth = {"authorization": f"Bearer {market.host_key}"}
+    r = await client.post("/v1/connect/onboarding", headers={"authorization": f"Bearer {market.client_key}"})
+    assert r.status_code == 403 and not fake.calls
+    first = (await (await client.post("/v1/connect/onboarding", headers=host_auth)).get_json())["url"]
+    second = (await (await client.post("/v1/connect/onboarding", headers=host_auth)).get_json())["url"]
+    [account] = fake.accounts.values()
+    assert first.startswith(f"https://connect.stripe.com/setup/e/{account['id']}/") and second != first
+    created = [f for m, p, f in fake.calls if p == "/v1/accounts"]
+    assert len(created) == 1 and created[0]["type"] == "express" and created[0]["metadata[user_id]"] == str(market.host.id)
+    assert created[0]["capabilities[transfers][requested]"] == "true" and created[0]["email"] == "host@example.com"
+    link = [f for m, p, f in fake.calls if p == "/v1/account_links"][-1]
+    assert (link["type"], link["account"]) == ("account_onboarding", account["id"])
+    assert (link["refresh_url"], link["return_url"]) == ("https://hub.example/earnings/connect/refresh",
+                                                         "https://hub.example/earnings/connect/return")
+    status = await (await client.get("/v1/connect/account", headers=host_auth)).get_json()
+    assert status == {"connect_account_id": account["id"], "payouts_enabled": False, "details_submitted": False}
+
+    await market.register_host()
+    await market.hub.set_payout_settings(market.host, 1_000, account["id"])  # the threshold form keeps the account
+    await market.hub.allowance(market.client, market.gateway.peer_id, 1_000_000)
+    await market.hub.submit([market.receipt(tokens_in=50_000, tokens_out=0).encode()])
+    assert await billing.payout(market.host.id) is None  # onboarding not finished: nothing is sent to Stripe
+    assert not [p for _, p, _ in fake.calls if p == "/v1/transfers"]
+
+    stale = dict(account)  # the event's copy says "not yet"; the hub reads the account back and sees it enabled
+    fake.onboard(account["id"])
+    r = await _post_webhook(client, _event("evt_acct", "account.updated", stale))
+    assert (await r.get_json()) == {"applied": True}
+    assert (await market.hub.payouts(market.host))["payouts_enabled"] is True
+    assert await billing.payout(market.host.id) == "paid"
+    assert [f["destination"] for _, p, f in fake.calls if p == "/v1/transfers"] == [account["id"]]
+    for obj in ({"id": "acct_someone_else", "object": "account"}, {"id": "cus_1", "object": "customer"}):
+        answer = await (await _post_webhook(client, _event(f"evt_{obj['id']}", "account.updated", obj))).get_json()
+        assert answer["applied"] is False and answer["ignored"], obj  # acknowledged, nothing changes
+    assert (await market.hub.payouts(market.host))["payouts_enabled"] is True
+    fake.accounts.pop(account["id"])  # Stripe no longer knows the account: onboarding says so, changes nothing
+    r = await client.post("/v1/connect/onboarding", headers=host_auth)
+    assert r.status_code == 400 and account["id"] in (await r.get_json())["error"]["message"]
+    assert market.hub.db.read_sync(ledger.verify).ok
+
+
+async def test_a_pasted_connect_account_id_still_works_and_its_state_is_unknown(billed):
+    market, billing, fake, app = billed
+    client = app.test_client()
+    r = await client.put("/v1/payout-settings", json={"threshold_micro": 1_000, "connect_account_id": "acct_pasted"},
+                         headers={"authorization": f"Bearer {market.host_key}"})
+    assert r.status_code == 200
+    summary = await market.hub.payouts(market.host)
+    assert (summary["connect_account_id"], summary["payouts_enabled"]) == ("acct_pasted", None)
 
 
 def _malformed_events(user_id: int) -> dict[str, bytes]:

@@ -42,6 +42,10 @@ class Checkout(Protocol):
 
     async def set_auto_recharge(self, user: User, threshold_micro: int | None, amount_micro: int | None) -> dict: ...
 
+    async def connect_onboarding(self, user: User) -> str: ...
+
+    async def connect_status(self, user: User) -> dict: ...
+
 
 def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
     async def page(user: User, *, error: str | None = None, amount: str = "", status: int = 200,

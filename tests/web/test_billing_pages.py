@@ -176,3 +176,34 @@ async def test_auto_recharge_is_set_on_the_billing_page_and_bad_input_changes_no
     r = await v.post("/billing/auto-recharge", {"recharge_threshold": "", "recharge_amount": ""}, csrf_from="/billing")
     assert r.status == 303 and (await v.get("/billing")).has("Auto-recharge switched off.")
     assert (await site.hub.billing.status(payer))["auto_recharge"]["threshold_micro"] is None
+
+
+async def test_a_host_sets_up_payouts_through_a_stripe_account_link(billed):
+    site, fake = billed
+    site.password_for("host@example.com")
+    host = site.visitor()
+    await host.log_in("host@example.com")
+    page = await host.get("/earnings")
+    assert page.has("Set up payouts")
+    assert (await host.get("/earnings/connect/refresh")).status == 303 and not fake.accounts  # no account: no link
+    assert (await host.post("/earnings/connect", {}, csrf=False)).status == 400 and not fake.accounts  # CSRF
+    r = await host.post("/earnings/connect", {}, csrf_from="/earnings")
+    [account] = fake.accounts
+    assert r.status == 303 and r.headers["location"].startswith(f"https://connect.stripe.com/setup/e/{account}/")
+    link = fake.links[r.headers["location"].rsplit("/", 1)[1]]
+    assert urlsplit(link["return_url"]).path == "/earnings/connect/return"
+    back = await host.get(urlsplit(link["return_url"]).path)  # left Stripe before finishing
+    assert back.has("Payouts not enabled yet") and back.has("Continue on Stripe")
+    assert (await host.get("/earnings")).has("onboarding not finished")
+    again = await host.get(urlsplit(link["refresh_url"]).path)  # the link expired: a fresh one, the same account
+    assert again.status == 303 and again.headers["location"] != r.headers["location"] and len(fake.accounts) == 1
+    fake.onboard(account)
+    done = await host.get("/earnings/connect/return")
+    assert done.has("Payouts enabled") and done.has(account)
+    assert (await host.get("/earnings")).has("payouts enabled")
+
+    client = site.visitor()
+    await client.sign_up("payer@example.com")
+    assert (await client.post("/earnings/connect", {}, csrf_from="/billing")).status == 403
+    assert (await client.get("/earnings/connect/return")).status == 403
+    assert len(fake.accounts) == 1
