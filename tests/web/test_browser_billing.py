@@ -1,15 +1,22 @@
 """The money pages in a real headless Chromium, against a live hub whose Stripe is the test HTTP client.
 
 The hub (served on loopback as in ``test_browser``) has its Stripe layer
-answered by :class:`ConnectStripe`; webhooks reach it over HTTP, signed with
-the ``stripe`` library's own helper. Screenshots go to the same folder as
+answered by the test HTTP client of ``test_billing_pages``; webhooks reach it
+over HTTP, signed with the ``stripe`` library's own helper. Stripe's hosted
+Connect onboarding is stood in for by a two-page loopback server (the
+browser reaches nothing else): the Account Link's URL points at it, and its
+"finish" link marks the account onboarded, as Stripe's would, and sends the
+browser to the link's ``return_url``. Screenshots go to the same folder as
 ``test_browser``'s.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -17,7 +24,8 @@ import stripe
 from gpunexus.hub.app import create_app
 from gpunexus.hub.stripe_billing import StripeBilling
 from test_billing_pages import CheckoutStripe
-from test_browser import (CHROMIUM, DRIVER, LiveHub, _fill, _log_in, _shot, _submit, _user_with_password, browser,  # noqa: F401
+from test_browser import (CHROMIUM, DRIVER, LiveHub, _fill, _log_in, _settle, _shot, _submit, _user_with_password,
+                          browser,  # noqa: F401
                           served, shots)
 from test_hub_stripe import SECRET
 
@@ -29,6 +37,44 @@ from selenium.webdriver.common.by import By  # noqa: E402
 @pytest.fixture(scope="module")
 def fake() -> CheckoutStripe:
     return CheckoutStripe()
+
+
+@pytest.fixture(scope="module")
+def onboarding(fake):
+    """Stripe's hosted onboarding, on loopback: ``/setup/e/ACCT/LINK`` shows a page, ``/finish/LINK`` completes it."""
+
+    class Onboarding(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            parts = self.path.strip("/").split("/")
+            if parts[:2] == ["setup", "e"] and len(parts) == 4 and parts[3] in fake.links:
+                body = (f"<!doctype html><title>Stripe onboarding</title><h1>Fake Stripe: onboarding {html.escape(parts[2])}</h1>"
+                        f"<p>Business details, bank account ...</p><a id='finish' href='/finish/{html.escape(parts[3])}'>Agree and submit</a>")
+                self._answer(200, {"content-type": "text/html"}, body.encode())
+            elif parts[0] == "finish" and len(parts) == 2 and parts[1] in fake.links:
+                link = fake.links[parts[1]]
+                fake.onboard(link["account"])
+                self._answer(303, {"location": link["return_url"]}, b"")
+            else:
+                self._answer(404, {}, b"no such link")
+
+        def _answer(self, status: int, headers: dict, body: bytes) -> None:
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Onboarding)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    fake.onboarding_base = f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
+    server.shutdown()
+    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +119,34 @@ def test_a_client_sets_auto_recharge_after_a_top_up_saved_the_card(live, browser
     state = d.find_element(By.ID, "recharge-state").text
     assert "on" in state and "$20.00 when the balance falls under $5.00" in state
     _shot(d, shots, "20-billing-auto-recharge")
+
+
+def test_a_host_sets_up_payouts_on_stripe_and_comes_back_with_payouts_enabled(live, browser, shots, fake, onboarding):
+    host, _ = _user_with_password(live, "payee@example.com", "host")
+    d = browser
+    _log_in(d, live, "payee@example.com")
+    d.get(live.url + "/earnings")
+    assert "Set up payouts" in d.find_element(By.ID, "payout-account").text
+    _shot(d, shots, "21-host-payouts-not-set-up")
+    _submit(d, By.ID, "set-up-payouts")
+    [account] = [a for a, body in fake.accounts.items() if body["email"] == "payee@example.com"]
+    assert d.current_url.startswith(f"{fake.onboarding_base}/setup/e/{account}/")
+    assert "Fake Stripe: onboarding" in d.page_source
+    _shot(d, shots, "22-stripe-onboarding-stand-in")
+    _submit(d, By.ID, "finish")
+    assert d.current_url == live.url + "/earnings/connect/return"
+    assert "Payouts enabled" in d.find_element(By.ID, "connect-result").text and account in d.page_source
+    _shot(d, shots, "23-host-payouts-enabled")
+    d.get(live.url + "/earnings")
+    assert "payouts enabled" in d.find_element(By.ID, "payout-account").text
+
+    client, _ = _user_with_password(live, "payer-of-payee@example.com", "client", 1_000_000)
+    _settle(live, client, host, count=4)  # 1.19 cents earned: one whole cent to pay out
+    _fill(d, {"threshold": "0.01"})
+    _submit(d, By.CSS_SELECTOR, "form[action$='/earnings/threshold'] button")
+    assert live.call(live.hub.billing.payout, host.id) == "paid"
+    d.get(live.url + "/earnings")
+    [transfer] = [f for _, p, f in fake.calls if p == "/v1/transfers" and f["destination"] == account]
+    history = d.find_element(By.ID, "payouts").text
+    assert "paid" in history and f"${int(transfer['amount']) / 100:.2f}" in history
+    _shot(d, shots, "24-host-earnings-payouts")
