@@ -280,7 +280,7 @@ class StripeBilling:
                 "refresh_url": f"{self.public_url}/earnings/connect/refresh",
                 "return_url": f"{self.public_url}/earnings/connect/return"})
         except stripe.InvalidRequestError as exc:
-            raise HubError(400, "invalid_request_error",
+            raise HubError(409, "connect_account_unknown",
                            f"Stripe cannot onboard the Connect account {account}: {exc.user_message or exc}") from None
         except stripe.StripeError as exc:
             raise HubError(503, "stripe_unavailable", f"Could not reach Stripe to start onboarding: {exc}") from None
@@ -331,6 +331,9 @@ class StripeBilling:
     async def _account(self, account_id: str):
         try:
             return await self._stripe(self.client.v1.accounts.retrieve, account_id)
+        except stripe.InvalidRequestError as exc:
+            raise HubError(409, "connect_account_unknown", f"Stripe does not know the Connect account {account_id}: "
+                           f"{exc.user_message or exc}. Set the right one with PUT /v1/payout-settings.") from None
         except stripe.StripeError as exc:
             raise HubError(503, "stripe_unavailable", f"Could not read the payout account from Stripe: {exc}") from None
 
@@ -432,13 +435,13 @@ class StripeBilling:
                 "Recharge amount_micro when the balance falls under threshold_micro", status, body=AUTO_RECHARGE.schema())},
             "/v1/connect/onboarding": {"post": operation(
                 "Stripe Connect onboarding: the URL of a fresh Account Link for this host's Express account (created once)",
-                {"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}}}, errors=(400, 403, 503))},
+                {"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}}}, errors=(403, 409, 503))},
             "/v1/connect/account": {"get": operation(
                 "This host's Connect account as Stripe reports it now (payouts_enabled is stored for payouts)",
                 {"type": "object", "required": ["connect_account_id", "payouts_enabled", "details_submitted"],
                  "properties": {"connect_account_id": {"type": ["string", "null"]},
                                 "payouts_enabled": {"type": ["boolean", "null"]}, "details_submitted": {"type": "boolean"}}},
-                errors=(403, 503))},
+                errors=(403, 409, 503))},
             "/v1/stripe/webhook": {"post": operation(
                 "Stripe webhook (Stripe-Signature checked on the raw body). 200 also for a correctly signed event the hub "
                 "ignores (ignored says why), so Stripe does not retry it; 503 for a transient failure, which it does.",

@@ -359,7 +359,9 @@ async def test_connect_onboarding_through_account_links_then_payouts(billed):
     assert (await market.hub.payouts(market.host))["payouts_enabled"] is True
     fake.accounts.pop(account["id"])  # Stripe no longer knows the account: onboarding says so, changes nothing
     r = await client.post("/v1/connect/onboarding", headers=host_auth)
-    assert r.status_code == 400 and account["id"] in (await r.get_json())["error"]["message"]
+    assert r.status_code == 409 and account["id"] in (await r.get_json())["error"]["message"]
+    r = await client.get("/v1/connect/account", headers=host_auth)
+    assert r.status_code == 409 and (await r.get_json())["error"]["code"] == "connect_account_unknown"
     assert market.hub.db.read_sync(ledger.verify).ok
 
 
