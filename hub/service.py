@@ -433,6 +433,16 @@ class Hub:
         self._require(admin, "admin")
         return await self.db.read(reports.ledger_totals)
 
+    async def fees_daily(self, admin: User, start: float, end: float) -> list[reports.DayModel]:
+        """The platform fee earned per (day, model) in [start, end)."""
+        self._require(admin, "admin")
+        return await self.db.read(reports.fees_daily, start, end)
+
+    async def market_history(self, admin: User, start: float, end: float, bucket_s: float) -> list[reports.MarketPoint]:
+        """Published market prices, demand and supply per model over time (averaged per ``bucket_s``)."""
+        self._require(admin, "admin")
+        return await self.db.read(reports.market_history, start, end, bucket_s)
+
     async def users(self, admin: User, query: str = "") -> list[dict]:
         self._require(admin, "admin")
         return await self.db.read(reports.user_rows, query)

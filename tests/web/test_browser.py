@@ -56,10 +56,11 @@ class LiveHub:
 
 
 @contextlib.contextmanager
-def served(make_app: Callable[[Hub], Any]) -> Iterator[LiveHub]:
-    """A fresh hub in a temporary home, serving ``make_app(hub)`` on a loopback port from a thread of its own."""
+def served(make_app: Callable[[Hub], Any], **hub_kw: Any) -> Iterator[LiveHub]:
+    """A fresh hub (``Hub.open(home, **hub_kw)``) in a temporary home, serving ``make_app(hub)`` on a loopback
+    port from a thread of its own."""
     home = tempfile.mkdtemp(prefix="gpunexus-web-")
-    hub = Hub.open(home)
+    hub = Hub.open(home, **hub_kw)
     app = make_app(hub)
     ready: queue.Queue = queue.Queue()
     stop: list[trio.Event] = []

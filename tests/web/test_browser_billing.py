@@ -1,4 +1,5 @@
-"""The money pages in a real headless Chromium, against a live hub whose Stripe is the test HTTP client.
+"""The money pages in a real headless Chromium (auto-recharge, Connect onboarding and payouts, the operator's
+market and fee charts), against a live hub whose Stripe is the test HTTP client.
 
 The hub (served on loopback as in ``test_browser``) has its Stripe layer
 answered by the test HTTP client of ``test_billing_pages``; webhooks reach it
@@ -12,10 +13,12 @@ browser to the link's ``return_url``. Screenshots go to the same folder as
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 import json
 import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -27,7 +30,10 @@ from test_billing_pages import CheckoutStripe
 from test_browser import (CHROMIUM, DRIVER, LiveHub, _fill, _log_in, _settle, _shot, _submit, _user_with_password,
                           browser,  # noqa: F401
                           served, shots)
+from gpunexus.protocol.messages import host_registration_statement
+from gpunexus.protocol.signing import Signer
 from test_hub_stripe import SECRET
+from test_hub_support import Clock, make_offer, make_receipt
 
 pytestmark = pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)),
                                 reason="no Chromium: apt-get install chromium chromium-driver (.ci/run does)")
@@ -150,3 +156,66 @@ def test_a_host_sets_up_payouts_on_stripe_and_comes_back_with_payouts_enabled(li
     history = d.find_element(By.ID, "payouts").text
     assert "paid" in history and f"${int(transfer['amount']) / 100:.2f}" in history
     _shot(d, shots, "24-host-earnings-payouts")
+
+
+MODELS = [f"example-org/very-long-model-name-{n}b-instruct-v0.{n}" for n in range(1, 9)]
+_LEGEND_BOXES = """
+return [...document.querySelectorAll('.chart svg')].map(svg => ({
+  id: svg.closest('.chart').id, svg: svg.getBoundingClientRect().toJSON(),
+  texts: [...svg.querySelectorAll('.legends text')].map(t => t.getBoundingClientRect().toJSON())}));
+"""
+
+
+def _seed_market(live: LiveHub, clock: Clock, hours: int) -> None:
+    """A host offers eight models for ``hours`` hours; ref-tiny is bought each hour; the hub closes an epoch hourly."""
+    host_signer, gateway = Signer.generate(), Signer.generate()
+    host, _ = _user_with_password(live, "market-host@example.com", "host")
+    client, _ = _user_with_password(live, "market-client@example.com", "client", 5_000_000)
+    now = time.time()
+
+    async def work() -> None:
+        hub = live.hub
+        clock.now = now - hours * 3600
+        await hub.register_host(host, host_signer.peer_id,
+                                host_signer.sign(host_registration_statement(hub.hub_id, host_signer.peer_id)))
+        for h in range(hours + 1):
+            clock.now = now - (hours - h) * 3600
+            for i, model in enumerate(["ref-tiny", *MODELS]):
+                await hub.post_offer(host, make_offer(host_signer, model=model, issued_at=clock.now, ttl=300,
+                                                      seq=h * 10 + i + 1, tokens_per_s=20.0 + 5 * i).encode())
+            await hub.allowance(client, gateway.peer_id, 1_000_000)
+            receipt = make_receipt(host_signer, gateway, issued_at=clock.now, tokens_in=20_000 * (1 + h % 3), tokens_out=0)
+            [outcome] = await hub.submit([receipt.encode()])
+            assert outcome.status == "settled", outcome
+            await hub.market.close_epoch(hub.market.current_epoch() + 1)
+        clock.now = now
+
+    live.call(work)
+
+
+def test_the_admin_sees_market_and_fees_over_time_with_whole_legends(browser, shots):
+    clock = Clock(time.time() - 7 * 3600)  # the hub's market loop closes its first epoch then; the seed goes forward
+    with served(create_app, clock=clock) as market_hub:
+        _seed_market(market_hub, clock, hours=6)
+        _user_with_password(market_hub, "ops-market@example.com", "admin")
+        d = browser
+        _log_in(d, market_hub, "ops-market@example.com")
+        yesterday = dt.datetime.fromtimestamp(clock.now, dt.UTC).date() - dt.timedelta(days=1)
+        d.get(f"{market_hub.url}/admin/market?from={yesterday.isoformat()}")
+        assert "averaged per hour" in d.page_source
+        for chart in ("price-chart", "demand-chart", "supply-chart", "fee-chart"):
+            assert d.find_element(By.CSS_SELECTOR, f"#{chart} svg"), chart
+        assert "Platform fee earned in range" in d.page_source
+        _shot(d, shots, "25-admin-market-over-time")
+        charts = d.execute_script(_LEGEND_BOXES)
+        assert {c["id"] for c in charts} == {"price-chart", "demand-chart", "supply-chart", "fee-chart"}
+        for chart in charts:
+            box, texts = chart["svg"], chart["texts"]
+            assert len(texts) >= 1, chart["id"]
+            for t in texts:  # every legend entry lies whole inside its chart's drawing
+                assert box["left"] <= t["left"] and t["right"] <= box["right"] + 0.5, (chart["id"], t, box)
+                assert box["top"] <= t["top"] and t["bottom"] <= box["bottom"] + 0.5, (chart["id"], t, box)
+            for a in texts:  # and no two entries overlap
+                for b in texts:
+                    if a is not b and abs(a["top"] - b["top"]) < 1:
+                        assert a["right"] <= b["left"] + 0.5 or b["right"] <= a["left"] + 0.5, (chart["id"], a, b)
