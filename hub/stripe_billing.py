@@ -41,8 +41,9 @@ whether payouts are enabled. An account id set through
 Stripe is asked.
 
 Money out. When a host's balance reaches its payout threshold and it has a
-Connect account (not one Stripe said cannot be paid out yet), the amount (whole cents) is first moved to the Stripe
-clearing account in the ledger (so it cannot be paid twice or spent), then a
+Connect account (not one Stripe said cannot be paid out yet), the amount
+(whole cents) is first moved to the Stripe clearing account in the ledger
+(so it cannot be paid twice or spent), then a
 Transfer is created with the payout id as idempotency key; if Stripe refuses,
 the ledger move is reversed.
 
@@ -193,12 +194,12 @@ class StripeBilling:
         * 200 ``{"applied": false, "ignored": reason}``: correctly signed but
           unusable (not an event, no or non-numeric ``metadata.user_id``, a user
           that does not exist, an amount that is not a positive integer, a
-          Connect account no host has). A
-          retry would carry the same bytes, so it is acknowledged, logged at
+          Connect account no host has or Stripe does not know). A retry
+          would carry the same bytes, so it is acknowledged, logged at
           WARNING and changes nothing, not even the record of event ids.
         * 503 ``stripe_unavailable``: a transient failure (Stripe's API failed
-          while the card or the Connect account was being looked up); nothing was recorded, so
-          Stripe's retry applies it later. Database errors answer 500 and
+          while the card or the Connect account was being looked up);
+          nothing was recorded, so Stripe's retry applies it later. Database errors answer 500 and
           are retried the same way.
         """
         try:
@@ -321,11 +322,11 @@ class StripeBilling:
         if known is None:
             raise Ignored(f"account.updated: no host has the Connect account {account_id!r:.60}")
         try:
-            found = await self._stripe(self.client.v1.accounts.retrieve, account_id)
-        except stripe.InvalidRequestError as exc:
-            raise Ignored(f"account.updated: Stripe does not know {account_id!r:.60}: {exc.user_message or exc}") from None
-        except stripe.StripeError as exc:
-            raise HubError(503, "stripe_unavailable", f"could not read the Connect account from Stripe: {exc}") from None
+            found = await self._account(account_id)
+        except HubError as exc:
+            if exc.code != "connect_account_unknown":
+                raise  # transient: Stripe retries the event
+            raise Ignored(f"account.updated: {exc.message}") from None
         return account_id, found.payouts_enabled is True
 
     async def _account(self, account_id: str):

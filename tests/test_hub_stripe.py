@@ -362,6 +362,9 @@ async def test_connect_onboarding_through_account_links_then_payouts(billed):
     assert r.status_code == 409 and account["id"] in (await r.get_json())["error"]["message"]
     r = await client.get("/v1/connect/account", headers=host_auth)
     assert r.status_code == 409 and (await r.get_json())["error"]["code"] == "connect_account_unknown"
+    answer = await (await _post_webhook(client, _event("evt_gone", "account.updated", stale))).get_json()
+    assert answer["applied"] is False and "does not know" in answer["ignored"]
+    assert (await market.hub.payouts(market.host))["payouts_enabled"] is True  # unchanged
     assert market.hub.db.read_sync(ledger.verify).ok
 
 
