@@ -84,4 +84,5 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
     @bp.get("/host")
     @auth.page(hub, "host", "admin")
     async def host(user: User) -> str:
-        return await render_template("host.html", view=await hub.host_view(user), now=hub.clock())
+        return await render_template("host.html", view=await hub.host_view(user), now=hub.clock(),
+                                     payouts=await hub.payouts(user))

@@ -183,8 +183,8 @@ async def test_a_host_sets_up_payouts_through_a_stripe_account_link(billed):
     site.password_for("host@example.com")
     host = site.visitor()
     await host.log_in("host@example.com")
-    page = await host.get("/earnings")
-    assert page.has("Set up payouts")
+    for path in ("/earnings", "/host"):  # the button is on both host pages
+        assert (await host.get(path)).has("Set up payouts"), path
     assert (await host.get("/earnings/connect/refresh")).status == 303 and not fake.accounts  # no account: no link
     assert (await host.post("/earnings/connect", {}, csrf=False)).status == 400 and not fake.accounts  # CSRF
     r = await host.post("/earnings/connect", {}, csrf_from="/earnings")
@@ -200,7 +200,7 @@ async def test_a_host_sets_up_payouts_through_a_stripe_account_link(billed):
     fake.onboard(account)
     done = await host.get("/earnings/connect/return")
     assert done.has("Payouts enabled") and done.has(account)
-    assert (await host.get("/earnings")).has("payouts enabled")
+    assert (await host.get("/earnings")).has("payouts enabled") and (await host.get("/host")).has("payouts enabled")
 
     client = site.visitor()
     await client.sign_up("payer@example.com")

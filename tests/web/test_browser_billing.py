@@ -131,9 +131,9 @@ def test_a_host_sets_up_payouts_on_stripe_and_comes_back_with_payouts_enabled(li
     host, _ = _user_with_password(live, "payee@example.com", "host")
     d = browser
     _log_in(d, live, "payee@example.com")
-    d.get(live.url + "/earnings")
+    d.get(live.url + "/host")
     assert "Set up payouts" in d.find_element(By.ID, "payout-account").text
-    _shot(d, shots, "21-host-payouts-not-set-up")
+    _shot(d, shots, "21-host-page-payouts-not-set-up")
     _submit(d, By.ID, "set-up-payouts")
     [account] = [a for a, body in fake.accounts.items() if body["email"] == "payee@example.com"]
     assert d.current_url.startswith(f"{fake.onboarding_base}/setup/e/{account}/")
