@@ -113,15 +113,24 @@ def browser(live):
 
 
 def _shot(driver, folder: str, name: str) -> str:
-    """Save a full-page screenshot and check it is not blank (varied pixels, many colours)."""
+    """Save a full-page screenshot and check it is not blank (varied pixels, many colours).
+
+    The window is sized so that its *viewport* holds the whole page: the
+    window's own frame takes some height, and a screenshot of a window
+    merely as tall as the page cut off its bottom (the last chart's legend).
+    """
     from PIL import Image, ImageStat
 
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(max(height, 700), 4000))
+    height = min(max(driver.execute_script("return document.documentElement.scrollHeight"), 700), 4000)
+    driver.set_window_size(1400, height)
+    frame = height - driver.execute_script("return window.innerHeight")
+    if frame > 0:
+        driver.set_window_size(1400, height + frame)
     path = os.path.join(folder, f"{name}.png")
     driver.save_screenshot(path)
     driver.set_window_size(1400, 1000)
     with Image.open(path) as image:
+        assert image.height >= height, f"{path} is {image.height} pixels tall, the page {height}: its bottom is cut off"
         gray = image.convert("L")
         assert ImageStat.Stat(gray).stddev[0] > 8, f"{path} looks blank"
         assert len(image.convert("RGB").getcolors(1 << 20) or []) > 30, f"{path} has almost no colours"
