@@ -42,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=port_arg, default=8080, help="port (default 8080)")
     serve.add_argument("--fee-bps", type=int, default=HubConfig().fee_bps, help="platform fee in basis points (default 1000 = 10%%)")
-    serve.add_argument("--public-url", default=None, help="URL people reach the hub at: Stripe Checkout return links; "
-                       "https:// also makes the dashboard's cookies Secure")
+    serve.add_argument("--public-url", default=None, help="URL people reach the hub at: Stripe Checkout and Connect "
+                       "onboarding return links; https:// also makes the dashboard's cookies Secure")
     serve.add_argument("--verify-workers", type=int, default=0, metavar="N",
                        help="verify receipt signatures in N worker processes (default 0: in the request's thread)")
     serve.add_argument("--epoch-s", type=float, default=HubConfig().epoch_s, metavar="S",

@@ -83,7 +83,10 @@ users = sa.Table(
     sa.Column("payout_threshold_micro", sa.BigInteger),
     sa.Column("connect_account_id", sa.String(255)),
     sa.Column("suspended_at", sa.Float),
+    sa.Column("connect_payouts_enabled", sa.Boolean),
 )
+"""``connect_payouts_enabled``: whether Stripe last said the Connect account can be paid out (NULL: not asked,
+as for an account id set through ``PUT /v1/payout-settings``)."""
 
 api_keys = sa.Table(
     "api_keys",
@@ -464,7 +467,7 @@ disputes = sa.Table(
 
 _ADDED_COLUMNS = (users.c.suspended_at, api_keys.c.expires_at, api_keys.c.limit_day_micro, api_keys.c.limit_month_micro,
                   allowances.c.key_id, allowances.c.refused_models, receipt_log.c.key_id, models.c.family, models.c.licence_ack,
-                  models.c.min_vram_gb, models.c.min_compute_capability, models.c.min_tokens_per_s)
+                  models.c.min_vram_gb, models.c.min_compute_capability, models.c.min_tokens_per_s, users.c.connect_payouts_enabled)
 """Nullable columns added after the first release; :meth:`Database.create_schema` adds them to older databases."""
 
 _RETRY_PGCODES = {"40001", "40P01"}  # serialization_failure, deadlock_detected

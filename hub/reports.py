@@ -18,7 +18,7 @@ from gpunexus.verify import reputation as rep_mod
 from sqlalchemy.engine import Connection
 
 from . import chain, honesty, ledger
-from .db import accounts, api_keys, audits, hosts, offers, payouts, receipt_log, users
+from .db import accounts, api_keys, audits, hosts, offers, payouts, prices, receipt_log, users
 
 DAY_S = 86400
 _FOREVER = 1e15
@@ -73,11 +73,16 @@ def _side(side: str):
 
 
 def _day(conn: Connection):
-    """The UTC day number of ``settled_at`` in SQL: SQLite truncates a positive REAL with CAST, PostgreSQL rounds, so floor()."""
-    days = receipt_log.c.settled_at / DAY_S
+    """The UTC day number of ``settled_at`` in SQL."""
+    return _bucket(conn, receipt_log.c.settled_at, DAY_S)
+
+
+def _bucket(conn: Connection, column, seconds: float):
+    """``floor(column / seconds)`` in SQL: SQLite truncates a positive REAL with CAST, PostgreSQL rounds, so floor()."""
+    n = column / seconds
     if conn.dialect.name == "postgresql":
-        return sa.cast(sa.func.floor(days), sa.BigInteger)
-    return sa.cast(days, sa.Integer)
+        return sa.cast(sa.func.floor(n), sa.BigInteger)
+    return sa.cast(n, sa.Integer)
 
 
 def daily(conn: Connection, user_id: int, side: str, start: float, end: float) -> list[DayModel]:
@@ -91,6 +96,43 @@ def daily(conn: Connection, user_id: int, side: str, start: float, end: float) -
         .order_by(day, receipt_log.c.model)
     ).all()
     return [DayModel(int(d), m, int(n), int(t), int(a)) for d, m, n, t, a in rows]
+
+
+def fees_daily(conn: Connection, start: float, end: float) -> list[DayModel]:
+    """The platform fee earned per (day, model) in [start, end), every account's requests together."""
+    day = _day(conn).label("day")
+    rows = conn.execute(
+        sa.select(day, receipt_log.c.model, sa.func.count(), sa.func.sum(receipt_log.c.tokens), sa.func.sum(receipt_log.c.fee))
+        .where(receipt_log.c.settled_at >= start, receipt_log.c.settled_at < end)
+        .group_by(day, receipt_log.c.model)
+        .order_by(day, receipt_log.c.model)
+    ).all()
+    return [DayModel(int(d), m, int(n), int(t), int(a)) for d, m, n, t, a in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class MarketPoint:
+    """One model's market over one stretch of time: averages of the epochs the hub published in it."""
+
+    start: float
+    model: str
+    price_micro_per_mtok: float
+    demand_tps: float
+    supply_tps: float
+
+
+def market_history(conn: Connection, start: float, end: float, bucket_s: float) -> list[MarketPoint]:
+    """Published prices, demand and supply per model, averaged per ``bucket_s`` stretch of [start, end)."""
+    p = prices.c
+    bucket = _bucket(conn, p.epoch_start, bucket_s).label("bucket")
+    rows = conn.execute(
+        sa.select(bucket, p.model, sa.func.avg(p.price), sa.func.avg(p.demand_tps), sa.func.avg(p.supply_tps))
+        .where(p.epoch_start >= start, p.epoch_start < end)
+        .group_by(bucket, p.model)
+        .order_by(bucket, p.model)
+    ).all()
+    return [MarketPoint(int(b) * bucket_s, m, float(price), float(demand), float(supply))
+            for b, m, price, demand, supply in rows]
 
 
 def request_log(conn: Connection, user_id: int, side: str, start: float, end: float, *,
@@ -197,9 +239,10 @@ def host_view(conn: Connection, user_id: int, recent: int = 20) -> dict:
 
 
 def payout_summary(conn: Connection, user_id: int) -> dict:
-    """A host's unpaid balance, payouts made and in flight, its threshold, and the payout history."""
-    row = conn.execute(sa.select(users.c.account_id, users.c.payout_threshold_micro, users.c.connect_account_id)
-                       .where(users.c.id == user_id)).one()
+    """A host's unpaid balance, payouts made and in flight, its threshold, its Connect account and whether Stripe
+    said it can be paid out (None: not asked), and the payout history."""
+    row = conn.execute(sa.select(users.c.account_id, users.c.payout_threshold_micro, users.c.connect_account_id,
+                                 users.c.connect_payouts_enabled).where(users.c.id == user_id)).one()
     history = [dict(r._mapping) for r in conn.execute(
         sa.select(payouts.c.payout_id, payouts.c.amount, payouts.c.status, payouts.c.transfer_id, payouts.c.created_at)
         .where(payouts.c.user_id == user_id).order_by(payouts.c.created_at.desc()).limit(50))]
@@ -211,6 +254,7 @@ def payout_summary(conn: Connection, user_id: int) -> dict:
         "in_flight_micro": int(totals.get("pending", 0)),
         "threshold_micro": row.payout_threshold_micro,
         "connect_account_id": row.connect_account_id,
+        "payouts_enabled": row.connect_payouts_enabled,
         "history": history,
     }
 

@@ -337,8 +337,10 @@ class Hub:
             raise HubError(400, "invalid_request_error", "threshold must be >= 0", "threshold_micro")
 
         def update(conn: Connection) -> None:
+            same = users.c.connect_account_id == connect_account_id  # a new account id's payout state is not known yet
             conn.execute(sa.update(users).where(users.c.id == user.id).values(
-                payout_threshold_micro=threshold_micro, connect_account_id=connect_account_id))
+                payout_threshold_micro=threshold_micro, connect_account_id=connect_account_id,
+                connect_payouts_enabled=sa.case((same, users.c.connect_payouts_enabled), else_=None)))
 
         await self.db.write(update)
         return {"threshold_micro": threshold_micro, "connect_account_id": connect_account_id}
@@ -486,6 +488,16 @@ class Hub:
     async def ledger_totals(self, admin: User) -> dict:
         self._require(admin, "admin")
         return await self.db.read(reports.ledger_totals)
+
+    async def fees_daily(self, admin: User, start: float, end: float) -> list[reports.DayModel]:
+        """The platform fee earned per (day, model) in [start, end)."""
+        self._require(admin, "admin")
+        return await self.db.read(reports.fees_daily, start, end)
+
+    async def market_history(self, admin: User, start: float, end: float, bucket_s: float) -> list[reports.MarketPoint]:
+        """Published market prices, demand and supply per model over time (averaged per ``bucket_s``)."""
+        self._require(admin, "admin")
+        return await self.db.read(reports.market_history, start, end, bucket_s)
 
     async def users(self, admin: User, query: str = "") -> list[dict]:
         self._require(admin, "admin")

@@ -16,13 +16,34 @@ comes first, the session credits once.
 
 Auto-recharge. A client who set a threshold and an amount is charged
 off-session with the saved card when a settled batch leaves their balance
-under the threshold. A card that needs the customer present
+under the threshold. One drop under the threshold is one charge: the
+PaymentIntent's idempotency key names the user, how many recharges were
+credited so far, the card and the amount, so another pass before the credit
+lands (a second settled batch while the charge is still ``processing``,
+another hub process) gets Stripe's first answer back, not a second charge;
+the credit's journal key is the PaymentIntent id, shared with the
+``payment_intent.succeeded`` webhook. A card that needs the customer present
 (``authentication_required``) is not retried: the error is kept and shown in
-``GET /v1/billing`` until a new Checkout saves a usable card.
+``GET /v1/billing`` and on the billing page until a new Checkout saves a
+usable card.
+
+Connect onboarding. A host never pastes an account id: "Set up payouts"
+(:meth:`StripeBilling.connect_onboarding`) creates one Express connected
+account per host (``POST /v1/accounts``, idempotency key named after the
+hub and the user, stored only where none is stored yet), then an Account
+Link (``POST /v1/account_links``, ``account_onboarding``) whose
+``refresh_url`` and ``return_url`` are the hub's public URL; the browser is
+sent there. On return (and on every ``account.updated`` webhook) the hub
+reads the account back (``GET /v1/accounts/{id}``) rather than trusting the
+event's copy, since Stripe does not promise events in order, and stores
+whether payouts are enabled. An account id set through
+``PUT /v1/payout-settings`` still works; its payout state is unknown until
+Stripe is asked.
 
 Money out. When a host's balance reaches its payout threshold and it has a
-Connect account, the amount (whole cents) is first moved to the Stripe
-clearing account in the ledger (so it cannot be paid twice or spent), then a
+Connect account (not one Stripe said cannot be paid out yet), the amount
+(whole cents) is first moved to the Stripe clearing account in the ledger
+(so it cannot be paid twice or spent), then a
 Transfer is created with the payout id as idempotency key; if Stripe refuses,
 the ledger move is reversed.
 
@@ -51,7 +72,7 @@ from sqlalchemy.engine import Connection
 
 from . import ledger
 from .body import MAX_INT, Body, Int, Nullable, decode_object
-from .db import payouts, stripe_events, users
+from .db import journal, payouts, postings, stripe_events, users
 from .keys import User
 from .ledger import Journal
 from .openapi import operation
@@ -172,12 +193,13 @@ class StripeBilling:
           event id was applied before.
         * 200 ``{"applied": false, "ignored": reason}``: correctly signed but
           unusable (not an event, no or non-numeric ``metadata.user_id``, a user
-          that does not exist, an amount that is not a positive integer). A
-          retry would carry the same bytes, so it is acknowledged, logged at
+          that does not exist, an amount that is not a positive integer, a
+          Connect account no host has or Stripe does not know). A retry
+          would carry the same bytes, so it is acknowledged, logged at
           WARNING and changes nothing, not even the record of event ids.
         * 503 ``stripe_unavailable``: a transient failure (Stripe's API failed
-          while the card was being looked up); nothing was recorded, so
-          Stripe's retry applies it later. Database errors answer 500 and
+          while the card or the Connect account was being looked up);
+          nothing was recorded, so Stripe's retry applies it later. Database errors answer 500 and
           are retried the same way.
         """
         try:
@@ -187,9 +209,10 @@ class StripeBilling:
         except (UnicodeError, TypeError):  # a body that is not UTF-8, a header that is not ASCII
             raise HubError(400, "invalid_signature", "webhook rejected: not a signed Stripe event") from None
         try:
-            event_id, kind, credit, card = _read_event(payload)
+            event_id, kind, credit, card, account = _read_event(payload)
             save_card = await self._card_to_save(*card) if card else None
-            applied = await self.hub.db.write(_apply_event, event_id, kind, credit, save_card, time.time())
+            connect = await self._connect_update(account) if account else None
+            applied = await self.hub.db.write(_apply_event, event_id, kind, credit, save_card, connect, time.time())
         except Ignored as exc:
             log.warning("Stripe webhook event ignored: %s", exc)
             return {"applied": False, "ignored": str(exc)}
@@ -220,7 +243,7 @@ class StripeBilling:
 
     async def recharge(self, user_id: int) -> str | None:
         """Charge the saved card if the balance is under the threshold; the PaymentIntent status."""
-        row, balance = await self.hub.db.read(_user_and_balance, user_id)
+        row, balance, credited = await self.hub.db.read(_recharge_state, user_id)
         if (row.recharge_threshold_micro is None or row.payment_method_id is None or row.recharge_error
                 or balance >= row.recharge_threshold_micro):
             return None
@@ -231,8 +254,9 @@ class StripeBilling:
             "metadata": {"user_id": str(user_id), "kind": "auto_recharge"},
         }
         try:
+            key = f"recharge-{self.hub.hub_id}-{user_id}-{credited}-{row.payment_method_id}-{params['amount']}"
             pi = await self._stripe(self.client.v1.payment_intents.create, params=params,
-                                    options={"idempotency_key": f"recharge-{secrets.token_hex(12)}"})
+                                    options={"idempotency_key": key[:255]})
         except stripe.CardError as exc:
             reason = exc.code or "card_error"
             log.warning("auto-recharge of user %s failed: %s", user_id, reason)
@@ -241,16 +265,86 @@ class StripeBilling:
             return reason
         if pi.status == "succeeded":
             await self.hub.db.write(_apply_event, f"recharge:{pi.id}", "auto_recharge",
-                                    (f"stripe:pi:{pi.id}", user_id, int(pi.amount_received) * MICRO_PER_CENT), None, time.time())
+                                    (f"stripe:pi:{pi.id}", user_id, int(pi.amount_received) * MICRO_PER_CENT), None, None,
+                                    time.time())
         return pi.status
+
+    # --- Connect onboarding -----------------------------------------------------
+    async def connect_onboarding(self, user: User) -> str:
+        """The URL of a fresh Account Link that onboards ``user``'s Express account (created the first time)."""
+        if user.role not in ("host", "admin"):
+            raise HubError(403, "permission_denied", "payouts are for host accounts")
+        account = await self._connect_account(user)
+        try:
+            link = await self._stripe(self.client.v1.account_links.create, params={
+                "account": account, "type": "account_onboarding",
+                "refresh_url": f"{self.public_url}/earnings/connect/refresh",
+                "return_url": f"{self.public_url}/earnings/connect/return"})
+        except stripe.InvalidRequestError as exc:
+            raise HubError(409, "connect_account_unknown",
+                           f"Stripe cannot onboard the Connect account {account}: {exc.user_message or exc}") from None
+        except stripe.StripeError as exc:
+            raise HubError(503, "stripe_unavailable", f"Could not reach Stripe to start onboarding: {exc}") from None
+        return link.url
+
+    async def _connect_account(self, user: User) -> str:
+        existing = await self.hub.db.read(_connect_account_of, user.id)
+        if existing:
+            return existing
+        try:
+            account = await self._stripe(self.client.v1.accounts.create, params={
+                "type": "express", "email": user.email, "capabilities": {"transfers": {"requested": True}},
+                "metadata": {"user_id": str(user.id)}}, options={"idempotency_key": f"connect-{self.hub.hub_id}-{user.id}"})
+        except stripe.StripeError as exc:
+            raise HubError(503, "stripe_unavailable", f"Could not reach Stripe to create the payout account: {exc}") from None
+
+        def store(conn: Connection) -> str:
+            conn.execute(sa.update(users).where(users.c.id == user.id, users.c.connect_account_id.is_(None))
+                         .values(connect_account_id=account.id, connect_payouts_enabled=account.payouts_enabled is True))
+            return _connect_account_of(conn, user.id)
+
+        return await self.hub.db.write(store)
+
+    async def connect_status(self, user: User) -> dict:
+        """Read ``user``'s Connect account back from Stripe and store whether it can be paid out."""
+        account = await self.hub.db.read(_connect_account_of, user.id)
+        if account is None:
+            return {"connect_account_id": None, "payouts_enabled": None, "details_submitted": False}
+        found = await self._account(account)
+        await self.hub.db.write(_set_payouts_enabled, account, found.payouts_enabled is True)
+        return {"connect_account_id": account, "payouts_enabled": found.payouts_enabled is True,
+                "details_submitted": found.details_submitted is True}
+
+    async def _connect_update(self, account_id: str) -> tuple[str, bool]:
+        """(account, payouts enabled) of an ``account.updated`` event's account, read back from Stripe."""
+        known = await self.hub.db.read(lambda c: c.execute(
+            sa.select(users.c.id).where(users.c.connect_account_id == account_id)).first())
+        if known is None:
+            raise Ignored(f"account.updated: no host has the Connect account {account_id!r:.60}")
+        try:
+            found = await self._account(account_id)
+        except HubError as exc:
+            if exc.code != "connect_account_unknown":
+                raise  # transient: Stripe retries the event
+            raise Ignored(f"account.updated: {exc.message}") from None
+        return account_id, found.payouts_enabled is True
+
+    async def _account(self, account_id: str):
+        try:
+            return await self._stripe(self.client.v1.accounts.retrieve, account_id)
+        except stripe.InvalidRequestError as exc:
+            raise HubError(409, "connect_account_unknown", f"Stripe does not know the Connect account {account_id}: "
+                           f"{exc.user_message or exc}. Set the right one with PUT /v1/payout-settings.") from None
+        except stripe.StripeError as exc:
+            raise HubError(503, "stripe_unavailable", f"Could not read the payout account from Stripe: {exc}") from None
 
     # --- money out ------------------------------------------------------------
     async def payout(self, user_id: int) -> str | None:
         """Transfer a host's balance to its Connect account once over the threshold."""
         row, balance = await self.hub.db.read(_user_and_balance, user_id)
         amount = balance - balance % MICRO_PER_CENT
-        if row.connect_account_id is None or row.payout_threshold_micro is None or amount <= 0 \
-                or balance < row.payout_threshold_micro:
+        if row.connect_account_id is None or row.connect_payouts_enabled is False \
+                or row.payout_threshold_micro is None or amount <= 0 or balance < row.payout_threshold_micro:
             return None
         payout_id = secrets.token_hex(16)
         try:
@@ -311,6 +405,17 @@ class StripeBilling:
             data = await read(AUTO_RECHARGE)
             return jsonify(await self.set_auto_recharge(user, data["threshold_micro"], data["amount_micro"]))
 
+        @app.post("/v1/connect/onboarding")
+        async def connect_onboarding() -> Response:
+            return jsonify({"url": await self.connect_onboarding(await current_user())})
+
+        @app.get("/v1/connect/account")
+        async def connect_account() -> Response:
+            user = await current_user()
+            if user.role not in ("host", "admin"):
+                raise HubError(403, "permission_denied", "payouts are for host accounts")
+            return jsonify(await self.connect_status(user))
+
         @app.post("/v1/stripe/webhook")
         async def webhook() -> Response:
             return jsonify(await self.webhook(await request.get_data(), request.headers.get("stripe-signature")))
@@ -329,6 +434,15 @@ class StripeBilling:
             "/v1/billing": {"get": operation("Auto-recharge settings and state", status)},
             "/v1/billing/auto-recharge": {"put": operation(
                 "Recharge amount_micro when the balance falls under threshold_micro", status, body=AUTO_RECHARGE.schema())},
+            "/v1/connect/onboarding": {"post": operation(
+                "Stripe Connect onboarding: the URL of a fresh Account Link for this host's Express account (created once)",
+                {"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}}}, errors=(403, 409, 503))},
+            "/v1/connect/account": {"get": operation(
+                "This host's Connect account as Stripe reports it now (payouts_enabled is stored for payouts)",
+                {"type": "object", "required": ["connect_account_id", "payouts_enabled", "details_submitted"],
+                 "properties": {"connect_account_id": {"type": ["string", "null"]},
+                                "payouts_enabled": {"type": ["boolean", "null"]}, "details_submitted": {"type": "boolean"}}},
+                errors=(403, 409, 503))},
             "/v1/stripe/webhook": {"post": operation(
                 "Stripe webhook (Stripe-Signature checked on the raw body). 200 also for a correctly signed event the hub "
                 "ignores (ignored says why), so Stripe does not retry it; 503 for a transient failure, which it does.",
@@ -339,11 +453,12 @@ class StripeBilling:
         }
 
 
-def _read_event(payload: bytes) -> tuple[str, str, tuple[str, int, int] | None, tuple[int, str, str] | None]:
-    """(event id, type, credit, card to look up) of a verified event, or :class:`Ignored`.
+def _read_event(payload: bytes) -> tuple[str, str, tuple[str, int, int] | None, tuple[int, str, str] | None, str | None]:
+    """(event id, type, credit, card to look up, Connect account to look up) of a verified event, or :class:`Ignored`.
 
     ``credit`` is (journal key, user id, micro-USD); ``card`` is (user id,
-    customer, PaymentIntent id) of a paid Checkout whose card is saved.
+    customer, PaymentIntent id) of a paid Checkout whose card is saved;
+    the account is the id of an ``account.updated`` event's account.
     """
     try:
         event = decode_object(payload)
@@ -360,13 +475,18 @@ def _read_event(payload: bytes) -> tuple[str, str, tuple[str, int, int] | None, 
         credit = (f"stripe:checkout:{_object_id(obj, label)}", user_id, _cents(obj, "amount_total", label) * MICRO_PER_CENT)
         pi, customer = obj.get("payment_intent"), obj.get("customer")
         card = (user_id, customer, pi) if isinstance(pi, str) and pi and isinstance(customer, str) and customer else None
-        return event_id, kind, credit, card
+        return event_id, kind, credit, card, None
+    if kind == "account.updated":
+        account = _object_id(obj, label)
+        if not account.startswith("acct_"):
+            raise Ignored(f"{label}: not a Connect account id ({account!r:.40})")
+        return event_id, kind, None, None, account
     metadata = obj.get("metadata")
     if kind == "payment_intent.succeeded" and isinstance(metadata, dict) and metadata.get("kind") == "auto_recharge":
         credit = (f"stripe:pi:{_object_id(obj, label)}", _user_id(obj, label),
                   _cents(obj, "amount_received", label) * MICRO_PER_CENT)
-        return event_id, kind, credit, None
-    return event_id, kind, None, None
+        return event_id, kind, credit, None, None
+    return event_id, kind, None, None, None
 
 
 def _short_str(value: Any, column) -> bool:
@@ -396,8 +516,9 @@ def _cents(obj: dict, name: str, label: str) -> int:
 
 
 def _apply_event(conn: Connection, event_id: str, kind: str, credit: tuple[str, int, int] | None,
-                 save_card: tuple[int, str, str] | None, now: float) -> bool:
-    """Record a Stripe event once, with its credit and saved card, in one transaction (:class:`Ignored`: none of it)."""
+                 save_card: tuple[int, str, str] | None, connect: tuple[str, bool] | None, now: float) -> bool:
+    """Record a Stripe event once, with its credit, saved card and Connect account state, in one transaction
+    (:class:`Ignored`: none of it)."""
     fresh = conn.execute(ledger.insert_ignore(conn, stripe_events)
                          .values(event_id=event_id, type=kind, received_at=now).returning(stripe_events.c.event_id)).first()
     if fresh is None:
@@ -410,7 +531,17 @@ def _apply_event(conn: Connection, event_id: str, kind: str, credit: tuple[str, 
         user_id, customer, method = save_card
         conn.execute(sa.update(users).where(users.c.id == user_id)
                      .values(stripe_customer_id=customer, payment_method_id=method, recharge_error=None))
+    if connect:
+        _set_payouts_enabled(conn, *connect)
     return True
+
+
+def _connect_account_of(conn: Connection, user_id: int) -> str | None:
+    return conn.execute(sa.select(users.c.connect_account_id).where(users.c.id == user_id)).scalar_one()
+
+
+def _set_payouts_enabled(conn: Connection, account_id: str, enabled: bool) -> None:
+    conn.execute(sa.update(users).where(users.c.connect_account_id == account_id).values(connect_payouts_enabled=enabled))
 
 
 def _credit(conn: Connection, key: str, user_id: int, micro: int, now: float) -> bool | None:
@@ -424,6 +555,15 @@ def _credit(conn: Connection, key: str, user_id: int, micro: int, now: float) ->
 def _user_and_balance(conn: Connection, user_id: int):
     row = conn.execute(sa.select(users).where(users.c.id == user_id)).one()
     return row, ledger.balance(conn, row.account_id)
+
+
+def _recharge_state(conn: Connection, user_id: int):
+    """(user row, balance, auto-recharges credited so far): what names the next recharge's charge."""
+    row, balance = _user_and_balance(conn, user_id)
+    credited = conn.execute(
+        sa.select(sa.func.count()).select_from(postings.join(journal, journal.c.key == postings.c.journal_key))
+        .where(postings.c.account_id == row.account_id, journal.c.key.like("stripe:pi:%"))).scalar_one()
+    return row, balance, credited
 
 
 def _reserve_payout(conn: Connection, payout_id: str, user_id: int, account_id: int, amount: int, now: float) -> None:

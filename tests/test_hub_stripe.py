@@ -2,7 +2,9 @@
 
 No network: :class:`FakeStripe` is a ``stripe.HTTPClient`` that answers the
 few endpoints the hub uses the way Stripe's API does (JSON objects, card
-errors as HTTP 402 with an ``error`` body), and records every call.
+errors as HTTP 402 with an ``error`` body, a POST repeated with the same
+``Idempotency-Key`` answered with the first answer again), and records every
+call (a replayed POST is recorded once, as Stripe performs it once).
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ class FakeStripe(stripe.HTTPClient):
         self.charge_error: str | None = None
         self.transfer_error = False
         self.retrieve_error = False
+        self.charge_status = "succeeded"
+        self.answered: dict[str, tuple[bytes, int, dict]] = {}  # idempotency key -> first answer
+        self.replays = 0
+        self.intents: dict[str, dict] = {}  # PaymentIntents created
+        self.accounts: dict[str, dict] = {}  # Connect accounts created
+        self.links: dict[str, dict] = {}  # Account Links: token -> account, refresh_url, return_url
+        self.onboarding_base = "https://connect.stripe.com"
         self._n = 0
 
     def _id(self, prefix: str) -> str:
@@ -38,6 +47,16 @@ class FakeStripe(stripe.HTTPClient):
         return f"{prefix}_{self._n:04d}"
 
     def request(self, method, url, headers, post_data=None):
+        key = {k.lower(): v for k, v in (headers or {}).items()}.get("idempotency-key") if method == "post" else None
+        if key in self.answered:
+            self.replays += 1
+            return self.answered[key]
+        answer = self._answer(method, url, post_data)
+        if key:
+            self.answered[key] = answer
+        return answer
+
+    def _answer(self, method, url, post_data):
         path = urlsplit(url).path
         form = {k: v[0] for k, v in parse_qs(post_data or "").items()}
         self.calls.append((method, path, form))
@@ -58,8 +77,24 @@ class FakeStripe(stripe.HTTPClient):
                 body = {"error": {"type": "card_error", "code": self.charge_error, "message": "Your card was declined.",
                                   "payment_intent": {"id": self._id("pi"), "object": "payment_intent", "status": "requires_payment_method"}}}
             else:
-                body = {"id": self._id("pi"), "object": "payment_intent", "status": "succeeded",
-                        "amount": int(form["amount"]), "amount_received": int(form["amount"]), "metadata": {}}
+                received = int(form["amount"]) if self.charge_status == "succeeded" else 0
+                body = {"id": self._id("pi"), "object": "payment_intent", "status": self.charge_status,
+                        "amount": int(form["amount"]), "amount_received": received,
+                        "metadata": {k[9:-1]: v for k, v in form.items() if k.startswith("metadata[")}}
+                self.intents[body["id"]] = body
+        elif path == "/v1/accounts" and method == "post":
+            body = {"id": self._id("acct"), "object": "account", "type": form.get("type"), "email": form.get("email"),
+                    "charges_enabled": False, "payouts_enabled": False, "details_submitted": False,
+                    "capabilities": {"transfers": "inactive"} if form.get("capabilities[transfers][requested]") else {},
+                    "metadata": {k[9:-1]: v for k, v in form.items() if k.startswith("metadata[")}}
+            self.accounts[body["id"]] = body
+        elif path.startswith("/v1/accounts/") and method == "get":
+            account = self.accounts.get(path.rsplit("/", 1)[1])
+            status, body = (200, account) if account else (404, {"error": {
+                "type": "invalid_request_error", "code": "resource_missing",
+                "message": f"No such account: '{path.rsplit('/', 1)[1]}'", "param": "account"}})
+        elif path == "/v1/account_links":
+            status, body = self._account_link(form)
         elif path == "/v1/transfers":
             if self.transfer_error:
                 status, body = 400, {"error": {"type": "invalid_request_error", "message": "No such destination"}}
@@ -68,6 +103,28 @@ class FakeStripe(stripe.HTTPClient):
         else:
             status, body = 404, {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL ({path})"}}
         return json.dumps(body).encode(), status, {"request-id": self._id("req")}
+
+    def _account_link(self, form: dict) -> tuple[int, dict]:
+        """Stripe's checks of ``POST /v1/account_links``, then a link valid for five minutes."""
+        for param in ("account", "type", "refresh_url", "return_url"):
+            if not form.get(param):
+                return 400, {"error": {"type": "invalid_request_error", "message": f"Missing required param: {param}.",
+                                       "param": param}}
+        if form["account"] not in self.accounts:
+            return 400, {"error": {"type": "invalid_request_error", "code": "account_invalid", "param": "account",
+                                   "message": f"No such account: '{form['account']}'"}}
+        if form["type"] not in ("account_onboarding", "account_update"):
+            return 400, {"error": {"type": "invalid_request_error", "param": "type", "message": "Invalid type."}}
+        token = self._id("link")
+        self.links[token] = {"account": form["account"], "refresh_url": form["refresh_url"], "return_url": form["return_url"]}
+        return 200, {"object": "account_link", "created": 1700000000, "expires_at": 1700000300,
+                     "url": f"{self.onboarding_base}/setup/e/{form['account']}/{token}"}
+
+    def onboard(self, account_id: str) -> dict:
+        """The host finished Stripe's onboarding: the account is paid out from now on (its ``account.updated``)."""
+        self.accounts[account_id].update(details_submitted=True, charges_enabled=True, payouts_enabled=True,
+                                         capabilities={"transfers": "active"})
+        return self.accounts[account_id]
 
     def close(self) -> None:
         pass
@@ -216,6 +273,109 @@ async def test_settlement_triggers_recharge_and_payout(billed):
     assert _balance(market, market.client) == 11_000_000 - 1_000_000 + 5_000_000
     await billing.process_pending()  # nothing new noted: no more calls
     assert len(fake.calls) == len(calls)
+
+
+def _recharged_event(event_id: str, pi: dict) -> bytes:
+    return _event(event_id, "payment_intent.succeeded", {**pi, "status": "succeeded", "amount_received": pi["amount"]})
+
+
+def _charges(fake) -> list[dict]:
+    return [f for _, p, f in fake.calls if p == "/v1/payment_intents"]
+
+
+async def test_a_settled_request_under_the_threshold_charges_the_saved_card_once(billed):
+    """One drop under the threshold is one charge, however many settled batches see it before the credit lands."""
+    market, billing, fake, app = billed
+    client = app.test_client()
+    await market.register_host()
+    await _post_webhook(client, _event("evt_card", "checkout.session.completed", _session("cs_1", market.client.id, 100)))
+    await billing.set_auto_recharge(market.client, 10_500_000, 5_000_000)
+    await market.hub.allowance(market.client, market.gateway.peer_id, 1_000_000)  # 11 USD less the 1 USD held
+    fake.charge_status = "processing"  # the card's bank answers later: the credit comes by webhook
+    for _ in range(3):  # three settled batches while the charge is processing
+        await market.hub.submit([market.receipt(tokens_in=50_000, tokens_out=0).encode()])
+        await billing.process_pending()
+    assert len(_charges(fake)) == 1
+    [charge] = _charges(fake)
+    assert (charge["amount"], charge["payment_method"], charge["metadata[kind]"]) == ("500", "pm_card_saved", "auto_recharge")
+    assert fake.replays == 2  # the later passes sent the same idempotency key and got the first answer back
+    before = _balance(market, market.client)
+    [pi] = fake.intents.values()
+    assert (await (await _post_webhook(client, _recharged_event("evt_pi", pi))).get_json()) == {"applied": True}
+    assert _balance(market, market.client) == before + 5_000_000
+    assert (await (await _post_webhook(client, _recharged_event("evt_pi_again", pi))).get_json()) == {"applied": True}
+    assert _balance(market, market.client) == before + 5_000_000  # another event for the same charge: no more
+
+    fake.charge_status = "succeeded"  # above the threshold now: a settled batch charges nothing
+    await market.hub.submit([market.receipt(tokens_in=50_000, tokens_out=0).encode()])
+    await billing.process_pending()
+    assert len(_charges(fake)) == 1
+    await billing.set_auto_recharge(market.client, 20_000_000, 5_000_000)  # under again: a new charge, credited at once
+    await market.hub.submit([market.receipt(tokens_in=50_000, tokens_out=0).encode()])
+    before = _balance(market, market.client)
+    await billing.process_pending()
+    assert len(_charges(fake)) == 2 and _balance(market, market.client) == before + 5_000_000
+    assert market.hub.db.read_sync(ledger.verify).ok
+
+
+async def test_connect_onboarding_through_account_links_then_payouts(billed):
+    """One Express account per host, a fresh Account Link each time; payouts wait until Stripe enables them."""
+    market, billing, fake, app = billed
+    client = app.test_client()
+    host_auth = {"authorization": f"Bearer {market.host_key}"}
+    r = await client.post("/v1/connect/onboarding", headers={"authorization": f"Bearer {market.client_key}"})
+    assert r.status_code == 403 and not fake.calls
+    first = (await (await client.post("/v1/connect/onboarding", headers=host_auth)).get_json())["url"]
+    second = (await (await client.post("/v1/connect/onboarding", headers=host_auth)).get_json())["url"]
+    [account] = fake.accounts.values()
+    assert first.startswith(f"https://connect.stripe.com/setup/e/{account['id']}/") and second != first
+    created = [f for m, p, f in fake.calls if p == "/v1/accounts"]
+    assert len(created) == 1 and created[0]["type"] == "express" and created[0]["metadata[user_id]"] == str(market.host.id)
+    assert created[0]["capabilities[transfers][requested]"] == "true" and created[0]["email"] == "host@example.com"
+    link = [f for m, p, f in fake.calls if p == "/v1/account_links"][-1]
+    assert (link["type"], link["account"]) == ("account_onboarding", account["id"])
+    assert (link["refresh_url"], link["return_url"]) == ("https://hub.example/earnings/connect/refresh",
+                                                         "https://hub.example/earnings/connect/return")
+    status = await (await client.get("/v1/connect/account", headers=host_auth)).get_json()
+    assert status == {"connect_account_id": account["id"], "payouts_enabled": False, "details_submitted": False}
+
+    await market.register_host()
+    await market.hub.set_payout_settings(market.host, 1_000, account["id"])  # the threshold form keeps the account
+    await market.hub.allowance(market.client, market.gateway.peer_id, 1_000_000)
+    await market.hub.submit([market.receipt(tokens_in=50_000, tokens_out=0).encode()])
+    assert await billing.payout(market.host.id) is None  # onboarding not finished: nothing is sent to Stripe
+    assert not [p for _, p, _ in fake.calls if p == "/v1/transfers"]
+
+    stale = dict(account)  # the event's copy says "not yet"; the hub reads the account back and sees it enabled
+    fake.onboard(account["id"])
+    r = await _post_webhook(client, _event("evt_acct", "account.updated", stale))
+    assert (await r.get_json()) == {"applied": True}
+    assert (await market.hub.payouts(market.host))["payouts_enabled"] is True
+    assert await billing.payout(market.host.id) == "paid"
+    assert [f["destination"] for _, p, f in fake.calls if p == "/v1/transfers"] == [account["id"]]
+    for obj in ({"id": "acct_someone_else", "object": "account"}, {"id": "cus_1", "object": "customer"}):
+        answer = await (await _post_webhook(client, _event(f"evt_{obj['id']}", "account.updated", obj))).get_json()
+        assert answer["applied"] is False and answer["ignored"], obj  # acknowledged, nothing changes
+    assert (await market.hub.payouts(market.host))["payouts_enabled"] is True
+    fake.accounts.pop(account["id"])  # Stripe no longer knows the account: onboarding says so, changes nothing
+    r = await client.post("/v1/connect/onboarding", headers=host_auth)
+    assert r.status_code == 409 and account["id"] in (await r.get_json())["error"]["message"]
+    r = await client.get("/v1/connect/account", headers=host_auth)
+    assert r.status_code == 409 and (await r.get_json())["error"]["code"] == "connect_account_unknown"
+    answer = await (await _post_webhook(client, _event("evt_gone", "account.updated", stale))).get_json()
+    assert answer["applied"] is False and "does not know" in answer["ignored"]
+    assert (await market.hub.payouts(market.host))["payouts_enabled"] is True  # unchanged
+    assert market.hub.db.read_sync(ledger.verify).ok
+
+
+async def test_a_pasted_connect_account_id_still_works_and_its_state_is_unknown(billed):
+    market, billing, fake, app = billed
+    client = app.test_client()
+    r = await client.put("/v1/payout-settings", json={"threshold_micro": 1_000, "connect_account_id": "acct_pasted"},
+                         headers={"authorization": f"Bearer {market.host_key}"})
+    assert r.status_code == 200
+    summary = await market.hub.payouts(market.host)
+    assert (summary["connect_account_id"], summary["payouts_enabled"]) == ("acct_pasted", None)
 
 
 def _malformed_events(user_id: int) -> dict[str, bytes]:

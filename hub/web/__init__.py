@@ -14,9 +14,9 @@ One module per job:
 ``charts``    pygal SVG charts
 ``account``   sign-up, login, logout, terms, the public model catalogue
 ``client``    overview, API keys, usage, request log, receipts download
-``billing``   Stripe Checkout top-ups and their success and cancel pages
-``host``      earnings, payouts, offers, reputation, verdicts
-``admin``     users, ledger totals and conservation, hosts, model catalogue
+``billing``   Stripe Checkout top-ups, their success and cancel pages, auto-recharge
+``host``      earnings, payouts and Stripe Connect onboarding, offers, reputation, verdicts
+``admin``     ledger totals and conservation, the market and fees over time, users, hosts, model catalogue
 
 Routes are outside ``/v1/`` (the JSON API) and ``/openapi.json``; the
 dashboard's static files are under ``/static/dashboard/``.

@@ -1,4 +1,5 @@
-"""Operator pages: ledger totals and the conservation check, users, hosts, the model catalogue.
+"""Operator pages: ledger totals and the conservation check, the market and platform fees over time, users,
+hosts, the model catalogue.
 
 Every route needs an admin session (403 for anyone else), and every service
 call checks the role again (:meth:`Hub._require`), so a page added later
@@ -8,6 +9,7 @@ without the guard still refuses. A form value that does not parse answers
 
 from __future__ import annotations
 
+import datetime as dt
 import secrets
 
 from quart import Blueprint, Response, flash, render_template, request
@@ -15,10 +17,13 @@ from quart import Blueprint, Response, flash, render_template, request
 from ..catalogue import Model
 from ..keys import User
 from ..service import Hub
-from . import auth, forms
+from ..reports import MarketPoint
+from . import auth, charts, forms
 from .billing import Checkout
 
 MAX_GRANT_MICRO = 100_000 * 1_000_000
+HOURLY_UP_TO_DAYS = 3
+"""Ranges of up to this many days chart the market per hour; longer ones per day."""
 
 
 def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
@@ -27,6 +32,30 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
     async def admin(user: User) -> str:
         return await render_template("admin/overview.html", totals=await hub.ledger_totals(user),
                                      market=await hub.market.overview())
+
+    @bp.get("/admin/market")
+    @auth.page(hub, "admin")
+    async def market(user: User) -> tuple[str, int]:
+        span, error = forms.requested_range(request.args, hub.clock())
+        hourly = len(span.days()) <= HOURLY_UP_TO_DAYS
+        bucket_s = 3600 if hourly else 86400
+        points = await hub.market_history(user, span.start, span.end, bucket_s)
+        starts = [span.start + i * bucket_s for i in range(int((span.end - span.start) // bucket_s))]
+        labels = [dt.datetime.fromtimestamp(t, dt.UTC).strftime("%b %d %H:00" if hourly else "%b %d") for t in starts]
+        price, demand, supply = (_per_model(points, starts, f) for f in ("price_micro_per_mtok", "demand_tps", "supply_tps"))
+        fees = await hub.fees_daily(user, span.start, span.end)
+        return await render_template(
+            "admin/market.html", span=span, error=error, hourly=hourly, fees_total=sum(r.amount_micro for r in fees),
+            models=len(price),
+            price_chart=charts.timeline_chart("Market price per million tokens (USD)",
+                                              {m: [v and v / 1e6 for v in vs] for m, vs in price.items()}, labels,
+                                              charts.usd_axis),
+            demand_chart=charts.timeline_chart("Demand (tokens/s)", demand, labels, charts.rate_axis, width=430),
+            supply_chart=charts.timeline_chart("Supply (tokens/s)", supply, labels, charts.rate_axis, width=430),
+            fee_chart=charts.daily_chart("Platform fee earned per day (USD)", fees, span.days(),
+                                         lambda r: r.amount_micro / 1e6, charts.usd_axis,
+                                         no_data="No fees in this range"),
+        ), 400 if error else 200
 
     @bp.get("/admin/users")
     @auth.page(hub, "admin")
@@ -104,3 +133,16 @@ def routes(bp: Blueprint, hub: Hub, checkout: Checkout | None) -> None:
         await hub.set_model_available(user, model, available)
         await flash(f"{model} is now {'available' if available else 'switched off'}.")
         return auth.see_other("web.models_admin")
+
+
+def _per_model(points: list[MarketPoint], starts: list[float], field: str) -> dict[str, list[float | None]]:
+    """One value per bucket for each model (None where the hub published nothing), busiest models first."""
+    index = {t: i for i, t in enumerate(starts)}
+    series: dict[str, list[float | None]] = {}
+    demand: dict[str, float] = {}
+    for p in points:
+        i = index.get(p.start)
+        if i is not None:
+            series.setdefault(p.model, [None] * len(starts))[i] = getattr(p, field)
+            demand[p.model] = demand.get(p.model, 0.0) + p.demand_tps
+    return {m: series[m] for m in sorted(series, key=lambda m: (-demand[m], m))}

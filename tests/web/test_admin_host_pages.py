@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import sqlalchemy as sa
+from gpunexus.hub.web import forms
 from gpunexus.hub.db import users
 from web_support import PASSWORD
 
@@ -126,3 +129,36 @@ async def test_a_licence_that_must_be_accepted_is_accepted_on_the_models_page(si
     assert page.has("You accepted the licence of Reference tiny") and page.has("accepted") and not page.has("I accept")
     assert "ref-tiny" in await site.hub.licence_acceptances(site.market.client)
     assert (await client.post("/models/accept", {"model": "nope"}, csrf_from="/models")).status == 404
+
+
+async def _market_history(site, models: list[str], hours: int) -> None:
+    """Hosts offer ``models`` over the last ``hours`` hours and the hub closes an epoch each hour (real market code)."""
+    market, now = site.market, site.market.clock.now
+    await market.register_host(offer=False)
+    for h in range(hours, -1, -1):
+        market.clock.now = now - h * 3600
+        for seq, model in enumerate(models):
+            await market.post_offer(model=model, ttl=120, seq=(hours - h) * len(models) + seq + 1)
+        await site.hub.market.close_epoch(site.hub.market.current_epoch() + 1)
+    market.clock.now = now
+
+
+async def test_the_market_page_charts_price_demand_supply_and_fees_over_time(site):
+    await site.settle(tokens_in=10_000, tokens_out=40_000)  # a 0.01 USD fee today
+    await _market_history(site, ["ref-tiny", "other-model"], hours=4)
+    v = await _admin(site)
+    yesterday = forms.today_utc(site.market.clock.now) - dt.timedelta(days=1)
+    page = await v.get(f"/admin/market?from={yesterday.isoformat()}")
+    assert page.status == 200 and page.has("averaged per hour")
+    for chart in ("price-chart", "demand-chart", "supply-chart", "fee-chart"):
+        assert f'id="{chart}"><svg' in page.text, chart
+    assert page.has("Market price per million tokens (USD)") and page.has("other-model") and page.has("ref-tiny")
+    assert page.has("Platform fee earned per day (USD)") and page.has("$0.01")
+    month = await v.get("/admin/market")
+    assert month.status == 200 and month.has("averaged per day")
+    bad = await v.get("/admin/market?from=2026-13-01")
+    assert bad.status == 400 and bad.has("YYYY-MM-DD")
+    site.password_for("client@example.com")
+    client = site.visitor()
+    await client.log_in("client@example.com")
+    assert (await client.get("/admin/market")).status == 403

@@ -135,3 +135,75 @@ async def test_manual_credits_mode_has_no_checkout(site):
     page = await v.get("/billing")
     assert page.has("manual-credits mode") and "Pay with Stripe" not in page.text
     assert (await _checkout(v, "5")).status == 409
+
+
+async def test_auto_recharge_is_set_on_the_billing_page_and_bad_input_changes_nothing(billed):
+    site, fake = billed
+    v = site.visitor()
+    await v.sign_up("payer@example.com")
+    payer = site.user("payer@example.com")
+    page = await v.get("/billing")
+    assert page.has("Auto-recharge") and page.has("No card saved yet")
+    for form, message in (({"recharge_threshold": "5", "recharge_amount": ""}, "Enter both a threshold and an amount"),
+                          ({"recharge_threshold": "5", "recharge_amount": "0.10"}, "between 0.50"),
+                          ({"recharge_threshold": "five", "recharge_amount": "10"}, "US dollars"),
+                          ({"recharge_threshold": "5", "recharge_amount": "10.005"}, "whole cents")):
+        r = await v.post("/billing/auto-recharge", form, csrf_from="/billing")
+        assert r.status == 400 and r.has(message), form
+        assert r.has(form["recharge_threshold"])  # what was typed stays in the form
+    assert (await site.hub.billing.status(payer))["auto_recharge"]["threshold_micro"] is None
+    assert (await v.post("/billing/auto-recharge", {"recharge_threshold": "5", "recharge_amount": "20"},
+                         csrf=False)).status == 400  # no CSRF token: refused
+    assert (await site.hub.billing.status(payer))["auto_recharge"]["threshold_micro"] is None
+
+    r = await v.post("/billing/auto-recharge", {"recharge_threshold": "5", "recharge_amount": "20"}, csrf_from="/billing")
+    assert r.status == 303
+    page = await v.get("/billing")
+    assert page.has("Auto-recharge on: $20.00 whenever your balance falls under $5.00.")
+    assert page.has('value="5.00"') and page.has('value="20.00"')
+    assert (await site.hub.billing.status(payer))["auto_recharge"] == {
+        "threshold_micro": 5_000_000, "amount_micro": 20_000_000, "card_saved": False, "error": None}
+
+    await _checkout(v, "10")
+    [sid] = fake.sessions
+    await _webhook(site, fake.pay(sid), "evt_card")  # the Checkout top-up saves the card
+    assert (await v.get("/billing")).has("A card is saved")
+    fake.charge_error = "authentication_required"
+    await site.hub.billing.set_auto_recharge(payer, 50_000_000, 20_000_000)  # 10 USD is under 50: charge now
+    assert await site.hub.billing.recharge(payer.id) == "authentication_required"
+    page = await v.get("/billing")
+    assert page.has("The last recharge failed") and page.has("authentication_required")
+    r = await v.post("/billing/auto-recharge", {"recharge_threshold": "", "recharge_amount": ""}, csrf_from="/billing")
+    assert r.status == 303 and (await v.get("/billing")).has("Auto-recharge switched off.")
+    assert (await site.hub.billing.status(payer))["auto_recharge"]["threshold_micro"] is None
+
+
+async def test_a_host_sets_up_payouts_through_a_stripe_account_link(billed):
+    site, fake = billed
+    site.password_for("host@example.com")
+    host = site.visitor()
+    await host.log_in("host@example.com")
+    for path in ("/earnings", "/host"):  # the button is on both host pages
+        assert (await host.get(path)).has("Set up payouts"), path
+    assert (await host.get("/earnings/connect/refresh")).status == 303 and not fake.accounts  # no account: no link
+    assert (await host.post("/earnings/connect", {}, csrf=False)).status == 400 and not fake.accounts  # CSRF
+    r = await host.post("/earnings/connect", {}, csrf_from="/earnings")
+    [account] = fake.accounts
+    assert r.status == 303 and r.headers["location"].startswith(f"https://connect.stripe.com/setup/e/{account}/")
+    link = fake.links[r.headers["location"].rsplit("/", 1)[1]]
+    assert urlsplit(link["return_url"]).path == "/earnings/connect/return"
+    back = await host.get(urlsplit(link["return_url"]).path)  # left Stripe before finishing
+    assert back.has("Payouts not enabled yet") and back.has("Continue on Stripe")
+    assert (await host.get("/earnings")).has("onboarding not finished")
+    again = await host.get(urlsplit(link["refresh_url"]).path)  # the link expired: a fresh one, the same account
+    assert again.status == 303 and again.headers["location"] != r.headers["location"] and len(fake.accounts) == 1
+    fake.onboard(account)
+    done = await host.get("/earnings/connect/return")
+    assert done.has("Payouts enabled") and done.has(account)
+    assert (await host.get("/earnings")).has("payouts enabled") and (await host.get("/host")).has("payouts enabled")
+
+    client = site.visitor()
+    await client.sign_up("payer@example.com")
+    assert (await client.post("/earnings/connect", {}, csrf_from="/billing")).status == 403
+    assert (await client.get("/earnings/connect/return")).status == 403
+    assert len(fake.accounts) == 1

@@ -11,6 +11,7 @@ host name but the loopback one resolves to nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
@@ -19,8 +20,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -53,28 +55,39 @@ class LiveHub:
         return trio.from_thread.run(functools.partial(fn, *args), trio_token=self.token)
 
 
-@pytest.fixture(scope="module")
-def live() -> Iterator[LiveHub]:
+@contextlib.contextmanager
+def served(make_app: Callable[[Hub], Any], **hub_kw: Any) -> Iterator[LiveHub]:
+    """A fresh hub (``Hub.open(home, **hub_kw)``) in a temporary home, serving ``make_app(hub)`` on a loopback
+    port from a thread of its own."""
     home = tempfile.mkdtemp(prefix="gpunexus-web-")
-    hub = Hub.open(home)
+    hub = Hub.open(home, **hub_kw)
+    app = make_app(hub)
     ready: queue.Queue = queue.Queue()
     stop: list[trio.Event] = []
 
     async def main() -> None:
         stop.append(trio.Event())
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(functools.partial(serve, hub, create_app(hub), host="127.0.0.1", port=0,
+            binds = await nursery.start(functools.partial(serve, hub, app, host="127.0.0.1", port=0,
                                                           shutdown_trigger=stop[0].wait))
             ready.put((binds[0], trio.lowlevel.current_trio_token()))
 
     thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
     thread.start()
     url, token = ready.get(timeout=30)
-    yield LiveHub(hub, url, token)
-    trio.from_thread.run_sync(stop[0].set, trio_token=token)
-    thread.join(timeout=30)
-    hub.db.dispose()
-    shutil.rmtree(home, ignore_errors=True)
+    try:
+        yield LiveHub(hub, url, token)
+    finally:
+        trio.from_thread.run_sync(stop[0].set, trio_token=token)
+        thread.join(timeout=30)
+        hub.db.dispose()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[LiveHub]:
+    with served(create_app) as hub:
+        yield hub
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +113,24 @@ def browser(live):
 
 
 def _shot(driver, folder: str, name: str) -> str:
-    """Save a full-page screenshot and check it is not blank (varied pixels, many colours)."""
+    """Save a full-page screenshot and check it is not blank (varied pixels, many colours).
+
+    The window is sized so that its *viewport* holds the whole page: the
+    window's own frame takes some height, and a screenshot of a window
+    merely as tall as the page cut off its bottom (the last chart's legend).
+    """
     from PIL import Image, ImageStat
 
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(max(height, 700), 4000))
+    height = min(max(driver.execute_script("return document.documentElement.scrollHeight"), 700), 4000)
+    driver.set_window_size(1400, height)
+    frame = height - driver.execute_script("return window.innerHeight")
+    if frame > 0:
+        driver.set_window_size(1400, height + frame)
     path = os.path.join(folder, f"{name}.png")
     driver.save_screenshot(path)
     driver.set_window_size(1400, 1000)
     with Image.open(path) as image:
+        assert image.height >= height, f"{path} is {image.height} pixels tall, the page {height}: its bottom is cut off"
         gray = image.convert("L")
         assert ImageStat.Stat(gray).stddev[0] > 8, f"{path} looks blank"
         assert len(image.convert("RGB").getcolors(1 << 20) or []) > 30, f"{path} has almost no colours"

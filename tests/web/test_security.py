@@ -18,7 +18,7 @@ from gpunexus.hub.service import Hub
 from gpunexus.protocol.signing import Signer
 from web_support import PASSWORD, Visitor
 
-ADMIN_PAGES = ["/admin", "/admin/users", "/admin/hosts", "/admin/models"]
+ADMIN_PAGES = ["/admin", "/admin/market", "/admin/users", "/admin/hosts", "/admin/models"]
 
 
 async def test_a_form_without_its_csrf_token_is_refused_and_changes_nothing(site):
@@ -50,12 +50,13 @@ async def test_a_csrf_token_of_another_session_is_refused(site):
 async def test_a_client_gets_403_on_admin_and_host_pages(site):
     v = site.visitor()
     await v.sign_up("me@example.com")
-    for path in [*ADMIN_PAGES, "/earnings", "/host"]:
+    for path in [*ADMIN_PAGES, "/earnings", "/earnings/connect/refresh", "/earnings/connect/return", "/host"]:
         r = await v.get(path)
         assert r.status == 403 and r.has("not available to your account"), path
     for path, form in (("/admin/users/1/suspend", {"suspended": "1"}), ("/admin/models", {"model": "m", "display_name": "M"}),
                        ("/admin/models/availability", {"model": "m", "available": "0"}),
-                       ("/admin/users/1/grant", {"usd": "5", "nonce": "n" * 20})):
+                       ("/admin/users/1/grant", {"usd": "5", "nonce": "n" * 20}), ("/earnings/connect", {}),
+                       ("/earnings/threshold", {"threshold": "5"})):
         r = await v.post(path, form, csrf_from="/keys")
         assert r.status == 403, path
     anonymous = site.visitor()
