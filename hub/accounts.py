@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import keys, ledger
-from .db import api_keys, hub_secrets, key_requests, passwords, terms_acceptances, users, web_sessions
+from .db import api_keys, hosts, hub_secrets, key_requests, passwords, terms_acceptances, users, web_sessions
 from .keys import User
 
 TERMS_VERSION = "2025-06"
@@ -183,6 +183,12 @@ def set_suspended(conn: Connection, user_id: int, suspended: bool, now: float) -
         conn.execute(sa.update(api_keys).where(api_keys.c.user_id == user_id, api_keys.c.revoked_at.is_(None))
                      .values(revoked_at=time.time()))  # wall time, as keys.revoke_key: gateways' revocation cursors are
     return True
+
+
+def suspended_host_peers(conn: Connection) -> list[str]:
+    """Host peer ids whose account is suspended: the hub's signed reputations mark them excluded."""
+    return list(conn.execute(sa.select(hosts.c.peer_id).join(users, users.c.id == hosts.c.user_id)
+                             .where(users.c.suspended_at.is_not(None))).scalars())
 
 
 def create_key_once(conn: Connection, user: User, name: str, expires_at: float | None, nonce: str, *,

@@ -148,11 +148,13 @@ def settle(conn: Connection, signer: Signer, cfg: HubConfig, items: list[Checked
         q = sa.select(receipt_log.c.request_id, receipt_log.c.receipt_hash).where(receipt_log.c.request_id.in_(rids[i:i + _CHUNK]))
         settled.update(conn.execute(q).all())
     host_ids = sorted({r.host_id for r in good})
-    host_users = dict(
-        conn.execute(
-            sa.select(hosts.c.peer_id, users.c.id).join(users, users.c.id == hosts.c.user_id).where(hosts.c.peer_id.in_(host_ids))
-        ).all()
-    )
+    host_rows = conn.execute(
+        sa.select(hosts.c.peer_id, users.c.id, users.c.suspended_at).join(users, users.c.id == hosts.c.user_id)
+        .where(hosts.c.peer_id.in_(host_ids))
+    ).all()
+    host_users = {peer: user_id for peer, user_id, _ in host_rows}
+    suspended_since = {peer: suspended_at for peer, _, suspended_at in host_rows if suspended_at is not None}
+    """Work a suspended host signed before its suspension is still paid; what it signed after is not."""
     gw_ids = sorted({r.gateway_id for r in good})
     bound = set(conn.execute(sa.select(gateways.c.peer_id).where(gateways.c.peer_id.in_(gw_ids))).scalars())
     times = [r.issued_at for r in good]
@@ -187,6 +189,8 @@ def settle(conn: Connection, signer: Signer, cfg: HubConfig, items: list[Checked
             reason = "receipt issued in the future"
         elif r.host_id not in host_users:
             reason = "unknown host: no host account registered this peer id"
+        elif r.host_id in suspended_since and r.issued_at >= suspended_since[r.host_id]:
+            reason = "the host's account is suspended: it earns nothing more"
         elif window is None:
             reason = "allowance expired" if r.gateway_id in bound else "no allowance issued to this gateway"
         elif gw[r.gateway_id].refuse(r.issued_at, cfg.clock_skew_s, r.model):

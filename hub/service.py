@@ -283,10 +283,12 @@ class Hub:
         from gpunexus.verify import reputation as rep_mod
 
         now = self.clock()
+        records = dict(await self.db.read(honesty.reputations))
+        suspended = set(await self.db.read(accounts.suspended_host_peers))
         return [
-            HostReputation(self.hub_id, peer, r.p_honest, rep_mod.excluded(r), r.passes + r.fails, r.fails, now)
+            HostReputation(self.hub_id, peer, r.p_honest, rep_mod.excluded(r) or peer in suspended, r.passes + r.fails, r.fails, now)
             .signed(self.signer)
-            for peer, r in await self.db.read(honesty.reputations)
+            for peer, r in sorted({**{p: rep_mod.Reputation() for p in suspended}, **records}.items())
         ]
 
     # --- hosts ------------------------------------------------------------
