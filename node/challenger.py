@@ -29,7 +29,6 @@ filed under ``hub`` by ``gpunexus/cli.py``.
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import signal
@@ -50,12 +49,11 @@ from gpunexus.verify.challenges import challenge_body
 from .challenge_schedule import ChallengeSchedule, Clock, TrioClock
 from .gateway import Delta, GatewayConfig, GatewayService
 from .hub_client import HubRefused, HubSettlement, HubUnavailable, _call
-from .settlement import Grant
-from .offers import OfferBook, follow_offers
+from .offers import OfferBook
 from .openai_api import APIError, parse_request
 from .p2p import P2PConfig, open_p2p
-from .prices import PriceBook, follow_prices, relay_hub_prices
-from .runtime import HubLogin, load_identity, node_home
+from .runtime import HubLogin, follow_market, load_identity, node_home
+from .settlement import Grant
 
 log = logging.getLogger(__name__)
 
@@ -350,12 +348,7 @@ async def open_challenger(options: ChallengerOptions) -> AsyncIterator[Challenge
                                      node_home(options.home, "challenger") / "receipts.db",
                                      audit_retention_s=OPENING_RETENTION_S)
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
-        book = OfferBook()
-        node.on_disconnect(book.drop_host)
-        await nursery.start(follow_offers, node.pubsub, book)
-        prices = PriceBook()
-        await nursery.start(follow_prices, node.pubsub, prices)
-        nursery.start_soon(functools.partial(relay_hub_prices, options.hub.url, node.pubsub, prices, interval=options.config.price_poll_s))
+        book, prices = await follow_market(node, nursery, options.hub.url, options.config.price_poll_s)
         await nursery.start(settlement.run)
         service = GatewayService(node, AimedBook(book), settlement, options.config, prices=prices)
         await nursery.start(service.run)

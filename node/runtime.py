@@ -254,14 +254,7 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
             settlement = HubSettlement(options.hub.url, options.hub.api_key, signer.peer_id, queue,
                                        audit_retention_s=options.audit_retention_s)
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
-        book = OfferBook()
-        # A host whose connection dies leaves the book at once, not when its offer expires.
-        node.on_disconnect(book.drop_host)
-        await nursery.start(follow_offers, node.pubsub, book)
-        prices = PriceBook()
-        await nursery.start(follow_prices, node.pubsub, prices)
-        if options.hub is not None:
-            nursery.start_soon(functools.partial(relay_hub_prices, options.hub.url, node.pubsub, prices, interval=options.config.price_poll_s))
+        book, prices = await follow_market(node, nursery, options.hub.url if options.hub else None, options.config.price_poll_s)
         await nursery.start(settlement.run)
         service = GatewayService(node, book, settlement, options.config, prices=prices)
         if options.hub is not None:
@@ -274,6 +267,19 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
             yield GatewayRuntime(node, service, base_url, book)
         finally:
             nursery.cancel_scope.cancel()
+
+
+async def follow_market(node: P2PNode, nursery: trio.Nursery, hub_url: str | None, price_poll_s: float) -> tuple[OfferBook, PriceBook]:
+    """What a gateway peer watches: the offer book and the market prices (fetched from the hub and gossiped on, with one)."""
+    book = OfferBook()
+    # A host whose connection dies leaves the book at once, not when its offer expires.
+    node.on_disconnect(book.drop_host)
+    await nursery.start(follow_offers, node.pubsub, book)
+    prices = PriceBook()
+    await nursery.start(follow_prices, node.pubsub, prices)
+    if hub_url is not None:
+        nursery.start_soon(functools.partial(relay_hub_prices, hub_url, node.pubsub, prices, interval=price_poll_s))
+    return book, prices
 
 
 async def _serve_http(app, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
