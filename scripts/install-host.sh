@@ -431,7 +431,11 @@ check_model() {
 
 # --config: the file the service reads, readable by its user and no one else.
 check_config_file() {
-    [[ -n $config ]] || return 0
+    if [[ -z $config ]]; then
+        # The models are --model flags now: a file the unit no longer reads would mislead.
+        if [[ -e $CONFIG_FILE ]]; then act "remove $CONFIG_FILE (the unit names its models with --model now)" rm -f "$CONFIG_FILE"; fi
+        return 0
+    fi
     step "models in $CONFIG_FILE"
     local content shown
     content=$(cat "$config")

@@ -17,6 +17,7 @@ apt's and pip's downloads are kept in docker volumes between runs
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import sqlite3
@@ -130,6 +131,10 @@ class Root:
             await tail.wait()
         return line
 
+    async def write(self, path: str, text: str) -> None:
+        """A root-only file in the container (outside /src, whose every file counts in the installed source's hash)."""
+        await self.sh(f"umask 077 && echo {base64.b64encode(text.encode()).decode()} | base64 -d >{path}")
+
     async def install(self, args: str, *, timeout: float = 600) -> tuple[int, str]:
         out = await self.sh(f"/src/scripts/install-host.sh {args} 2>&1", timeout=timeout, check=False)
         return out.returncode, out.stdout.decode()
@@ -210,11 +215,11 @@ async def test_dry_run_of_several_models_and_of_a_config_file(base_image: str, s
                     "--price 0.25 --listen /ip4/0.0.0.0/tcp/4001") in out, out
             assert "host.toml" not in out
 
-            (source / "host.toml").write_text(HOST_TOML + 'upstream_key = "sk-upstream-secret"\n')
-            rc, out = await root.install("--dry-run --source /src --config /src/host.toml")
+            await root.write("/root/host.toml", HOST_TOML + 'upstream_key = "sk-upstream-secret"\n')
+            rc, out = await root.install("--dry-run --source /src --config /root/host.toml")
             assert rc == 0, out
             assert "==> check: the models of /etc/gpunexus/host.toml (tiny, nano) on the reference backend" in out
-            assert "would run: gpunexus node check --config /dev/stdin --backend reference </src/host.toml" in out
+            assert "would run: gpunexus node check --config /dev/stdin --backend reference </root/host.toml" in out
             assert "would write /etc/gpunexus/host.toml (mode 640, gpunexus:gpunexus):" in out
             assert '| id = "nano"' in out and "| upstream_key = <upstream key>" in out and "sk-upstream-secret" not in out
             assert ("ExecStart=/opt/gpunexus/venv/bin/gpunexus node serve --config /etc/gpunexus/host.toml --backend reference "
@@ -338,8 +343,8 @@ async def test_installs_for_real_and_a_second_run_changes_nothing(base_image: st
             assert {"start", "restart", "enable", "daemon-reload"}.isdisjoint(calls), calls
 
             # The same host, now serving two models from a config file: the file and the unit change, the service restarts.
-            (source / "host.toml").write_text(HOST_TOML)
-            config_args = f"--config /src/host.toml --listen /ip4/127.0.0.1/tcp/0 --hub {hub_url} --api-key {host_key}"
+            await root.write("/root/host.toml", HOST_TOML)  # root's alone: the check reads it through a pipe
+            config_args = f"--config /root/host.toml --listen /ip4/127.0.0.1/tcp/0 --hub {hub_url} --api-key {host_key}"
             await root.sh(": >/var/log/systemctl.calls && : >/var/log/gpunexus-host.service.log")
             rc, out = await root.install(config_args)
             assert rc == 0, out
@@ -363,7 +368,7 @@ async def test_installs_for_real_and_a_second_run_changes_nothing(base_image: st
             assert await root.text(stamp) == files_before, "the second run with the same config touched files"
 
             # A config the check refuses (a key that does not exist) changes nothing, even with --skip-check.
-            (source / "host.toml").write_text(HOST_TOML + "slot = 3\n")
+            await root.write("/root/host.toml", HOST_TOML + "slot = 3\n")
             rc, out = await root.install(config_args + " --skip-check")
             assert rc == 1 and "unknown key(s) slot" in out and "refused the models as given" in out, out
             assert await root.text(stamp) == files_before, "a refused config touched files"
