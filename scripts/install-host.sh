@@ -409,18 +409,23 @@ as_host() {  # run gpunexus (or its python) the way the service will
 check_model() {
     step "check: $(models_label) on the $backend backend (changes nothing)"
     local args=(node check) name shown
-    # The service user may not read the file where it is: node check reads it from a pipe.
-    if [[ -n $config ]]; then args+=(--config /dev/stdin); fi
     for name in "${models[@]}"; do args+=(--model "$name"); done
     args+=(--backend "$backend")
     [[ -z $upstream ]] || args+=(--upstream "$upstream")
     [[ -z $upstream_model ]] || args+=(--upstream-model "$upstream_model")
     [[ -z $model_dir ]] || args+=(--model-dir "$model_dir")
-    shown="gpunexus ${args[*]}${config:+ <$config}"
+    shown="gpunexus ${args[*]}${config:+ --config <(cat $config)}"
     if ((dry_run)); then note "would run: $shown"; return; fi
     local rc=0
-    # shellcheck disable=SC2002  # a pipe, not a redirect: /dev/stdin of a file would be reopened as the service user
-    cat "${config:-/dev/null}" | as_host "${args[@]}" 2>&1 | sed 's/^/    | /' || rc=${PIPESTATUS[1]}
+    if [[ -n $config ]]; then
+        # The service user may not read the file where it is (nor reopen root's pipe as
+        # /dev/stdin): the file goes in on stdin, and a pipe of its own carries it on.
+        # shellcheck disable=SC2016  # expanded by that user's bash
+        runuser -u "$USER_NAME" -- env GPUNEXUS_HOME="$STATE" bash -c '"$0" "$@" --config <(cat)' "$VENV/bin/gpunexus" "${args[@]}" \
+            <"$config" 2>&1 | sed 's/^/    | /' || rc=${PIPESTATUS[0]}
+    else
+        as_host "${args[@]}" 2>&1 | sed 's/^/    | /' || rc=${PIPESTATUS[0]}
+    fi
     case $rc in
         0) return ;;
         2) die "$shown refused the models as given (see above): nothing was installed for them${config:+; fix $config and rerun}" ;;

@@ -219,7 +219,7 @@ async def test_dry_run_of_several_models_and_of_a_config_file(base_image: str, s
             rc, out = await root.install("--dry-run --source /src --config /root/host.toml")
             assert rc == 0, out
             assert "==> check: the models of /etc/gpunexus/host.toml (tiny, nano) on the reference backend" in out
-            assert "would run: gpunexus node check --config /dev/stdin --backend reference </root/host.toml" in out
+            assert "would run: gpunexus node check --backend reference --config <(cat /root/host.toml)" in out
             assert "would write /etc/gpunexus/host.toml (mode 640, gpunexus:gpunexus):" in out
             assert '| id = "nano"' in out and "| upstream_key = <upstream key>" in out and "sk-upstream-secret" not in out
             assert ("ExecStart=/opt/gpunexus/venv/bin/gpunexus node serve --config /etc/gpunexus/host.toml --backend reference "
