@@ -149,13 +149,15 @@ config_models=""  # the ids the --config file names, for the messages
 check_config_syntax() {
     if command -v python3 >/dev/null && python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
         config_models=$(python3 -c "$CONFIG_SYNTAX_PY" "$config" 2>&1) \
-            || die "${config_models#install-host.sh: } (nothing was changed)"
+            || die "$config_models (nothing was changed)"
     fi
 }
 
-# What the host serves, in words.
+# What the host serves, in words; `models_label unit` leaves out the ids a
+# --config file gives (text from a file never goes into the unit).
 models_label() {
     if [[ -n $config ]]; then
+        if [[ ${1:-} == unit ]]; then echo "the models of $CONFIG_FILE"; return; fi
         echo "the models of $CONFIG_FILE${config_models:+ ($config_models)}"
     else
         local joined
@@ -534,7 +536,7 @@ ReadWritePaths=$STATE"
     cat <<EOF
 # Written by gpunexus scripts/install-host.sh; rerun it to change the settings.
 [Unit]
-Description=gpunexus host: $(models_label) on the $backend backend
+Description=gpunexus host: $(models_label unit) on the $backend backend
 Wants=network-online.target
 After=network-online.target
 

@@ -221,6 +221,7 @@ async def test_dry_run_of_several_models_and_of_a_config_file(base_image: str, s
             assert "==> check: the models of /etc/gpunexus/host.toml (tiny, nano) on the reference backend" in out
             assert "would run: gpunexus node check --backend reference --config <(cat /root/host.toml)" in out
             assert "would write /etc/gpunexus/host.toml (mode 640, gpunexus:gpunexus):" in out
+            assert "Description=gpunexus host: the models of /etc/gpunexus/host.toml on the reference backend" in out
             assert '| id = "nano"' in out and "| upstream_key = <upstream key>" in out and "sk-upstream-secret" not in out
             assert ("ExecStart=/opt/gpunexus/venv/bin/gpunexus node serve --config /etc/gpunexus/host.toml --backend reference "
                     "--price 0.20 --listen /ip4/0.0.0.0/tcp/4001") in out, out
