@@ -2,6 +2,8 @@
 # Set up a gpunexus host on Debian or Ubuntu, as a systemd service.
 #
 #   sudo scripts/install-host.sh --model tiny                      # CPU, reference model, this checkout
+#   sudo scripts/install-host.sh --model tiny --model tiny-chat    # several models, the same flags for each
+#   sudo scripts/install-host.sh --config host.toml                # several models, one [[model]] table each
 #   sudo scripts/install-host.sh --source ./gpunexus-checkout --model llama3.1:8b \
 #        --backend openai --upstream http://127.0.0.1:11434/v1 --price 0.15 \
 #        --hub https://hub.example --api-key gnx_...
@@ -17,6 +19,7 @@ VENV=$PREFIX/venv
 SOURCE_STAMP=$PREFIX/installed-from  # what the venv was installed from: a second run compares
 STATE=/var/lib/gpunexus                # $GPUNEXUS_HOME: identity key, control file, receipts
 ENV_FILE=/etc/gpunexus/host.env
+CONFIG_FILE=/etc/gpunexus/host.toml    # --config: the models the service serves
 UNIT=gpunexus-host.service
 UNIT_FILE=/etc/systemd/system/$UNIT
 CTL=/usr/local/bin/gpunexus-host       # `gpunexus-host status|disable|enable` for the service's host
@@ -30,7 +33,11 @@ usage() {
 Usage: install-host.sh [options]
 
 What to serve:
-  --model NAME          model name announced to gateways (default: tiny, the reference model)
+  --model NAME          model name announced to gateways (default: tiny, the reference model);
+                        repeatable: one peer serves each, with the same flags
+  --config FILE         serve the models of this host.toml instead (one [[model]] table per
+                        model, see 'gpunexus node serve --help'): installed as
+                        /etc/gpunexus/host.toml (mode 640); the flags below are its defaults
   --backend NAME        reference | openai | exllamav2 (default: reference)
   --upstream URL        --backend openai: the OpenAI-compatible server (Ollama, vLLM, ...)
   --upstream-model NAME --backend openai: its model name, if not --model
@@ -112,14 +119,58 @@ safe_word() {
 }
 
 # --- options -------------------------------------------------------------------
-model=tiny backend=reference backend_given=0 upstream="" upstream_model="" model_dir=""
+models=() config="" backend=reference backend_given=0 upstream="" upstream_model="" model_dir=""
 price=0.20 listen=/ip4/0.0.0.0/tcp/4001 hub="" api_key=""
 source="" docker=0 image=gpunexus-host:latest require_gpu=0 skip_check=0
+
+# A parse-only look at --config before anything changes: TOML, [[model]] tables
+# only, each with an id. (Python's tomllib where python3 is 3.11 or newer; on a
+# system without it, `gpunexus node check --config` below is the first look.)
+# The full check (every key and value) is `node check`'s, before the file is installed.
+CONFIG_SYNTAX_PY='
+import sys, tomllib
+path = sys.argv[1]
+try:
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+except tomllib.TOMLDecodeError as exc:
+    sys.exit(f"--config {path} is not valid TOML: {exc}")
+tables = data.get("model")
+if set(data) - {"model"} or not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+    sys.exit(f"--config {path}: the file holds [[model]] tables only, at least one (id = \"tiny\", backend = \"reference\", ...)")
+for i, table in enumerate(tables, 1):
+    if not isinstance(table.get("id"), str) or not table["id"].strip():
+        sys.exit(f"--config {path}: [[model]] #{i} has no id (the public model name, e.g. id = \"tiny\")")
+ids = [t["id"] for t in tables]
+print(", ".join(ids))
+'
+
+config_models=""  # the ids the --config file names, for the messages
+check_config_syntax() {
+    if command -v python3 >/dev/null && python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        config_models=$(python3 -c "$CONFIG_SYNTAX_PY" "$config" 2>&1) \
+            || die "$config_models (nothing was changed)"
+    fi
+}
+
+# What the host serves, in words; `models_label unit` leaves out the ids a
+# --config file gives (text from a file never goes into the unit).
+models_label() {
+    if [[ -n $config ]]; then
+        if [[ ${1:-} == unit ]]; then echo "the models of $CONFIG_FILE"; return; fi
+        echo "the models of $CONFIG_FILE${config_models:+ ($config_models)}"
+    else
+        local joined
+        joined=$(IFS=,; echo "${models[*]}")
+        echo "${joined//,/, }"
+    fi
+}
 
 parse_args() {
     while (($#)); do
         case $1 in
-            --model) model=${2:?--model needs a value}; shift ;;
+            --model) models+=("${2:?--model needs a value}"); shift ;;
+            --config) config=${2:?--config needs a file}; shift ;;
             --backend) backend=${2:?--backend needs a value}; backend_given=1; shift ;;
             --upstream) upstream=${2:?--upstream needs a URL}; shift ;;
             --upstream-model) upstream_model=${2:?--upstream-model needs a value}; shift ;;
@@ -144,11 +195,26 @@ parse_args() {
         openai) [[ -n $upstream ]] || die "--backend openai needs --upstream URL (e.g. http://127.0.0.1:11434/v1 for Ollama)" ;;
         *) die "--backend must be reference, openai or exllamav2, not '$backend'" ;;
     esac
-    [[ $backend != exllamav2 || -n $model_dir ]] || die "--backend exllamav2 needs --model-dir DIR"
+    if [[ -n $config ]]; then
+        ((${#models[@]} == 0)) || die "--config and --model both name models: give the models in one place"
+        ((!docker)) || die "--config is not supported with --docker yet: give the models as --model flags"
+        [[ -z $upstream_model && -z $model_dir ]] \
+            || die "--upstream-model and --model-dir name one model's files: put them in the [[model]] tables of $config"
+        [[ -f $config && -r $config ]] || die "--config $config: no such readable file"
+        config=$(cd "$(dirname "$config")" && pwd)/$(basename "$config")
+        check_config_syntax
+    else
+        ((${#models[@]})) || models=(tiny)
+        if ((${#models[@]} > 1)) && [[ -n $upstream_model || -n $model_dir ]]; then
+            die "--upstream-model and --model-dir name one model's files, but --model is given ${#models[@]} times: use --config host.toml with one [[model]] table each"
+        fi
+        [[ $backend != exllamav2 || -n $model_dir ]] || die "--backend exllamav2 needs --model-dir DIR"
+    fi
     [[ -z $hub && -z $api_key ]] || [[ -n $hub && -n $api_key ]] || die "--hub and --api-key go together"
     [[ $price != market || -n $hub ]] || die "--price market needs --hub: market prices come from the hub"
     local name value
-    for name in model price listen upstream upstream_model model_dir hub api_key image; do
+    for value in "${models[@]}"; do safe_word --model "$value"; done
+    for name in price listen upstream upstream_model model_dir hub api_key image; do
         value=${!name}
         [[ -z $value ]] || safe_word "--${name//_/-}" "$value"
     done
@@ -307,7 +373,10 @@ check_image() {
 
 # How gpunexus runs, as the service user: a venv binary, or a throwaway container.
 serve_args() {
-    local args=(node serve --model "$model" --backend "$backend" --price "$price" --listen "$listen")
+    local args=(node serve) name
+    if [[ -n $config ]]; then args+=(--config "$CONFIG_FILE"); fi
+    for name in "${models[@]}"; do args+=(--model "$name"); done
+    args+=(--backend "$backend" --price "$price" --listen "$listen")
     [[ -z $upstream ]] || args+=(--upstream "$upstream")
     [[ -z $upstream_model ]] || args+=(--upstream-model "$upstream_model")
     [[ -z $model_dir ]] || args+=(--model-dir "$model_dir")
@@ -340,17 +409,46 @@ as_host() {  # run gpunexus (or its python) the way the service will
 
 # --- 6. the hardware check --------------------------------------------------------------
 check_model() {
-    step "check: $model on the $backend backend (changes nothing)"
-    local args=(node check --model "$model" --backend "$backend")
+    step "check: $(models_label) on the $backend backend (changes nothing)"
+    local args=(node check) name shown
+    for name in "${models[@]}"; do args+=(--model "$name"); done
+    args+=(--backend "$backend")
     [[ -z $upstream ]] || args+=(--upstream "$upstream")
     [[ -z $upstream_model ]] || args+=(--upstream-model "$upstream_model")
     [[ -z $model_dir ]] || args+=(--model-dir "$model_dir")
-    if ((dry_run)); then note "would run: gpunexus ${args[*]}"; return; fi
-    if as_host "${args[@]}" | sed 's/^/    | /'; then
-        return
+    shown="gpunexus ${args[*]}${config:+ --config <(cat $config)}"
+    if ((dry_run)); then note "would run: $shown"; return; fi
+    local rc=0
+    if [[ -n $config ]]; then
+        # The service user may not read the file where it is (nor reopen root's pipe as
+        # /dev/stdin): the file goes in on stdin, and a pipe of its own carries it on.
+        # shellcheck disable=SC2016  # expanded by that user's bash
+        runuser -u "$USER_NAME" -- env GPUNEXUS_HOME="$STATE" bash -c '"$0" "$@" --config <(cat)' "$VENV/bin/gpunexus" "${args[@]}" \
+            <"$config" 2>&1 | sed 's/^/    | /' || rc=${PIPESTATUS[0]}
+    else
+        as_host "${args[@]}" 2>&1 | sed 's/^/    | /' || rc=${PIPESTATUS[0]}
     fi
-    ((skip_check)) || die "gpunexus node check failed: this machine cannot serve $model as asked (--skip-check installs anyway)"
+    case $rc in
+        0) return ;;
+        2) die "$shown refused the models as given (see above): nothing was installed for them${config:+; fix $config and rerun}" ;;
+    esac
+    ((skip_check)) || die "gpunexus node check failed: this machine cannot serve $(models_label) as asked (--skip-check installs anyway)"
     warn "the check failed; installing anyway (--skip-check)"
+}
+
+# --config: the file the service reads, readable by its user and no one else.
+check_config_file() {
+    if [[ -z $config ]]; then
+        # The models are --model flags now: a file the unit no longer reads would mislead.
+        if [[ -e $CONFIG_FILE ]]; then act "remove $CONFIG_FILE (the unit names its models with --model now)" rm -f "$CONFIG_FILE"; fi
+        return 0
+    fi
+    step "models in $CONFIG_FILE"
+    local content shown
+    content=$(cat "$config")
+    # A dry run shows the file, but not an upstream's bearer key.
+    shown=$(sed -E 's/^([[:space:]]*upstream_key[[:space:]]*=).*/\1 <upstream key>/' <<<"$content")
+    put_file "$CONFIG_FILE" 640 "$USER_NAME:$USER_NAME" "$content" "$shown"
 }
 
 # --- 7. the hub, and the service's environment -----------------------------------------------
@@ -438,7 +536,7 @@ ReadWritePaths=$STATE"
     cat <<EOF
 # Written by gpunexus scripts/install-host.sh; rerun it to change the settings.
 [Unit]
-Description=gpunexus host: $model on the $backend backend
+Description=gpunexus host: $(models_label unit) on the $backend backend
 Wants=network-online.target
 After=network-online.target
 
@@ -491,6 +589,7 @@ main() {
     check_install
     check_model
     check_hub_and_env
+    check_config_file
     check_control_command
     check_service
     if ((changes == 0)); then

@@ -1,7 +1,8 @@
 """scripts/install-host.sh, run for real in throwaway Debian roots (containers of
 the debootstrap base image): a dry run that changes nothing, refusals of
 systems it does not support, and a real install, twice, registered with a real
-hub on loopback.
+hub on loopback, then changed to serve two models from a config file and
+from two ``--model`` flags.
 
 systemd cannot run as PID 1 in these containers, so each gets a stand-in
 ``systemctl`` (SYSTEMCTL_SHIM below) that records every call and really starts
@@ -16,6 +17,7 @@ apt's and pip's downloads are kept in docker volumes between runs
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import sqlite3
@@ -70,6 +72,18 @@ case $verb in
 esac
 """
 
+# Two reference models in one host, each with its own terms (node/hostconfig.py's grammar).
+HOST_TOML = """\
+[[model]]
+id = "tiny"
+price = 0.25
+slots = 2
+
+[[model]]
+id = "nano"
+price = 0.10
+"""
+
 NVIDIA_SMI_SHIM = """#!/bin/sh
 # A stand-in for a working NVIDIA driver (no GPU here): what the real one prints for this query.
 echo "NVIDIA H200, 143771 MiB, 570.86.15"
@@ -116,6 +130,10 @@ class Root:
             tail.kill()
             await tail.wait()
         return line
+
+    async def write(self, path: str, text: str) -> None:
+        """A root-only file in the container (outside /src, whose every file counts in the installed source's hash)."""
+        await self.sh(f"umask 077 && echo {base64.b64encode(text.encode()).decode()} | base64 -d >{path}")
 
     async def install(self, args: str, *, timeout: float = 600) -> tuple[int, str]:
         out = await self.sh(f"/src/scripts/install-host.sh {args} 2>&1", timeout=timeout, check=False)
@@ -185,6 +203,56 @@ async def test_dry_run_prints_every_step_and_changes_nothing(base_image: str, so
             assert all(line.split()[0] in ("is-enabled", "is-active") for line in calls.splitlines()), calls
 
 
+async def test_dry_run_of_several_models_and_of_a_config_file(base_image: str, source: Path) -> None:
+    with trio.fail_after(120):
+        async with throwaway_root(base_image, source) as root:
+            rc, out = await root.install("--dry-run --source /src --model tiny --model nano --price 0.25")
+            assert rc == 0, out
+            assert "==> check: tiny, nano on the reference backend" in out
+            assert "would run: gpunexus node check --model tiny --model nano --backend reference" in out
+            assert "Description=gpunexus host: tiny, nano on the reference backend" in out
+            assert ("ExecStart=/opt/gpunexus/venv/bin/gpunexus node serve --model tiny --model nano --backend reference "
+                    "--price 0.25 --listen /ip4/0.0.0.0/tcp/4001") in out, out
+            assert "host.toml" not in out
+
+            await root.write("/root/host.toml", HOST_TOML + 'upstream_key = "sk-upstream-secret"\n')
+            rc, out = await root.install("--dry-run --source /src --config /root/host.toml")
+            assert rc == 0, out
+            assert "==> check: the models of /etc/gpunexus/host.toml (tiny, nano) on the reference backend" in out
+            assert "would run: gpunexus node check --backend reference --config <(cat /root/host.toml)" in out
+            assert "would write /etc/gpunexus/host.toml (mode 640, gpunexus:gpunexus):" in out
+            assert "Description=gpunexus host: the models of /etc/gpunexus/host.toml on the reference backend" in out
+            assert '| id = "nano"' in out and "| upstream_key = <upstream key>" in out and "sk-upstream-secret" not in out
+            assert ("ExecStart=/opt/gpunexus/venv/bin/gpunexus node serve --config /etc/gpunexus/host.toml --backend reference "
+                    "--price 0.20 --listen /ip4/0.0.0.0/tcp/4001") in out, out
+            assert "--model" not in next(line for line in out.splitlines() if line.lstrip("| ").startswith("ExecStart="))
+
+
+async def test_refuses_a_bad_config_and_changes_nothing(base_image: str, source: Path) -> None:
+    with trio.fail_after(120):
+        async with throwaway_root(base_image, source) as root:
+            changed = "find / -xdev -newer /etc/hostname -not -path '/run/*' -not -path /var/log/systemctl.calls | sort"
+            before = await root.text(changed)
+            (source / "bad.toml").write_text('[[model]\nid = "tiny"\n')
+            (source / "noid.toml").write_text('[[model]]\nprice = 0.25\n')
+            (source / "settings.toml").write_text('listen = "/ip4/0.0.0.0/tcp/4001"\n[[model]]\nid = "tiny"\n')
+            (source / "good.toml").write_text(HOST_TOML)
+            for args, error in (
+                ("--config /src/bad.toml", "--config /src/bad.toml is not valid TOML: Expected ']]' at the end of an array declaration"),
+                ("--config /src/noid.toml", "--config /src/noid.toml: [[model]] #1 has no id"),
+                ("--config /src/settings.toml", "--config /src/settings.toml: the file holds [[model]] tables only"),
+                ("--config /src/missing.toml", "--config /src/missing.toml: no such readable file"),
+                ("--config /src/good.toml --model tiny", "--config and --model both name models"),
+                ("--config /src/good.toml --docker", "--config is not supported with --docker yet"),
+                ("--model tiny --model nano --model-dir /models/x", "but --model is given 2 times: use --config host.toml"),
+            ):
+                for dry in ("--dry-run ", ""):  # as root, for real: refused before the first step
+                    rc, out = await root.install(f"{dry}--source /src {args}")
+                    assert rc == 1 and error in out and "==> system" not in out, f"{args}:\n{out}"
+            assert await root.text(changed) == before, "a refused run wrote files"
+            assert (await root.sh("id gpunexus", check=False)).returncode != 0
+
+
 async def test_refuses_unsupported_systems_clearly(base_image: str, source: Path) -> None:
     with trio.fail_after(120):
         async with throwaway_root(base_image, source) as root:
@@ -231,7 +299,7 @@ async def running_hub(home: Path) -> AsyncIterator[tuple[str, str]]:
 
 
 async def test_installs_for_real_and_a_second_run_changes_nothing(base_image: str, source: Path, tmp_path: Path) -> None:
-    with trio.fail_after(540):
+    with trio.fail_after(900):
         async with running_hub(tmp_path / "hub") as (hub_url, host_key), throwaway_root(base_image, source, caches=True) as root:
             args = f"--model tiny --price 0.25 --listen /ip4/127.0.0.1/tcp/0 --hub {hub_url} --api-key {host_key}"
             rc, first = await root.install(args)
@@ -274,6 +342,51 @@ async def test_installs_for_real_and_a_second_run_changes_nothing(base_image: st
             assert await root.text(stamp) == files_before, "the second run touched files"
             calls = (await root.text("cat /var/log/systemctl.calls")).split()
             assert {"start", "restart", "enable", "daemon-reload"}.isdisjoint(calls), calls
+
+            # The same host, now serving two models from a config file: the file and the unit change, the service restarts.
+            await root.write("/root/host.toml", HOST_TOML)  # root's alone: the check reads it through a pipe
+            config_args = f"--config /root/host.toml --listen /ip4/127.0.0.1/tcp/0 --hub {hub_url} --api-key {host_key}"
+            await root.sh(": >/var/log/systemctl.calls && : >/var/log/gpunexus-host.service.log")
+            rc, out = await root.install(config_args)
+            assert rc == 0, out
+            assert "PASS" in out and "wrote /etc/gpunexus/host.toml (mode 640, gpunexus:gpunexus)" in out, out
+            assert (await root.text("stat -c '%a %U:%G' /etc/gpunexus/host.toml")).strip() == "640 gpunexus:gpunexus"
+            assert await root.text("cat /etc/gpunexus/host.toml") == HOST_TOML
+            unit = await root.text("cat /etc/systemd/system/gpunexus-host.service")
+            assert ("ExecStart=/opt/gpunexus/venv/bin/gpunexus node serve --config /etc/gpunexus/host.toml --backend reference "
+                    "--price 0.20 --listen /ip4/127.0.0.1/tcp/0 --hub ${GPUNEXUS_HUB}") in unit.splitlines(), unit
+            assert "restart" in (await root.text("cat /var/log/systemctl.calls")).split()
+            await root.wait_for_line("/var/log/gpunexus-host.service.log", "peer: ", timeout=90)
+            status = await root.text("gpunexus-host status")
+            assert f"host {peer_id}: enabled" in status and "models       2, 2 taking orders" in status, status
+            served = {line.split()[0]: line for line in status.splitlines() if line.startswith("    ")}
+            assert "0.250000 USD/Mtok" in served["tiny"] and "0.100000 USD/Mtok" in served["nano"], status  # each its own price
+
+            files_before = await root.text(stamp)
+            await root.sh(": >/var/log/systemctl.calls")
+            rc, out = await root.install(config_args)
+            assert rc == 0 and out.splitlines()[-1] == "nothing to change: every step was already done", out
+            assert "already: /etc/gpunexus/host.toml is up to date" in out
+            assert await root.text(stamp) == files_before, "the second run with the same config touched files"
+
+            # A config the check refuses (a key that does not exist) changes nothing, even with --skip-check.
+            await root.write("/root/host.toml", HOST_TOML + "slot = 3\n")
+            rc, out = await root.install(config_args + " --skip-check")
+            assert rc == 1 and "unknown key(s) slot" in out and "refused the models as given" in out, out
+            assert await root.text(stamp) == files_before, "a refused config touched files"
+            assert {"start", "restart"}.isdisjoint((await root.text("cat /var/log/systemctl.calls")).split())
+
+            # Back to --model flags, two of them: the unit names both, the file it no longer reads goes.
+            await root.sh(": >/var/log/gpunexus-host.service.log")
+            rc, out = await root.install(f"--model tiny --model nano --price 0.25 --listen /ip4/127.0.0.1/tcp/0 --hub {hub_url} --api-key {host_key}")
+            assert rc == 0 and "remove /etc/gpunexus/host.toml" in out, out
+            unit = await root.text("cat /etc/systemd/system/gpunexus-host.service")
+            assert ("ExecStart=/opt/gpunexus/venv/bin/gpunexus node serve --model tiny --model nano --backend reference --price 0.25 "
+                    "--listen /ip4/127.0.0.1/tcp/0 --hub ${GPUNEXUS_HUB}") in unit.splitlines(), unit
+            assert (await root.sh("test -e /etc/gpunexus/host.toml", check=False)).returncode != 0
+            await root.wait_for_line("/var/log/gpunexus-host.service.log", "peer: ", timeout=90)
+            status = await root.text("gpunexus-host status")
+            assert "models       2, 2 taking orders" in status, status
 
             # systemctl stop sends SIGTERM: the host drains and exits cleanly.
             await root.sh("systemctl stop gpunexus-host.service", timeout=60)
