@@ -13,9 +13,9 @@ it, with localstripe as its API base. Which call goes where, and why:
   Checkout page, which takes the card and pays); ``GET
   /v1/payment_intents/{id}`` (the hub reading a paid Checkout's card);
   ``POST /v1/payment_intents`` off-session with the saved card (auto-recharge:
-  success, decline, a SEPA debit that is ``processing`` first); and the
-  ``payment_intent.succeeded`` webhook, sent by localstripe to the hub's
-  route on a live loopback server and signed by localstripe.
+  success, decline); and the ``payment_intent.succeeded`` webhook, sent by
+  localstripe to the hub's route on a live loopback server and signed by
+  localstripe.
 * **FakeStripe** (``test_hub_stripe``'s ``stripe.HTTPClient``), for what
   localstripe does not have: Checkout Sessions (``/v1/checkout/sessions``),
   Connect accounts (``/v1/accounts``), Account Links and Transfers. A
@@ -58,7 +58,6 @@ API_KEY = "sk_test_localstripe"
 START_S = 30.0  # the launcher's start (an interpreter importing aiohttp) on a loaded 2-core machine
 VISA = "4242424242424242"  # Stripe's test card that always succeeds
 DECLINES = "4000000000000341"  # attaches to a customer; every charge of it is declined (card_declined)
-SEPA_IBAN = "DE89370400440532013000"  # a SEPA debit: the charge is processing first, succeeded a moment later
 
 
 class Localstripe:
@@ -277,17 +276,24 @@ async def served_billed(billed, nursery):
     stop.set()
 
 
+def _recorded_events(market) -> list[str]:
+    return market.hub.db.read_sync(lambda c: c.execute(sa.select(stripe_events.c.event_id)).scalars().all())
+
+
 async def test_localstripes_payment_intent_succeeded_webhook_credits_once(served_billed, localstripe):
-    """A settled batch recharges a SEPA debit (processing); localstripe's signed webhook, delivered twice, credits once.
+    """localstripe's signed ``payment_intent.succeeded``, delivered twice, credits a recharge once.
 
     Two endpoints at the hub's one URL get every event, each delivery signed
     by localstripe: the second is the same event id again, as a Stripe retry.
+    First a settled batch recharges the saved card; localstripe answers
+    ``succeeded`` at once, so the hub credits then and both deliveries add
+    nothing. Then a recharge whose answer the hub never got (it stopped, or
+    its request timed out, after Stripe charged): the webhook alone credits it.
     """
     market, billing, fake, app, ours, url = served_billed
     client = app.test_client()
-    debit = {"type": "sepa_debit", "sepa_debit": {"iban": SEPA_IBAN}}
-    # unconfirmed, so that the recharge's is the only payment_intent.succeeded localstripe sends
-    await _checkout_saving(client, market, ours, debit, confirm=False)
+    # unconfirmed, so that the recharges' are the only payment_intent.succeeded events localstripe sends
+    card = await _checkout_saving(client, market, ours, _card(VISA), confirm=False)
     for endpoint in ("hub", "hub-again"):
         localstripe.send_webhooks_to(endpoint, f"{url}/v1/stripe/webhook", ["payment_intent.succeeded"])
     await market.register_host()
@@ -297,10 +303,19 @@ async def test_localstripes_payment_intent_succeeded_webhook_credits_once(served
     await market.hub.submit([market.receipt(tokens_in=50_000, tokens_out=0).encode()])
     assert await localstripe.wait_for_deliveries("payment_intent.succeeded", 2) == (2, 0)  # both answered 2xx
     [charge] = _recharges(ours)
-    assert (charge.status, charge.amount_received) == ("succeeded", 500)
+    assert (charge.status, charge.amount_received, charge.payment_method) == ("succeeded", 500, card)
     assert _balance(market, market.client) == before + 5_000_000  # credited once
-    [event] = ours.v1.events.list(params={"type": "payment_intent.succeeded"}).data
-    assert event.data.object.id == charge.id
-    recorded = market.hub.db.read_sync(lambda c: c.execute(sa.select(stripe_events.c.event_id)).scalars().all())
-    assert event.id in recorded and recorded.count(event.id) == 1
+    assert f"recharge:{charge.id}" in _recorded_events(market)  # by the recharge itself, at once
+
+    lost = ours.v1.payment_intents.create(params={  # what billing.recharge sends
+        "amount": 500, "currency": "usd", "customer": _stored(market, market.client).stripe_customer_id,
+        "payment_method": card, "off_session": True, "confirm": True,
+        "metadata": {"user_id": str(market.client.id), "kind": "auto_recharge"}})
+    before = _balance(market, market.client)
+    assert await localstripe.wait_for_deliveries("payment_intent.succeeded", 4) == (4, 0)
+    assert _balance(market, market.client) == before + 5_000_000  # credited once, by the webhook
+    events = ours.v1.events.list(params={"type": "payment_intent.succeeded"}).data
+    assert sorted(e.data.object.id for e in events) == sorted([charge.id, lost.id])
+    recorded = _recorded_events(market)
+    assert all(recorded.count(e.id) == 1 for e in events) and f"recharge:{lost.id}" not in recorded
     assert market.hub.db.read_sync(ledger.verify).ok
