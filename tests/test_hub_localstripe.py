@@ -69,7 +69,7 @@ class Localstripe:
         self.lines: list[str] = []
         self._port = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._port.wait(START_S) or not self.lines[0].strip().isdigit():
+        if not self._port.wait(START_S) or not self.lines or not self.lines[0].strip().isdigit():
             self.stop()
             raise RuntimeError(f"localstripe did not start: {''.join(self.lines)!r:.2000}")
         self.url = f"http://127.0.0.1:{int(self.lines[0])}"
