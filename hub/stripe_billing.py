@@ -379,6 +379,8 @@ class StripeBilling:
                     await fn(uid)
                 except stripe.StripeError as exc:
                     log.warning("billing for user %s: %s", uid, exc)
+                except Exception:  # an answer of a shape we did not expect: this user waits, billing goes on
+                    log.exception("billing for user %s failed on an unexpected answer", uid)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """One pass after each settled batch, one at a time, off the request path."""
