@@ -26,8 +26,8 @@ from sqlalchemy.engine import Connection
 
 from gpunexus.verify import reputation
 
-from . import ledger
-from .db import accounts, audits, chain_head, host_reputation, users
+from . import reports
+from .db import accounts, audits, chain_head, host_reputation
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0)
@@ -71,18 +71,15 @@ class HubMetrics:
 
 def snapshot(conn: Connection) -> dict:
     """The money figures of one scrape, in one read transaction."""
-    platform = dict(conn.execute(sa.select(accounts.c.name, accounts.c.balance)
-                                 .where(accounts.c.name.in_(list(ledger.SYSTEM_ACCOUNTS)))).all())
-    by_role = dict(conn.execute(sa.select(users.c.role, sa.func.sum(accounts.c.balance))
-                                .join(accounts, accounts.c.id == users.c.account_id).group_by(users.c.role)).all())
+    platform, by_role = reports.balances(conn)
     total = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(accounts.c.balance), 0))).scalar_one()
     head = conn.execute(sa.select(chain_head.c.seq)).scalar()
     by_status = dict(conn.execute(sa.select(audits.c.status, sa.func.count()).group_by(audits.c.status)).all())
     records = conn.execute(sa.select(host_reputation.c.passes, host_reputation.c.fails)).all()
     excluded = sum(reputation.excluded(reputation.Reputation(r.passes, r.fails)) for r in records)
     return {
-        "platform": {name: int(platform.get(name, 0)) for name in ledger.SYSTEM_ACCOUNTS},
-        "users": {role: int(by_role.get(role) or 0) for role in ("client", "host", "admin")},
+        "platform": platform,
+        "users": by_role,
         "total": int(total),
         "settled": int(head or 0),
         "audits": {status: int(n) for status, n in by_status.items()},

@@ -183,16 +183,23 @@ def receipt_extract(conn: Connection, user_id: int) -> list[tuple[int, bytes, by
     return [tuple(r) for r in conn.execute(q)]
 
 
-def ledger_totals(conn: Connection) -> dict:
-    """Platform accounts one by one, user accounts summed per role, the grand total and :func:`ledger.verify`."""
+def balances(conn: Connection) -> tuple[dict[str, int], dict[str, int]]:
+    """(each platform account's balance, user balances summed per role): the admin page's and ``/metrics``' figures."""
     system = dict(conn.execute(sa.select(accounts.c.name, accounts.c.balance)
                                .where(accounts.c.name.in_(list(ledger.SYSTEM_ACCOUNTS)))).all())
     by_role = dict(conn.execute(sa.select(users.c.role, sa.func.sum(accounts.c.balance))
                                 .join(accounts, accounts.c.id == users.c.account_id).group_by(users.c.role)).all())
+    return ({name: int(system.get(name, 0)) for name in ledger.SYSTEM_ACCOUNTS},
+            {role: int(by_role.get(role) or 0) for role in ("client", "host", "admin")})
+
+
+def ledger_totals(conn: Connection) -> dict:
+    """Platform accounts one by one, user accounts summed per role, the grand total and :func:`ledger.verify`."""
+    platform, by_role = balances(conn)
     check = ledger.verify(conn)
     return {
-        "platform": {name: int(system.get(name, 0)) for name in ledger.SYSTEM_ACCOUNTS},
-        "users": {role: int(by_role.get(role, 0)) for role in ("client", "host", "admin")},
+        "platform": platform,
+        "users": by_role,
         "total_micro": check.total,
         "ok": check.ok,
         "mismatched": list(check.mismatched),

@@ -19,6 +19,26 @@ import trio
 log = logging.getLogger(__name__)
 
 CATALOGUE_POLL_S = 60.0
+CATALOGUE_TIMEOUT_S = 5.0
+
+
+def entries_of(answer: httpx.Response) -> dict[str, dict] | None:
+    """``GET /v1/catalogue``'s entries by model id; None when the answer is not a catalogue."""
+    try:
+        models = answer.json().get("models") if answer.status_code == 200 else None
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(models, list):
+        return None
+    return {m["model"]: m for m in models if isinstance(m, dict) and isinstance(m.get("model"), str)}
+
+
+def fetch_catalogue(hub: str, *, timeout_s: float = CATALOGUE_TIMEOUT_S) -> dict[str, dict]:
+    """The hub's catalogue once, for ``node check`` and ``node serve``; ``{}`` when it cannot be had (the check reports the hub itself)."""
+    try:
+        return entries_of(httpx.get(f"{hub.rstrip('/')}/v1/catalogue", timeout=timeout_s)) or {}
+    except httpx.HTTPError:
+        return {}
 
 
 class CatalogueView:
@@ -42,10 +62,10 @@ class CatalogueView:
         async with httpx.AsyncClient(base_url=hub_url.rstrip("/"), timeout=10.0) as http:
             while True:
                 try:
-                    answer = await http.get("/v1/catalogue")
-                    models = answer.json().get("models") if answer.status_code == 200 else None
-                    if isinstance(models, list):
-                        self.entries = {m["model"]: m for m in models if isinstance(m, dict) and isinstance(m.get("model"), str)}
-                except (httpx.HTTPError, ValueError, AttributeError) as exc:
+                    entries = entries_of(await http.get("/v1/catalogue"))
+                except httpx.HTTPError as exc:
                     log.debug("no catalogue from the hub this time: %s", exc)
+                else:
+                    if entries is not None:
+                        self.entries = entries
                 await trio.sleep(interval)

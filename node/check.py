@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
 MINIMUMS_SOURCE = "flags"
-CATALOGUE_TIMEOUT_S = 5.0
 DEFAULT_MIN_TOKENS_PER_S = 10.0
 GENERIC_MEASURE_TIMEOUT_S = 120.0
 MAX_REGION = 64
@@ -435,18 +434,6 @@ def add_minimum_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-latency-ms", type=_positive, default=None, metavar="MS", help="the most round-trip time to the hub and to each bootstrap peer (default: reachable is enough)")
     p.add_argument("--min-bandwidth-mbps", type=_positive, default=None, metavar="MBIT_S",
                    help="the least throughput each way to each bootstrap peer, in Mbit/s (measured by moving a few MB each way; no minimum by default)")
-
-
-def fetch_catalogue(hub: str, *, timeout_s: float = CATALOGUE_TIMEOUT_S) -> dict[str, dict]:
-    """The hub's public catalogue by model id; ``{}`` when it cannot be had (the check reports the hub itself)."""
-    import httpx
-
-    try:
-        answer = httpx.get(f"{hub.rstrip('/')}/v1/catalogue", timeout=timeout_s)
-        entries = answer.json().get("models") if answer.status_code == 200 else None
-    except (httpx.HTTPError, ValueError, AttributeError):
-        return {}
-    return {e["model"]: e for e in entries or () if isinstance(e, dict) and isinstance(e.get("model"), str)}
 
 
 def with_catalogue(minimums: Minimums, entry: dict | None, hub: str) -> Minimums:

@@ -242,7 +242,9 @@ def _with_hub_catalogue(specs: list[ModelSpec], hub: str | None) -> list[ModelSp
     """Each model's minimums from the hub's catalogue where it names them (``node check`` and ``node serve``)."""
     if not hub:
         return specs
-    catalogue = check_args.fetch_catalogue(hub)
+    from .catalogue import fetch_catalogue
+
+    catalogue = fetch_catalogue(hub)
     return [dataclasses.replace(s, minimums=check_args.with_catalogue(s.minimums, catalogue.get(s.id), hub)) for s in specs]
 
 

@@ -63,6 +63,7 @@ from gpunexus.protocol.messages import (
     TokenDetail,
 )
 from gpunexus.protocol.money import cost_micro
+from gpunexus.protocol.signing import Signer
 from gpunexus.verify.registry import is_byte_level
 
 from .catalogue import CatalogueView
@@ -464,7 +465,7 @@ class GatewayService:
                continuation_ids: tuple[int, ...], max_tokens: int, grant: Grant) -> Order:
         return Order(
             request_id=request_id,
-            gateway_id=(grant.signer or self.node.signer).peer_id,
+            gateway_id=self._signer(grant).peer_id,
             host_id=offer.peer_id,
             model=request.model,
             price_micro_per_mtok=offer.price_micro_per_mtok,
@@ -484,7 +485,7 @@ class GatewayService:
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
             upstream=request.upstream,
-        ).signed(grant.signer or self.node.signer)
+        ).signed(self._signer(grant))
 
     async def _open(self, offer: Offer) -> FramedStream:
         peer = ID.from_base58(offer.peer_id)
@@ -616,8 +617,12 @@ class GatewayService:
             await admit(bearer)
         return self.settlement.authorize(bearer, model)
 
+    def _signer(self, grant: Grant) -> Signer:
+        """Who signs this grant's orders and countersigns its receipts: a team member's own identity, else this peer."""
+        return grant.signer or self.node.signer
+
     def _settle(self, receipt: Receipt, grant: Grant, order: Order | None = None, outcome: _Outcome | None = None, first_draw: int = 0) -> None:
-        countersigned = receipt.signed(grant.signer or self.node.signer, "gateway_sig")
+        countersigned = receipt.signed(self._signer(grant), "gateway_sig")
         self.stats.receipts.append(countersigned)
         del self.stats.receipts[:-100]
         # What an audit of this receipt needs, handed over before the receipt so a
