@@ -139,7 +139,8 @@ def run_harness(args, procs: Procs, tmp: Path) -> list[dict]:
     if peer is None:
         raise SystemExit("host printed no address")
     log(f"host is {peer}")
-    gateway = procs.start("gateway", [py, "-m", "gpunexus", "node", "gateway", "--port", str(gw_port), "--bootstrap", peer],
+    gateway = procs.start("gateway", [py, "-m", "gpunexus", "node", "gateway", "--port", str(gw_port), "--bootstrap", peer,
+                                      *(["--no-sessions"] if args.no_sessions else [])],
                           env=env_gw, stdout=subprocess.DEVNULL)
     models = f"http://127.0.0.1:{gw_port}/v1/models"
     wait_http(models, lambda r: any(m["id"] == MODEL for m in r.json().get("data", [])), 90, "gateway (model listed)", gateway)
@@ -406,6 +407,7 @@ def main() -> int:
                          "(default 128,512; empty to skip)")
     ap.add_argument("--paced-rounds-many", type=int, default=1,
                     help="rounds of each --many-streams concurrency (default 1)")
+    ap.add_argument("--no-sessions", action="store_true", help="the gateway opens one stream per request (as before sessions), for comparison")
     ap.add_argument("--out", default="", help="write the harness's JSON rows here")
     ap.add_argument("--skip-harness", action="store_true", help="only the reference-backend table")
     ap.add_argument("--skip-reference", action="store_true", help="only the harness table")

@@ -88,6 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     gw.add_argument("--first-token-timeout", type=float, default=10.0, help="seconds to wait for a host's first token before trying the next (default 10)")
     gw.add_argument("--audit-retention", type=float, default=3600.0, metavar="SECONDS", help="with --hub: keep each paid request and its output this long so the hub can audit the host (default 3600)")
     gw.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="let browser pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; repeatable (default: CORS off)")
+    gw.add_argument("--no-sessions", action="store_true", help="open one libp2p stream per request instead of one session per host for all requests "
+                    "(as gateways before /gpunexus/session/1; for comparing, or a host whose sessions misbehave)")
     gw.add_argument("--no-audit-retention", action="store_true", help="with --hub: keep no request text for audits; the hub then cannot audit your requests, so this gateway only uses hosts in good standing (no unrecovered failed audit)")
     _network_args(gw)
     gw.set_defaults(func=_gateway)
@@ -364,7 +366,7 @@ def _gateway(args: argparse.Namespace) -> int:
     from .gateway import GatewayConfig
     from .runtime import GatewayOptions, open_gateway
 
-    config = GatewayConfig(first_token_timeout=args.first_token_timeout, min_tokens_per_s=args.min_tokens_per_s)
+    config = GatewayConfig(first_token_timeout=args.first_token_timeout, min_tokens_per_s=args.min_tokens_per_s, sessions=not args.no_sessions)
     if args.max_price:
         try:
             config.max_price_micro_per_mtok = usd_to_micro(args.max_price)

@@ -73,6 +73,8 @@ from .prices import PriceBook
 from .openai_api import APIError, CompletionRequest, EmbeddingRequest
 from .openai_shapes import Usage
 from .p2p import P2PNode
+from .session import MAX_BUFFERED_BYTES, Channel, ReaderTooSlow
+from .session_pool import SessionPool
 from .settlement import Grant, Settlement, SettlementRefused
 from .streams import StreamPool
 from .wire import FramedStream, PeerGone
@@ -99,6 +101,11 @@ class GatewayConfig:
     """Hosts tried per request; "busy" answers after the first token do not count (see `complete`)."""
     price_poll_s: float = 15.0
     """How often a gateway with a hub fetches the hub's signed market prices."""
+    sessions: bool = True
+    """One ``/gpunexus/session/1`` stream per host for all requests to it (node/session.py) where the host speaks it;
+    False: one stream per request, as gateways before sessions did."""
+    reader_limit_bytes: int = MAX_BUFFERED_BYTES
+    """How far (message bytes) one client may fall behind its stream on a session before the request is cut."""
 
 
 @dataclass
@@ -200,13 +207,21 @@ class GatewayService:
         self.catalogue = CatalogueView()
         """The hub's catalogue (licences, availability) for ``/v1/models``; filled only with a hub."""
         self._pool: StreamPool | None = None
+        self._sessions: SessionPool | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Background work: keeping spare streams to recently used hosts."""
+        """Background work: sessions with hosts, spare streams to hosts that predate sessions."""
         async with trio.open_nursery() as nursery:
             self._pool = StreamPool(self._open, nursery)
+            if self.config.sessions:
+                self._sessions = SessionPool(self._open_stream, nursery, max_buffered=self.config.reader_limit_bytes)
             task_status.started()
             await trio.sleep_forever()
+
+    @property
+    def open_sessions(self) -> int:
+        """Hosts this gateway has a session with now."""
+        return self._sessions.open_sessions if self._sessions is not None else 0
 
     def policy(self, needs: Needs | None = None) -> MatchPolicy:
         return MatchPolicy(self.config.max_price_micro_per_mtok, self.config.min_tokens_per_s, needs or Needs())
@@ -444,8 +459,10 @@ class GatewayService:
             self.book.drop_host(offer.peer_id)
             if self._pool is not None:
                 self._pool.forget(offer.peer_id)
+            if self._sessions is not None:
+                self._sessions.forget(offer.peer_id)
 
-    def _connection_lost(self, framed: FramedStream, peer_id: str) -> bool:
+    def _connection_lost(self, framed: FramedStream | Channel, peer_id: str) -> bool:
         """Whether the connection under ``framed`` is gone, not just this one stream.
 
         yamux resets every stream of a dying connection before libp2p drops
@@ -454,7 +471,7 @@ class GatewayService:
         """
         return connection_shutting_down(framed.stream) or not self.node.is_connected(peer_id)
 
-    def _still_queued(self, offer: Offer, framed: FramedStream, wait: _QueueWait) -> bool:
+    def _still_queued(self, offer: Offer, framed: FramedStream | Channel, wait: _QueueWait) -> bool:
         """Past a first-token deadline: wait one more for this host (see `_QueueWait`)?"""
         if self._connection_lost(framed, offer.peer_id) or not wait.keeps_waiting(self.book.get(offer.peer_id, offer.model), time.monotonic()):
             return False
@@ -488,6 +505,10 @@ class GatewayService:
         ).signed(self._signer(grant))
 
     async def _open(self, offer: Offer) -> FramedStream:
+        return FramedStream(await self._open_stream(offer, [INFER_PROTOCOL]))
+
+    async def _open_stream(self, offer: Offer, protocols: list[str]):
+        """A libp2p stream to the offer's host, in the first of ``protocols`` it speaks."""
         peer = ID.from_base58(offer.peer_id)
         store = self.node.host.get_peerstore()
         addrs = []
@@ -503,12 +524,28 @@ class GatewayService:
             # down must not block this one (the matcher paces retries).
             self.node.allow_redial(offer.peer_id)
         with trio.fail_after(self.config.open_timeout):
-            stream = await self.node.host.new_stream(peer, [INFER_PROTOCOL])
-        return FramedStream(stream)
+            return await self.node.host.new_stream(peer, protocols)
 
-    async def _send_order(self, offer: Offer, order: Order) -> FramedStream:
-        """Send the order on a spare stream if one works, else on a fresh one."""
-        spare = self._pool.take(offer) if self._pool is not None else None
+    async def _send_order(self, offer: Offer, order: Order) -> tuple[FramedStream | Channel, bool]:
+        """Send the order on the host's session, else on a spare stream if one works, else on a fresh one.
+
+        Also says whether the request took its place in the spare streams'
+        demand count (``StreamPool.take``): it is released when the request
+        is over, or here if the order could not be sent.
+        """
+        sessions = self._sessions
+        if sessions is not None and sessions.speaks_sessions(offer.peer_id):
+            return await self._send_on_session(sessions, offer, order), False
+        if self._pool is None:
+            return await self._send_on_stream(offer, order, None), False
+        spare = self._pool.take(offer)
+        try:
+            return await self._send_on_stream(offer, order, spare), True
+        except BaseException:
+            self._pool.release(offer)
+            raise
+
+    async def _send_on_stream(self, offer: Offer, order: Order, spare: FramedStream | None) -> FramedStream:
         if spare is not None:
             try:
                 await spare.send(order)
@@ -525,13 +562,25 @@ class GatewayService:
             raise _HostFailed(str(exc), unreachable=self._connection_lost(framed, offer.peer_id)) from None
         return framed
 
+    async def _send_on_session(self, sessions: SessionPool, offer: Offer, order: Order) -> FramedStream | Channel:
+        """The order on the host's session; a reused session found broken by this send is replaced once."""
+        reused = sessions.has_session(offer.peer_id)
+        while True:
+            try:
+                channel = await sessions.open(offer)
+            except Exception as exc:  # any dial failure (timeout included) means: next host
+                raise _HostFailed(f"cannot open a session: {type(exc).__name__}: {exc}", unreachable=True) from None
+            try:
+                await channel.send(order)
+                return channel
+            except PeerGone as exc:
+                await channel.reset()
+                if not reused:
+                    raise _HostFailed(str(exc), unreachable=self._connection_lost(channel, offer.peer_id)) from None
+                reused = False
+
     async def _attempt(self, offer: Offer, order: Order, outcome: _Outcome, emit: Emit) -> None:
-        try:
-            framed = await self._send_order(offer, order)
-        except BaseException:
-            if self._pool is not None:
-                self._pool.release(offer)
-            raise
+        framed, pooled = await self._send_order(offer, order)
         hasher = OutputHasher()
         parts: list[str] = []
         queue = _QueueWait(offer, self.config.queue_timeout)
@@ -548,7 +597,7 @@ class GatewayService:
                         raise _HostFailed("no first token in time" if not outcome.tokens else "stream stalled")
                     deadline = self.config.stall_timeout
                 if isinstance(msg, Chunk):
-                    if not outcome.tokens and self._pool is not None:
+                    if not outcome.tokens and pooled and self._pool is not None:
                         self._pool.refill(offer)
                     # Every chunk that came in with this one goes to the client as one delta.
                     text = []
@@ -601,9 +650,12 @@ class GatewayService:
             raise _HostFailed(str(exc), unreachable=self._connection_lost(framed, offer.peer_id)) from None
         except ProtocolError as exc:
             raise _HostFailed(str(exc)) from None
+        except ReaderTooSlow as exc:
+            # The client, not the host, fell behind: no failover, the stream ends with the reason.
+            raise _MidStreamExhausted(str(exc)) from None
         finally:
             outcome.text = "".join(parts)
-            if self._pool is not None:
+            if pooled and self._pool is not None:
                 self._pool.release(offer)
             if outcome.receipt is None:
                 await framed.reset()

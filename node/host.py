@@ -1,9 +1,12 @@
-"""The host role: serve ``/gpunexus/infer/1`` streams from one or more backends.
+"""The host role: serve requests from one or more backends.
 
-One stream carries one request: the gateway's signed :class:`Order`, then our
-:class:`Chunk` frames, then a signed :class:`Receipt` (or an :class:`Error`).
-Anything malformed gets an error frame and a closed stream; the host itself
-never goes down for a peer's mistake.
+A request is the gateway's signed :class:`Order`, then our :class:`Chunk`
+frames, then a signed :class:`Receipt` (or an :class:`Error`). It comes on a
+gateway's ``/gpunexus/session/1`` stream, which carries all of that
+gateway's requests (node/session.py), or on a ``/gpunexus/infer/1`` stream
+of its own (gateways that predate sessions); both are served by the same
+code. Anything malformed gets an error frame and a closed request; the host
+itself never goes down for a peer's mistake.
 
 Availability is the owner's: ``disable`` stops taking new orders (they get a
 retryable ``draining`` error, so gateways move on invisibly), waits for the
@@ -26,11 +29,13 @@ import trio
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.messages import INFER_PROTOCOL, Capabilities, Chunk, Embedding, Error, Order, OutputHasher, Receipt
 from gpunexus.protocol.money import cost_micro
+from gpunexus.protocol.session import SESSION_PROTOCOL
 
 from .backends.base import Backend, BackendError, GenerationRequest, Token
 from .offers import Announcer, OfferBook, OfferTerms, follow_offers
 from .prices import PriceBook, follow_prices
 from .p2p import P2PNode
+from .session import Channel, Session
 from .wire import FramedStream, PeerGone
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,8 @@ MAX_BATCH_TOKENS = 512
 """Most tokens coalesced into one chunk (well under the protocol's cap)."""
 
 OrderCheck = Callable[[Order], Awaitable[None]]
+Conversation = FramedStream | Channel
+"""Where one request's messages go: its own stream, or its channel on a session."""
 
 
 @dataclass
@@ -161,9 +168,14 @@ class HostService:
         tokens_per_s: float = 0.0,
         region: str = "",
         order_check: OrderCheck | None = None,
+        sessions: bool = True,
     ) -> None:
         self.node = node
         self.order_check = order_check
+        self.sessions = sessions
+        """Serve ``/gpunexus/session/1`` as well as per-request streams (False: streams only, as hosts before sessions)."""
+        self.open_sessions: set[Session] = set()
+        """Gateways' sessions being served now."""
         self.on_receipt: list[Callable[[Receipt], None]] = []
         """Called with every receipt this host signs, before it is sent (the hub link's period roots)."""
         self.started_at = time.time()
@@ -233,6 +245,8 @@ class HostService:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.node.host.set_stream_handler(INFER_PROTOCOL, self._handle_stream)
+        if self.sessions:
+            self.node.host.set_stream_handler(SESSION_PROTOCOL, self._handle_session)
         if self.start_enabled:
             await self.enable()
         try:
@@ -322,12 +336,26 @@ class HostService:
             "tokens_out": s.tokens_out,
             "billed_micro": s.billed_micro,
             "uptime_s": round(time.time() - self.started_at, 1),
+            "sessions": len(self.open_sessions),
             "models": [m.status(self.enabled) for m in self.models.values()],
         }
 
-    # --- one stream ------------------------------------------------------
+    # --- one request -----------------------------------------------------
+    async def _handle_session(self, stream) -> None:
+        session = Session(stream)
+        self.open_sessions.add(session)
+        log.debug("a gateway opened a session")
+        try:
+            await session.run(accept=self._handle)
+            await session.framed.close()
+        finally:
+            self.open_sessions.discard(session)
+        log.debug("a session ended: %s", session.broken)
+
     async def _handle_stream(self, stream) -> None:
-        framed = FramedStream(stream)
+        await self._handle(FramedStream(stream))
+
+    async def _handle(self, framed: Conversation) -> None:
         try:
             await self._serve(framed)
         except PeerGone as exc:
@@ -338,7 +366,7 @@ class HostService:
         else:
             await framed.close()
 
-    async def _serve(self, framed: FramedStream) -> None:
+    async def _serve(self, framed: Conversation) -> None:
         server: ModelServer | None = None
         try:
             with trio.fail_after(ORDER_TIMEOUT):
@@ -389,14 +417,14 @@ class HostService:
             raise _Refusal("bad_request", f"this host does not offer {', '.join(missing)}", retryable=True, server=server)
         return server
 
-    async def _refuse(self, framed: FramedStream, server: ModelServer | None, code: str, message: str, retryable: bool) -> None:
+    async def _refuse(self, framed: Conversation, server: ModelServer | None, code: str, message: str, retryable: bool) -> None:
         (server.stats if server is not None else self.unmatched).refused += 1
         # Routine (busy, under the ask, drained): counted in node status and /metrics, logged only at -vv.
         log.debug("refused an order: %s (%s)", message, code)
         with trio.move_on_after(SEND_TIMEOUT):
             await framed.send(Error(code=code, message=message, retryable=retryable))
 
-    async def _embed(self, framed: FramedStream, order: Order, server: ModelServer) -> None:
+    async def _embed(self, framed: Conversation, order: Order, server: ModelServer) -> None:
         """An embedding order: one vector, then a receipt for the input tokens (none out)."""
         try:
             result = await server.backend.embed(GenerationRequest.from_order(order))  # type: ignore[attr-defined]
@@ -411,7 +439,7 @@ class HostService:
             await framed.send(Embedding(result.vector))
         await self._send_receipt(framed, order, server, result.prompt_tokens, hasher, "stop", b"")
 
-    async def _generate(self, framed: FramedStream, order: Order, server: ModelServer) -> None:
+    async def _generate(self, framed: Conversation, order: Order, server: ModelServer) -> None:
         if order.kind == "embedding":
             await self._embed(framed, order, server)
             return
@@ -463,7 +491,7 @@ class HostService:
         assert result is not None
         await self._send_receipt(framed, order, server, result.prompt_tokens, hasher, result.finish_reason, result.commitment)
 
-    async def _send_receipt(self, framed: FramedStream, order: Order, server: ModelServer, tokens_in: int, hasher: OutputHasher,
+    async def _send_receipt(self, framed: Conversation, order: Order, server: ModelServer, tokens_in: int, hasher: OutputHasher,
                             finish_reason: str, commitment: bytes) -> None:
         receipt = Receipt(
             request_id=order.request_id,

@@ -135,6 +135,8 @@ class HostOptions:
     """Further models served by the same peer, each with its own terms."""
     metrics: tuple[str, int] | None = None
     """(address, port) of ``/metrics`` and ``/health`` for Prometheus (``--metrics-port``); None: not served."""
+    sessions: bool = True
+    """Serve gateways' ``/gpunexus/session/1`` streams too; False: per-request streams only (as hosts before sessions)."""
 
     def served(self) -> list[ModelOptions]:
         """Every model this host serves, the top fields' one first."""
@@ -184,7 +186,7 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
         order_check = link.check_order
     first, *more = options.served()
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
-        service = HostService(node, first.backend, order_check=order_check, **_terms(first))
+        service = HostService(node, first.backend, order_check=order_check, sessions=options.sessions, **_terms(first))
         for model in more:
             service.add_model(model.backend, **_terms(model))
         for model in [first, *more]:

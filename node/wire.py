@@ -13,6 +13,7 @@ import trio
 from gpunexus.protocol.codec import Message, decode
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.framing import FrameDecoder, encode_frame
+from gpunexus.protocol.limits import MAX_FRAME_BYTES
 from libp2p.network.stream.exceptions import (
     StreamClosed,
     StreamEOF,
@@ -60,9 +61,9 @@ class FramedStream:
     of what reaches into py-libp2p's private parts.
     """
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream, *, max_frame: int = MAX_FRAME_BYTES) -> None:
         self.stream = stream
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(max_frame)
         self._ready: deque[bytes] = deque()
         self._yamux = fast_yamux(stream)
 
@@ -86,6 +87,10 @@ class FramedStream:
 
     async def receive(self) -> Message:
         """The next message; PeerGone at end of stream, ProtocolError on garbage."""
+        return decode(await self.receive_body())
+
+    async def receive_body(self) -> bytes:
+        """The next frame's body, undecoded (a session's batch); PeerGone at end of stream."""
         while not self._ready:
             try:
                 data = await read_buffered(self.stream, self._yamux)
@@ -96,7 +101,7 @@ class FramedStream:
             if not data:
                 raise PeerGone("stream ended")
             self._ready.extend(self._decoder.feed(data))
-        return decode(self._ready.popleft())
+        return self._ready.popleft()
 
     def receive_ready(self) -> Message | None:
         """The next message if it already arrived (no I/O, no wait), else None.
