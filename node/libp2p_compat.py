@@ -1,10 +1,8 @@
 """Every reach into py-libp2p's private parts, in one room.
 
 Written for **py-libp2p >= 0.8.1, < 0.9** (the range the project pins). The rest
-of node/ uses only this module and py-libp2p's public API, with one
-exception left for the request-path work: node/gateway.py's
-``_connection_lost`` still reads ``muxed_conn.event_shutting_down`` itself;
-:func:`connection_shutting_down` is the same check, here for it to use. What is in here
+of node/ uses only this module and py-libp2p's public API (sessions, for one,
+need only ``new_stream`` with two protocol ids and ``get_protocol``). What is in here
 leans on names py-libp2p does not promise to keep: an upgrade that removes
 or changes one of them must fail a test, not a user's request, so
 :func:`contract_problems` lists every such name with what it is expected to
