@@ -193,6 +193,9 @@ class Session:
         self._wake = trio.Event()
         self.broken: str | None = None
         """Why the session is over, once it is."""
+        self.frames_sent = 0
+        self.entries_sent = 0
+        """Entries per frame is how much the shared write window saves (bench/session.py prints it)."""
         self.idle_since = trio.current_time()
 
     @property
@@ -257,9 +260,11 @@ class Session:
             try:
                 for frame in encode_frames(entries):
                     await self.framed.send_raw(frame)
+                    self.frames_sent += 1
             except PeerGone as exc:
                 self._fail(f"stream broke: {exc}")
                 return
+            self.entries_sent += len(entries)
             self._writing.done.set()
             self._writing = None
 
