@@ -316,28 +316,27 @@ class _Events:
 
     def _learn(self, event: bytes, obj: dict) -> None:
         """Make ``event``'s bytes around its text the template, if it is a plain text event and the slot checks out."""
-        choices = obj.get("choices")
-        if obj.get("usage") or not isinstance(choices, list) or len(choices) != 1 or choices[0].get("finish_reason"):
-            return
-        choice = choices[0]
-        holder, key = (choice.get("delta"), "content") if self.chat else (choice, "text")
-        text = holder.get(key) if isinstance(holder, dict) else None
-        if not isinstance(text, str) or not text or (self.chat and holder.get("tool_calls")):
+        slot = _plain_text_slot(obj, self.chat)
+        if slot is None:
             return
         self._learns -= 1
+        text = slot[0][slot[1]]
         literal = text.encode()
         if _NOT_LITERAL(literal) is not None:
             return
-        slot = b'"' + literal + b'"'
-        at = event.rfind(slot)
+        quoted = b'"' + literal + b'"'
+        at = event.rfind(quoted)
         if at < 0:
             return  # the engine escapes some of it: another event may do
-        head, tail = event[: at + 1], event[at + len(slot) - 1 :]
+        head, tail = event[: at + 1], event[at + len(quoted) - 1 :]
         try:
             probe = json.loads((head + literal + b"~" + tail)[5:].strip())
         except ValueError:
             return  # the quotes were two strings' ends, not one string
-        holder[key] = text + "~"
+        found = _plain_text_slot(probe, self.chat)
+        if found is None:
+            return
+        found[0][found[1]] = text  # equal now only if the slot was the text's: else another string holds "~"
         if probe == obj:
             self._head, self._tail = head, tail
 
@@ -346,6 +345,20 @@ class _Events:
         for i, (logprob, detail) in enumerate(scored):
             self.produced += 1
             self.tokens.send_nowait(Token(text if i == 0 else "", None, logprob, detail=detail))
+
+
+def _plain_text_slot(obj: dict, chat: bool) -> tuple[dict, str] | None:
+    """(the dict, its key) holding the text of an event that carries one choice's text and nothing else that counts."""
+    choices = obj.get("choices")
+    if obj.get("usage") or not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    choice = choices[0]
+    if choice.get("finish_reason"):
+        return None
+    holder, key = (choice.get("delta"), "content") if chat else (choice, "text")
+    if not isinstance(holder, dict) or not isinstance(holder.get(key), str) or not holder[key] or (chat and holder.get("tool_calls")):
+        return None
+    return holder, key
 
 
 def _token_logprobs(logprobs: object, chat: bool) -> list[tuple[float, TokenDetail]]:
