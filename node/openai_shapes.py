@@ -15,6 +15,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _json_string
 
 from gpunexus.protocol.messages import TokenDetail
 
@@ -137,38 +138,37 @@ class ResponseShaper:
         if self.chat:
             head["system_fingerprint"] = fingerprint
         self._head = head
-        # Pre-encode everything but the text: one json.dumps of a string per plain delta.
+        # Pre-encode everything but the text: one string to escape per plain delta.
         self._prefix = json.dumps(head, separators=(",", ":"))[:-1]
         self._usage = ',"usage":null' if request.include_usage else ""
-        self._frames: dict[int, tuple[bytes, bytes]] = {}
+        self._hot: dict[int, tuple[bytes, bytes]] = {}
+        """A choice's frame once its opening event went out, where no logprobs are asked: the hot path's one lookup."""
         self._plain = not request.logprobs
         self._completion_logprobs = [CompletionLogprobs(request.top_logprobs > 0) for _ in range(request.choices)] if request.logprobs and not self.chat else []
 
     def _frame(self, index: int) -> tuple[bytes, bytes]:
-        frame = self._frames.get(index)
-        if frame is None:
-            if self.chat:
-                frame = (f'data: {self._prefix},"choices":[{{"index":{index},"delta":{{"content":'.encode(),
-                         ('},"logprobs":null,"finish_reason":null}]' + self._usage + "}\n\n").encode())
-            else:
-                frame = (f'data: {self._prefix},"choices":[{{"text":'.encode(),
-                         (f',"index":{index},"logprobs":null,"finish_reason":null}}]' + self._usage + "}\n\n").encode())
-            self._frames[index] = frame
-        return frame
+        """A plain text event of choice ``index`` as the bytes before and after its JSON-escaped text."""
+        if self.chat:
+            return (f'data: {self._prefix},"choices":[{{"index":{index},"delta":{{"content":'.encode(),
+                    ('},"logprobs":null,"finish_reason":null}]' + self._usage + "}\n\n").encode())
+        return (f'data: {self._prefix},"choices":[{{"text":'.encode(),
+                (f',"index":{index},"logprobs":null,"finish_reason":null}}]' + self._usage + "}\n\n").encode())
 
     def sse_delta(self, index: int, text: str, logprobs: Sequence[float] = (), details: Sequence[TokenDetail] = (),
                   tool_calls: Sequence[dict] = ()) -> bytes:
-        if self._plain and index in self._sent_role and not tool_calls:  # the hot path: one string to encode
-            head, tail = self._frames[index]
-            return head + json.dumps(text).encode() + tail
+        hot = self._hot.get(index)
+        if hot is not None and not tool_calls:
+            # The hot path: the text JSON-escaped by the C encoder json.dumps calls for a str
+            # (byte for byte its output, without its two Python frames), between constant bytes.
+            return hot[0] + _json_string(text).encode() + hot[1]
         out = self._role(index)
         if tool_calls:  # chat only: the engine's deltas as it streamed them, with any text beside them
             delta: dict = {"content": text, "tool_calls": list(tool_calls)} if text else {"tool_calls": list(tool_calls)}
             lp = {"content": chat_logprobs(logprobs, details), "refusal": None} if logprobs else None
             return out + self._event({"choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": None}]})
         if self._plain:
-            head, tail = self._frame(index)
-            return out + head + json.dumps(text).encode() + tail
+            head, tail = self._hot[index] = self._frame(index)
+            return out + head + _json_string(text).encode() + tail
         if self.chat:
             choice = {"index": index, "delta": {"content": text}, "logprobs": {"content": chat_logprobs(logprobs, details), "refusal": None}, "finish_reason": None}
         else:

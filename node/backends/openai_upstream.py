@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import httpx
 import trio
@@ -205,10 +206,38 @@ class OpenAIUpstreamBackend:
             await self._lean.aclose()
 
 
-class _Events:
-    """Server-sent events of an OpenAI stream, fed as bytes arrive; tokens go out as they are parsed."""
+_NOT_LITERAL = re.compile(rb'["\\\x00-\x1f]').search
+"""A byte that ends a JSON string, begins an escape, or may not stand raw in one (json.loads refuses it)."""
+_scanstring = json.decoder.scanstring
+"""The C scanner json.loads reads each string with: (its value, the index after its closing quote)."""
 
-    __slots__ = ("buffer", "chat", "completion_tokens", "finish_reason", "logprobs", "produced", "prompt_tokens", "tokens")
+LEARNS = 16
+"""How many plain text events of one stream may be tried as its template (see :class:`_Events`): an engine whose
+events never share a shape pays at most this many extra parses."""
+
+
+class _Events:
+    """Server-sent events of an OpenAI stream, fed as bytes arrive; tokens go out as they are parsed.
+
+    Nearly every event of a stream is the same bytes but for its text:
+    ``data: {"id":...,"choices":[{"index":0,"delta":{"content":"`` text ``"},...}]}``.
+    A plain text event (one choice whose text needs no escape, and nothing
+    else that counts: no tool calls, usage or finish reason, no logprobs asked)
+    is parsed in full, and its bytes before and after the text become the
+    stream's template once a second parse, with other text in the slot, gives
+    the same object but for that text. From then on an event that begins and
+    ends with the template's bytes is read by slicing out the text and decoding
+    it, without json.loads or a dict walk; text with escapes (a newline, a
+    quote) goes through json's own C string scanner, which must end exactly at
+    the template's closing quote. Either way it is the token the full parse
+    gives: the JSON string ends at the template's quote, so the rest of the
+    event parses as the template did. Anything else (tool calls, logprobs,
+    usage, a finish, a shape that changed, text json.loads would refuse) takes
+    the full parse, which relearns the template from the next plain event.
+    """
+
+    __slots__ = ("_head", "_learns", "_tail", "buffer", "chat", "completion_tokens", "finish_reason", "logprobs", "produced",
+                 "prompt_tokens", "tokens")
 
     def __init__(self, chat: bool, tokens: trio.MemorySendChannel[Token], *, logprobs: bool = False) -> None:
         self.chat = chat
@@ -219,48 +248,117 @@ class _Events:
         self.prompt_tokens = None
         self.completion_tokens = None
         self.finish_reason = "length"
+        self._head: bytes | None = None
+        self._tail = b""
+        self._learns = 0 if logprobs else LEARNS
 
     def feed(self, data: bytes) -> None:
-        buffer = self.buffer + data if self.buffer else data
-        *events, self.buffer = buffer.split(b"\n\n")
+        events = (self.buffer + data if self.buffer else data).split(b"\n\n")
+        self.buffer = events.pop()
         for event in events:
-            if not event.startswith(b"data:"):
+            head = self._head
+            if head is not None and event.startswith(head) and event.endswith(self._tail):
+                raw = event[len(head):len(event) - len(self._tail)]
+                try:
+                    text = raw.decode()
+                    if _NOT_LITERAL(raw) is not None:
+                        # Escapes: JSON's own string scanner, which must end at the template's quote.
+                        quoted = text + '"'
+                        text, end = _scanstring(quoted, 0)
+                        if end != len(quoted):
+                            text = ""
+                except ValueError:  # not UTF-8 (json.loads lets encoded surrogates through), a bad escape, a raw control byte
+                    text = ""
+                if text:
+                    self.produced += 1
+                    self.tokens.send_nowait(Token(text, None, None))
+                    continue
+                self._parse(event)  # the full parse decides; the shape is the template's, nothing to learn
                 continue
-            payload = event[5:].strip()
-            if payload == b"[DONE]":
-                continue
-            obj = json.loads(payload)
-            usage = obj.get("usage")
-            if usage:
-                self.prompt_tokens = usage.get("prompt_tokens")
-                self.completion_tokens = usage.get("completion_tokens")
-            for choice in obj.get("choices") or ():
-                if self.chat:
-                    delta = choice.get("delta") or {}
-                    text, calls = delta.get("content"), delta.get("tool_calls")
-                else:
-                    text, calls = choice.get("text"), None
-                if self.logprobs and not calls:
-                    scored = _token_logprobs(choice.get("logprobs"), self.chat)
-                    if scored:
-                        self._send_scored(text or "", scored)
-                    elif text:
-                        raise ValueError("the upstream sent a token without the logprobs asked for")
-                elif text or calls:
-                    # An event counts as a token when it carries text: content, or a piece of a
-                    # tool call's arguments. The opening delta of a call (its id and name) is none.
-                    count = 1 if text or any((c.get("function") or {}).get("arguments") for c in calls or ()) else 0
-                    self.produced += count
-                    self.tokens.send_nowait(Token(text or "", None, None, count=count, tool_calls=tuple(calls) if calls else ()))
-                reason = choice.get("finish_reason")
-                if reason:
-                    self.finish_reason = reason if reason in ("length", "tool_calls") else "stop"
+            obj = self._parse(event)
+            if obj is not None and self._learns:
+                self._learn(event, obj)
+
+    def _parse(self, event: bytes) -> dict | None:
+        """The full parse of one event: its tokens sent, usage and finish noted; the object, if it was one."""
+        if not event.startswith(b"data:"):
+            return None
+        payload = event[5:].strip()
+        if payload == b"[DONE]":
+            return None
+        obj = json.loads(payload)
+        usage = obj.get("usage")
+        if usage:
+            self.prompt_tokens = usage.get("prompt_tokens")
+            self.completion_tokens = usage.get("completion_tokens")
+        for choice in obj.get("choices") or ():
+            if self.chat:
+                delta = choice.get("delta") or {}
+                text, calls = delta.get("content"), delta.get("tool_calls")
+            else:
+                text, calls = choice.get("text"), None
+            if self.logprobs and not calls:
+                scored = _token_logprobs(choice.get("logprobs"), self.chat)
+                if scored:
+                    self._send_scored(text or "", scored)
+                elif text:
+                    raise ValueError("the upstream sent a token without the logprobs asked for")
+            elif text or calls:
+                # An event counts as a token when it carries text: content, or a piece of a
+                # tool call's arguments. The opening delta of a call (its id and name) is none.
+                count = 1 if text or any((c.get("function") or {}).get("arguments") for c in calls or ()) else 0
+                self.produced += count
+                self.tokens.send_nowait(Token(text or "", None, None, count=count, tool_calls=tuple(calls) if calls else ()))
+            reason = choice.get("finish_reason")
+            if reason:
+                self.finish_reason = reason if reason in ("length", "tool_calls") else "stop"
+        return obj
+
+    def _learn(self, event: bytes, obj: dict) -> None:
+        """Make ``event``'s bytes around its text the template, if it is a plain text event and the slot checks out."""
+        slot = _plain_text_slot(obj, self.chat)
+        if slot is None:
+            return
+        self._learns -= 1
+        text = slot[0][slot[1]]
+        literal = text.encode()
+        if _NOT_LITERAL(literal) is not None:
+            return
+        quoted = b'"' + literal + b'"'
+        at = event.rfind(quoted)
+        if at < 0:
+            return  # the engine escapes some of it: another event may do
+        head, tail = event[: at + 1], event[at + len(quoted) - 1 :]
+        try:
+            probe = json.loads((head + literal + b"~" + tail)[5:].strip())
+        except ValueError:
+            return  # the quotes were two strings' ends, not one string
+        found = _plain_text_slot(probe, self.chat)
+        if found is None:
+            return
+        found[0][found[1]] = text  # equal now only if the slot was the text's: else another string holds "~"
+        if probe == obj:
+            self._head, self._tail = head, tail
 
     def _send_scored(self, text: str, scored: list[tuple[float, TokenDetail]]) -> None:
         """One token per logprob entry (an event may carry several); the event's text rides on the first."""
         for i, (logprob, detail) in enumerate(scored):
             self.produced += 1
             self.tokens.send_nowait(Token(text if i == 0 else "", None, logprob, detail=detail))
+
+
+def _plain_text_slot(obj: dict, chat: bool) -> tuple[dict, str] | None:
+    """(the dict, its key) holding the text of an event that carries one choice's text and nothing else that counts."""
+    choices = obj.get("choices")
+    if obj.get("usage") or not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    choice = choices[0]
+    if choice.get("finish_reason"):
+        return None
+    holder, key = (choice.get("delta"), "content") if chat else (choice, "text")
+    if not isinstance(holder, dict) or not isinstance(holder.get(key), str) or not holder[key] or (chat and holder.get("tool_calls")):
+        return None
+    return holder, key
 
 
 def _token_logprobs(logprobs: object, chat: bool) -> list[tuple[float, TokenDetail]]:
