@@ -98,7 +98,10 @@ class Channel:
             raise PeerGone(f"stream closed while sending: {self._ended}")
         if self._closed:
             raise PeerGone("stream closed while sending: closed here")
-        await self._session.write(Entry(self.request, MESSAGE, msg.encode()))
+        body = msg.encode()
+        if not self.request:
+            self._session.number(self)  # no await from here to the write: ids reach the wire in order
+        await self._session.write(Entry(self.request, MESSAGE, body))
 
     async def receive(self) -> Message:
         """The next message; PeerGone once the peer is done, ReaderTooSlow once cut, ProtocolError on garbage."""
@@ -141,7 +144,7 @@ class Channel:
             return
         self._closed = True
         self._session.forget(self)
-        if self._ended is None:
+        if self._ended is None and self.request:
             self._session.post(Entry(self.request, op))
 
     # --- called by the session's reader ----------------------------------
@@ -204,13 +207,21 @@ class Session:
 
     # --- gateway side ------------------------------------------------------
     def open(self) -> Channel:
-        """A channel for a new request (the gateway's side); PeerGone if the session is over."""
+        """A channel for a new request (the gateway's side); PeerGone if the session is over.
+
+        Its request id is given on its first send, not here: a host takes an
+        id at or below the last it saw for a finished request, so ids must
+        reach the wire in the order they were given, whatever order the
+        requests' tasks then run in.
+        """
         if self.broken is not None:
             raise PeerGone(f"session ended: {self.broken}")
+        return Channel(self, 0)
+
+    def number(self, channel: Channel) -> None:
         self._last_request += 1
-        channel = Channel(self, self._last_request)
+        channel.request = self._last_request
         self._channels[channel.request] = channel
-        return channel
 
     async def run(self, accept: Accept | None = None) -> None:
         """Read and write until the stream ends or breaks; with ``accept``, take the peer's requests (the host's side).
@@ -337,7 +348,7 @@ class Session:
         await self.framed.reset()
 
     def forget(self, channel: Channel) -> None:
-        if self._channels.pop(channel.request, None) is not None and not self._channels:
+        if channel.request and self._channels.pop(channel.request, None) is not None and not self._channels:
             self.idle_since = trio.current_time()
 
     def _fail(self, reason: str) -> None:

@@ -20,6 +20,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from gpunexus.node.backends.base import BackendError, GenerationRequest, GenerationResult, Token
 from gpunexus.node.gateway import GatewayConfig
 from gpunexus.node.openai_api import APIError, parse_request
+from gpunexus.node.session import Session
 from gpunexus.node.p2p import P2PConfig, open_p2p
 from gpunexus.node.wire import FramedStream, PeerGone
 from gpunexus.protocol.codec import decode
@@ -265,3 +266,30 @@ def _oversize_batch() -> bytes:
 
     body = msgpack.packb([[i + 1, END, b""] for i in range(MAX_BATCH_ENTRIES + 1)])
     return len(body).to_bytes(4, "big") + body
+
+
+async def test_requests_opened_together_and_sent_in_any_order_are_all_served():
+    """Request ids are given at the first send, so they reach the host in order whichever request sends first."""
+    async with running_host(max_slots=16) as host, open_p2p(Signer.generate(), P2PConfig(LOOPBACK)) as client:
+        me = client.signer
+        await client.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(host.node.listen_addrs()[0])))
+        session = Session(await client.host.new_stream(ID.from_base58(host.node.peer_id), [SESSION_PROTOCOL]))
+        receipts = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            channels = [session.open() for _ in range(16)]
+
+            async def one(i: int) -> None:
+                await trio.sleep(0.01 * (16 - i))  # the last opened sends first
+                await channels[i].send(make_order(me, host.node.peer_id, request_id=f"{i:02x}" * 16).signed(me))
+                while not isinstance(msg := await channels[i].receive(), (Receipt, Error)):
+                    pass
+                receipts.append(msg)
+                await channels[i].close()
+
+            with trio.fail_after(20):
+                async with trio.open_nursery() as requests:
+                    for i in range(16):
+                        requests.start_soon(one, i)
+            await session.close()
+        assert len(receipts) == 16 and all(isinstance(r, Receipt) for r in receipts)
