@@ -57,6 +57,8 @@ for falling behind, never for one big message.
 """
 MAX_OPEN_REQUESTS = 1024
 """Requests one session may have open at a host; more are refused as busy."""
+WRITE_TIMEOUT = 30.0
+"""Longest a frame may wait for the peer to take it; past it the session is broken (the peer stopped reading)."""
 HOST_IDLE_S = 300.0
 """A host ends a session that has had no request open and no frame for this long (gateways end theirs sooner)."""
 
@@ -246,13 +248,29 @@ class Session:
 
     # --- writing -----------------------------------------------------------
     async def write(self, entry: Entry) -> None:
-        """Send ``entry`` in the next frame and wait until that frame is written."""
+        """Send ``entry`` in the next frame and wait until that frame is written.
+
+        On a session nobody is writing on, the caller writes its own frame at
+        once (shielded, so its deadline cannot cut the frame in half; bounded
+        by ``WRITE_TIMEOUT``): that saves two task switches per chunk at low
+        load. Entries that arrive meanwhile go in the writer task's next frame.
+        """
         if self.broken is not None:
             raise PeerGone(f"session ended: {self.broken}")
         flush = self._flush
         self._pending.append(entry)
-        self._wake.set()
-        await flush.done.wait()
+        if self._writing is None and len(self._pending) == 1:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(WRITE_TIMEOUT) as waited:
+                    await self._write_pending()
+                if waited.cancelled_caught:
+                    self._fail(f"the peer read nothing for {WRITE_TIMEOUT:.0f} s")
+                    await self.framed.reset()
+            if self._pending:
+                self._wake.set()
+        else:
+            self._wake.set()
+            await flush.done.wait()
         if flush.error is not None:
             raise PeerGone(f"stream closed while sending: {flush.error}")
 
@@ -263,21 +281,28 @@ class Session:
             self._wake.set()
 
     async def _write_loop(self) -> None:
-        while True:
+        while self.broken is None:
             await self._wake.wait()
             self._wake = trio.Event()
-            entries, self._writing = self._pending, self._flush
-            self._pending, self._flush = [], _Flush()
-            try:
-                for frame in encode_frames(entries):
-                    await self.framed.send_raw(frame)
-                    self.frames_sent += 1
-            except PeerGone as exc:
-                self._fail(f"stream broke: {exc}")
-                return
-            self.entries_sent += len(entries)
-            self._writing.done.set()
+            if self._writing is None and self._pending:  # else a request is writing, and wakes us when done
+                await self._write_pending()
+
+    async def _write_pending(self) -> None:
+        """Everything pending as one frame (more only past the frame limit); only one task at a time gets here."""
+        entries, flush = self._pending, self._flush
+        self._pending, self._flush = [], _Flush()
+        self._writing = flush
+        try:
+            for frame in encode_frames(entries):
+                await self.framed.send_raw(frame)
+                self.frames_sent += 1
+        except PeerGone as exc:
+            self._fail(f"stream broke: {exc}")
+            return
+        finally:
             self._writing = None
+        self.entries_sent += len(entries)
+        flush.done.set()
 
     # --- reading -----------------------------------------------------------
     async def _read_loop(self, nursery: trio.Nursery | None, accept: Accept | None) -> None:
