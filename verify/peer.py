@@ -41,7 +41,7 @@ import numpy as np
 from .audit import AuditPolicy, AuditRequest, AuditStats, Verdict, audit
 from .commitment import TINY_THRESHOLDS, BlockStats, CommitmentBuilder, CommitmentCheck, Thresholds, decode_commitment, CommitmentError
 from .model import ReferenceModel
-from .sampler import SamplingParams, sample, uniform
+from .sampler import SamplingParams, sample_rows, uniform
 from .tokenizer import ByteTokenizer
 
 __all__ = [
@@ -140,7 +140,7 @@ def reference_prefill(
     lse = (peak + np.log(np.exp(rows - peak).sum(axis=1, keepdims=True)))[:, 0]
     claimed = rows[np.arange(len(output)), output]
     logprobs = tuple(float(x) for x in claimed - lse)
-    ranks = tuple(min(int((row > row[t]).sum()), RANK_UNKNOWN) for row, t in zip(rows, output, strict=True))
+    ranks = _ranks(rows, claimed)
     # The seeded-sampler checks of verify.audit on the same pass; counts and commitment are the hub's part.
     replayed = replace(request, commitment=b"", tokens_in=len(prompt), tokens_out=len(output), model_hash=model.model_hash)
     verdict = audit(model, tokenizer, replayed, AuditPolicy(require_commitment=False), prefilled=(logits, hidden))
@@ -176,14 +176,16 @@ def prefill_report(
     peak = rows.max(axis=1, keepdims=True)
     lse = (peak + np.log(np.exp(rows - peak).sum(axis=1, keepdims=True)))[:, 0]
     index = np.arange(len(output))
-    logprobs = tuple(float(x) for x in rows[index, list(output)] - lse)
-    ranks = tuple(min(int((row > row[t]).sum()), RANK_UNKNOWN) for row, t in zip(rows, output, strict=True))
+    claimed = rows[index, list(output)]
+    logprobs = tuple(float(x) for x in claimed - lse)
+    ranks = _ranks(rows, claimed)
+    draws = [uniform(params.seed, first_draw + i) for i in range(len(output))]
+    drawn = sample_rows(rows, params, draws)
     mismatches = []
-    for i, claimed in enumerate(output):
-        u = uniform(params.seed, first_draw + i)
-        expected, _ = sample(rows[i], params, u)
-        if expected != claimed and _distance(rows[i], params, u, claimed, expected, logit_tolerance) > replay_tolerance:
-            mismatches.append(f"token {i} is {claimed}, the seed draws {expected}")
+    for i in map(int, np.flatnonzero(drawn != np.asarray(output))):
+        claimed_id, expected = int(output[i]), int(drawn[i])
+        if _distance(rows[i], params, draws[i], claimed_id, expected, logit_tolerance) > replay_tolerance:
+            mismatches.append(f"token {i} is {claimed_id}, the seed draws {expected}")
     reasons = (f"seed-replay: {len(mismatches)} of {len(output)} tokens are not what the seed draws ("
                + "; ".join(mismatches[:3]) + ")",) if mismatches else ()
     commitment = b""
@@ -197,6 +199,11 @@ def prefill_report(
             builder.add(row)
         commitment = builder.finish()
     return PrefillReport(engine, prompt_len, commitment, logprobs, ranks, top_k, True, reasons)
+
+
+def _ranks(rows: np.ndarray, claimed: np.ndarray) -> tuple[int, ...]:
+    """Each claimed token's rank in its row (0: the likeliest), capped at ``RANK_UNKNOWN``."""
+    return tuple(int(r) for r in np.minimum((rows > claimed[:, None]).sum(axis=1), RANK_UNKNOWN))
 
 
 def compare_commitments(host: bytes, verifier: bytes, thresholds: Thresholds = TINY_THRESHOLDS) -> CommitmentCheck:
