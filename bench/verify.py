@@ -155,6 +155,17 @@ def host_run(model, tok, prompt, params, with_commitment=True):
     return HostOutput(tuple(prompt), tuple(ids), finish, commitment, len(prompt), len(ids)), hidden, spent
 
 
+def end_logprob(model, tok, prompt: list[int], body: list[int]) -> float:
+    """log P(an end of sequence next) after prompt + body under ``model``: what a verifier's engine
+    could say about a "stop" right there (one more position than the echo of the output scores)."""
+    logits, _ = model.new_session().prefill_all(prompt + body)
+    row = logits[-1].astype(np.float64)
+    top = row.max()
+    lse = top + math.log(float(np.exp(row - top).sum()))
+    stops = row[sorted(tok.stop_ids)]
+    return float(np.log(np.exp(stops - top).sum()) + top - lse)
+
+
 def cell(vs: list[Verdict], honest: bool) -> str:
     n, flagged = len(vs), sum(not v.passed for v in vs)
     bound = f"<= {100 * upper95(flagged, n):.2f}%" if honest else f">= {100 * lower95(flagged, n):.1f}%"
@@ -205,6 +216,8 @@ def main() -> None:
 
     verdicts: dict[str, dict[str, list[Verdict]]] = {path: {row: [] for row in ROWS} for path in PATHS}
     honest_logprobs = []
+    honest_end: list[float] = []  # log P(end) where an honest output drew its stop token
+    cut_end: list[float] = []  # log P(end) where an early-stop host cut its output
     builder_s = gen16_s = 0.0
     honest_tokens = commitment_bytes = 0
 
@@ -254,6 +267,8 @@ def main() -> None:
                 audited += 1
                 honest_tokens += len(h.output_ids)
                 commitment_bytes += len(h.commitment)
+                if h.finish_reason == "stop" and h.output_ids[-1] in tok.stop_ids:
+                    honest_end.append(end_logprob(ref, tok, prompt, list(h.output_ids[:-1])))
                 cases: dict[str, AuditRequest] = {"honest": req(h, p)}
                 cases["other-model"] = req(host_run(cheap, tok, prompt, p)[0], p)
                 cases["int4"] = req(host_run(int4, tok, prompt, p)[0], p)
@@ -267,6 +282,7 @@ def main() -> None:
                     cut = dataclasses.replace(h, output_ids=h.output_ids[:m], tokens_out=m, finish_reason="stop",
                                               commitment=commit(hidden[:m], dim))
                     cases["early-stop"] = req(cut, p)
+                    cut_end.append(end_logprob(ref, tok, prompt, list(cut.output_ids)))
                 for row, r in cases.items():
                     judge_all(row, r)
                 progress("attack requests", audited, args.requests)
@@ -326,6 +342,35 @@ def main() -> None:
           f"{bytes_per_token(1024, dim):.2f} at 1024 (k=32 of dim {dim}, block 32); a dim-4096 model with "
           f"k=128: {bytes_per_token(1024, 4096, k=128):.1f} B/token (goal <= 10)")
     print(f"commitment builder: {100 * builder_s / gen16_s:.2f}% of float16 host generation time")
+
+    print("\nthe logprob path's blind spots, measured on the same requests:")
+    lp_mean = {row: np.array([v.stats.mean_logprob for v in verdicts["logprob"][row][: args.requests]]) for row in ROWS}
+    print(f"  wrong-seed: not detectable without the seeded sampler. Another seed's output is an equally likely "
+          f"draw (mean logprob per output: honest {lp_mean['honest'].mean():.2f}, wrong seed "
+          f"{lp_mean['wrong-seed'].mean():.2f}); only a seed replay (hub, reference and exllamav2 verifiers) catches it.")
+    shift = lp_mean["int4"] - lp_mean["honest"]  # paired: same prompt, parameters and seed
+    every_honest = np.array([v.stats.mean_logprob for v in verdicts["logprob"]["honest"]])
+    noise, floor = float(every_honest.std()), float(np.quantile(every_honest, 0.001))
+    # The hub has no paired honest output: a host's average over n audits against the honest average.
+    audits_needed = math.ceil((3.09 * noise / abs(float(shift.mean()))) ** 2) if shift.mean() else math.inf
+    print(f"  int4: mean logprob per output {lp_mean['int4'].mean():.3f} vs honest {lp_mean['honest'].mean():.3f}: a shift "
+          f"of {shift.mean():+.3f} (paired, same prompt and seed; sd {shift.std():.3f}) against an honest spread of "
+          f"{noise:.3f} between outputs: below the noise of one audit ({100 * (lp_mean['int4'] < floor).mean():.1f}% of "
+          f"int4 outputs fall below the honest 0.1% quantile {floor:.2f}). A host's average over its audits would "
+          f"stand out from the honest average after ~{audits_needed} audits at this request mix (shift > 3.09 "
+          f"standard errors); the hub judges each audit alone.")
+    if cut_end and honest_end:
+        # An honest host stops at a position with probability P(end) there, so flagging P(end) < tau
+        # fails an honest stop with probability <= max_tokens * tau: tau for a 0.1% false-positive bound.
+        tau = math.log(0.001 / args.max_tokens)
+        cuts, stops = np.array(cut_end), np.array(honest_end)
+        print(f"  early-stop: the echo scores the delivered tokens, not P(end of sequence) where the output stops "
+              f"(a max_tokens=1 answer's top 5 only bounds it by the 5th likeliest token, far above any useful limit). "
+              f"Were it reported: honest stops drew their end at log P(end) >= {stops.min():.2f} (median "
+              f"{np.median(stops):.2f}, {len(stops)} outputs), cuts land at median {np.median(cuts):.2f}; flagging "
+              f"log P(end) < {tau:.1f} (honest false positives <= 0.1% by construction, max_tokens {args.max_tokens}) "
+              f"would catch {(cuts < tau).sum()}/{len(cuts)} = {100 * (cuts < tau).mean():.1f}% of cuts, and flag "
+              f"{(stops < tau).sum()} honest stops. Not in verify.peer.judge: the result carries no such number.")
 
     print("\nverifier cost against the generation it checks (float32 host and verifiers; per request the fastest "
           "of 3 runs of each, interleaved; summed):\n")
