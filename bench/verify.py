@@ -234,7 +234,7 @@ def main() -> None:
         for path, v in got.items():
             verdicts[path][row].append(v)
         if row == "honest":
-            honest_logprobs.append(logprob_stats(lp.logprobs, lp.ranks, lp.top_k))
+            honest_logprobs.append((logprob_stats(lp.logprobs, lp.ranks, lp.top_k), r.params.temperature))
 
     def honest_case(prompt: list[int], p: SamplingParams) -> tuple[HostOutput, list[np.ndarray]]:
         nonlocal builder_s, gen16_s, honest_tokens, commitment_bytes
@@ -322,12 +322,16 @@ def main() -> None:
             print(f"| {path} | {cal.blocks} | exp {w.exponent_match:.3f}, mantissa mean {w.mantissa_mean:.2f} / "
                   f"median {w.mantissa_median:.1f} ulps, overlap {w.index_overlap:.3f} | {thresholds_text(cal.thresholds)} |")
     print(f"shipped TINY_THRESHOLDS (every path): {thresholds_text(TINY_THRESHOLDS)}")
-    if honest_logprobs:
-        lim = calibrate_logprobs(honest_logprobs)
-        print(f"logprob path, {len(honest_logprobs)} honest outputs: worst mean logprob "
-              f"{min(s.mean_logprob for s in honest_logprobs):.2f}, outside top-{LOGPROB_TOP_K} "
-              f"{max(s.outside_top_k for s in honest_logprobs):.2f}, longest improbable run "
-              f"{max(s.longest_improbable_run for s in honest_logprobs)} -> calibrate_logprobs(): mean >= "
+    # As judge applies the limits: outputs of min_tokens or more, mean and outside share over max(1, T).
+    judged = [dataclasses.replace(s, mean_logprob=s.mean_logprob / max(1.0, t), outside_top_k=s.outside_top_k / max(1.0, t))
+              for s, t in honest_logprobs if s.n_tokens >= TINY_LOGPROB_LIMITS.min_tokens]
+    if judged:
+        lim = calibrate_logprobs(judged)
+        print(f"logprob path, {len(judged)} honest outputs of {TINY_LOGPROB_LIMITS.min_tokens}+ tokens (mean and "
+              f"outside share over max(1, temperature), as judge applies them): worst mean logprob "
+              f"{min(s.mean_logprob for s in judged):.2f}, outside top-{LOGPROB_TOP_K} "
+              f"{max(s.outside_top_k for s in judged):.2f}, longest improbable run "
+              f"{max(s.longest_improbable_run for s in judged)} -> calibrate_logprobs(): mean >= "
               f"{lim.min_mean_logprob}, outside <= {lim.max_outside_top_k}, run <= {lim.max_improbable_run}; "
               f"shipped TINY_LOGPROB_LIMITS: mean >= {TINY_LOGPROB_LIMITS.min_mean_logprob}, outside <= "
               f"{TINY_LOGPROB_LIMITS.max_outside_top_k}, run <= {TINY_LOGPROB_LIMITS.max_improbable_run}")

@@ -274,13 +274,16 @@ class LogprobLimits:
     """Shorter outputs are judged on counts only: a handful of tokens says nothing statistically."""
 
 
-# Calibrated with ``calibrate_logprobs`` (``bench/verify.py --peer`` prints the run): 200 honest float16
+# Calibrated with ``calibrate_logprobs`` (``bench/verify.py`` prints the run): 200 honest float16
 # "tiny" outputs of up to 48 tokens at temperatures 0.7-1.0 (top_p 1 or 0.95), scored by the float32
 # reference as an upstream server scores them (top 5). Worst honest output: mean logprob -2.63, 0.36 of its
 # tokens outside the top 5, longest improbable (p < 1e-3) run 1; calibrate_logprobs gives -3.6, 0.56, 3.
 # Another weight seed's outputs (194): mean <= -6.09, >= 0.75 outside the top 5; random bytes (200): mean
 # <= -12.2, >= 0.92 outside, runs >= 8. The shipped limits sit between, a little looser than calibrated
-# on the honest side.
+# on the honest side. Rechecked on 3,000 more honest outputs of up to 32 tokens at temperatures 0.7, 1.0
+# and 1.3 (2,962 of 8 tokens or more): with both the mean and the outside-top-5 limit scaled by a
+# temperature above 1 (``judge``), the worst is a mean of -3.10, 0.49 outside and a run of 3. Unscaled,
+# 8-token outputs at 1.3 reach 0.63 outside the top 5 (5 of 8).
 TINY_LOGPROB_LIMITS = LogprobLimits(min_mean_logprob=-4.0, max_outside_top_k=0.6, max_improbable_run=4)
 
 
@@ -325,8 +328,8 @@ def judge(
     ``tokens_in``/``tokens_out`` and ``commitment`` are the receipt's, ``output_tokens`` how many tokens
     the gateway's opening holds (its ids, or the verifier's count where the host gave no ids).
     ``temperature`` is the request's: the logprob limits were calibrated on draws at temperatures up to
-    1, and a hotter draw is less likely under the temperature-1 scores, so above 1 the mean-logprob
-    limit is scaled by it.
+    1, and a hotter draw is less likely under the temperature-1 scores and more often outside their
+    top k, so above 1 the mean-logprob limit and the outside-top-k limit are scaled by it.
     """
     reasons: list[str] = []
     if tokens_in != report.prompt_tokens:
@@ -354,9 +357,10 @@ def judge(
             floor = lim.min_mean_logprob * max(1.0, temperature)
             if stats.mean_logprob < floor:
                 reasons.append(f"logprobs: mean logprob {stats.mean_logprob:.2f} < {floor:.2f}")
-            if stats.outside_top_k > lim.max_outside_top_k:
+            outside = min(1.0, lim.max_outside_top_k * max(1.0, temperature))
+            if stats.outside_top_k > outside:
                 reasons.append(f"logprobs: {stats.outside_top_k:.2f} of tokens outside the top {report.top_k} "
-                               f"> {lim.max_outside_top_k}")
+                               f"> {outside:.2f}")
             if stats.longest_improbable_run > lim.max_improbable_run:
                 reasons.append(f"logprobs: {stats.longest_improbable_run} improbable tokens in a row "
                                f"> {lim.max_improbable_run}")
