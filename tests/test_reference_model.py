@@ -19,7 +19,7 @@ def model() -> ReferenceModel:
 
 @pytest.fixture(scope="module")
 def ids() -> list[int]:
-    # Longer than one prefill block (256), so block boundaries are covered.
+    # Longer than two prefill blocks (128 queries each), so block boundaries are covered.
     return [int(i) for i in np.random.default_rng(7).integers(0, 256, 300)]
 
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpunexus.verify.sampler import SamplingParams, sample, token_logprob, top_logprobs, uniform
+from gpunexus.verify.sampler import SamplingParams, sample, sample_rows, token_logprob, top_logprobs, uniform
 
 PROBS = np.array([0.5, 0.3, 0.2])
 LOGITS = np.log(PROBS)
@@ -81,6 +81,29 @@ def test_ties_break_by_lowest_token_id() -> None:
     flat = np.zeros(4)
     assert [sample(flat, SamplingParams(), u)[0] for u in (0.1, 0.3, 0.6, 0.9)] == [0, 1, 2, 3]
     assert sample(np.array([1.0, 3.0, 3.0]), SamplingParams(temperature=0), 0.99)[0] == 1
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(), SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.95),
+    SamplingParams(temperature=1.3, top_k=50), SamplingParams(temperature=1.0, top_p=0.9, top_k=5),
+    SamplingParams(top_p=0.01), SamplingParams(temperature=0.2, top_k=1),
+])
+def test_batched_replay_draws_what_sample_draws(params: SamplingParams) -> None:
+    # A verifier's replay of a whole output at once must pick sample()'s token on every row, exactly:
+    # peaked and flat rows, float16-rounded logits with exact ties, and draws on cdf boundaries.
+    rng = np.random.default_rng(5)
+    rows = np.concatenate([
+        rng.normal(0, 3, (300, 262)),
+        rng.normal(0, 3, (300, 262)).astype(np.float16).astype(np.float64).round(1),  # many exact ties
+        np.zeros((20, 262)),
+    ])
+    rows[:50, 7] = 40.0  # nearly all mass on one token
+    draws = list(rng.random(len(rows)))
+    draws[:3] = [0.0, 0.5, 1 - 2**-53]
+    flat = len(rows) - 20
+    draws[flat : flat + 4] = [k / 262 for k in (1, 2, 131, 261)]  # exactly on boundaries of a uniform cdf
+    expected = [sample(row, params, u)[0] for row, u in zip(rows, draws, strict=True)]
+    assert sample_rows(rows, params, draws).tolist() == expected
 
 
 def test_greedy_ignores_the_draw() -> None:

@@ -13,12 +13,15 @@ from gpunexus.protocol.signing import Signer
 from gpunexus.verify.attacks import other_model, quantized_copy
 from gpunexus.verify.commitment import commit
 from gpunexus.verify.peer import (
+    job_request,
     TINY_LOGPROB_LIMITS,
     PrefillReport,
     calibrate_logprobs,
     compare_commitments,
     judge,
     logprob_stats,
+    prefill_report,
+    reference_prefill,
 )
 from gpunexus.verify.registry import load_reference
 from peer_jobs import generate_job
@@ -81,6 +84,31 @@ async def test_random_text_with_an_honest_looking_commitment_fails_the_replay(ve
                                  opening=dataclasses.replace(job.opening, output_ids=ids, output_text=bytes(ids).decode()))
     verdict = _judge(forged, await verifiers["float32"].prefill(forged))
     assert "seed-replay" in verdict.codes and "commitment" not in verdict.codes
+
+
+def test_any_engines_forward_pass_reports_what_the_reference_verifier_reports():
+    # prefill_report (exllamav2's path) from the reference's own logits and hidden states: the same
+    # logprobs, ranks, commitment and replay findings as reference_prefill, honest and with a wrong seed.
+    model, tokenizer = load_reference("tiny")
+    job = generate_job(model, "Tell me about rivers", seed=3, temperature=1.0, hub=HUB, verifier=VERIFIER)
+    wrong = dataclasses.replace(job, opening=dataclasses.replace(
+        job.opening, sampling=dataclasses.replace(job.opening.sampling, seed=778)))
+
+    def reports(j):
+        request = job_request(j)
+        prompt, first_draw = request.resolve_prompt(tokenizer)
+        out = list(request.output_ids)
+        logits, hidden = model.new_session().prefill_all(prompt + out[:-1])
+        return (prefill_report(logits, hidden, len(prompt), out, request.params, first_draw, engine="any",
+                               host_commitment=j.commitment),
+                reference_prefill(model, tokenizer, request, engine="any"))
+
+    for j in (job, wrong):
+        mine, ref = reports(j)
+        assert (mine.logprobs, mine.ranks, mine.commitment) == (ref.logprobs, ref.ranks, ref.commitment)
+        assert [r.split(" (")[0] for r in mine.replay_reasons] == [r.split(" (")[0] for r in ref.replay_reasons]
+    assert _judge(job, reports(job)[0]).passed
+    assert _judge(wrong, reports(wrong)[0]).codes == {"seed-replay"}
 
 
 def test_commitments_compare_with_themselves_and_not_across_models():

@@ -59,7 +59,7 @@ from .commitment import TINY_THRESHOLDS, CommitmentCheck, Thresholds, check_comm
 from .embedding import vector_problem
 from .generate import _drain, _StopStringFilter
 from .model import ReferenceModel
-from .sampler import SamplingParams, sample, uniform
+from .sampler import SamplingParams, sample_rows, uniform
 from .shaping import LogitShaper
 from .tokenizer import ByteTokenizer
 
@@ -232,12 +232,10 @@ def audit(
         rows, broken_at = shaped, shaper.broken_at
     scaled = rows / (params.temperature or 1.0)
     low = int(((scaled[at] - _logsumexp_rows(scaled)) < log_low).sum())
-    for index, claimed in enumerate(output):
-        row = rows[index]
-        u = uniform(params.seed, first_draw + index)
-        expected, _ = sample(row, params, u)
-        if claimed == expected:
-            continue
+    draws = [uniform(params.seed, first_draw + index) for index in range(len(output))]
+    drawn = sample_rows(rows, params, draws)  # every position's seeded draw at once, exactly sample()'s
+    for index in map(int, np.flatnonzero(drawn != at[1])):
+        claimed, expected, u, row = output[index], int(drawn[index]), draws[index], rows[index]
         distance = _distance(row, params, u, claimed, expected, policy.logit_tolerance) if row[claimed] > -np.inf else math.inf
         worst = max(worst, distance)
         if distance <= policy.replay_tolerance:

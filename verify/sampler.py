@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SamplingParams", "sample", "token_logprob", "top_logprobs", "uniform"]
+__all__ = ["SamplingParams", "sample", "sample_rows", "token_logprob", "top_logprobs", "uniform"]
 
 _UNIFORM_DOMAIN = b"gpunexus-uniform/1\0"
 _MAX_STOP_SEQUENCES = 4  # as the OpenAI API
@@ -130,6 +130,40 @@ def sample(logits: np.ndarray, params: SamplingParams, u: float) -> tuple[int, f
         position = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(order) - 1)
         token = int(order[position])
     return token, token_logprob(logits, token)
+
+
+def sample_rows(logits: np.ndarray, params: SamplingParams, draws: Sequence[float]) -> np.ndarray:
+    """``sample``'s token for every row of ``logits`` (n, vocab) with its draw, in one batched pass.
+
+    A verifier replays a whole output at once: per-row calls cost as much
+    as the prefill they check. Every step is ``_filtered``'s and
+    ``sample``'s own arithmetic (stable sort, exp against the row maximum,
+    the same sums, the same cumulative sums compared the same way), so the
+    tokens are the same, not merely close.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or len(draws) != len(logits):
+        raise ValueError("expected logits of shape (n, vocab) and one draw per row")
+    if params.temperature == 0:
+        return np.argmax(logits, axis=1)  # first maximum: lowest id on ties
+    scaled = logits / params.temperature
+    order = np.argsort(-scaled, axis=1, kind="stable")
+    if params.top_k:
+        order = order[:, : params.top_k]
+    top = np.take_along_axis(scaled, order, axis=1)
+    probs = np.exp(top - top[:, :1])
+    width = probs.shape[1]
+    keep = np.full(len(probs), width)
+    if params.top_p < 1:
+        cumulative = np.cumsum(probs, axis=1) / probs.sum(axis=1, keepdims=True)
+        # searchsorted(side="left") on a non-decreasing row: how many entries lie below top_p.
+        keep = np.minimum((cumulative < params.top_p).sum(axis=1) + 1, width)
+    cdf = np.cumsum(probs, axis=1)
+    rows = np.arange(len(probs))
+    target = np.asarray(draws, dtype=np.float64) * cdf[rows, keep - 1]
+    # searchsorted(side="right") within the kept prefix: how many of its entries are <= the target.
+    below = ((cdf <= target[:, None]) & (np.arange(width)[None, :] < keep[:, None])).sum(axis=1)
+    return order[rows, np.minimum(below, keep - 1)]
 
 
 def token_logprob(logits: np.ndarray, token_id: int) -> float:
