@@ -59,6 +59,7 @@ def serve(chunks: int, paced: bool):
         session = Session(stream)
         sessions.append(session)
         await session.run(accept=answer)
+        await session.framed.close()  # as a host does: the gateway's side then ends too
 
     return on_stream, on_session, sessions
 

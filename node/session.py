@@ -202,6 +202,7 @@ class Session:
         self.entries_sent = 0
         """Entries per frame is how much the shared write window saves (bench/session.py prints it)."""
         self.idle_since = trio.current_time()
+        self._run_scope: trio.CancelScope | None = None
 
     @property
     def open_requests(self) -> int:
@@ -233,6 +234,7 @@ class Session:
         """
         try:
             async with trio.open_nursery() as nursery:
+                self._run_scope = nursery.cancel_scope
                 nursery.start_soon(self._write_loop)
                 try:
                     await self._read_loop(nursery if accept is not None else None, accept)
@@ -242,9 +244,11 @@ class Session:
             self._fail(self.broken or "session ended")
 
     async def close(self) -> None:
-        """End the session (an idle gateway's; a host's after the peer is done)."""
+        """End the session (an idle gateway's; a host's after the peer is done); ``run`` returns without waiting for the peer."""
         self._fail("session closed")
         await self.framed.close()
+        if self._run_scope is not None:
+            self._run_scope.cancel()
 
     # --- writing -----------------------------------------------------------
     async def write(self, entry: Entry) -> None:
