@@ -2,7 +2,28 @@
 
 from hypothesis import settings
 
+import docker_support
+
 # Property tests assert behaviour, never speed: a loaded 2-core CI machine must
 # not turn a slow example into a failure.
 settings.register_profile("gpunexus", deadline=None)
 settings.load_profile("gpunexus")
+
+
+def pytest_collection_modifyitems(items):
+    """Run tests/test_docker_host.py right after tests/test_install_script.py.
+
+    The install script's tests start the docker image builds that the other
+    file's tests use (tests/docker_support.py): each keeps one core busy for
+    minutes, so the builds are all but done when their tests come.
+    """
+    image_fixtures = {"host_image": "gpunexus-host", "hub_image": "gpunexus-hub"}
+    docker_support.wanted_images.update(image for item in items for fixture, image in image_fixtures.items()
+                                        if fixture in getattr(item, "fixturenames", ()))
+    install = [i for i, item in enumerate(items) if item.path.name == "test_install_script.py"]
+    if not install or not docker_support.wanted_images:
+        return
+    users = [item for item in items if item.path.name == "test_docker_host.py"]
+    rest = [item for item in items if item.path.name != "test_docker_host.py"]
+    after = rest.index(items[install[-1]]) + 1
+    items[:] = rest[:after] + users + rest[after:]
