@@ -1,5 +1,6 @@
 """Test-wide settings."""
 
+import pytest
 from hypothesis import settings
 
 import docker_support
@@ -10,6 +11,7 @@ settings.register_profile("gpunexus", deadline=None)
 settings.load_profile("gpunexus")
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected what will not run
 def pytest_collection_modifyitems(items):
     """Run tests/test_docker_host.py right after tests/test_install_script.py.
 
@@ -27,3 +29,7 @@ def pytest_collection_modifyitems(items):
     rest = [item for item in items if item.path.name != "test_docker_host.py"]
     after = rest.index(items[install[-1]]) + 1
     items[:] = rest[:after] + users + rest[after:]
+
+
+def pytest_sessionfinish(session):
+    docker_support.drop_pending_builds()  # a session that stopped early does not wait for image builds it no longer needs

@@ -101,6 +101,11 @@ def start_image_builds(names: set[str]) -> None:
             _builds[name] = _builder.submit(build_image, dockerfile, name)
 
 
+def drop_pending_builds() -> None:
+    """At the end of a session: the builds no test waits for any more do not start (one under way ends by itself)."""
+    _builder.shutdown(wait=False, cancel_futures=True)
+
+
 def built_image(name: str) -> str:
     """The tag of one of ``IMAGES``, built this session (started here if nothing started it before)."""
     start_image_builds({name})
