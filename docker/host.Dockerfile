@@ -23,6 +23,8 @@ RUN python3 -m venv /opt/gpunexus/venv
 # The dependencies first, in their own layer: a change to the source then
 # reinstalls only gpunexus itself, not numpy, cryptography and libp2p. With the
 # build backend here too, that install needs no download (--no-build-isolation).
+# hub.Dockerfile begins with the same lines up to this layer, so one build
+# of it serves both images.
 COPY pyproject.toml /src/
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" >/tmp/requirements.txt \
     && pip install -q -r /tmp/requirements.txt 'setuptools>=77' wheel

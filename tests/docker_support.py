@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,42 @@ def build_image(dockerfile: str, name: str) -> str:
         docker("rmi", old, check=False)
     print(f"\nbuilt {tag} in {time.monotonic() - start:.0f} s")
     return tag
+
+
+IMAGES = {"gpunexus-host": "docker/host.Dockerfile", "gpunexus-hub": "docker/hub.Dockerfile"}
+"""The images the tests build, in build order: the hub's reuses the host's dependency layer."""
+
+wanted_images: set[str] = set()
+"""Those of ``IMAGES`` that this session's tests use (tests/conftest.py fills it in when it collects)."""
+
+# One build at a time (the second reuses the first's layers), in a thread of its
+# own: pip inside a build keeps one core busy, the tests running meanwhile the other.
+_builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docker-build")
+_builds: dict[str, Future[str]] = {}
+
+
+def start_image_builds(names: set[str]) -> None:
+    """Start building these of ``IMAGES`` in the background, each once a session.
+
+    tests/conftest.py runs tests/test_install_script.py just before the tests
+    that use the images, and it calls this first with ``wanted_images``: its
+    minutes of apt and pip in a throwaway root then overlap the builds' own.
+    """
+    ensure_base_image()  # here, not in the thread: it may skip the calling test
+    for name, dockerfile in IMAGES.items():
+        if name in names and name not in _builds:
+            _builds[name] = _builder.submit(build_image, dockerfile, name)
+
+
+def drop_pending_builds() -> None:
+    """At the end of a session: the builds no test waits for any more do not start (one under way ends by itself)."""
+    _builder.shutdown(wait=False, cancel_futures=True)
+
+
+def built_image(name: str) -> str:
+    """The tag of one of ``IMAGES``, built this session (started here if nothing started it before)."""
+    start_image_builds({name})
+    return _builds[name].result()
 
 
 def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:

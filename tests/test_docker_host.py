@@ -3,8 +3,9 @@ gateway outside the container with the official ``openai`` SDK, and drained by
 ``docker stop`` in the middle of a stream.
 
 Skips (saying why) where docker, its daemon or debootstrap is missing. The
-base image is reused between runs; the host image is rebuilt once per session
-(docker's layer cache keeps that to seconds when only the source changed).
+base image is reused between runs; the host and hub images are rebuilt once per
+session (docker's layer cache keeps that to seconds when only the source
+changed), in the background from the start of tests/test_install_script.py on.
 The last test runs the same drain on a plain ``gpunexus node serve`` process,
 so SIGTERM draining is checked even where docker is not.
 """
@@ -25,7 +26,7 @@ import pytest
 import trio
 from openai import APIStatusError, OpenAI
 
-from docker_support import Lines, adocker, build_image, docker, ensure_base_image
+from docker_support import REPO, Lines, adocker, built_image, docker
 from peers import GatedBackend, reference_backend, running_gateway, running_host, wait_for_offers
 
 LOOPBACK_LISTEN = ["--listen", "/ip4/127.0.0.1/tcp/0", "--tokens-per-s", "100"]
@@ -34,8 +35,7 @@ PROMPT = [{"role": "user", "content": "Tell me a story"}]
 
 @pytest.fixture(scope="session")
 def host_image() -> str:
-    ensure_base_image()
-    return build_image("docker/host.Dockerfile", "gpunexus-host")
+    return built_image("gpunexus-host")
 
 
 @dataclass
@@ -219,10 +219,23 @@ async def test_sigterm_drains_a_plain_host_process_too(tmp_path) -> None:
         await _drain_while_streaming(start, sigterm)
 
 
+def _through_dependencies(dockerfile: str) -> list[str]:
+    """A Dockerfile's instructions from its build stage through the layer that pip-installs the dependencies."""
+    text = (REPO / "docker" / dockerfile).read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    start = lines.index("FROM ${BASE} AS build")
+    end = next(i for i, line in enumerate(lines) if "pip install -q -r /tmp/requirements.txt" in line)
+    return lines[start:end + 1]
+
+
+def test_the_hub_image_builds_on_the_host_images_dependency_layer() -> None:
+    """Docker's layer cache builds the dependencies once for both images only while these lines are the same."""
+    assert _through_dependencies("hub.Dockerfile") == _through_dependencies("host.Dockerfile")
+
+
 @pytest.fixture(scope="session")
 def hub_image() -> str:
-    ensure_base_image()
-    return build_image("docker/hub.Dockerfile", "gpunexus-hub")
+    return built_image("gpunexus-hub")
 
 
 async def test_the_hub_image_serves_reports_health_and_stops_cleanly(hub_image: str) -> None:

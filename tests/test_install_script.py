@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from docker_support import CHECKOUT, REPO, Lines, adocker, ensure_base_image
+from docker_support import CHECKOUT, REPO, Lines, adocker, ensure_base_image, start_image_builds, wanted_images
 
 SCRIPT = REPO / "scripts" / "install-host.sh"
 CACHES = {f"gpunexus-test-pip-cache-{CHECKOUT}": "/root/.cache/pip",  # one set per checkout: apt locks them
@@ -92,7 +92,9 @@ echo "NVIDIA H200, 143771 MiB, 570.86.15"
 
 @pytest.fixture(scope="module")
 def base_image() -> str:
-    return ensure_base_image()
+    image = ensure_base_image()
+    start_image_builds(wanted_images)  # for tests/test_docker_host.py, next: they build while these tests run
+    return image
 
 
 @pytest.fixture
