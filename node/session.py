@@ -60,7 +60,7 @@ MAX_OPEN_REQUESTS = 1024
 WRITE_TIMEOUT = 30.0
 """Longest a frame may wait for the peer to take it; past it the session is broken (the peer stopped reading)."""
 HOST_IDLE_S = 300.0
-"""A host ends a session that has had no request open and no frame for this long (gateways end theirs sooner)."""
+"""A host ends a session that has had no request open for this long (gateways end theirs sooner)."""
 
 
 class ReaderTooSlow(Exception):
@@ -236,6 +236,8 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self._run_scope = nursery.cancel_scope
                 nursery.start_soon(self._write_loop)
+                if accept is not None:
+                    nursery.start_soon(self._end_when_idle)
                 try:
                     await self._read_loop(nursery if accept is not None else None, accept)
                 finally:
@@ -264,12 +266,12 @@ class Session:
         flush = self._flush
         self._pending.append(entry)
         if self._writing is None and len(self._pending) == 1:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(WRITE_TIMEOUT) as waited:
-                    await self._write_pending()
-                if waited.cancelled_caught:
-                    self._fail(f"the peer read nothing for {WRITE_TIMEOUT:.0f} s")
-                    await self.framed.reset()
+            # Shielded from the caller's cancellation, not from its own deadline.
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + WRITE_TIMEOUT) as scope:
+                await self._write_pending()
+            if scope.cancelled_caught:
+                self._fail(f"the peer read nothing for {WRITE_TIMEOUT:.0f} s")
+                await self.framed.reset()
             if self._pending:
                 self._wake.set()
         else:
@@ -308,17 +310,20 @@ class Session:
         self.entries_sent += len(entries)
         flush.done.set()
 
+    async def _end_when_idle(self) -> None:
+        """A host's side: end a session that has had no request open for ``idle_timeout`` (a deadline per read costs more)."""
+        while True:
+            await trio.sleep(self.idle_timeout / 4)
+            if not self._channels and trio.current_time() - self.idle_since >= self.idle_timeout:
+                self.broken = "idle"
+                self._run_scope.cancel()
+                return
+
     # --- reading -----------------------------------------------------------
     async def _read_loop(self, nursery: trio.Nursery | None, accept: Accept | None) -> None:
         while True:
             try:
-                with trio.move_on_after(self.idle_timeout) as waited:
-                    body = await self.framed.receive_body()
-                if waited.cancelled_caught:
-                    if self._channels:
-                        continue
-                    self.broken = "idle"
-                    return
+                body = await self.framed.receive_body()
                 entries = decode_batch(body)
             except PeerGone as exc:
                 self.broken = str(exc)
