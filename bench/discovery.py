@@ -62,8 +62,8 @@ from libp2p.pubsub.pubsub import Pubsub  # noqa: E402
 from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX  # noqa: E402
 from multiaddr import Multiaddr  # noqa: E402
 
-from gpunexus.node.gossip import gossipsub_options  # noqa: E402
-from gpunexus.node.offers import OFFER_INTERVAL, OFFER_TTL, OfferBook  # noqa: E402
+from gpunexus.node.net.gossip import gossipsub_options  # noqa: E402
+from gpunexus.node.net.offers import OFFER_INTERVAL, OFFER_TTL, OfferBook  # noqa: E402
 from gpunexus.protocol.messages import OFFERS_TOPIC, Capabilities, Offer  # noqa: E402
 from gpunexus.protocol.signing import Signer  # noqa: E402
 

@@ -45,9 +45,9 @@ from contextlib import AsyncExitStack
 
 import multiaddr
 import trio
-from gpunexus.node.gossip import gossipsub_options, make_gossipsub
-from gpunexus.node.offers import OFFER_INTERVAL, OFFER_TTL
-from gpunexus.node.p2p import P2PConfig
+from gpunexus.node.net.gossip import gossipsub_options, make_gossipsub
+from gpunexus.node.net.offers import OFFER_INTERVAL, OFFER_TTL
+from gpunexus.node.net.p2p import P2PConfig
 from gpunexus.node.runtime import GatewayOptions, open_gateway
 from gpunexus.protocol.messages import OFFERS_TOPIC as TOPIC
 from libp2p import new_host

@@ -30,7 +30,7 @@ from gpunexus.hub import keys
 from gpunexus.hub.app import create_app, serve
 from gpunexus.hub.service import Hub
 from gpunexus.node.backends.reference import ReferenceBackend
-from gpunexus.node.p2p import P2PConfig
+from gpunexus.node.net.p2p import P2PConfig
 from gpunexus.node.runtime import GatewayOptions, HostOptions, HubLogin, open_gateway, open_host
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]

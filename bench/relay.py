@@ -299,8 +299,8 @@ def reference_bench(tokens: int, rounds: int) -> str:
     import trio
     from gpunexus.node.backends.base import GenerationRequest
     from gpunexus.node.backends.reference import ReferenceBackend
-    from gpunexus.node.gateway import GatewayConfig
-    from gpunexus.node.p2p import P2PConfig
+    from gpunexus.node.gateway.service import GatewayConfig
+    from gpunexus.node.net.p2p import P2PConfig
     from gpunexus.node.runtime import (
         GatewayOptions,
         HostOptions,

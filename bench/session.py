@@ -7,7 +7,7 @@ each row, ``streams`` requests run at once; each sends a one-chunk request
 and gets ``--chunks`` real :class:`Chunk` messages back, either on a
 ``/gpunexus/infer/1``-style stream of its own (:class:`FramedStream`, spare
 pools and all negotiation excluded: streams are opened before the clock
-starts) or as a channel of one shared session (node/session.py). "fast"
+starts) or as a channel of one shared session (node/net/session.py). "fast"
 sends every chunk as soon as the previous send returned; "paced" sends one
 every 20 ms per request (50 tokens/s, the harness's paced rate). Rounds
 alternate the two ways, so machine drift cancels; the figure is this
@@ -26,9 +26,9 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
-from gpunexus.node.p2p import P2PConfig, open_p2p
-from gpunexus.node.session import Session
-from gpunexus.node.wire import FramedStream, PeerGone
+from gpunexus.node.net.p2p import P2PConfig, open_p2p
+from gpunexus.node.net.session import Session
+from gpunexus.node.net.wire import FramedStream, PeerGone
 from gpunexus.protocol.messages import Chunk
 from gpunexus.protocol.session import SESSION_PROTOCOL
 from gpunexus.protocol.signing import Signer

@@ -34,15 +34,15 @@ from collections.abc import Callable, Sequence
 
 from gpunexus.node.backends.base import Token
 from gpunexus.node.backends.openai_upstream import _Events, _token_logprobs
-from gpunexus.node.openai_api import CompletionRequest, parse_request
-from gpunexus.node.openai_shapes import CompletionLogprobs, ResponseShaper, chat_logprobs
+from gpunexus.node.gateway.openai_api import CompletionRequest, parse_request
+from gpunexus.node.gateway.openai_shapes import CompletionLogprobs, ResponseShaper, chat_logprobs
 
 WORDS = ("The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", ".", "\n", " She", " said",
          ' "', "Hello", ",", " café", " 日本", "語", " 😀", " and", " left", ".")
 """The token mix, cycled; the newline and the quote need an escape in JSON."""
 
 
-# --- the encoding before this change, kept for comparison (node/openai_shapes.py ResponseShaper) ---
+# --- the encoding before this change, kept for comparison (node/gateway/openai_shapes.py ResponseShaper) ---
 
 class ShaperBefore:
     """``ResponseShaper``'s SSE delta path as it was: ``json.dumps`` of the text, a set and a dict per event."""

@@ -19,7 +19,7 @@ import os
 import sys
 
 _ROLES = ("gpunexus.node.cli", "gpunexus.hub.cli", "gpunexus.demo")
-_GUESTS = (("hub", "gpunexus.node.challenger_cli"),)
+_GUESTS = (("hub", "gpunexus.node.gateway.challenger_cli"),)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,7 +47,7 @@ async def _main(args: argparse.Namespace, home: str) -> int:
     from gpunexus.hub.app import create_app, serve
     from gpunexus.hub.service import Hub
     from gpunexus.node.backends.reference import ReferenceBackend
-    from gpunexus.node.p2p import P2PConfig
+    from gpunexus.node.net.p2p import P2PConfig
     from gpunexus.node.runtime import GatewayOptions, HostOptions, HubLogin, open_gateway, open_host
 
     backend = ReferenceBackend(args.model)

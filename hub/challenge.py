@@ -9,7 +9,7 @@ other. Every receipt such an account pays is audited (``hub/honesty.py``).
 
 The hub never imports the node: this module only speaks HTTP to the gateway.
 The request bodies come from :mod:`gpunexus.verify.challenges`, which the
-scheduled challenger (``gpunexus hub challenger``, node/challenger.py) draws
+scheduled challenger (``gpunexus hub challenger``, node/gateway/challenger.py) draws
 from too.
 """
 

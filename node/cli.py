@@ -20,13 +20,13 @@ import trio
 from gpunexus.usage import check_bindable, port_arg, usage_error
 from gpunexus.protocol.money import micro_to_usd, usd_to_micro
 
-from . import check as check_args
+from .host import check as check_args
 from .startup import check_hub, check_libp2p_listen, hub_url_arg, multiaddr_arg, peer_multiaddr_arg
 
 if TYPE_CHECKING:
     from .backends.base import Backend
-    from .hostconfig import ModelSpec
-    from .p2p import P2PConfig
+    from .host.config import ModelSpec
+    from .net.p2p import P2PConfig
     from .runtime import HostOptions, HubLogin
 
 log = logging.getLogger("gpunexus.node")
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     node = sub.add_parser("node", help="run a host or a gateway peer", description="Run a host (serve a model) or a gateway (OpenAI API on localhost), and steer a running host.")
     actions = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
 
-    from .hostconfig import MODEL_KEYS
+    from .host.config import MODEL_KEYS
 
     serve = actions.add_parser("serve", help="serve a model to the network as a host",
                                epilog=f"--config keys per [[model]] table: {', '.join(MODEL_KEYS)}. Host-wide settings (--listen, --bootstrap, --hub, "
@@ -148,7 +148,7 @@ def _positive_int(text: str) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .known_models import DEFAULT_BITS, DEFAULT_CONTEXT, judge, known_models, render
+    from .host.known_models import DEFAULT_BITS, DEFAULT_CONTEXT, judge, known_models, render
 
     listed = known_models(args.context or DEFAULT_CONTEXT, args.bits or DEFAULT_BITS)
     gpus, verdicts = trio.run(judge, listed)
@@ -169,7 +169,7 @@ def _supports(text: str):
 
 
 def _windows(text: str):
-    from .schedule import parse_windows
+    from .host.schedule import parse_windows
 
     try:
         return parse_windows(text)
@@ -187,7 +187,7 @@ def _network_args(p: argparse.ArgumentParser) -> None:
 
 
 def _p2p(args: argparse.Namespace, default_listen: str) -> P2PConfig:
-    from .p2p import P2PConfig, load_swarm_key
+    from .net.p2p import P2PConfig, load_swarm_key
 
     listen = args.listen or [default_listen]
     check_libp2p_listen(listen)
@@ -232,7 +232,7 @@ def _which(spec: ModelSpec) -> str:
 
 
 def _specs(args: argparse.Namespace) -> list[ModelSpec]:
-    from .hostconfig import ConfigError, specs_from_args
+    from .host.config import ConfigError, specs_from_args
 
     try:
         return _with_hub_catalogue(specs_from_args(args), args.hub)
@@ -244,7 +244,7 @@ def _with_hub_catalogue(specs: list[ModelSpec], hub: str | None) -> list[ModelSp
     """Each model's minimums from the hub's catalogue where it names them (``node check`` and ``node serve``)."""
     if not hub:
         return specs
-    from .catalogue import fetch_catalogue
+    from .gateway.catalogue import fetch_catalogue
 
     catalogue = fetch_catalogue(hub)
     return [dataclasses.replace(s, minimums=check_args.with_catalogue(s.minimums, catalogue.get(s.id), hub)) for s in specs]
@@ -313,7 +313,7 @@ async def _gate(args: argparse.Namespace, specs: list[ModelSpec], options: HostO
     failed check) unless ``--force`` (or its table's ``force``) is given; the
     others are served. False when no model is left to serve.
     """
-    from .check import WARN, announced_tokens_per_s, forced_region, run_gates
+    from .host.check import WARN, announced_tokens_per_s, forced_region, run_gates
 
     reports = await run_gates([(m.backend, spec.backend, spec.minimums) for spec, m in zip(specs, options.models)], hub=args.hub,
                               bootstrap=args.bootstrap, swarm_key=options.p2p.swarm_key, network_strict=False)
@@ -363,7 +363,7 @@ async def _drain_on_signal(service, schedule=None) -> None:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from .gateway import GatewayConfig
+    from .gateway.service import GatewayConfig
     from .runtime import GatewayOptions, open_gateway
 
     config = GatewayConfig(first_token_timeout=args.first_token_timeout, min_tokens_per_s=args.min_tokens_per_s, sessions=not args.no_sessions)
@@ -372,7 +372,7 @@ def _gateway(args: argparse.Namespace) -> int:
             config.max_price_micro_per_mtok = usd_to_micro(args.max_price)
         except ValueError as exc:
             raise usage_error(f"--max-price: {exc}") from None
-    from .settlement import FreeSettlement
+    from .gateway.settlement import FreeSettlement
 
     team = bool(args.hub) and not args.api_key
     if team:  # a team's gateway: each client pays with its own hub key
@@ -464,9 +464,9 @@ def _control(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     """One verdict per model, the machine and the network measured once; exit 0 only if every model passes."""
     from .backends.base import BackendError
-    from .check import Report, render, render_json, run_gates, unloadable_backend_report
-    from .hostconfig import ConfigError, specs_from_args
-    from .p2p import load_swarm_key
+    from .host.check import Report, render, render_json, run_gates, unloadable_backend_report
+    from .host.config import ConfigError, specs_from_args
+    from .net.p2p import load_swarm_key
 
     try:
         specs = _with_hub_catalogue(specs_from_args(args), args.hub)
@@ -504,7 +504,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _swarm_key(args: argparse.Namespace) -> int:
-    from .p2p import format_swarm_key
+    from .net.p2p import format_swarm_key
 
     if args.path.exists():
         raise usage_error(f"{args.path} exists; refusing to overwrite a swarm key")

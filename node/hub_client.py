@@ -1,6 +1,6 @@
 """The node's side of the hub: a gateway's allowance and receipt queue, a host's link.
 
-:class:`HubSettlement` is the gateway's :class:`~gpunexus.node.settlement.Settlement`
+:class:`HubSettlement` is the gateway's :class:`~gpunexus.node.gateway.settlement.Settlement`
 when it runs with ``--hub URL --api-key KEY``:
 
 * ``authorize`` answers from local state only: the current hub-signed
@@ -48,7 +48,7 @@ when it runs with ``--hub URL --api-key KEY``:
 :class:`HostHubLink` is a host's: it learns the hub's peer id, proves its own
 peer id to bind it to the host account (so receipts naming it pay that
 account), checks each order's allowance offline, reads earnings for
-``gpunexus node status``, and, as a peer verifier (``node/verifier.py``),
+``gpunexus node status``, and, as a peer verifier (``node/host/verifier.py``),
 fetches its audit jobs and posts its signed results.
 
 Nothing here imports the hub: the two meet on HTTP, speaking
@@ -90,8 +90,8 @@ from gpunexus.protocol.messages import (
 )
 from gpunexus.protocol.signing import Signer
 
+from .gateway.settlement import Grant, SettlementRefused
 from .quietlog import QuietLog
-from .settlement import Grant, SettlementRefused
 
 log = logging.getLogger(__name__)
 
@@ -752,7 +752,7 @@ class HostHubLink:
         return hub_id
 
     async def check_order(self, order: Order) -> None:
-        """An :data:`~gpunexus.node.host.OrderCheck`: the order's allowance, verified offline.
+        """An :data:`~gpunexus.node.host.service.OrderCheck`: the order's allowance, verified offline.
 
         Raises ProtocolError unless the allowance is signed by this hub, issued
         to the ordering gateway, unexpired, non-empty and does not refuse the

@@ -25,19 +25,19 @@ from quart_trio import QuartTrio
 from gpunexus.protocol.signing import Signer
 
 from .backends.base import Backend
-from .gateway import GatewayConfig, GatewayService
-from .gateway_app import create_app, hypercorn_config
-from .host import HostService, OrderCheck, UnknownModel
-from .host_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .host_metrics import HostMetrics
+from .gateway.app import create_app, hypercorn_config
+from .gateway.service import GatewayConfig, GatewayService
+from .gateway.settlement import FreeSettlement, Settlement
+from .gateway.team import TeamSettlement
+from .host.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .host.metrics import HostMetrics
+from .host.schedule import Clock, ScheduleFollower, Window
+from .host.service import HostService, OrderCheck, UnknownModel
+from .host.verifier import PeerVerifier, can_verify
 from .hub_client import HostHubLink, HubSettlement, HubUnavailable
-from .offers import OfferBook, follow_offers
-from .p2p import P2PConfig, P2PNode, open_p2p
-from .prices import PriceBook, follow_prices, relay_hub_prices
-from .schedule import Clock, ScheduleFollower, Window
-from .settlement import FreeSettlement, Settlement
-from .team import TeamSettlement
-from .verifier import PeerVerifier, can_verify
+from .net.offers import OfferBook, follow_offers
+from .net.p2p import P2PConfig, P2PNode, open_p2p
+from .net.prices import PriceBook, follow_prices, relay_hub_prices
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class HostOptions:
     clock: Clock | None = None
     """The schedule's wall clock (tests inject one); the system's by default."""
     verify: bool = True
-    """With a hub and a backend that can (``node/verifier.py``), also act as a peer verifier for the model."""
+    """With a hub and a backend that can (``node/host/verifier.py``), also act as a peer verifier for the model."""
     verify_poll_s: float = 5.0
     models: list[ModelOptions] = field(default_factory=list)
     """Further models served by the same peer, each with its own terms."""

@@ -8,8 +8,8 @@ import trio
 
 from gpunexus.node.backends.base import GenerationRequest, GenerationResult, Token
 from gpunexus.node.backends.reference import ReferenceBackend
-from gpunexus.node.gateway import GatewayConfig
-from gpunexus.node.p2p import P2PConfig
+from gpunexus.node.gateway.service import GatewayConfig
+from gpunexus.node.net.p2p import P2PConfig
 from gpunexus.node.runtime import GatewayOptions, HostOptions, open_gateway, open_host
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]

@@ -23,12 +23,12 @@ from gpunexus.hub import honesty, keys
 from gpunexus.hub.config import HubConfig
 from gpunexus.hub.db import receipt_log
 from gpunexus.node.backends.reference import ReferenceBackend
-from gpunexus.node.challenge_schedule import ChallengeSchedule
-from gpunexus.node.challenger import (ChallengerError, ChallengerOptions, check_account, check_hub_url,
+from gpunexus.node.gateway.challenge_schedule import ChallengeSchedule
+from gpunexus.node.gateway.challenger import (ChallengerError, ChallengerOptions, check_account, check_hub_url,
                                       open_challenger, stop_on_signal)
-from gpunexus.node.p2p import P2PConfig
+from gpunexus.node.net.p2p import P2PConfig
 from gpunexus.node.runtime import HubLogin
-from gpunexus.node.gateway import GatewayConfig
+from gpunexus.node.gateway.service import GatewayConfig
 from gpunexus.verify.attacks import other_model
 from gpunexus.verify.challenges import challenge_body
 from market import running_hub
@@ -122,7 +122,7 @@ def test_a_schedule_needs_a_positive_period_and_rate(period, per_period):
 
 
 def test_challenge_bodies_are_varied_everyday_chats_the_gateway_accepts():
-    from gpunexus.node.openai_api import parse_request
+    from gpunexus.node.gateway.openai_api import parse_request
 
     rng = random.Random(3)
     bodies = [challenge_body("tiny", rng) for _ in range(200)]
@@ -138,8 +138,8 @@ def test_challenge_bodies_are_varied_everyday_chats_the_gateway_accepts():
 def test_inside_a_challenge_the_book_shows_only_the_aimed_host_of_every_model():
     import dataclasses
 
-    from gpunexus.node.challenger import AimedBook, aimed_at
-    from gpunexus.node.offers import OfferBook
+    from gpunexus.node.gateway.challenger import AimedBook, aimed_at
+    from gpunexus.node.net.offers import OfferBook
     from gpunexus.protocol.messages import Offer
     from gpunexus.protocol.signing import Signer
 
@@ -194,7 +194,7 @@ def test_building_the_parser_loads_no_peer_code_and_hub_never_imports_node():
     import subprocess
     import sys
 
-    code = "import sys, gpunexus.cli; gpunexus.cli.build_parser(); print('libp2p' in sys.modules, 'gpunexus.node.challenger' in sys.modules)"
+    code = "import sys, gpunexus.cli; gpunexus.cli.build_parser(); print('libp2p' in sys.modules, 'gpunexus.node.gateway.challenger' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
     import gpunexus.hub

@@ -21,8 +21,8 @@ if BENCH not in sys.path:
 import discovery  # noqa: E402
 from discovery_sim import LinkModel, simulate_topic  # noqa: E402
 
-from gpunexus.node.gossip import gossipsub_options  # noqa: E402
-from gpunexus.node.offers import OFFER_TTL  # noqa: E402
+from gpunexus.node.net.gossip import gossipsub_options  # noqa: E402
+from gpunexus.node.net.offers import OFFER_TTL  # noqa: E402
 from gpunexus.protocol.codec import decode  # noqa: E402
 from gpunexus.protocol.messages import OFFERS_TOPIC, Offer  # noqa: E402
 from gpunexus.protocol.signing import Signer  # noqa: E402

@@ -3,7 +3,7 @@
 Real libp2p hosts on 127.0.0.1, one process. The tests marked UPSTREAM BUG
 assert that py-libp2p's own ``GossipSub`` still fails; when one of them
 fails, upstream has fixed that behaviour and the matching override in
-``gpunexus.node.gossip`` can go.
+``gpunexus.node.net.gossip`` can go.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import multiaddr
 import pytest
 import trio
-from gpunexus.node.gossip import (
+from gpunexus.node.net.gossip import (
     OfferGossipSub,
     gossipsub_options,
     make_gossipsub,

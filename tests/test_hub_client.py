@@ -9,7 +9,7 @@ import pytest
 import trio
 from gpunexus.hub import catalogue, keys, ledger
 from gpunexus.node.hub_client import HostHubLink, HubRefused, HubSettlement, HubUnavailable
-from gpunexus.node.settlement import SettlementRefused
+from gpunexus.node.gateway.settlement import SettlementRefused
 from gpunexus.protocol.codec import decode_as
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.ids import new_request_id

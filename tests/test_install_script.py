@@ -72,7 +72,7 @@ case $verb in
 esac
 """
 
-# Two reference models in one host, each with its own terms (node/hostconfig.py's grammar).
+# Two reference models in one host, each with its own terms (node/host/config.py's grammar).
 HOST_TOML = """\
 [[model]]
 id = "tiny"

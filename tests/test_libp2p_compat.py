@@ -1,4 +1,4 @@
-"""py-libp2p's private parts that node/libp2p_compat.py relies on are still there, as it expects.
+"""py-libp2p's private parts that node/net/libp2p_compat.py relies on are still there, as it expects.
 
 When a py-libp2p upgrade removes or changes one of them, these tests fail
 and the message names what changed (the yamux attribute, the router method
@@ -12,9 +12,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import trio
-from gpunexus.node import libp2p_compat
-from gpunexus.node.p2p import P2PConfig, open_p2p
-from gpunexus.node.wire import FramedStream
+from gpunexus.node.net import libp2p_compat
+from gpunexus.node.net.p2p import P2PConfig, open_p2p
+from gpunexus.node.net.wire import FramedStream
 from gpunexus.protocol.messages import Withdraw
 from gpunexus.protocol.signing import Signer
 from libp2p.io.trio import TrioTCPStream
@@ -25,7 +25,7 @@ NODE = Path(__file__).resolve().parent.parent / "node"
 
 
 def _report(problems: list[str]) -> str:
-    return "py-libp2p changed under node/libp2p_compat.py:\n  " + "\n  ".join(problems)
+    return "py-libp2p changed under node/net/libp2p_compat.py:\n  " + "\n  ".join(problems)
 
 
 def test_the_installed_py_libp2p_is_the_one_it_was_written_for():
@@ -104,7 +104,7 @@ def test_no_other_node_module_reaches_into_libp2p_privates():
                 offenders.append(f"{path.name}:{node.lineno}: .{node.attr}")
             if isinstance(node, ast.Constant) and node.value in private_names:
                 offenders.append(f"{path.name}:{node.lineno}: {node.value!r}")
-    assert not offenders, "use node/libp2p_compat.py instead:\n  " + "\n  ".join(offenders)
+    assert not offenders, "use node/net/libp2p_compat.py instead:\n  " + "\n  ".join(offenders)
 
 
 def test_an_upgrade_that_drops_a_router_method_or_changes_a_signature_is_named(monkeypatch):

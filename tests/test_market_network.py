@@ -8,7 +8,7 @@ import httpx
 import trio
 
 from gpunexus.hub.config import HubConfig
-from gpunexus.node.gateway import GatewayConfig
+from gpunexus.node.gateway.service import GatewayConfig
 from gpunexus.node.runtime import HubLogin
 from market import running_hub
 from peers import running_gateway, running_host, wait_for_offers

@@ -18,10 +18,10 @@ import textwrap
 import pytest
 import trio
 
-from gpunexus.node.check import (FAIL, PASS, WARN, Measurements, Minimums, Report, Throughput, announced_tokens_per_s, evaluate,
+from gpunexus.node.host.check import (FAIL, PASS, WARN, Measurements, Minimums, Report, Throughput, announced_tokens_per_s, evaluate,
                                  forced_region)
-from gpunexus.node.gpu import Gpu, GpuSurvey, parse_nvidia_smi, survey_gpus
-from gpunexus.node.netprobe import Probe
+from gpunexus.node.host.gpu import Gpu, GpuSurvey, parse_nvidia_smi, survey_gpus
+from gpunexus.node.net.netprobe import Probe
 from market import running_hub
 from peers import running_gateway, running_host
 
@@ -206,8 +206,8 @@ def test_bandwidth_is_judged_each_way_and_an_unmeasured_link_only_warns():
 
 
 async def test_check_measures_bandwidth_to_a_real_peer_and_gates_on_it():
-    from gpunexus.node import speedtest
-    from gpunexus.node.p2p import P2PConfig, open_p2p
+    from gpunexus.node.net import speedtest
+    from gpunexus.node.net.p2p import P2PConfig, open_p2p
     from gpunexus.protocol.signing import Signer
 
     async with running_host() as host, open_p2p(Signer.generate(), P2PConfig(["/ip4/127.0.0.1/tcp/0"])) as older:
@@ -281,7 +281,7 @@ async def test_serve_force_announces_the_measured_speed_and_says_so_in_the_offer
 
 # --- node models: what this machine's hardware can serve ----------------------------------------
 def test_gpu_memory_is_computed_from_the_architecture():
-    from gpunexus.node.known_models import GPU_MODELS, RUNTIME_OVERHEAD_GB, vram_gb
+    from gpunexus.node.host.known_models import GPU_MODELS, RUNTIME_OVERHEAD_GB, vram_gb
 
     llama = GPU_MODELS["llama-3.1-8b-instruct"]
     # 8.03e9 weights at 4 bits + a 8192-token FP16 KV cache of 32 layers x 8 heads x 128 + the runtime.
@@ -315,7 +315,7 @@ def test_models_without_a_gpu_offers_the_reference_models_only():
 
 async def test_models_served_together_must_fit_in_the_gpus_together():
     from gpunexus.node.backends.reference import ReferenceBackend
-    from gpunexus.node.check import run_gates
+    from gpunexus.node.host.check import run_gates
 
     one_4090 = lambda: GpuSurvey((Gpu("NVIDIA GeForce RTX 4090", 24564, (8, 9)),))  # 25.8 GB
     models = [(ReferenceBackend("tiny"), "reference", Minimums(tokens_per_s=1, vram_gb=16)),
@@ -330,7 +330,7 @@ async def test_models_served_together_must_fit_in_the_gpus_together():
 
 
 def test_a_peer_answers_speed_tests_within_a_budget_per_asking_peer():
-    from gpunexus.node.speedtest import PeerBudget
+    from gpunexus.node.net.speedtest import PeerBudget
 
     now = [0.0]
     budget = PeerBudget(limit=10, window_s=60, clock=lambda: now[0])
@@ -340,9 +340,9 @@ def test_a_peer_answers_speed_tests_within_a_budget_per_asking_peer():
 
 
 async def test_a_peer_over_its_speed_test_budget_is_refused_but_still_reachable():
-    from gpunexus.node import speedtest
-    from gpunexus.node.netprobe import probe_peers
-    from gpunexus.node.p2p import P2PConfig, open_p2p
+    from gpunexus.node.net import speedtest
+    from gpunexus.node.net.netprobe import probe_peers
+    from gpunexus.node.net.p2p import P2PConfig, open_p2p
     from gpunexus.protocol.signing import Signer
 
     async with open_p2p(Signer.generate(), P2PConfig(["/ip4/127.0.0.1/tcp/0"])) as peer:

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import trio
-from gpunexus.node.gateway_app import HOT_PATHS, MAX_BODY_BYTES, create_app
+from gpunexus.node.gateway.app import HOT_PATHS, MAX_BODY_BYTES, create_app
 from peers import running_gateway, running_host, wait_for_offers
 from rawhttp import open_conn, request_head
 

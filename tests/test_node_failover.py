@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager
 import httpx
 import trio
 
-from gpunexus.node.gateway import GatewayConfig
-from gpunexus.node.offers import next_seq
+from gpunexus.node.gateway.service import GatewayConfig
+from gpunexus.node.net.offers import next_seq
 from gpunexus.protocol.messages import Offer
 from gpunexus.protocol.signing import Signer
 from peers import GatedBackend, reference_backend, running_gateway, running_host, wait_for_offers

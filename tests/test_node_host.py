@@ -13,8 +13,8 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
-from gpunexus.node.p2p import P2PConfig, open_p2p
-from gpunexus.node.wire import FramedStream, PeerGone
+from gpunexus.node.net.p2p import P2PConfig, open_p2p
+from gpunexus.node.net.wire import FramedStream, PeerGone
 from gpunexus.protocol.messages import INFER_PROTOCOL, ChatMessage, Chunk, Error, Order, Receipt, Sampling
 from gpunexus.protocol.signing import Signer
 from peers import LOOPBACK, GatedBackend, reference_backend, running_gateway, running_host, wait_for_offers

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from gpunexus.cli import build_parser
-from gpunexus.node.hostconfig import ConfigError, specs_from_args
+from gpunexus.node.host.config import ConfigError, specs_from_args
 
 
 def specs(*argv: str):

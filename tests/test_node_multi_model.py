@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from gpunexus.node.backends.reference import ReferenceBackend
-from gpunexus.node.host import UnknownModel
+from gpunexus.node.host.service import UnknownModel
 from gpunexus.node.runtime import ModelOptions
 from peers import GatedBackend, running_gateway, running_host, wait_for_offers
 

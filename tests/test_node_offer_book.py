@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from gpunexus.node.offers import OfferBook
+from gpunexus.node.net.offers import OfferBook
 from gpunexus.protocol.messages import Offer
 from gpunexus.protocol.signing import Signer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from gpunexus.node.openai_api import APIError, check_unicode, parse_request
+from gpunexus.node.gateway.openai_api import APIError, check_unicode, parse_request
 
 
 def chat(**extra) -> dict:

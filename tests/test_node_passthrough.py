@@ -16,7 +16,7 @@ import pytest
 import trio
 from gpunexus.hub.honesty import opening_problem
 from gpunexus.node.backends.openai_upstream import OpenAIUpstreamBackend, parse_supports
-from gpunexus.node.settlement import FreeSettlement
+from gpunexus.node.gateway.settlement import FreeSettlement
 from gpunexus.protocol.codec import decode_as
 from gpunexus.protocol.messages import Opening
 from peers import running_gateway, running_host, wait_for_offers

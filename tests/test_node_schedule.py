@@ -18,7 +18,7 @@ import httpx
 import trio
 import trio.testing
 
-from gpunexus.node.schedule import parse_windows
+from gpunexus.node.host.schedule import parse_windows
 from peers import GatedBackend, reference_backend, running_gateway, running_host, wait_for_offers
 from wallclock import FakeClock
 

@@ -18,11 +18,11 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from gpunexus.node.backends.base import BackendError, GenerationRequest, GenerationResult, Token
-from gpunexus.node.gateway import GatewayConfig
-from gpunexus.node.openai_api import APIError, parse_request
-from gpunexus.node.session import Session
-from gpunexus.node.p2p import P2PConfig, open_p2p
-from gpunexus.node.wire import FramedStream, PeerGone
+from gpunexus.node.gateway.service import GatewayConfig
+from gpunexus.node.gateway.openai_api import APIError, parse_request
+from gpunexus.node.net.session import Session
+from gpunexus.node.net.p2p import P2PConfig, open_p2p
+from gpunexus.node.net.wire import FramedStream, PeerGone
 from gpunexus.protocol.codec import decode
 from gpunexus.protocol.messages import Chunk, Error, Receipt
 from gpunexus.protocol.session import END, MAX_BATCH_ENTRIES, MAX_SESSION_FRAME_BYTES, MESSAGE, SESSION_PROTOCOL, Entry, decode_batch, encode_frames

@@ -7,7 +7,7 @@ import socket
 import pytest
 import trio
 
-from gpunexus.node.p2p import P2PConfig, open_p2p
+from gpunexus.node.net.p2p import P2PConfig, open_p2p
 from gpunexus.protocol.signing import Signer
 
 

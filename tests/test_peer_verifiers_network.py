@@ -22,7 +22,7 @@ from gpunexus.hub.config import HubConfig
 from gpunexus.hub.db import audit_jobs, audits
 from gpunexus.node.backends.reference import ReferenceBackend
 from gpunexus.node.runtime import HubLogin
-from gpunexus.node.verifier import PeerVerifier
+from gpunexus.node.host.verifier import PeerVerifier
 from gpunexus.verify.peer import PrefillReport
 from market import running_hub
 from peers import running_gateway, running_host, wait_for_offers
@@ -319,7 +319,7 @@ async def test_a_job_not_answered_in_time_goes_to_another_verifier_and_the_late_
     import pytest
 
     from gpunexus.node.hub_client import HubRefused
-    from gpunexus.node.verifier import result_for
+    from gpunexus.node.host.verifier import result_for
 
     config = HubConfig(reference_price_micro_per_mtok=10 * PRICE, audit_rate=1.0, hub_replay=False,
                        known_answer_rate=0.0, verifier_job_ttl_s=0.5)

@@ -11,7 +11,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpunexus.node.schedule import ScheduleFollower, Window, format_windows, is_available, next_change, parse_windows
+from gpunexus.node.host.schedule import ScheduleFollower, Window, format_windows, is_available, next_change, parse_windows
 from wallclock import FakeClock
 
 BERLIN = ZoneInfo("Europe/Berlin")

@@ -15,8 +15,8 @@ import random
 import pytest
 from gpunexus.node.backends.base import Token
 from gpunexus.node.backends.openai_upstream import _Events
-from gpunexus.node.openai_api import parse_request
-from gpunexus.node.openai_shapes import ResponseShaper
+from gpunexus.node.gateway.openai_api import parse_request
+from gpunexus.node.gateway.openai_shapes import ResponseShaper
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

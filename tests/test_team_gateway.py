@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpunexus.hub import keys
 from gpunexus.hub.db import receipt_log
 from gpunexus.node.runtime import HubLogin
-from gpunexus.node.team import TeamSettlement
+from gpunexus.node.gateway.team import TeamSettlement
 from market import running_hub
 from peers import running_gateway, running_host, wait_for_offers
 

@@ -1,4 +1,4 @@
-"""A wall clock the test moves by hand, for the availability schedule (node/schedule.py)."""
+"""A wall clock the test moves by hand, for the availability schedule (node/host/schedule.py)."""
 
 from __future__ import annotations
 

@@ -228,7 +228,7 @@ def check_version() -> str | None:
         return "py-libp2p is not installed as a distribution"
     low, high = SUPPORTED_VERSIONS
     if not low <= _parse_version(installed) < high:
-        return (f"py-libp2p {installed} is outside the range node/libp2p_compat.py was written for "
+        return (f"py-libp2p {installed} is outside the range node/net/libp2p_compat.py was written for "
                 f"(>= {'.'.join(map(str, low))}, < {'.'.join(map(str, high))}): run tests/test_libp2p_compat.py")
     return None
 

@@ -1,7 +1,7 @@
 """The scheduled challenger: ``gpunexus hub challenger --hub URL --api-key KEY``.
 
 An operator-run gateway peer that sends every host of the swarm ordinary
-orders on a timetable (:mod:`gpunexus.node.challenge_schedule`), paid by a
+orders on a timetable (:mod:`gpunexus.node.gateway.challenge_schedule`), paid by a
 challenge account: an account the hub serves with ``--challenge-account``,
 so that every receipt it pays is audited (``hub/honesty.py``). A host that
 cheats is then caught even when no client ever sends it a request the
@@ -23,7 +23,7 @@ Each run has a fresh peer identity (no long-lived gateway id for hosts to
 learn); the receipt queue and the audit openings stay under
 ``$GPUNEXUS_HOME/node/challenger`` so a restart still settles and answers
 what the last run left. node/ never imports hub/: this module meets the hub
-over HTTP only; the ``hub challenger`` command (node/challenger_cli.py) is
+over HTTP only; the ``hub challenger`` command (node/gateway/challenger_cli.py) is
 filed under ``hub`` by ``gpunexus/cli.py``.
 """
 
@@ -46,13 +46,13 @@ from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.messages import Offer, Receipt
 from gpunexus.verify.challenges import challenge_body
 
+from ..hub_client import HubRefused, HubSettlement, HubUnavailable, _call
+from ..net.offers import OfferBook
+from ..net.p2p import P2PConfig, open_p2p
+from ..runtime import HubLogin, follow_market, load_identity, node_home
 from .challenge_schedule import ChallengeSchedule, Clock, TrioClock
-from .gateway import Delta, GatewayConfig, GatewayService
-from .hub_client import HubRefused, HubSettlement, HubUnavailable, _call
-from .offers import OfferBook
 from .openai_api import APIError, parse_request
-from .p2p import P2PConfig, open_p2p
-from .runtime import HubLogin, follow_market, load_identity, node_home
+from .service import Delta, GatewayConfig, GatewayService
 from .settlement import Grant
 
 log = logging.getLogger(__name__)

@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..net.netprobe import Probe, probe_hub, probe_peers
 from .gpu import GpuSurvey, format_capability, parse_capability, survey_gpus
-from .netprobe import Probe, probe_hub, probe_peers
 
 if TYPE_CHECKING:
-    from .backends.base import Backend
+    from ..backends.base import Backend
 
 PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
 MINIMUMS_SOURCE = "flags"
@@ -254,7 +254,7 @@ async def _measure_generic(backend: Backend) -> float:
     """Tokens per second of one 64-token greedy answer (prompt included: an upstream shows no split)."""
     from gpunexus.protocol.messages import ChatMessage, Sampling
 
-    from .backends.base import GenerationRequest
+    from ..backends.base import GenerationRequest
 
     send, receive = trio.open_memory_channel(float("inf"))
     request = GenerationRequest("chat", (ChatMessage("user", "Count from one to fifty."),), "", "", Sampling(0.0, 1.0, 0, (), 0), 64)

@@ -1,4 +1,4 @@
-"""``gpunexus hub challenger``: the command line of :mod:`gpunexus.node.challenger`.
+"""``gpunexus hub challenger``: the command line of :mod:`gpunexus.node.gateway.challenger`.
 
 Filed under ``hub`` by ``gpunexus/cli.py`` (an operator's tool), living in
 node/ (a libp2p gateway peer). Kept apart from the peer itself so that
@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .startup import check_libp2p_listen, multiaddr_arg, peer_multiaddr_arg
+from ..startup import check_libp2p_listen, multiaddr_arg, peer_multiaddr_arg
 
 
 def register(actions: argparse._SubParsersAction) -> None:
@@ -51,9 +51,9 @@ def _fail(message: str) -> SystemExit:
 def options_from(args: argparse.Namespace):
     """:class:`ChallengerOptions` from the command line, or SystemExit with one line naming what is wrong."""
     from .challenger import ChallengerError, ChallengerOptions, check_hub_url
-    from .gateway import GatewayConfig
-    from .p2p import P2PConfig, load_swarm_key
-    from .runtime import HubLogin
+    from .service import GatewayConfig
+    from ..net.p2p import P2PConfig, load_swarm_key
+    from ..runtime import HubLogin
 
     if not args.hub:
         raise _fail("--hub URL is required (challenges are audited by a hub; a swarm without one has nothing to check them)")

@@ -30,7 +30,7 @@ import trio
 from gpunexus.protocol.messages import Opening, Receipt
 from gpunexus.protocol.signing import Signer
 
-from .hub_client import HubSettlement
+from ..hub_client import HubSettlement
 from .settlement import Grant, SettlementRefused
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ MAX_REMEMBERED_REFUSALS = 4096
 
 
 class TeamSettlement:
-    """A :class:`~gpunexus.node.settlement.Settlement` that settles each bearer key with the hub on its own."""
+    """A :class:`~gpunexus.node.gateway.settlement.Settlement` that settles each bearer key with the hub on its own."""
 
     def __init__(self, hub_url: str, signer: Signer, folder: str | Path, *, max_members: int = 1000,
                  admit_timeout_s: float = 10.0, audit_retention_s: float | None = 3600.0,

@@ -21,7 +21,7 @@ from gpunexus.protocol.codec import decode
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.messages import PRICES_TOPIC, PriceUpdate
 
-from .hub_client import HubRefused, HubUnavailable, fetch_prices
+from ..hub_client import HubRefused, HubUnavailable, fetch_prices
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.messages import AuditJob, VerifierResult
 from gpunexus.verify.peer import PrefillReport
 
-from .backends.base import Backend, BackendError, VerifierBackend
-from .hub_client import HostHubLink, HubRefused, HubUnavailable
+from ..backends.base import Backend, BackendError, VerifierBackend
+from ..hub_client import HostHubLink, HubRefused, HubUnavailable
 
 log = logging.getLogger(__name__)
 

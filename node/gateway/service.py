@@ -66,18 +66,18 @@ from gpunexus.protocol.money import cost_micro
 from gpunexus.protocol.signing import Signer
 from gpunexus.verify.registry import is_byte_level
 
+from ..net.libp2p_compat import connection_shutting_down
+from ..net.offers import OfferBook
+from ..net.p2p import P2PNode
+from ..net.prices import PriceBook
+from ..net.session import MAX_BUFFERED_BYTES, Channel, ReaderTooSlow
+from ..net.session_pool import SessionPool
+from ..net.streams import StreamPool
+from ..net.wire import FramedStream, PeerGone
 from .catalogue import CatalogueView
-from .libp2p_compat import connection_shutting_down
-from .offers import OfferBook
-from .prices import PriceBook
 from .openai_api import APIError, CompletionRequest, EmbeddingRequest
 from .openai_shapes import Usage
-from .p2p import P2PNode
-from .session import MAX_BUFFERED_BYTES, Channel, ReaderTooSlow
-from .session_pool import SessionPool
 from .settlement import Grant, Settlement, SettlementRefused
-from .streams import StreamPool
-from .wire import FramedStream, PeerGone
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class GatewayConfig:
     price_poll_s: float = 15.0
     """How often a gateway with a hub fetches the hub's signed market prices."""
     sessions: bool = True
-    """One ``/gpunexus/session/1`` stream per host for all requests to it (node/session.py) where the host speaks it;
+    """One ``/gpunexus/session/1`` stream per host for all requests to it (node/net/session.py) where the host speaks it;
     False: one stream per request, as gateways before sessions did."""
     reader_limit_bytes: int = MAX_BUFFERED_BYTES
     """How far (message bytes) one client may fall behind its stream on a session before the request is cut."""

@@ -108,7 +108,7 @@ class Verdict:
 
 async def judge(models: list[KnownModel], *, survey=survey_gpus) -> tuple[GpuSurvey, list[Verdict]]:
     """Each model against this machine: the GPUs surveyed once, each reference model's speed on a real short run."""
-    from .backends.reference import ReferenceBackend
+    from ..backends.reference import ReferenceBackend
 
     gpus = await trio.to_thread.run_sync(survey)
     verdicts = []

@@ -1,6 +1,6 @@
 """What GPUs this machine has, as the NVIDIA driver reports them.
 
-The gate (:mod:`gpunexus.node.check`) needs two numbers per GPU: its memory
+The gate (:mod:`gpunexus.node.host.check`) needs two numbers per GPU: its memory
 and its CUDA compute capability (a model's kernels need a minimum one, e.g.
 flash attention wants 8.0). ``nvidia-smi`` ships with the driver, so asking
 it needs nothing installed beyond what any CUDA backend needs anyway, and it

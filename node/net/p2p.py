@@ -4,7 +4,7 @@ Both roles (host and gateway) run exactly this, inside their own nursery, so
 the network stack is configured in one place: Noise only (no plaintext or
 secio fallback a peer could pick to skip authentication), yamux, TCP, an
 optional pre-shared swarm key (libp2p pnet) for private swarms, and our
-gossipsub router (:mod:`gpunexus.node.gossip`).
+gossipsub router (:mod:`gpunexus.node.net.gossip`).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class P2PNode:
         bootstrap address answered again. Our own dials are already paced
         (``REDIAL_INTERVAL``, the matcher's back-off), so an explicit dial
         clears the entry first. The cache is private to py-libp2p: absent, this
-        does nothing (:func:`gpunexus.node.libp2p_compat.allow_redial`).
+        does nothing (:func:`gpunexus.node.net.libp2p_compat.allow_redial`).
         """
         allow_redial(self.host.get_network(), peer_id)
 

@@ -1,12 +1,12 @@
 """The gateway's sessions: one per host, opened on first use, ended when idle.
 
-Every request to a host goes on its one session (node/session.py), so no
+Every request to a host goes on its one session (node/net/session.py), so no
 request pays a stream negotiation once the session is up, and the frames
 of all requests to that host are shared. The first request to a host opens
 the stream asking for ``/gpunexus/session/1`` first and ``/gpunexus/infer/1``
 second: a host that predates sessions picks the second, that stream serves
 the request as it always did, and the host is remembered as one to reach
-by per-request streams (node/streams.py) for ``LEGACY_RECHECK_S``, so old
+by per-request streams (node/net/streams.py) for ``LEGACY_RECHECK_S``, so old
 and new peers interoperate without a wasted round trip.
 """
 

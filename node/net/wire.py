@@ -30,7 +30,7 @@ from .libp2p_compat import (
     write_direct,
 )
 
-install_yamux_tweaks()  # measured yamux/Noise/TCP tweaks, see node/libp2p_compat.py
+install_yamux_tweaks()  # measured yamux/Noise/TCP tweaks, see node/net/libp2p_compat.py
 
 M = TypeVar("M", bound=Message)
 
@@ -57,7 +57,7 @@ class FramedStream:
     the fast paths do not await between checking and updating yamux's state,
     and every upstream update of that state (window, buffer, flags) is itself
     made without an await in the middle, so no half-made update can be seen.
-    The fast paths live in :mod:`gpunexus.node.libp2p_compat` with the rest
+    The fast paths live in :mod:`gpunexus.node.net.libp2p_compat` with the rest
     of what reaches into py-libp2p's private parts.
     """
 

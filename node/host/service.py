@@ -3,7 +3,7 @@
 A request is the gateway's signed :class:`Order`, then our :class:`Chunk`
 frames, then a signed :class:`Receipt` (or an :class:`Error`). It comes on a
 gateway's ``/gpunexus/session/1`` stream, which carries all of that
-gateway's requests (node/session.py), or on a ``/gpunexus/infer/1`` stream
+gateway's requests (node/net/session.py), or on a ``/gpunexus/infer/1`` stream
 of its own (gateways that predate sessions); both are served by the same
 code. Anything malformed gets an error frame and a closed request; the host
 itself never goes down for a peer's mistake.
@@ -31,18 +31,18 @@ from gpunexus.protocol.messages import INFER_PROTOCOL, Capabilities, Chunk, Embe
 from gpunexus.protocol.money import cost_micro
 from gpunexus.protocol.session import SESSION_PROTOCOL
 
-from .backends.base import Backend, BackendError, GenerationRequest, Token
-from .offers import Announcer, OfferBook, OfferTerms, follow_offers
-from .prices import PriceBook, follow_prices
-from .p2p import P2PNode
-from .session import Channel, Session
-from .wire import FramedStream, PeerGone
+from ..backends.base import Backend, BackendError, GenerationRequest, Token
+from ..net.offers import Announcer, OfferBook, OfferTerms, follow_offers
+from ..net.p2p import P2PNode
+from ..net.prices import PriceBook, follow_prices
+from ..net.session import Channel, Session
+from ..net.wire import FramedStream, PeerGone
 
 log = logging.getLogger(__name__)
 
 ORDER_TIMEOUT = 30.0
 """How long a stream may stay open without an order: gateways keep spare
-streams open to skip negotiation on the request path (see node/streams.py)."""
+streams open to skip negotiation on the request path (see node/net/streams.py)."""
 SEND_TIMEOUT = 30.0
 """How long one chunk may take to leave: a gateway that stops reading is cut off."""
 

@@ -10,7 +10,7 @@ with the project's parameters and :func:`running_pubsub` starts it. Every
 peer must run it: PX only helps if the peer that prunes sends it.
 
 Every root cause, and each override that corrects it, is in
-:mod:`gpunexus.node.libp2p_compat` (items 1-8 of its notes), with the rest of
+:mod:`gpunexus.node.net.libp2p_compat` (items 1-8 of its notes), with the rest of
 what reaches into py-libp2p's private parts; this module builds and starts
 the router.
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from gpunexus.protocol.messages import Capabilities
 from gpunexus.protocol.money import usd_to_micro
 
-from .backends.openai_upstream import parse_supports
+from ..backends.openai_upstream import parse_supports
 from .check import Minimums, minimums_from
 from .gpu import parse_capability
 

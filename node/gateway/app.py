@@ -42,11 +42,11 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from .cors import Cors
-from .gateway import Delta, Finish, GatewayService
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import GatewayMetrics, RequestCounter
 from .openai_api import APIError, CompletionRequest, check_unicode, parse_embedding_request, parse_request
 from .openai_shapes import Choice, ResponseShaper, Usage, embeddings_response, sse_error
+from .service import Delta, Finish, GatewayService
 
 log = logging.getLogger(__name__)
 

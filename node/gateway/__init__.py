@@ -1,0 +1,1 @@
+"""The gateway role: the OpenAI API, the relay to hosts, settlement with the hub, and the challenger."""

@@ -1,0 +1,1 @@
+"""The host role: serving orders from backends, its checks, schedule, metrics and peer verification."""
