@@ -63,6 +63,10 @@ HOST_IDLE_S = 300.0
 """A host ends a session that has had no request open for this long (gateways end theirs sooner)."""
 
 
+_PEER_DONE = "stream ended"
+"""Why a channel is over for reading when the peer sent END: it may still be written to (a host's END crossing ours)."""
+
+
 class ReaderTooSlow(Exception):
     """This request's reader fell too far behind its stream; the request was cut to bound memory."""
 
@@ -96,7 +100,7 @@ class Channel:
         self._closed = False
 
     async def send(self, msg: Message) -> None:
-        if self._ended is not None and self._ended != "stream ended":
+        if self._ended is not None and self._ended != _PEER_DONE:
             raise PeerGone(f"stream closed while sending: {self._ended}")
         if self._closed:
             raise PeerGone("stream closed while sending: closed here")
@@ -239,7 +243,7 @@ class Session:
                 if accept is not None:
                     nursery.start_soon(self._end_when_idle)
                 try:
-                    await self._read_loop(nursery if accept is not None else None, accept)
+                    await self._read_loop(nursery, accept)
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
@@ -320,7 +324,7 @@ class Session:
                 return
 
     # --- reading -----------------------------------------------------------
-    async def _read_loop(self, nursery: trio.Nursery | None, accept: Accept | None) -> None:
+    async def _read_loop(self, nursery: trio.Nursery, accept: Accept | None) -> None:
         while True:
             try:
                 body = await self.framed.receive_body()
@@ -334,12 +338,14 @@ class Session:
             if self.broken is not None:
                 return
             for entry in entries:
+                if entry.request == SESSION_REQUEST:
+                    if entry.op == MESSAGE:
+                        log.info("the peer is dropping the session: %s", _reason(entry.body))
+                    continue
                 channel = self._channels.get(entry.request)
                 if channel is None:
-                    if nursery is not None and accept is not None:
+                    if accept is not None:
                         self._new_request(entry, nursery, accept)
-                    elif entry.request == SESSION_REQUEST and entry.op == MESSAGE:
-                        log.info("the host is dropping the session: %s", _reason(entry.body))
                     continue
                 if entry.op == MESSAGE:
                     if not channel._deliver(entry.body):
@@ -348,7 +354,7 @@ class Session:
                         self.post(Entry(entry.request, RESET))
                         channel._cut_off()
                 elif entry.op == END:
-                    channel._end("stream ended")
+                    channel._end(_PEER_DONE)
                 else:
                     channel._end("stream reset")
                     self.forget(channel)
@@ -358,12 +364,12 @@ class Session:
         if entry.op != MESSAGE:
             return  # END or RESET of a request already over here: the two crossed on the wire
         if entry.request <= self._last_request:
-            self.post(Entry(entry.request, MESSAGE, Error(code="protocol", message="unknown request id on this session", retryable=False).encode()))
+            self._post_error(entry.request, "protocol", "unknown request id on this session", retryable=False)
             self.post(Entry(entry.request, RESET))
             return
         self._last_request = entry.request
         if len(self._channels) >= MAX_OPEN_REQUESTS:
-            self.post(Entry(entry.request, MESSAGE, Error(code="busy", message="too many requests open on this session", retryable=True).encode()))
+            self._post_error(entry.request, "busy", "too many requests open on this session", retryable=True)
             self.post(Entry(entry.request, END))
             return
         channel = Channel(self, entry.request)
@@ -374,12 +380,15 @@ class Session:
     async def _violation(self, why: str) -> None:
         """The peer sent something that is not a session frame: say why, then drop the session (only this one)."""
         log.warning("dropping a session: the peer sent %s", why)
-        self.post(Entry(SESSION_REQUEST, MESSAGE, Error(code="protocol", message=why, retryable=False).encode()))
+        self._post_error(SESSION_REQUEST, "protocol", why, retryable=False)
         last = self._flush
         with trio.move_on_after(1):
             await last.done.wait()  # the writer sends it: only the writer writes
         self._fail(f"protocol violation: {why}")
         await self.framed.reset()
+
+    def _post_error(self, request: int, code: str, message: str, *, retryable: bool) -> None:
+        self.post(Entry(request, MESSAGE, Error(code=code, message=message, retryable=retryable).encode()))
 
     def forget(self, channel: Channel) -> None:
         if channel.request and self._channels.pop(channel.request, None) is not None and not self._channels:
