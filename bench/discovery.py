@@ -19,14 +19,17 @@ simulation in ``bench/discovery_sim.py`` with
 
 Scenarios (one row each):
 
-``flat``: today: one topic, every host and gateway in it, every host
-re-announcing every ``OFFER_INTERVAL``. ``per-model``: one topic per model,
-a gateway in the topics of the models it uses, same 3 s re-announce.
-``shards``: the recommended step: per-model topics split into shards of at
-most ``--shard-hosts`` hosts (a host joins the shard of its peer id, a
-gateway one shard per model it uses), an offer announced at once when it is
-new or changes (price, terms, withdrawal: the 2 s path) and otherwise
-refreshed every ``--refresh`` seconds with an expiry of three refreshes.
+``flat``: before shards: one topic, every host and gateway in it, every
+host re-announcing every 3 s. ``per-model``: one topic per model, a gateway
+in the topics of the models it uses, same 3 s re-announce. ``shards``:
+per-model topics split into shards of at most ``--shard-hosts`` hosts (a
+host joins the shard of its peer id, a gateway one shard per model it uses),
+an offer announced at once when it is new or changes (price, terms,
+withdrawal: the 2 s path) and otherwise refreshed every ``--refresh``
+seconds with an expiry of three refreshes. ``built``: what the peers run
+(``protocol/discovery.py``): a power-of-two shard count from each model's
+host count, a 3 s heartbeat for shards of at most 8 hosts and 120 s above,
+and gateways as light gossip members (``node.net.gossip.LIGHT_DEGREE``).
 
 Models are Zipf-distributed over ``--models`` (host share and gateway demand
 alike), each host serves one, each gateway uses ``--models-per-gateway``;
@@ -62,11 +65,15 @@ from libp2p.pubsub.pubsub import Pubsub  # noqa: E402
 from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX  # noqa: E402
 from multiaddr import Multiaddr  # noqa: E402
 
-from gpunexus.node.net.gossip import gossipsub_options  # noqa: E402
-from gpunexus.node.net.offers import OFFER_INTERVAL, OFFER_TTL, OfferBook  # noqa: E402
-from gpunexus.protocol.messages import OFFERS_TOPIC, Capabilities, Offer  # noqa: E402
+from gpunexus.node.net.gossip import LIGHT_DEGREE, gossipsub_options  # noqa: E402
+from gpunexus.node.net.offers import OfferBook  # noqa: E402
+from gpunexus.protocol.discovery import SMALL, DiscoveryPlan, offer_topic  # noqa: E402
+from gpunexus.protocol.messages import Capabilities, Offer  # noqa: E402
 from gpunexus.protocol.signing import Signer  # noqa: E402
 
+FLAT_TOPIC = "gpunexus/offers/1"
+"""The one topic every offer travelled on before shards (the flat rows)."""
+OFFER_INTERVAL = SMALL.refresh_s
 GOAL_BPS = 5_000
 GOAL_P99_S = 2.0
 YAMUX_HEADER = 12
@@ -105,7 +112,7 @@ def realistic_offer(signer: Signer, model: str = "meta-llama/Llama-3.1-8B-Instru
         addrs=(f"/ip4/203.0.113.17/tcp/4001/p2p/{signer.peer_id}", f"/ip6/2001:db8::17/tcp/4001/p2p/{signer.peer_id}"),
         seq=time.time_ns() // 1_000_000,
         issued_at=now,
-        expires_at=now + OFFER_TTL,
+        expires_at=now + SMALL.ttl_s,
         capabilities=Capabilities(tools=True, json_mode=True, json_schema=True, logprobs=True, top_logprobs=5,
                                   max_n=4, penalties=True, logit_bias=True),
     ).signed(signer)
@@ -159,7 +166,7 @@ def measure_memory(count: int = 300) -> MemoryCosts:
     signers = [Signer.generate() for _ in range(count)]
     offers = [realistic_offer(s) for s in signers]
     encoded = [o.encode() for o in offers]
-    wires = [_pubsub_message(s, OFFERS_TOPIC, e, i + 1)[0] for i, (s, e) in enumerate(zip(signers, encoded))]
+    wires = [_pubsub_message(s, FLAT_TOPIC, e, i + 1)[0] for i, (s, e) in enumerate(zip(signers, encoded))]
 
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -241,7 +248,7 @@ def _topic(hosts: int, gateways: int, interval: float, params: GossipParams, siz
 
 def flat_row(hosts: int, gw_per_host: float, params: GossipParams, costs: MemoryCosts, seed: int) -> Row:
     gateways = max(10, round(hosts * gw_per_host))
-    r = _topic(hosts, gateways, OFFER_INTERVAL, params, measure_sizes(OFFERS_TOPIC), seed)
+    r = _topic(hosts, gateways, OFFER_INTERVAL, params, measure_sizes(FLAT_TOPIC), seed)
     mem = _memory(hosts, [r.rate_msgs_s], params, costs)
     return Row("flat topic, 3 s", hosts, gateways, r.gateway_in_bps + r.gateway_out_bps, r.host_in_bps + r.host_out_bps,
                mem, mem, r.t99_reach_s, r.gateway_p99_s, max(r.host_rho, r.gateway_rho), r.delivered_all)
@@ -249,8 +256,14 @@ def flat_row(hosts: int, gw_per_host: float, params: GossipParams, costs: Memory
 
 def per_model_row(name: str, hosts: int, gw_per_host: float, models: int, picks: int, shard_hosts: int | None,
                   interval: float, params: GossipParams, costs: MemoryCosts, seed: int,
-                  light: tuple[int, int] | None = None) -> Row:
-    """The busiest host and gateway: the top model's topic (or shard), and the gateway's second model."""
+                  light: tuple[int, int] | None = None, change_every: float | None = None) -> Row:
+    """The busiest host and gateway: the top model's topic (or shard), and the gateway's second model.
+
+    With ``change_every`` the shard count and heartbeat of each model are the
+    built ones (:meth:`DiscoveryPlan.for_hosts`, with a change of terms every
+    ``change_every`` s on top of the heartbeat) and ``shard_hosts`` and
+    ``interval`` are unused.
+    """
     gateways = max(10, round(hosts * gw_per_host))
     shares = zipf_shares(models)
     use = use_probability(shares, picks)
@@ -258,11 +271,16 @@ def per_model_row(name: str, hosts: int, gw_per_host: float, models: int, picks:
     visible = []
     for k in range(min(picks, models)):
         model_hosts = max(1, round(hosts * shares[k]))
-        shards = 1 if shard_hosts is None else math.ceil(model_hosts / shard_hosts)
+        topic_interval = interval
+        if change_every is not None:
+            plan = DiscoveryPlan.for_hosts(model_hosts)
+            shards, topic_interval = plan.shards, 1 / (1 / plan.refresh_s + 1 / change_every)
+        else:
+            shards = 1 if shard_hosts is None else math.ceil(model_hosts / shard_hosts)
         topic_hosts = math.ceil(model_hosts / shards)
         topic_gateways = max(1, round(gateways * use[k] / shards))
-        sizes = measure_sizes(f"{OFFERS_TOPIC}/model-{k}/{shards - 1}")
-        results.append(_topic(topic_hosts, topic_gateways, interval, params, sizes, seed + k, light))
+        sizes = measure_sizes(offer_topic(f"model-{k}", shards - 1))
+        results.append(_topic(topic_hosts, topic_gateways, topic_interval, params, sizes, seed + k, light))
         visible.append(topic_hosts)
     top = results[0]
     gw_bps = sum(r.gateway_in_bps + r.gateway_out_bps for r in results)
@@ -305,10 +323,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds between refreshes of an unchanged offer in the sharded design (default 120)")
     parser.add_argument("--change-every", type=float, default=600.0,
                         help="mean seconds between changes of one host's offer (new, price, terms; default 600)")
-    parser.add_argument("--gateway-degree", type=int, default=2,
-                        help="mesh degree of a gateway in a shard topic, the recommended design (default 2)")
-    parser.add_argument("--gateway-connections", type=int, default=3,
-                        help="topic peers a gateway stays connected to in a shard, the recommended design (default 3)")
+    parser.add_argument("--gateway-degree", type=int, default=LIGHT_DEGREE["degree"],
+                        help=f"mesh degree of a gateway in a shard topic (default {LIGHT_DEGREE['degree']}, a light gateway's)")
+    parser.add_argument("--gateway-connections", type=int, default=LIGHT_DEGREE["degree_high"],
+                        help=f"topic peers a gateway stays connected to in a shard (default {LIGHT_DEGREE['degree_high']})")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     if args.gateways_per_host < 0 or args.models < 1 or args.models_per_gateway < 1 or args.shard_hosts < 1 \
@@ -319,11 +337,11 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.perf_counter()
     params = real_params()
-    sizes = measure_sizes(OFFERS_TOPIC)
+    sizes = measure_sizes(FLAT_TOPIC)
     costs = measure_memory()
     print(f"gossip: D={params.degree} D_low={params.degree_low} D_high={params.degree_high} "
           f"heartbeat={params.heartbeat_s:g}s window={params.gossip_window} history={params.gossip_history} "
-          f"seen_ttl={params.seen_ttl_s:g}s px={params.px_peers}; offers every {OFFER_INTERVAL:g}s, expire after {OFFER_TTL:g}s")
+          f"seen_ttl={params.seen_ttl_s:g}s px={params.px_peers}; offers every {OFFER_INTERVAL:g}s, expire after {SMALL.ttl_s:g}s")
     print(f"wire: offer message {sizes.message} B, IHAVE {sizes.ihave_base} B + {sizes.ihave_per_id} B per id; "
           f"memory: {costs.book_per_offer:,.0f} B per book offer, {costs.mcache_per_message:,.0f} B per mcache message, "
           f"{costs.seen_per_id:,.0f} B per seen id")
@@ -340,9 +358,9 @@ def main(argv: list[str] | None = None) -> None:
                               args.shard_hosts, interval, params, costs, args.seed))
     light = (args.gateway_degree, args.gateway_connections)
     for n in SIZES:
-        rows.append(per_model_row(f"{shards}, light gateways (D={light[0]}, {light[1]} peers)", n,
-                                  args.gateways_per_host, args.models, args.models_per_gateway, args.shard_hosts,
-                                  interval, params, costs, args.seed, light))
+        rows.append(per_model_row(f"built: shards by host count, 3 s / 120 s, light gateways (D={light[0]}, {light[1]} peers)",
+                                  n, args.gateways_per_host, args.models, args.models_per_gateway, None,
+                                  interval, params, costs, args.seed, light, change_every=args.change_every))
     print_table(rows)
     print()
     print(f"flat topic: a gateway spends ~{per_host:,.0f} B/s per host on the network (over {GOAL_BPS / 1000:g} KB/s "

@@ -24,7 +24,7 @@ leaves: real ``gpunexus node serve`` processes and a gateway in this
 process, the host either disabled politely (signed Withdraw), killed with
 SIGKILL while the gateway holds a connection to it (the dead connection
 drops it), or killed while the gateway only hears of it through another
-peer (it lasts until its offer expires, at most ``OFFER_TTL``). Progress goes
+peer (it lasts until its offer expires, at most the small plan's 10 s). Progress goes
 to stderr, the tables to stdout.
 """
 
@@ -46,10 +46,11 @@ from contextlib import AsyncExitStack
 import multiaddr
 import trio
 from gpunexus.node.net.gossip import gossipsub_options, make_gossipsub
-from gpunexus.node.net.offers import OFFER_INTERVAL, OFFER_TTL
 from gpunexus.node.net.p2p import P2PConfig
 from gpunexus.node.runtime import GatewayOptions, open_gateway
-from gpunexus.protocol.messages import OFFERS_TOPIC as TOPIC
+from gpunexus.protocol.discovery import SMALL, offer_topic
+
+TOPIC = offer_topic("tiny")
 from libp2p import new_host
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -246,7 +247,7 @@ async def time_to_leave(how: str) -> float:
                     await trio.run_process([sys.executable, "-m", "gpunexus", "node", "disable"], env=dict(os.environ, GPUNEXUS_HOME=home), capture_stdout=True)
                 else:
                     host.send_signal(signal.SIGKILL)
-                with trio.fail_after(OFFER_TTL + 30):
+                with trio.fail_after(SMALL.ttl_s + 30):
                     while any(o.peer_id == peer for o in gateway.book.live()):
                         with trio.move_on_after(0.05):  # expiry is a clock, not an event
                             await gateway.book.changed.wait()
@@ -266,7 +267,7 @@ async def leaving_hosts(rounds: int) -> None:
             log(f"leaving host: {how}, round {i + 1}/{rounds}")
             times.append(await time_to_leave(how))
         rows.append((how, statistics.median(times), max(times)))
-    print(f"\ntime until a leaving host is out of the gateway's offer book ({rounds} rounds; offers re-announced every {OFFER_INTERVAL:g} s, expire after {OFFER_TTL:g} s)")
+    print(f"\ntime until a leaving host is out of the gateway's offer book ({rounds} rounds; offers re-announced every {SMALL.refresh_s:g} s, expire after {SMALL.ttl_s:g} s)")
     print(f"{'how the host left':28} {'median s':>9} {'max s':>7}")
     for how, median, worst in rows:
         print(f"{how:28} {median:9.3f} {worst:7.3f}")

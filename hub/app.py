@@ -25,6 +25,8 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from gpunexus.http_drain import DrainBody
+from gpunexus.protocol.discovery import DiscoveryPlan
+from gpunexus.protocol.errors import ProtocolError
 
 from . import bodies, keys, metrics, web
 from .body import Body
@@ -209,6 +211,19 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         await hub.post_offer(user, (await read(bodies.OFFER))["offer"])
         return jsonify({"accepted": True})
 
+    @app.get("/v1/offers")
+    async def shard_offers() -> Response:
+        public()
+        model, shard, shards = _shard_query()
+        blobs = await hub.market.shard_offers(model, shard, shards)
+        return jsonify({"model": model, "shard": shard, "shards": shards,
+                        "offers": [base64.b64encode(b).decode() for b in blobs]})
+
+    @app.get("/v1/directory")
+    async def directory() -> Response:
+        public()
+        return jsonify(await hub.market.directory())
+
     @app.get("/v1/prices")
     async def prices() -> Response:
         public()
@@ -280,6 +295,25 @@ class RateLimited(Exception):
     def __init__(self, wait_s: float) -> None:
         super().__init__(f"retry in {wait_s:.2f}s")
         self.wait_s = wait_s
+
+
+def _shard_query() -> tuple[str, int, int]:
+    """``model``, ``shard`` and ``shards`` of a catch-up query, checked as peers compute them."""
+    model = request.args.get("model", "")
+    if not model or len(model) > 256:
+        raise HubError(400, "invalid_request_error", "model is required (at most 256 characters)", "model")
+    try:
+        shards = int(request.args.get("shards", "1"))
+        shard = int(request.args.get("shard", "0"))
+    except ValueError:
+        raise HubError(400, "invalid_request_error", "shard and shards must be integers", "shard") from None
+    try:
+        DiscoveryPlan(shards).check()
+    except ProtocolError as exc:
+        raise HubError(400, "invalid_request_error", str(exc), "shards") from None
+    if not 0 <= shard < shards:
+        raise HubError(400, "invalid_request_error", f"shard must be in [0, {shards})", "shard")
+    return model, shard, shards
 
 
 def _query_float(name: str, default: float, lo: float, hi: float) -> float:

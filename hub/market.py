@@ -57,6 +57,7 @@ from gpunexus.pricing.market import (
     MarketConfig,
     PriceQuote,
 )
+from gpunexus.protocol.discovery import DiscoveryPlan, shard_of
 from gpunexus.protocol.messages import Offer, PriceUpdate
 from gpunexus.protocol.signing import Signer
 from sqlalchemy.engine import Connection
@@ -267,6 +268,25 @@ class Market:
         rows = await self._cached("latest", _latest, self.clock() - DAY_S)
         return [r["blob"] for r in rows]
 
+    async def directory(self) -> dict:
+        """The ``GET /v1/directory`` document: every model with a live offer, its host count and discovery plan.
+
+        Peers size their offer topics from it (:mod:`gpunexus.protocol.discovery`),
+        and a gateway lists the market's models from it without following them all.
+        """
+        counts = await self._cached("directory", _live_hosts, self.clock())
+        models = []
+        for model, hosts in counts:
+            plan = DiscoveryPlan.for_hosts(hosts)
+            models.append({"model": model, "hosts": hosts, "shards": plan.shards, "refresh_s": plan.refresh_s})
+        return {"hub_id": self.signer.peer_id, "models": models}
+
+    async def shard_offers(self, model: str, shard: int, shards: int) -> list[bytes]:
+        """The live signed offers of one shard of ``model``: a gateway's catch-up when it joins the shard."""
+        rows = await self._cached(f"offers:{model}", _live_offers, model, self.clock())
+        now = self.clock()
+        return [blob for peer_id, expires_at, blob in rows if expires_at > now and shard_of(peer_id, shards) == shard]
+
     async def overview(self) -> dict:
         """The ``GET /v1/market`` document."""
         now = self.clock()
@@ -313,6 +333,18 @@ def _latest(conn: Connection, since: float) -> list[dict]:
             .where(p.epoch_start >= since).group_by(p.model).subquery())
     q = (sa.select(prices).join(last, (p.model == last.c.model) & (p.epoch == last.c.epoch)).order_by(p.model))
     return [dict(r) for r in conn.execute(q).mappings()]
+
+
+def _live_hosts(conn: Connection, now: float) -> list[tuple[str, int]]:
+    o = offers.c
+    q = sa.select(o.model, sa.func.count()).where(o.expires_at > now).group_by(o.model).order_by(o.model)
+    return [(model, int(n)) for model, n in conn.execute(q)]
+
+
+def _live_offers(conn: Connection, model: str, now: float) -> list[tuple[str, float, bytes]]:
+    o = offers.c
+    q = sa.select(o.peer_id, o.expires_at, o.blob).where(o.model == model, o.expires_at > now).order_by(o.peer_id)
+    return [(peer_id, expires_at, bytes(blob)) for peer_id, expires_at, blob in conn.execute(q)]
 
 
 def _overview(conn: Connection, now: float) -> list[dict]:

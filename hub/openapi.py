@@ -133,7 +133,25 @@ def spec(max_batch: int, extra_paths: dict[str, Any] | None = None, *, max_long_
             "A host's signed offer (Offer.encode(), base64), posted with every heartbeat: market supply, and the "
             "prices its receipts may carry. The offer's peer id must be registered to the key's host account; "
             "expired offers are refused.",
-            _obj({"accepted": {"type": "boolean"}}), body=bodies.OFFER.schema(), errors=(403,))},
+            _obj({"accepted": {"type": "boolean"}}), body=bodies.OFFER.schema(), errors=(403,)),
+            "get": operation(
+            "A gateway's catch-up when it joins an offer topic: the live signed offers (Offer.encode(), base64) of "
+            "one shard of a model, shard = first 8 bytes of SHA-256(peer id) big-endian mod shards "
+            "(protocol/discovery.py). The hub holds each host's latest posted offer, so a withdrawn host may be "
+            "listed until its offer expires.",
+            _obj({"model": _STR, "shard": _INT, "shards": _INT, "offers": {"type": "array", "items": _B64}}),
+            auth=False, errors=(400, 429),
+            parameters=[
+                {"name": "model", "in": "query", "required": True, "schema": {"type": "string", "maxLength": 256}},
+                {"name": "shard", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
+                {"name": "shards", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 1024}}])},
+        "/v1/directory": {"get": operation(
+            "Every model with a live offer: its live host count and the discovery plan peers size its offer topics "
+            "by (gpunexus/offers/2/<model>/<shard>, shards a power of two; refresh_s the hosts' heartbeat).",
+            _obj({"hub_id": _STR, "models": {"type": "array", "items": _obj({
+                "model": _STR, "hosts": _INT, "shards": _INT, "refresh_s": _NUM})}}),
+            auth=False, errors=(429,))},
         "/v1/prices": {"get": operation(
             "The latest hub-signed market price per model (PriceUpdate.encode(), base64). A price for epoch k is "
             "computed at k * epoch_s (unix seconds) from the epoch before and holds until epoch k + 1.",

@@ -73,6 +73,7 @@ from typing import Any
 import httpx
 import trio
 from gpunexus.protocol.codec import decode_as
+from gpunexus.protocol.discovery import DiscoveryPlan
 from gpunexus.protocol.errors import ProtocolError
 from gpunexus.protocol.messages import (
     Allowance,
@@ -886,3 +887,33 @@ async def fetch_market(hub_url: str, timeout_s: float = 10.0) -> dict:
     """The hub's market table (``GET /v1/market``)."""
     async with httpx.AsyncClient(base_url=hub_url.rstrip("/")) as http:
         return await _call(http, "GET", "/v1/market", timeout_s)
+
+
+async def fetch_directory(http: httpx.AsyncClient, timeout_s: float = 10.0) -> dict[str, tuple[int, DiscoveryPlan]]:
+    """Every model the hub sees live offers for: its host count and discovery plan (``GET /v1/directory``).
+
+    An entry that does not parse or whose plan is out of range is left out
+    (its peers keep the one-shard plan), so one bad row cannot split a model.
+    """
+    data = await _call(http, "GET", "/v1/directory", timeout_s)
+    out: dict[str, tuple[int, DiscoveryPlan]] = {}
+    for row in data.get("models", []) if isinstance(data, dict) else []:
+        try:
+            plan = DiscoveryPlan(int(row["shards"]), float(row["refresh_s"]))
+            plan.check()
+            out[str(row["model"])] = (int(row["hosts"]), plan)
+        except (KeyError, TypeError, ValueError, ProtocolError) as exc:
+            log.warning("hub sent an unreadable directory entry: %s", exc)
+    return out
+
+
+async def fetch_shard_offers(http: httpx.AsyncClient, model: str, shard: int, shards: int, timeout_s: float = 5.0) -> list[Offer]:
+    """The live offers of one shard of ``model`` the hub holds (``GET /v1/offers``), decoded, unverified."""
+    data = await _call(http, "GET", "/v1/offers", timeout_s, params={"model": model, "shard": shard, "shards": shards})
+    found = []
+    for blob in data.get("offers", []) if isinstance(data, dict) else []:
+        try:
+            found.append(decode_as(Offer, base64.b64decode(blob, validate=True)))
+        except (ProtocolError, binascii.Error, TypeError) as exc:
+            log.warning("hub sent an unreadable offer: %s", exc)
+    return found

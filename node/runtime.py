@@ -7,6 +7,7 @@ Both put the libp2p host and the HTTP server in one trio nursery.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -35,7 +36,8 @@ from .host.schedule import Clock, ScheduleFollower, Window
 from .host.service import HostService, OrderCheck, UnknownModel
 from .host.verifier import PeerVerifier, can_verify
 from .hub_client import HostHubLink, HubSettlement, HubUnavailable
-from .net.offers import OfferBook, follow_offers
+from .net.discovery import Directory, OfferTopics
+from .net.offers import OfferBook
 from .net.p2p import P2PConfig, P2PNode, open_p2p
 from .net.prices import PriceBook, follow_prices, relay_hub_prices
 
@@ -204,6 +206,8 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
                 verifier = PeerVerifier(link, verifying, poll_s=options.verify_poll_s)
                 nursery.start_soon(verifier.run)
             nursery.start_soon(functools.partial(relay_hub_prices, options.hub.url, node.pubsub, service.prices, interval=options.price_poll_s))
+            # Before the first offer: a big model's hosts announce on their shard's topic from the start.
+            await nursery.start(service.directory.follow_hub, options.hub.url)
         await nursery.start(service.run)
         if follower is not None:
             nursery.start_soon(follower.run)
@@ -255,10 +259,12 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
             queue = node_home(options.home, "gateway") / "receipts.db"
             settlement = HubSettlement(options.hub.url, options.hub.api_key, signer.peer_id, queue,
                                        audit_retention_s=options.audit_retention_s)
-    async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
-        book, prices = await follow_market(node, nursery, options.hub.url if options.hub else None, options.config.price_poll_s)
+    p2p = dataclasses.replace(options.p2p, light=options.p2p.light or options.config.light_gossip)
+    async with open_p2p(signer, p2p) as node, trio.open_nursery() as nursery:
+        book, prices, topics = await follow_market(node, nursery, options.hub.url if options.hub else None,
+                                                   options.config.price_poll_s, follow_known=options.config.follow_known)
         await nursery.start(settlement.run)
-        service = GatewayService(node, book, settlement, options.config, prices=prices)
+        service = GatewayService(node, book, settlement, options.config, prices=prices, topics=topics)
         if options.hub is not None:
             await nursery.start(functools.partial(service.catalogue.follow, options.hub.url))
         await nursery.start(service.run)
@@ -271,17 +277,23 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
             nursery.cancel_scope.cancel()
 
 
-async def follow_market(node: P2PNode, nursery: trio.Nursery, hub_url: str | None, price_poll_s: float) -> tuple[OfferBook, PriceBook]:
-    """What a gateway peer watches: the offer book and the market prices (fetched from the hub and gossiped on, with one)."""
+async def follow_market(node: P2PNode, nursery: trio.Nursery, hub_url: str | None, price_poll_s: float, *,
+                        follow_known: bool | None = None) -> tuple[OfferBook, PriceBook, OfferTopics]:
+    """What a gateway peer watches: offers (the hub's directory and the shard topics of the models it follows) and the
+    market prices (fetched from the hub and gossiped on, with one)."""
     book = OfferBook()
     # A host whose connection dies leaves the book at once, not when its offer expires.
     node.on_disconnect(book.drop_host)
-    await nursery.start(follow_offers, node.pubsub, book)
+    directory = Directory()
+    if hub_url is not None:
+        await nursery.start(directory.follow_hub, hub_url)
+    topics = OfferTopics(node, book, directory, follow_known=follow_known)
+    await nursery.start(topics.run)
     prices = PriceBook()
     await nursery.start(follow_prices, node.pubsub, prices)
     if hub_url is not None:
         nursery.start_soon(functools.partial(relay_hub_prices, hub_url, node.pubsub, prices, interval=price_poll_s))
-    return book, prices
+    return book, prices, topics
 
 
 async def _serve_http(app, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -1,6 +1,6 @@
 """The messages gpunexus peers exchange, with their value checks.
 
-Discovery (gossipsub ``gpunexus/offers/1``): :class:`Offer`, :class:`Withdraw`.
+Discovery (gossipsub ``gpunexus/offers/2/<model>/<shard>``, :mod:`.discovery`): :class:`Offer`, :class:`Withdraw`.
 Market (gossipsub ``gpunexus/prices/1``): :class:`PriceUpdate`.
 Inference (stream ``/gpunexus/infer/1``): the gateway sends one
 :class:`Order`; the host answers with :class:`Chunk` frames and ends with a
@@ -37,7 +37,6 @@ from .limits import (
     MAX_TOKENS,
 )
 
-OFFERS_TOPIC = "gpunexus/offers/1"
 PRICES_TOPIC = "gpunexus/prices/1"
 INFER_PROTOCOL = "/gpunexus/infer/1"
 

@@ -22,9 +22,9 @@ import discovery  # noqa: E402
 from discovery_sim import LinkModel, simulate_topic  # noqa: E402
 
 from gpunexus.node.net.gossip import gossipsub_options  # noqa: E402
-from gpunexus.node.net.offers import OFFER_TTL  # noqa: E402
 from gpunexus.protocol.codec import decode  # noqa: E402
-from gpunexus.protocol.messages import OFFERS_TOPIC, Offer  # noqa: E402
+from gpunexus.protocol.discovery import SMALL  # noqa: E402
+from gpunexus.protocol.messages import Offer  # noqa: E402
 from gpunexus.protocol.signing import Signer  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def sizes():
-    return discovery.measure_sizes(OFFERS_TOPIC)
+    return discovery.measure_sizes(discovery.FLAT_TOPIC)
 
 
 def test_parameters_come_from_the_router(params):
@@ -52,7 +52,7 @@ def test_sizes_are_those_of_a_real_signed_offer(sizes):
     decoded = decode(offer.encode())
     assert isinstance(decoded, Offer)
     decoded.verify()
-    assert decoded.expires_at - decoded.issued_at == OFFER_TTL
+    assert decoded.expires_at - decoded.issued_at == SMALL.ttl_s
     # the pubsub envelope (signature, key, peer record) and the framing come on top of the offer
     assert sizes.message > len(offer.encode()) + 64
     assert sizes.ihave_per_id >= 38 + 8  # from_id (identity multihash of the Ed25519 key) + seqno

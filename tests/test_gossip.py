@@ -23,7 +23,10 @@ from gpunexus.node.net.gossip import (
     make_gossipsub,
     running_pubsub,
 )
-from gpunexus.protocol.messages import OFFERS_TOPIC, PRICES_TOPIC
+from gpunexus.protocol.discovery import offer_topic
+from gpunexus.protocol.messages import PRICES_TOPIC
+
+OFFERS_TOPIC = offer_topic("tiny")
 from libp2p import new_host
 from libp2p.host.exceptions import StreamFailure
 from libp2p.network.config import ConnectionConfig

@@ -118,6 +118,7 @@ async def test_a_model_taken_back_by_hand_stays_back_when_the_host_comes_back():
     async with running_host(models=[nano()]) as host:
         async with running_gateway([host.node.listen_addrs()[0]]) as gateway:
             await wait_for_offers(gateway, "nano")
+            await wait_for_offers(gateway, "tiny")  # each model has its own topic: its offer comes on its own
             await host.service.disable("nano")
             await host.service.disable()  # the whole host: node disable, a schedule, SIGTERM
             await wait_for_no_offers(gateway, "tiny")

@@ -119,10 +119,19 @@ def create_app(gateway: GatewayService, *, cors_origins: tuple[str, ...] = ()) -
             market = gateway.prices.get(name)
             if market is not None:
                 data[-1]["market_price_usd_per_mtok"] = market.price_micro_per_mtok / 1_000_000
+        # In a big market the gateway follows only the models it is asked for; the hub's directory names the rest.
+        directory = gateway.topics.directory if gateway.topics is not None else None
+        listed = {entry["id"] for entry in data}
+        for name in directory.models() if directory is not None else ():
+            if name not in listed:
+                data.append({"id": name, "object": "model", "created": 0, "owned_by": "gpunexus",
+                             "hosts": directory.hosts(name), **gateway.catalogue.describe(name)})
+        data.sort(key=lambda entry: entry["id"])
         return {"object": "list", "data": data}
 
     @app.get("/v1/models/<path:model>")
     async def model(model: str):
+        await gateway.discover(model)
         offers = gateway.book.for_model(model)
         if not offers:
             raise APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
@@ -215,7 +224,9 @@ class _HotRoutes:
         except (ValueError, UnicodeDecodeError):
             raise APIError(400, "We could not parse the JSON body of your request.") from None
         check_unicode(raw, body)
-        req = self.gateway.detokenize(parse_request(body, kind))
+        parsed = parse_request(body, kind)
+        await self.gateway.discover(parsed.model)
+        req = self.gateway.detokenize(parsed)
         bearer = _bearer(_header(scope, b"authorization"))
         shaper = ResponseShaper(req, new_request_id())
         clock = self.metrics.stream_clock(req.model)

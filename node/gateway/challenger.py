@@ -348,9 +348,10 @@ async def open_challenger(options: ChallengerOptions) -> AsyncIterator[Challenge
                                      node_home(options.home, "challenger") / "receipts.db",
                                      audit_retention_s=OPENING_RETENTION_S)
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
-        book, prices = await follow_market(node, nursery, options.hub.url, options.config.price_poll_s)
+        # A challenger checks every host it can see: it follows every model, whatever the market's size.
+        book, prices, topics = await follow_market(node, nursery, options.hub.url, options.config.price_poll_s, follow_known=True)
         await nursery.start(settlement.run)
-        service = GatewayService(node, AimedBook(book), settlement, options.config, prices=prices)
+        service = GatewayService(node, AimedBook(book), settlement, options.config, prices=prices, topics=topics)
         await nursery.start(service.run)
         challenger = Challenger(service, book, schedule, api_key=options.hub.api_key, rng=rng, clock=options.clock,
                                 max_in_flight=options.max_in_flight)

@@ -67,6 +67,7 @@ from gpunexus.protocol.signing import Signer
 from gpunexus.verify.registry import is_byte_level
 
 from ..net.libp2p_compat import connection_shutting_down
+from ..net.discovery import OfferTopics
 from ..net.offers import OfferBook
 from ..net.p2p import P2PNode
 from ..net.prices import PriceBook
@@ -104,6 +105,12 @@ class GatewayConfig:
     sessions: bool = True
     """One ``/gpunexus/session/1`` stream per host for all requests to it (node/net/session.py) where the host speaks it;
     False: one stream per request, as gateways before sessions did."""
+    follow_known: bool | None = None
+    """Offer topics: follow every model the network is known to have (True), only those asked for (False), or every
+    one while the hub's directory counts at most 256 hosts (None); see node/net/discovery.py."""
+    light_gossip: bool = True
+    """Run gossip as a light member (mesh degree 3/2/4): a gateway receives about 3 copies of each offer instead of 6;
+    hosts keep the full degree and carry the topics."""
     reader_limit_bytes: int = MAX_BUFFERED_BYTES
     """How far (message bytes) one client may fall behind its stream on a session before the request is cut."""
 
@@ -144,6 +151,8 @@ IndexedEmit = Callable[[int, Delta], Awaitable[None]]
 """Emit for one of ``n`` choices: its index, then its delta."""
 
 EMBED_PARALLEL = 8
+FIRST_OFFER_WAIT_S = 4.0
+"""Longest a request for a model just joined waits for its first offer: one small-model heartbeat and a margin."""
 """Inputs of one embeddings request in flight at once."""
 
 
@@ -196,9 +205,12 @@ class _Outcome:
 
 
 class GatewayService:
-    def __init__(self, node: P2PNode, book: OfferBook, settlement: Settlement, config: GatewayConfig | None = None, *, prices: PriceBook | None = None) -> None:
+    def __init__(self, node: P2PNode, book: OfferBook, settlement: Settlement, config: GatewayConfig | None = None, *,
+                 prices: PriceBook | None = None, topics: OfferTopics | None = None) -> None:
         self.node = node
         self.book = book
+        self.topics = topics
+        """The offer topics feeding ``book``: a model a client names is followed from its first request."""
         self.prices = prices or PriceBook()
         self.settlement = settlement
         self.config = config or GatewayConfig()
@@ -225,6 +237,21 @@ class GatewayService:
 
     def policy(self, needs: Needs | None = None) -> MatchPolicy:
         return MatchPolicy(self.config.max_price_micro_per_mtok, self.config.min_tokens_per_s, needs or Needs())
+
+    async def discover(self, model: str) -> None:
+        """Make sure ``model``'s offers are in the book if the network has it: join its topic on first use.
+
+        A gateway in a big market follows only the models it is asked for;
+        joining catches up from the hub at once, and with no hub waits at
+        most one small-model heartbeat for the first offer.
+        """
+        if self.topics is None or self.book.for_model(model):
+            return
+        if not await self.topics.follow_if_known(model):
+            return
+        with trio.move_on_after(FIRST_OFFER_WAIT_S):
+            while not self.book.for_model(model):
+                await self.book.changed.wait()
 
     def check_serveable(self, model: str, needs: Needs) -> None:
         """APIError unless some live host serves ``model`` with every capability ``needs`` names.
@@ -273,6 +300,7 @@ class GatewayService:
     async def complete(self, request: CompletionRequest, bearer: str | None, emit: Emit) -> Finish:
         """Run one request to the end, emitting text as it arrives; APIError if it cannot start."""
         self.stats.requests += 1
+        await self.discover(request.model)
         self.check_serveable(request.model, request.needs)
         try:
             grant = await self._authorize(bearer, request.model)
@@ -368,6 +396,7 @@ class GatewayService:
         """
         if request.choices == 1:
             return [await self.complete(request, bearer, functools.partial(emit, 0))]
+        await self.discover(request.model)
         self.check_serveable(request.model, request.needs)
         prompts = request.batch or (request.prompt,)
         finishes: list[Finish | None] = [None] * request.choices
@@ -393,6 +422,7 @@ class GatewayService:
     async def embed(self, request: EmbeddingRequest, bearer: str | None) -> list[Finish]:
         """One ``embedding`` order per input, ``EMBED_PARALLEL`` at a time; each Finish holds its vector."""
         needs = Needs(embeddings=True)
+        await self.discover(request.model)
         self.check_serveable(request.model, needs)
         out: list[Finish | None] = [None] * len(request.inputs)
         failure: APIError | None = None

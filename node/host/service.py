@@ -32,7 +32,8 @@ from gpunexus.protocol.money import cost_micro
 from gpunexus.protocol.session import SESSION_PROTOCOL
 
 from ..backends.base import Backend, BackendError, GenerationRequest, Token
-from ..net.offers import Announcer, OfferBook, OfferTerms, follow_offers
+from ..net.discovery import Directory, OfferTopics
+from ..net.offers import Announcer, OfferBook, OfferTerms
 from ..net.p2p import P2PNode
 from ..net.prices import PriceBook, follow_prices
 from ..net.session import Channel, Session
@@ -183,9 +184,12 @@ class HostService:
         self.start_enabled = True
         """Announce as soon as ``run`` starts; False for a host whose schedule says it is off now."""
         self.models: dict[str, ModelServer] = {}
-        self.announcer = Announcer(node.pubsub, node.signer, node.listen_addrs, self.free_slots_for)
+        self.directory = Directory()
+        """Each model's discovery plan; the runtime points it at the hub's directory when there is a hub."""
+        self.announcer = Announcer(node.pubsub, node.signer, node.listen_addrs, self.free_slots_for, self.directory.plan)
         self.market = OfferBook()
-        """Every offer on the network: hosts relay the offer topic, and see their competitors."""
+        """The offers in this host's shard of each model it serves: it relays those topics, and sees its competitors there."""
+        self.topics = OfferTopics(node, self.market, self.directory)
         self.prices = PriceBook()
         self.unmatched = HostStats()
         """Refusals of orders that no model here takes (garbage, forgeries, other models)."""
@@ -251,8 +255,11 @@ class HostService:
             await self.enable()
         try:
             async with trio.open_nursery() as nursery:
-                # Subscribing makes this host a relay of the topic, not only a publisher.
-                await nursery.start(follow_offers, self.node.pubsub, self.market)
+                # Subscribing makes this host a relay of its topics, not only a publisher.
+                await nursery.start(self.topics.run)
+                for name in self.models:
+                    await self.topics.follow(name)
+                nursery.start_soon(self._follow_directory)
                 await nursery.start(follow_prices, self.node.pubsub, self.prices)
                 nursery.start_soon(self.announcer.run)
                 if any(m.follow_market for m in self.models.values()):
@@ -262,6 +269,12 @@ class HostService:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 if self.enabled:
                     await self.announcer.withdraw()
+
+    async def _follow_directory(self) -> None:
+        """A model's shard count changed: announce at once on the new topic (the old one's books keep the offer until it expires)."""
+        while True:
+            await self.directory.changed.wait()
+            self.announcer.wake()
 
     def follow_market_price(self, min_price_micro_per_mtok: int, model: str | None = None) -> None:
         """Ask the market price (never under ``min_price``) from now on, not a fixed one (the first model by default)."""

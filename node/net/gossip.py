@@ -1,7 +1,8 @@
 """Gossipsub router for the offer and price topics.
 
-Hosts announce offers on ``gpunexus/offers/1`` and every gateway must see
-every offer. py-libp2p 0.8.1's :class:`~libp2p.pubsub.gossipsub.GossipSub`
+Hosts announce offers on one topic per model and shard
+(``gpunexus/offers/2/<model>/<shard>``, :mod:`gpunexus.protocol.discovery`)
+and every gateway in a topic must see every offer on it. py-libp2p 0.8.1's :class:`~libp2p.pubsub.gossipsub.GossipSub`
 stops delivering once the network grows: in a 30-peer star (every peer dials
 one bootstrap peer; loopback; degree 6/4/12; heartbeat 1 s) a leaf that the
 bootstrap pruned reaches 0 of 29 peers. :class:`OfferGossipSub` corrects the
@@ -32,7 +33,7 @@ Use::
     pubsub = Pubsub(host, router)
     async with background_trio_service(pubsub), background_trio_service(router):
         await pubsub.wait_until_ready()
-        sub = await pubsub.subscribe(OFFERS_TOPIC)
+        sub = await pubsub.subscribe(offer_topic("tiny"))
 
 or ``async with running_pubsub(host) as pubsub:``, which does exactly that.
 """
@@ -56,10 +57,15 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from .libp2p_compat import OfferGossipSub
 
-__all__ = ["GOSSIP_PROTOCOLS", "OfferGossipSub", "gossipsub_options", "make_gossipsub", "running_pubsub"]
+__all__ = ["GOSSIP_PROTOCOLS", "LIGHT_DEGREE", "OfferGossipSub", "gossipsub_options", "make_gossipsub", "running_pubsub"]
 
 GOSSIP_PROTOCOLS = [PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID]
 """Gossipsub v1.2 (IDONTWANT) first, v1.1 and v1.0 for older peers."""
+
+LIGHT_DEGREE = {"degree": 3, "degree_low": 2, "degree_high": 4}
+"""A gateway's mesh: it receives each offer from about 3 mesh peers instead of 6 (bench/discovery.py, "built").
+Degree 2 with D_low 1 was cheaper still, but in the simulation some gateways then formed mesh islands that no
+offer reached; with D_low 2 none did in any seed tried."""
 
 
 def gossipsub_options(

@@ -1,10 +1,13 @@
 """Offers on the wire: the host's announcer and the gateway's offer book.
 
-A host re-announces every ``OFFER_INTERVAL`` seconds and each offer expires
-after ``OFFER_TTL``, so a host that vanishes without a word drops out of
-every book within one TTL; a host that leaves politely publishes a signed
+A host re-announces each model on its discovery plan's heartbeat
+(:mod:`gpunexus.protocol.discovery`: every 3 s on a small model, 120 s on a
+big one) and at once when its terms change; each offer expires after the
+plan's TTL, so a host that vanishes without a word drops out of every book
+within one TTL; a host that leaves politely publishes a signed
 :class:`Withdraw` and drops out at once. Sequence numbers are milliseconds of
 wall time, so a restarted host's offers still supersede its old ones.
+Which topics a peer reads is :mod:`.discovery`'s business.
 """
 
 from __future__ import annotations
@@ -16,15 +19,12 @@ from dataclasses import dataclass
 
 import trio
 
-from gpunexus.protocol.codec import decode
-from gpunexus.protocol.errors import ProtocolError
-from gpunexus.protocol.messages import OFFERS_TOPIC, PLAIN_TEXT, Capabilities, Offer, Withdraw
+from gpunexus.protocol.discovery import SMALL, DiscoveryPlan, offer_topic, shard_of
+from gpunexus.protocol.messages import PLAIN_TEXT, Capabilities, Offer, Withdraw
 from gpunexus.protocol.signing import Signer
 
 log = logging.getLogger(__name__)
 
-OFFER_INTERVAL = 3.0
-OFFER_TTL = 10.0
 CLOCK_SKEW = 30.0
 
 
@@ -114,21 +114,6 @@ class OfferBook:
         self._touch(bool(gone))
 
 
-async def follow_offers(pubsub, book: OfferBook, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Feed every offer and withdrawal seen on the offers topic into ``book``."""
-    subscription = await pubsub.subscribe(OFFERS_TOPIC)
-    task_status.started()
-    while True:
-        envelope = await subscription.get()
-        try:
-            msg = decode(envelope.data)
-            if not isinstance(msg, (Offer, Withdraw)):
-                raise ProtocolError(f"{msg.TYPE} does not belong on {OFFERS_TOPIC}")
-            book.apply(msg)
-        except ProtocolError as exc:
-            log.debug("dropped an offer-topic message: %s", exc)
-
-
 @dataclass
 class OfferTerms:
     """What a host asks and can do; the announcer signs a fresh Offer from it."""
@@ -146,28 +131,40 @@ class OfferTerms:
 
 
 class Announcer:
-    """Publishes a host's offers on a heartbeat, and its withdrawal on disable.
+    """Publishes a host's offers on each model's heartbeat, and its withdrawal on disable.
 
     ``free_slots`` answers per offer (a host of several models keeps slots per
-    model). Sequence numbers only grow, even within one millisecond, so the
-    offers announced right after a withdrawal supersede it (:meth:`reannounce`).
+    model). ``plan`` gives each model's discovery plan (its topic's shard
+    count, heartbeat and offer lifetime). Sequence numbers only grow, even
+    within one millisecond, so the offers announced right after a withdrawal
+    supersede it (:meth:`reannounce`).
     """
 
-    def __init__(self, pubsub, signer: Signer, addrs: Callable[[], list[str]], free_slots: Callable[[OfferTerms], int]) -> None:
+    def __init__(self, pubsub, signer: Signer, addrs: Callable[[], list[str]], free_slots: Callable[[OfferTerms], int],
+                 plan: Callable[[str], DiscoveryPlan] = lambda model: SMALL) -> None:
         self._pubsub = pubsub
         self._signer = signer
         self._addrs = addrs
         self._free_slots = free_slots
+        self._plan = plan
         self.terms: list[OfferTerms] = []
         self.active = False
         self.on_announce: list[Callable[[Offer], Awaitable[None]]] = []
         """Also told of every offer announced (a host's hub: market supply and price checks)."""
         self._wake = trio.Event()
         self._last_seq = 0
+        self._announced: dict[str, float] = {}
+        """Topic -> when an offer on it last expires: where a withdrawal must go."""
+        self._due: dict[str, float] = {}
+        """Model -> when (trio time) its next heartbeat is due."""
 
     def _next_seq(self) -> int:
         self._last_seq = max(next_seq(), self._last_seq + 1)
         return self._last_seq
+
+    def topic(self, model: str) -> str:
+        """Where this host announces ``model`` now: its shard of the model's topic."""
+        return offer_topic(model, shard_of(self._signer.peer_id, self._plan(model).shards))
 
     def offer(self, terms: OfferTerms) -> Offer:
         now = time.time()
@@ -186,14 +183,20 @@ class Announcer:
             addrs=tuple(self._addrs()),
             seq=self._next_seq(),
             issued_at=now,
-            expires_at=now + OFFER_TTL,
+            expires_at=now + self._plan(terms.model).ttl_s,
             capabilities=terms.capabilities,
         ).signed(self._signer)
 
-    async def announce_now(self) -> None:
-        for terms in self.terms:
+    async def announce_now(self, models: set[str] | None = None) -> None:
+        """Announce every model's offer now (or only ``models``'), each on its topic."""
+        for terms in list(self.terms):
+            if models is not None and terms.model not in models:
+                continue
             offer = self.offer(terms)
-            await self._pubsub.publish(OFFERS_TOPIC, offer.encode())
+            topic = self.topic(terms.model)
+            self._announced[topic] = max(self._announced.get(topic, 0.0), offer.expires_at)
+            self._due[terms.model] = trio.current_time() + self._plan(terms.model).refresh_s
+            await self._pubsub.publish(topic, offer.encode())
             for hook in self.on_announce:
                 try:
                     await hook(offer)
@@ -201,9 +204,14 @@ class Announcer:
                     log.warning("could not report the offer: %s", exc)
 
     async def withdraw(self) -> None:
+        """Take back every offer: on each topic an offer of this host may still be live on."""
         self.active = False
         msg = Withdraw(peer_id=self._signer.peer_id, seq=self._next_seq(), issued_at=time.time()).signed(self._signer)
-        await self._pubsub.publish(OFFERS_TOPIC, msg.encode())
+        now = time.time()
+        topics = {t for t, until in self._announced.items() if until > now} | {self.topic(t.model) for t in self.terms}
+        self._announced = {t: until for t, until in self._announced.items() if until > now}
+        for topic in sorted(topics):
+            await self._pubsub.publish(topic, msg.encode())
 
     async def reannounce(self) -> None:
         """Take back the offers no longer in ``terms`` and keep the rest: one model of several.
@@ -220,16 +228,23 @@ class Announcer:
         await self.announce_now()
 
     def wake(self) -> None:
-        """Re-announce at once (enabled again, price changed)."""
+        """Re-announce at once (enabled again, price changed, moved to another shard)."""
         self._wake.set()
 
-    async def run(self, interval: float = OFFER_INTERVAL) -> None:
+    async def run(self) -> None:
+        """Announce each model when its heartbeat is due, and every model when woken."""
+        woken = True
         while True:
             if self.active:
+                now = trio.current_time()
+                due = None if woken else {t.model for t in self.terms if self._due.get(t.model, now) <= now}
                 try:
-                    await self.announce_now()
+                    await self.announce_now(due)
                 except Exception as exc:  # pubsub hiccups must not stop the heartbeat
                     log.warning("could not publish offer: %s", exc)
-            with trio.move_on_after(interval):
+            wait = min((self._due.get(t.model, 0.0) for t in self.terms), default=float("inf")) - trio.current_time()
+            woken = False
+            with trio.move_on_after(max(0.05, min(wait, 3.0) if self.active else 3.0)):
                 await self._wake.wait()
+                woken = True
             self._wake = trio.Event()

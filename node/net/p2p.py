@@ -29,7 +29,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from gpunexus.protocol.signing import Signer
 
-from .gossip import running_pubsub
+from .gossip import LIGHT_DEGREE, make_gossipsub, running_pubsub
 from .libp2p_compat import allow_redial
 from .speedtest import PROTOCOL as SPEEDTEST_PROTOCOL
 from .speedtest import speedtest_handler
@@ -47,6 +47,9 @@ class P2PConfig:
     bootstrap: list[str] = field(default_factory=list)
     swarm_key: str | None = None
     """64 hex characters (32 bytes): only peers holding the same key can connect."""
+    light: bool = False
+    """A light gossip member (mesh degree 3/2/4, :data:`~.gossip.LIGHT_DEGREE`): a gateway, which reads offers but
+    need not carry them; hosts keep the full degree."""
 
 
 def load_swarm_key(path: Path) -> str:
@@ -176,7 +179,8 @@ async def open_p2p(signer: Signer, config: P2PConfig) -> AsyncIterator[P2PNode]:
     )
     # Every peer answers bandwidth probes (node check): hosts and gateways are each other's bootstrap peers.
     host.set_stream_handler(SPEEDTEST_PROTOCOL, speedtest_handler())
-    async with host.run(listen), running_pubsub(host) as pubsub:
+    router = make_gossipsub(**LIGHT_DEGREE) if config.light else None
+    async with host.run(listen), running_pubsub(host, router) as pubsub:
         node = P2PNode(host, pubsub, signer)
         async with trio.open_nursery() as nursery:
             if config.bootstrap:
