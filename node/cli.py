@@ -90,6 +90,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     gw.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN", help="let browser pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; repeatable (default: CORS off)")
     gw.add_argument("--no-sessions", action="store_true", help="open one libp2p stream per request instead of one session per host for all requests "
                     "(as gateways before /gpunexus/session/1; for comparing, or a host whose sessions misbehave)")
+    gw.add_argument("--follow", choices=("auto", "all", "used"), default="auto",
+                    help="which models' offers to follow: 'used' only those clients ask for (joined on the first request, caught up "
+                    "from the hub), 'all' every model the network is known to have, 'auto' all while the hub's directory counts at "
+                    "most 256 hosts, else used (default auto)")
     gw.add_argument("--no-audit-retention", action="store_true", help="with --hub: keep no request text for audits; the hub then cannot audit your requests, so this gateway only uses hosts in good standing (no unrecovered failed audit)")
     _network_args(gw)
     gw.set_defaults(func=_gateway)
@@ -366,7 +370,8 @@ def _gateway(args: argparse.Namespace) -> int:
     from .gateway.service import GatewayConfig
     from .runtime import GatewayOptions, open_gateway
 
-    config = GatewayConfig(first_token_timeout=args.first_token_timeout, min_tokens_per_s=args.min_tokens_per_s, sessions=not args.no_sessions)
+    config = GatewayConfig(first_token_timeout=args.first_token_timeout, min_tokens_per_s=args.min_tokens_per_s, sessions=not args.no_sessions,
+                           follow_known={"auto": None, "all": True, "used": False}[args.follow])
     if args.max_price:
         try:
             config.max_price_micro_per_mtok = usd_to_micro(args.max_price)
