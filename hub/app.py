@@ -211,6 +211,12 @@ def create_app(hub: Hub, *, limiter: RateLimiter | None = None, billing: Extensi
         await hub.post_offer(user, (await read(bodies.OFFER))["offer"])
         return jsonify({"accepted": True})
 
+    @app.post("/v1/offers/withdraw")
+    async def post_withdraw() -> Response:
+        user = await current_user()
+        ended = await hub.post_withdraw(user, (await read(bodies.WITHDRAW))["withdraw"])
+        return jsonify({"accepted": True, "ended": ended})
+
     @app.get("/v1/offers")
     async def shard_offers() -> Response:
         public()

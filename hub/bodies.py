@@ -48,6 +48,8 @@ HOST_REGISTER = Body({
 
 OFFER = Body({"offer": _message("Offer.encode()")}, required=("offer",))
 
+WITHDRAW = Body({"withdraw": _message("Withdraw.encode()")}, required=("withdraw",))
+
 ROOT = Body({"root": _message("ReceiptRoot.encode()")}, required=("root",))
 
 RESULT = Body({"result": _message("VerifierResult.encode()")}, required=("result",))

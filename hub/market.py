@@ -58,7 +58,7 @@ from gpunexus.pricing.market import (
     PriceQuote,
 )
 from gpunexus.protocol.discovery import DiscoveryPlan, shard_of
-from gpunexus.protocol.messages import Offer, PriceUpdate
+from gpunexus.protocol.messages import Offer, PriceUpdate, Withdraw
 from gpunexus.protocol.signing import Signer
 from sqlalchemy.engine import Connection
 
@@ -107,6 +107,19 @@ def record_offer(conn: Connection, offer: Offer, user_id: int, blob: bytes, now:
             since=min(touching.since, offer.issued_at), until=max(touching.until, offer.expires_at)))
 
 
+def record_withdraw(conn: Connection, withdraw: Withdraw, now: float) -> int:
+    """End the host's offers issued up to the withdrawal (verified, owned): supply and catch-up drop them now.
+
+    Only the latest-offer rows change; the price history keeps the stretch
+    the host offered, so receipts from before the withdrawal still settle.
+    Returns how many offers ended.
+    """
+    o = offers.c
+    ended = conn.execute(sa.update(offers).where(o.peer_id == withdraw.peer_id, o.seq <= withdraw.seq, o.expires_at > now)
+                         .values(expires_at=now))
+    return int(ended.rowcount or 0)
+
+
 @dataclass(slots=True)
 class _Written:
     terms: tuple
@@ -127,6 +140,11 @@ class OfferCache:
         if w is None or w.terms != _terms(offer) or offer.issued_at < w.issued_at:
             return True
         return w.expires_at - offer.issued_at <= (offer.expires_at - offer.issued_at) / 2
+
+    def forget(self, peer_id: str) -> None:
+        """The host withdrew: its next offer must be written even with unchanged terms."""
+        for key in [k for k in self._written if k[0] == peer_id]:
+            del self._written[key]
 
     def wrote(self, offer: Offer) -> None:
         if len(self._written) >= self._max:
@@ -267,6 +285,11 @@ class Market:
         """The latest signed PriceUpdate per model priced within the last day."""
         rows = await self._cached("latest", _latest, self.clock() - DAY_S)
         return [r["blob"] for r in rows]
+
+    def offers_changed(self) -> None:
+        """A host withdrew: this process's next directory and catch-up answers read the database again."""
+        for name in [n for n in self._cache if n == "directory" or n.startswith("offers:")]:
+            del self._cache[name]
 
     async def directory(self) -> dict:
         """The ``GET /v1/directory`` document: every model with a live offer, its host count and discovery plan.

@@ -146,6 +146,11 @@ def spec(max_batch: int, extra_paths: dict[str, Any] | None = None, *, max_long_
                 {"name": "shard", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
                 {"name": "shards", "in": "query", "required": False,
                  "schema": {"type": "integer", "minimum": 1, "maximum": 1024}}])},
+        "/v1/offers/withdraw": {"post": operation(
+            "A host's signed withdrawal (Withdraw.encode(), base64), posted when it stops serving: its offers up to the "
+            "withdrawal's sequence number leave market supply, the directory and the catch-up lists at once (the price "
+            "history stays, so earlier receipts still settle). The peer id must be registered to the key's host account.",
+            _obj({"accepted": {"type": "boolean"}, "ended": _INT}), body=bodies.WITHDRAW.schema(), errors=(403,))},
         "/v1/directory": {"get": operation(
             "Every model with a live offer: its live host count and the discovery plan peers size its offer topics "
             "by (gpunexus/offers/2/<model>/<shard>, shards a power of two; refresh_s the hosts' heartbeat).",

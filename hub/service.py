@@ -26,6 +26,7 @@ from gpunexus.protocol.messages import (
     ReceiptRoot,
     Revocation,
     VerifierResult,
+    Withdraw,
     host_registration_statement,
 )
 from gpunexus.protocol.signing import Signer, verify_signature
@@ -331,6 +332,25 @@ class Hub:
         if cache.needs_write(offer):
             await self.db.write(market.record_offer, offer, user.id, blob, now)
             cache.wrote(offer)
+
+    async def post_withdraw(self, user: User, blob: bytes) -> int:
+        """A host's signed withdrawal: its offers leave market supply and the catch-up lists at once."""
+        if user.role not in ("host", "admin"):
+            raise HubError(403, "permission_denied", "only a host account can withdraw offers")
+        try:
+            withdraw = decode_as(Withdraw, blob)
+            withdraw.verify()
+        except ProtocolError as exc:
+            raise HubError(400, "invalid_withdraw", f"withdrawal refused: {exc}", "withdraw") from None
+        if withdraw.issued_at > self.clock() + self.config.clock_skew_s:
+            raise HubError(400, "invalid_withdraw", "withdrawal issued in the future", "withdraw")
+        owner = self.market.offer_cache.owners.get(withdraw.peer_id) or await self.db.read(_host_owner, withdraw.peer_id)
+        if owner != user.id:
+            raise HubError(403, "permission_denied", "this peer id is not registered to this account", "withdraw")
+        self.market.offer_cache.forget(withdraw.peer_id)
+        ended = await self.db.write(market.record_withdraw, withdraw, self.clock())
+        self.market.offers_changed()
+        return ended
 
     async def set_payout_settings(self, user: User, threshold_micro: int | None, connect_account_id: str | None) -> dict:
         if user.role not in ("host", "admin"):

@@ -87,6 +87,7 @@ from gpunexus.protocol.messages import (
     ReceiptRoot,
     Revocation,
     VerifierResult,
+    Withdraw,
     host_registration_statement,
 )
 from gpunexus.protocol.signing import Signer
@@ -783,6 +784,11 @@ class HostHubLink:
     async def post_offer(self, offer: Offer) -> None:
         """Tell the hub what this host offers: market supply, and the prices its receipts may carry."""
         await _call(self._http, "POST", "/v1/offers", self.timeout_s, json={"offer": base64.b64encode(offer.encode()).decode()})
+
+    async def post_withdraw(self, withdraw: Withdraw) -> None:
+        """Tell the hub this host stopped: gateways catching up from it must not be sent here any more."""
+        await _call(self._http, "POST", "/v1/offers/withdraw", self.timeout_s,
+                    json={"withdraw": base64.b64encode(withdraw.encode()).decode()})
 
     # --- receipt roots (hub/honesty.py selects audits with them) ----------
     def record_receipt(self, receipt: Receipt) -> None:

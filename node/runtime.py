@@ -199,6 +199,7 @@ async def open_host(options: HostOptions) -> AsyncIterator[HostRuntime]:
             service.start_enabled = follower.available_now()  # outside a window: never announce at all
         if link is not None:
             service.announcer.on_announce.append(link.post_offer)
+            service.announcer.on_withdraw.append(link.post_withdraw)
             service.on_receipt.append(link.record_receipt)
             nursery.start_soon(link.run_roots)  # each period's signed receipt root (audit selection)
             verifying = [m.backend for m in (first, *more) if can_verify(m.backend)] if options.verify else []

@@ -47,7 +47,7 @@ from test_hub_support import fresh_db
 
 MAX_EXAMPLES = 25
 """Per operation and phase; the whole run stays around ten seconds."""
-SIGNED = ["/v1/allowances", "/v1/hosts/register", "/v1/offers", "/v1/audits/roots", "/v1/audits/openings", "/v1/audits/results",
+SIGNED = ["/v1/allowances", "/v1/hosts/register", "/v1/offers", "/v1/offers/withdraw", "/v1/audits/roots", "/v1/audits/openings", "/v1/audits/results",
           "/v1/stripe/webhook"]
 """Operations whose valid bodies must also carry real keys or signatures (see the module docstring)."""
 

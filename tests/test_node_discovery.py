@@ -95,6 +95,14 @@ async def test_the_hub_lists_models_and_serves_one_shards_offers_for_catch_up(tm
                     r = await http.get("/v1/offers", params=bad)
                     assert r.status_code == 400, bad
                     assert r.json()["error"]["code"] == "invalid_request_error"
+                # A host that withdraws leaves the directory and the catch-up lists at once, not when its offers expire.
+                await host.service.disable()
+                assert (await http.get("/v1/offers", params={"model": "tiny"})).json()["offers"] == []
+                assert (await http.get("/v1/directory")).json()["models"] == []
+                await host.service.enable()  # the same terms again: written, though the hub saw them before
+                with trio.fail_after(20):
+                    while len((await http.get("/v1/offers", params={"model": "tiny"})).json()["offers"]) != 1:
+                        await trio.sleep(0.1)
 
 
 # --- real peers -------------------------------------------------------------------------------

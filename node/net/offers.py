@@ -151,6 +151,8 @@ class Announcer:
         self.active = False
         self.on_announce: list[Callable[[Offer], Awaitable[None]]] = []
         """Also told of every offer announced (a host's hub: market supply and price checks)."""
+        self.on_withdraw: list[Callable[[Withdraw], Awaitable[None]]] = []
+        """Also told of every withdrawal (a host's hub: it stops listing the offers to gateways that catch up)."""
         self._wake = trio.Event()
         self._last_seq = 0
         self._announced: dict[str, float] = {}
@@ -197,11 +199,14 @@ class Announcer:
             self._announced[topic] = max(self._announced.get(topic, 0.0), offer.expires_at)
             self._due[terms.model] = trio.current_time() + self._plan(terms.model).refresh_s
             await self._pubsub.publish(topic, offer.encode())
-            for hook in self.on_announce:
-                try:
-                    await hook(offer)
-                except Exception as exc:  # the hub being away must not silence the network
-                    log.warning("could not report the offer: %s", exc)
+            await self._tell(self.on_announce, offer)
+
+    async def _tell(self, hooks: list[Callable], msg: Offer | Withdraw) -> None:
+        for hook in hooks:
+            try:
+                await hook(msg)
+            except Exception as exc:  # the hub being away must not silence the network
+                log.warning("could not report the %s: %s", msg.TYPE, exc)
 
     async def withdraw(self) -> None:
         """Take back every offer: on each topic an offer of this host may still be live on."""
@@ -212,6 +217,7 @@ class Announcer:
         self._announced = {t: until for t, until in self._announced.items() if until > now}
         for topic in sorted(topics):
             await self._pubsub.publish(topic, msg.encode())
+        await self._tell(self.on_withdraw, msg)
 
     async def reannounce(self) -> None:
         """Take back the offers no longer in ``terms`` and keep the rest: one model of several.
