@@ -81,13 +81,13 @@ ABOVE_OFFER = "price above every price this host offered for this model"
 def record_offer(conn: Connection, offer: Offer, user_id: int, blob: bytes, now: float) -> None:
     """Store ``offer`` (verified, owned by ``user_id``): latest row and price history."""
     key = (offers.c.peer_id == offer.peer_id) & (offers.c.model == offer.model)
-    latest = conn.execute(sa.select(offers.c.issued_at).where(key)).scalar()
+    latest = conn.execute(sa.select(offers.c.seq, offers.c.issued_at).where(key)).first()
     row = {"user_id": user_id, "price": offer.price_micro_per_mtok, "tokens_per_s": offer.tokens_per_s,
            "free_slots": offer.free_slots, "max_slots": offer.max_slots, "follows_market": offer.follows_market, "seq": offer.seq,
            "issued_at": offer.issued_at, "expires_at": offer.expires_at, "received_at": now, "blob": blob}
     if latest is None:
         conn.execute(ledger.insert_ignore(conn, offers).values(peer_id=offer.peer_id, model=offer.model, **row))
-    elif offer.issued_at > latest:  # an older offer arriving late never replaces a newer one
+    elif (offer.seq, offer.issued_at) > tuple(latest):  # an older offer (or one before a withdrawal) arriving late never replaces a newer one
         conn.execute(sa.update(offers).where(key).values(**row))
 
     # one stretch per price: extend one that touches this offer's lifetime, or start one
@@ -115,9 +115,13 @@ def record_withdraw(conn: Connection, withdraw: Withdraw, now: float) -> int:
     Returns how many offers ended.
     """
     o = offers.c
-    ended = conn.execute(sa.update(offers).where(o.peer_id == withdraw.peer_id, o.seq <= withdraw.seq, o.expires_at > now)
-                         .values(expires_at=now))
-    return int(ended.rowcount or 0)
+    live = conn.execute(sa.select(sa.func.count()).select_from(offers).where(
+        o.peer_id == withdraw.peer_id, o.seq <= withdraw.seq, o.expires_at > now)).scalar()
+    # The row takes the withdrawal's sequence number: an offer issued before it and posted after it
+    # (a heartbeat in flight) is older than the row, and cannot list the host again.
+    conn.execute(sa.update(offers).where(o.peer_id == withdraw.peer_id, o.seq <= withdraw.seq)
+                 .values(seq=withdraw.seq, expires_at=sa.case((o.expires_at > now, now), else_=o.expires_at)))
+    return int(live or 0)
 
 
 @dataclass(slots=True)

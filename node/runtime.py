@@ -279,7 +279,7 @@ async def open_gateway(options: GatewayOptions) -> AsyncIterator[GatewayRuntime]
 
 
 async def follow_market(node: P2PNode, nursery: trio.Nursery, hub_url: str | None, price_poll_s: float, *,
-                        follow_known: bool | None = None) -> tuple[OfferBook, PriceBook, OfferTopics]:
+                        follow_known: bool | None = None, all_shards: bool = False) -> tuple[OfferBook, PriceBook, OfferTopics]:
     """What a gateway peer watches: offers (the hub's directory and the shard topics of the models it follows) and the
     market prices (fetched from the hub and gossiped on, with one)."""
     book = OfferBook()
@@ -288,7 +288,7 @@ async def follow_market(node: P2PNode, nursery: trio.Nursery, hub_url: str | Non
     directory = Directory()
     if hub_url is not None:
         await nursery.start(directory.follow_hub, hub_url)
-    topics = OfferTopics(node, book, directory, follow_known=follow_known)
+    topics = OfferTopics(node, book, directory, follow_known=follow_known, all_shards=all_shards)
     await nursery.start(topics.run)
     prices = PriceBook()
     await nursery.start(follow_prices, node.pubsub, prices)

@@ -348,8 +348,9 @@ async def open_challenger(options: ChallengerOptions) -> AsyncIterator[Challenge
                                      node_home(options.home, "challenger") / "receipts.db",
                                      audit_retention_s=OPENING_RETENTION_S)
     async with open_p2p(signer, options.p2p) as node, trio.open_nursery() as nursery:
-        # A challenger checks every host it can see: it follows every model, whatever the market's size.
-        book, prices, topics = await follow_market(node, nursery, options.hub.url, options.config.price_poll_s, follow_known=True)
+        # A challenger checks every host: it follows every shard of every model, whatever the market's size.
+        book, prices, topics = await follow_market(node, nursery, options.hub.url, options.config.price_poll_s,
+                                                   follow_known=True, all_shards=True)
         await nursery.start(settlement.run)
         service = GatewayService(node, AimedBook(book), settlement, options.config, prices=prices, topics=topics)
         await nursery.start(service.run)

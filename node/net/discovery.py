@@ -131,25 +131,27 @@ class Directory:
 
 
 class OfferTopics:
-    """Keeps this peer in one shard topic per followed model, feeding ``book``.
+    """Keeps this peer in one shard topic per followed model (or every shard), feeding ``book``.
 
     ``follow_known``: follow every model the directory or a neighbour names
     (True), only those asked for (False), or every known one while the
     directory lists at most :data:`FOLLOW_ALL_HOSTS` hosts (None: a
-    gateway's default).
+    gateway's default). ``all_shards``: be in every shard of each model
+    followed, not only this peer's (a challenger, which must see every host).
     """
 
     def __init__(self, node: P2PNode, book: OfferBook, directory: Directory, *,
-                 follow_known: bool | None = False) -> None:
+                 follow_known: bool | None = False, all_shards: bool = False) -> None:
         self._node = node
         self._pubsub = node.pubsub
         self.book = book
         self._peer_id = node.peer_id
         self.directory = directory
         self._follow_known = follow_known
+        self._all_shards = all_shards
         self._wanted: set[str] = set()
-        self._topics: dict[str, tuple[str, trio.CancelScope]] = {}
-        """model -> (topic joined, the scope of its reader)."""
+        self._topics: dict[str, dict[str, trio.CancelScope]] = {}
+        """model -> {topic joined: the scope of its reader}."""
         self._nursery: trio.Nursery | None = None
         self._lock = trio.Lock()
 
@@ -157,9 +159,12 @@ class OfferTopics:
     def following(self) -> set[str]:
         return set(self._topics)
 
-    def topic_of(self, model: str) -> str:
-        """The topic this peer belongs in for ``model`` under the current plan."""
-        return offer_topic(model, shard_of(self._peer_id, self.directory.plan(model).shards))
+    def topics_of(self, model: str) -> set[str]:
+        """The topics this peer belongs in for ``model`` under the current plan."""
+        shards = self.directory.plan(model).shards
+        if self._all_shards:
+            return {offer_topic(model, shard) for shard in range(shards)}
+        return {offer_topic(model, shard_of(self._peer_id, shards))}
 
     def known_models(self) -> set[str]:
         """Models the directory lists or a connected peer follows a topic of."""
@@ -189,15 +194,9 @@ class OfferTopics:
                 self._nursery = None
 
     async def follow(self, model: str) -> bool:
-        """Follow ``model`` from now on; True when this joined its topic (and caught up) now."""
+        """Follow ``model`` from now on; True when this joined a topic of it (and caught up) now."""
         self._wanted.add(model)
         return await self._join(model)
-
-    async def unfollow(self, model: str) -> None:
-        """Stop following ``model`` (a host that no longer serves it)."""
-        self._wanted.discard(model)
-        async with self._lock:
-            await self._leave(model)
 
     async def follow_if_known(self, model: str) -> bool:
         """Follow ``model`` if the network is known to have it (asking the hub once if need be).
@@ -213,7 +212,7 @@ class OfferTopics:
         return await self.follow(model)
 
     async def _settle(self) -> None:
-        """Join what should be followed, in the shard the plan says; leave what should not."""
+        """Join what should be followed, in the shards the plan says; leave what should not."""
         wanted = set(self._wanted)
         if self.follows_everything():
             wanted |= self.known_models()
@@ -221,35 +220,36 @@ class OfferTopics:
             await self._join(model)
         for model in set(self._topics) - wanted:
             async with self._lock:
-                await self._leave(model)
+                await self._leave(model, set())
 
     async def _join(self, model: str) -> bool:
         if self._nursery is None:
             raise RuntimeError("OfferTopics.run is not running")
         async with self._lock:
-            topic = self.topic_of(model)
-            current = self._topics.get(model)
-            if current is not None and current[0] == topic:
-                return False
-            await self._leave(model)
-            subscription = await self._pubsub.subscribe(topic)
-            scope = trio.CancelScope()
-            self._topics[model] = (topic, scope)
-            self._nursery.start_soon(self._read, topic, subscription, scope)
-            log.info("following %s", topic)
-        await self._catch_up(model, topic)
-        return True
+            topics = self.topics_of(model)
+            await self._leave(model, topics)
+            joined = self._topics.setdefault(model, {})
+            new = sorted(topics - set(joined))
+            for topic in new:
+                subscription = await self._pubsub.subscribe(topic)
+                joined[topic] = trio.CancelScope()
+                self._nursery.start_soon(self._read, topic, subscription, joined[topic])
+                log.info("following %s", topic)
+        for topic in new:
+            await self._catch_up(model, topic)
+        return bool(new)
 
-    async def _leave(self, model: str) -> None:
-        current = self._topics.pop(model, None)
-        if current is None:
-            return
-        topic, scope = current
-        scope.cancel()
-        try:
-            await self._pubsub.unsubscribe(topic)
-        except Exception as exc:  # a peer going away mid-unsubscribe must not stop discovery
-            log.debug("unsubscribing from %s: %s", topic, exc)
+    async def _leave(self, model: str, keep: set[str]) -> None:
+        """Leave ``model``'s topics but ``keep`` (all of them, and the model, for an empty set)."""
+        joined = self._topics.get(model, {})
+        for topic in [t for t in joined if t not in keep]:
+            joined.pop(topic).cancel()
+            try:
+                await self._pubsub.unsubscribe(topic)
+            except Exception as exc:  # a peer going away mid-unsubscribe must not stop discovery
+                log.debug("unsubscribing from %s: %s", topic, exc)
+        if not keep:
+            self._topics.pop(model, None)
 
     async def _catch_up(self, model: str, topic: str) -> None:
         parsed = parse_offer_topic(topic)
