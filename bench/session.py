@@ -1,6 +1,7 @@
 """Sessions against per-request streams: the transport's CPU per chunk, side by side in one run.
 
 Run: python bench/session.py [--chunks N] [--rounds R] [--streams 1,32,128]
+(quick: --streams 1,32 --rounds 3)
 
 Two real libp2p peers on loopback (TCP, Noise, yamux) in this process. For
 each row, ``streams`` requests run at once; each sends a one-chunk request
@@ -10,16 +11,21 @@ pools and all negotiation excluded: streams are opened before the clock
 starts) or as a channel of one shared session (node/net/session.py). "fast"
 sends every chunk as soon as the previous send returned; "paced" sends one
 every 20 ms per request (50 tokens/s, the harness's paced rate). Rounds
-alternate the two ways, so machine drift cancels; the figure is this
-process's CPU time (both peers) per chunk delivered, and for the session
-the entries per frame its writer sent. The gateway's HTTP side and the
-host's engine are not in here: this is the part sessions change.
+alternate the two ways; the figure is this process's CPU time (both peers)
+per chunk delivered, and for the session the entries per frame its writer
+sent. The ratio is the median of each round's session/streams pair, run
+back to back, with the lowest and highest pair beside it: on a shared
+machine the load drifts between rounds by more than the two ways differ for
+one request, and a ratio of two medians over three rounds swung from 1.2 to
+1.8 for the same code. The gateway's HTTP side and the host's engine are
+not in here: this is the part sessions change.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from statistics import median
 
 import multiaddr
 import trio
@@ -112,19 +118,20 @@ async def main(args) -> None:
                         if way == "session":
                             frames.append(per_frame)
                 mode = "paced" if paced else "fast"
-                a, b = sorted(got["streams"])[len(got["streams"]) // 2], sorted(got["session"])[len(got["session"]) // 2]
-                rows.append((mode, streams, a, b, sum(frames) / len(frames)))
+                a, b = median(got["streams"]), median(got["session"])
+                pairs = sorted(on_session / on_streams for on_session, on_streams in zip(got["session"], got["streams"]))
+                rows.append((mode, streams, a, b, median(pairs), pairs[0], pairs[-1], sum(frames) / len(frames)))
                 print(f"[session-bench] {mode} x{streams}: streams {a:.1f} µs/chunk, session {b:.1f} µs/chunk", flush=True)
-    print("\ntransport CPU per chunk, both peers (median of rounds; lower is better)")
-    print("| mode  | streams | per-request streams µs | session µs | session / streams | entries per frame |")
-    print("|-------|---------|------------------------|------------|-------------------|-------------------|")
-    for mode, streams, a, b, per_frame in rows:
-        print(f"| {mode:5} | {streams:7} | {a:22.1f} | {b:10.1f} | {b / a:17.2f} | {per_frame:17.1f} |")
+    print("\ntransport CPU per chunk, both peers (median of rounds; lower is better; ratio: median of the rounds' pairs)")
+    print("| mode  | streams | per-request streams µs | session µs | session / streams | lowest–highest pair | entries per frame |")
+    print("|-------|---------|------------------------|------------|-------------------|---------------------|-------------------|")
+    for mode, streams, a, b, ratio, low, high, per_frame in rows:
+        print(f"| {mode:5} | {streams:7} | {a:22.1f} | {b:10.1f} | {ratio:17.2f} | {f'{low:.2f}–{high:.2f}':>19} | {per_frame:17.1f} |")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chunks", type=int, default=400, help="chunks per request in fast rows (paced rows send at most 100)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7, help="rounds per row, each running both ways back to back")
     ap.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32, 128])
     trio.run(main, ap.parse_args())
