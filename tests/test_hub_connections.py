@@ -30,8 +30,11 @@ async def _then_answered(conn: Conn) -> None:
 
 def _unexpected(app) -> list[tuple[str, str]]:
     """(method, path) for every route of the app with a method it does not serve, plus an unknown path."""
-    rules = [(rule.rule, rule.methods) for rule in app.url_map.iter_rules() if not rule.rule.startswith("/static")]
-    cases = [(next(m for m in METHODS if m not in methods), path) for path, methods in rules]
+    served: dict[str, set[str]] = {}  # one path may have a rule per method (GET and POST /v1/offers)
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/static"):
+            served.setdefault(rule.rule, set()).update(rule.methods)
+    cases = [(next(m for m in METHODS if m not in methods), path) for path, methods in served.items()]
     return cases + [("POST", "/v1/no-such-route")]
 
 
