@@ -166,6 +166,9 @@ async def test_when_a_model_splits_into_shards_every_peer_moves_and_a_gateway_se
                 running_host(home=homes[3], bootstrap=boot) as fourth, \
                 running_gateway(boot, home=gateway_home) as gateway:
             hosts = [first, second, third, fourth]
+            # The gateway reads as a light gossip member; hosts carry the topics at the full degree.
+            assert (gateway.node.pubsub.router.degree, gateway.node.pubsub.router.degree_low) == (3, 2)
+            assert first.node.pubsub.router.degree == 6
             await wait_for_offers(gateway, count=4)  # one shard: everyone sees everyone
             split = {"tiny": (40, DiscoveryPlan(2, FAST_REFRESH_S))}  # what the hub says past 32 hosts
             for peer in hosts:
