@@ -78,17 +78,19 @@ ABOVE_OFFER = "price above every price this host offered for this model"
 
 # --- offers -------------------------------------------------------------------
 
-def record_offer(conn: Connection, offer: Offer, user_id: int, blob: bytes, now: float) -> None:
-    """Store ``offer`` (verified, owned by ``user_id``): latest row and price history."""
+def record_offer(conn: Connection, offer: Offer, user_id: int, blob: bytes, now: float) -> bool:
+    """Store ``offer`` (verified, owned by ``user_id``): latest row and price history; True for a host new to the model."""
     key = (offers.c.peer_id == offer.peer_id) & (offers.c.model == offer.model)
-    latest = conn.execute(sa.select(offers.c.seq, offers.c.issued_at).where(key)).first()
+    latest = conn.execute(sa.select(offers.c.seq, offers.c.issued_at, offers.c.expires_at).where(key)).first()
     row = {"user_id": user_id, "price": offer.price_micro_per_mtok, "tokens_per_s": offer.tokens_per_s,
            "free_slots": offer.free_slots, "max_slots": offer.max_slots, "follows_market": offer.follows_market, "seq": offer.seq,
            "issued_at": offer.issued_at, "expires_at": offer.expires_at, "received_at": now, "blob": blob}
+    newer = latest is None or (offer.seq, offer.issued_at) > (latest.seq, latest.issued_at)
     if latest is None:
         conn.execute(ledger.insert_ignore(conn, offers).values(peer_id=offer.peer_id, model=offer.model, **row))
-    elif (offer.seq, offer.issued_at) > tuple(latest):  # an older offer (or one before a withdrawal) arriving late never replaces a newer one
+    elif newer:  # an older offer (or one before a withdrawal) arriving late never replaces a newer one
         conn.execute(sa.update(offers).where(key).values(**row))
+    back = newer and (latest is None or latest.expires_at <= now)  # first offer, or back after a withdrawal or a silence
 
     # one stretch per price: extend one that touches this offer's lifetime, or start one
     h = offer_prices.c
@@ -105,6 +107,7 @@ def record_offer(conn: Connection, offer: Offer, user_id: int, blob: bytes, now:
     elif offer.issued_at < touching.since or offer.expires_at > touching.until:
         conn.execute(sa.update(offer_prices).where(h.id == touching.id).values(
             since=min(touching.since, offer.issued_at), until=max(touching.until, offer.expires_at)))
+    return back
 
 
 def record_withdraw(conn: Connection, withdraw: Withdraw, now: float) -> int:
@@ -291,7 +294,7 @@ class Market:
         return [r["blob"] for r in rows]
 
     def offers_changed(self) -> None:
-        """A host withdrew: this process's next directory and catch-up answers read the database again."""
+        """A host joined or left a model's lists: this process's next directory and catch-up answers read the database again."""
         for name in [n for n in self._cache if n == "directory" or n.startswith("offers:")]:
             del self._cache[name]
 

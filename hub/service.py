@@ -330,7 +330,8 @@ class Hub:
             raise HubError(403, "permission_denied", "this peer id is not registered to this account "
                            "(POST /v1/hosts/register first)", "offer")
         if cache.needs_write(offer):
-            await self.db.write(market.record_offer, offer, user.id, blob, now)
+            if await self.db.write(market.record_offer, offer, user.id, blob, now):
+                self.market.offers_changed()  # a new host: gateways catching up now must get it, not a cached list
             cache.wrote(offer)
 
     async def post_withdraw(self, user: User, blob: bytes) -> int:

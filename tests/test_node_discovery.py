@@ -84,7 +84,7 @@ async def test_the_hub_lists_models_and_serves_one_shards_offers_for_catch_up(tm
                     {"model": "tiny", "hosts": 1, "shards": 1, "refresh_s": SMALL.refresh_s},
                 ]
                 one = (await http.get("/v1/offers", params={"model": "tiny"})).json()
-                assert (one["model"], one["shard"], one["shards"], len(one["offers"])) == ("tiny", 0, 1, 1)
+                assert (one["model"], one["shard"], one["shards"], len(one["offers"])) == ("tiny", 0, 1, 1), one
                 mine = shard_of(peer, 4)
                 for shard in range(4):
                     got = (await http.get("/v1/offers", params={"model": "tiny", "shard": shard, "shards": 4})).json()

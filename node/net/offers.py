@@ -211,7 +211,12 @@ class Announcer:
     async def withdraw(self) -> None:
         """Take back every offer: on each topic an offer of this host may still be live on."""
         self.active = False
-        msg = Withdraw(peer_id=self._signer.peer_id, seq=self._next_seq(), issued_at=time.time()).signed(self._signer)
+        await self._send_withdrawal(self._withdrawal())
+
+    def _withdrawal(self) -> Withdraw:
+        return Withdraw(peer_id=self._signer.peer_id, seq=self._next_seq(), issued_at=time.time()).signed(self._signer)
+
+    async def _send_withdrawal(self, msg: Withdraw) -> None:
         now = time.time()
         topics = {t for t, until in self._announced.items() if until > now} | {self.topic(t.model) for t in self.terms}
         self._announced = {t: until for t, until in self._announced.items() if until > now}
@@ -224,14 +229,18 @@ class Announcer:
 
         ``Withdraw`` names no model (it takes back all of a peer's offers), and
         changing that signed message would split the network between old and
-        new peers. So the host withdraws everything and at once announces what
-        it still serves, with newer sequence numbers: every offer book drops
-        the model taken back at once, and keeps the others, whatever order
-        gossip delivers the two in (a withdrawal only removes older offers).
+        new peers. So the host signs a withdrawal, then offers for what it
+        still serves with newer sequence numbers, and sends the offers
+        *first*: a withdrawal only removes older offers, so every book drops
+        the model taken back and keeps the others whatever order gossip
+        delivers them in, and a book that gets them in order never passes
+        through a moment with none of this host's offers (each model now has
+        its own topic, so the two do not travel together).
         """
-        await self.withdraw()
+        withdrawal = self._withdrawal()
         self.active = True
         await self.announce_now()
+        await self._send_withdrawal(withdrawal)
 
     def wake(self) -> None:
         """Re-announce at once (enabled again, price changed, moved to another shard)."""
