@@ -11,7 +11,7 @@ import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import sqlalchemy as sa
 import trio
@@ -40,6 +40,8 @@ from .keys import User
 from .ledger import Journal
 
 VERSION = "1"
+M = TypeVar("M", ReceiptRoot, Withdraw)
+"""A message a host signs about itself and posts through its account (:meth:`Hub._own_host_message`)."""
 REVOCATION_POLL_S = 0.2
 """How often the hub looks for revocations made by other processes (a revocation reaches gateways within this)."""
 
@@ -205,20 +207,32 @@ class Hub:
         """Select the receipts whose host published no root by its period's deadline (all of them)."""
         return await self.db.write(honesty.decide_overdue, self.config, self.clock())
 
-    async def post_root(self, user: User, blob: bytes) -> dict:
-        """A host's signed receipt root for one period (``POST /v1/audits/roots``)."""
+    async def _own_host_message(self, user: User, cls: type[M], blob: bytes, name: str, peer_of: Callable[[M], str]) -> M:
+        """Decode and verify a message a host signed about itself, posted by the account its peer id is registered to.
+
+        403 for a non-host account or another account's peer id; 400
+        (``invalid_<name>``) for a message that does not decode, verify, or
+        was issued in the future.
+        """
         if user.role not in ("host", "admin"):
-            raise HubError(403, "permission_denied", "only a host account can publish receipt roots")
+            raise HubError(403, "permission_denied", f"only a host account can post a {name}")
         try:
-            msg = decode_as(ReceiptRoot, blob)
+            msg = decode_as(cls, blob)
             msg.verify()
         except ProtocolError as exc:
-            raise HubError(400, "invalid_root", f"root refused: {exc}", "root") from None
+            raise HubError(400, f"invalid_{name}", f"{name} refused: {exc}", name) from None
+        if msg.issued_at > self.clock() + self.config.clock_skew_s:
+            raise HubError(400, f"invalid_{name}", f"{name} issued in the future", name)
+        peer_id = peer_of(msg)
+        owner = self.market.offer_cache.owners.get(peer_id) or await self.db.read(_host_owner, peer_id)
+        if owner != user.id:
+            raise HubError(403, "permission_denied", "this peer id is not registered to this account", name)
+        return msg
+
+    async def post_root(self, user: User, blob: bytes) -> dict:
+        """A host's signed receipt root for one period (``POST /v1/audits/roots``)."""
+        msg = await self._own_host_message(user, ReceiptRoot, blob, "root", lambda m: m.host_id)
         now = self.clock()
-        if await self.db.read(_host_owner, msg.host_id) != user.id:
-            raise HubError(403, "permission_denied", "this peer id is not registered to this account", "root")
-        if msg.issued_at > now + self.config.clock_skew_s:
-            raise HubError(400, "invalid_root", "root issued in the future", "root")
         if now > honesty.root_deadline(self.config, msg.period):
             raise HubError(409, "root_too_late", "this period's roots were due by "
                            f"{honesty.root_deadline(self.config, msg.period):.0f}; its receipts are all audited", "root")
@@ -336,18 +350,7 @@ class Hub:
 
     async def post_withdraw(self, user: User, blob: bytes) -> int:
         """A host's signed withdrawal: its offers leave market supply and the catch-up lists at once."""
-        if user.role not in ("host", "admin"):
-            raise HubError(403, "permission_denied", "only a host account can withdraw offers")
-        try:
-            withdraw = decode_as(Withdraw, blob)
-            withdraw.verify()
-        except ProtocolError as exc:
-            raise HubError(400, "invalid_withdraw", f"withdrawal refused: {exc}", "withdraw") from None
-        if withdraw.issued_at > self.clock() + self.config.clock_skew_s:
-            raise HubError(400, "invalid_withdraw", "withdrawal issued in the future", "withdraw")
-        owner = self.market.offer_cache.owners.get(withdraw.peer_id) or await self.db.read(_host_owner, withdraw.peer_id)
-        if owner != user.id:
-            raise HubError(403, "permission_denied", "this peer id is not registered to this account", "withdraw")
+        withdraw = await self._own_host_message(user, Withdraw, blob, "withdraw", lambda m: m.peer_id)
         self.market.offer_cache.forget(withdraw.peer_id)
         ended = await self.db.write(market.record_withdraw, withdraw, self.clock())
         self.market.offers_changed()
