@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -293,18 +294,21 @@ def _serve(args: argparse.Namespace) -> int:
     async def main() -> int:
         if not await _gate(args, specs, options):
             return 1
-        async with open_host(options) as runtime:
-            addrs = runtime.node.listen_addrs()
-            print(f"peer: {addrs[0]}", flush=True)
-            for model in options.models:
-                log.info("serving %s (%s) at %s USD/Mtok, %.1f tokens/s, %d slots", model.backend.info.name, model.backend.info.model_hash,
-                         micro_to_usd(model.price_micro_per_mtok), model.tokens_per_s, model.max_slots)
-            for addr in addrs[1:]:
-                log.info("also reachable at %s", addr)
-            if runtime.schedule is not None:
-                when = runtime.schedule.status()
-                log.info("available %s (%s): %s now, next change %s", when["windows"], when["zone"], "announcing" if when["available"] else "withdrawn", when["next_change"])
-            await _drain_on_signal(runtime.service, runtime.schedule)
+        # The signals are ours before the peer line goes out: a supervisor that stops the host as soon as it
+        # reads it (docker stop, a test) gets a drain, not Python's default exit on SIGTERM.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with open_host(options) as runtime:
+                addrs = runtime.node.listen_addrs()
+                print(f"peer: {addrs[0]}", flush=True)
+                for model in options.models:
+                    log.info("serving %s (%s) at %s USD/Mtok, %.1f tokens/s, %d slots", model.backend.info.name, model.backend.info.model_hash,
+                             micro_to_usd(model.price_micro_per_mtok), model.tokens_per_s, model.max_slots)
+                for addr in addrs[1:]:
+                    log.info("also reachable at %s", addr)
+                if runtime.schedule is not None:
+                    when = runtime.schedule.status()
+                    log.info("available %s (%s): %s now, next change %s", when["windows"], when["zone"], "announcing" if when["available"] else "withdrawn", when["next_change"])
+                await _drain_on_signal(runtime.service, runtime.schedule, signals)
         return 0
 
     return trio.run(main)
@@ -343,12 +347,13 @@ async def _gate(args: argparse.Namespace, specs: list[ModelSpec], options: HostO
     return bool(served)
 
 
-async def _drain_on_signal(service, schedule=None) -> None:
+async def _drain_on_signal(service, schedule=None, signals=None) -> None:
     """Wait for SIGTERM or SIGINT, then leave like ``node disable``: no new orders,
     the ones in flight finish, the offer is withdrawn. This is what ``docker stop``
     and ``systemctl stop`` send; a second signal stops at once. The schedule (if
-    any) stops first, so a window opening during the drain cannot re-enable it."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    any) stops first, so a window opening during the drain cannot re-enable it.
+    ``signals``: a receiver opened earlier (before the host said it is up)."""
+    with contextlib.nullcontext(signals) if signals is not None else trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         first = await signals.__anext__()
         if schedule is not None:
             schedule.stop()
