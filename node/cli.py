@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -347,27 +346,26 @@ async def _gate(args: argparse.Namespace, specs: list[ModelSpec], options: HostO
     return bool(served)
 
 
-async def _drain_on_signal(service, schedule=None, signals=None) -> None:
+async def _drain_on_signal(service, schedule, signals) -> None:
     """Wait for SIGTERM or SIGINT, then leave like ``node disable``: no new orders,
     the ones in flight finish, the offer is withdrawn. This is what ``docker stop``
     and ``systemctl stop`` send; a second signal stops at once. The schedule (if
     any) stops first, so a window opening during the drain cannot re-enable it.
-    ``signals``: a receiver opened earlier (before the host said it is up)."""
-    with contextlib.nullcontext(signals) if signals is not None else trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        first = await signals.__anext__()
-        if schedule is not None:
-            schedule.stop()
-        log.info("%s: draining %d request(s) in flight, then leaving", signal.Signals(first).name, service.stats.in_flight)
-        async with trio.open_nursery() as nursery:
+    ``signals``: the receiver of both, opened before the host said it is up."""
+    first = await signals.__anext__()
+    if schedule is not None:
+        schedule.stop()
+    log.info("%s: draining %d request(s) in flight, then leaving", signal.Signals(first).name, service.stats.in_flight)
+    async with trio.open_nursery() as nursery:
 
-            async def stop_on_second_signal() -> None:
-                await signals.__anext__()
-                log.warning("second signal: stopping without waiting for requests in flight")
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(stop_on_second_signal)
-            await service.disable()
+        async def stop_on_second_signal() -> None:
+            await signals.__anext__()
+            log.warning("second signal: stopping without waiting for requests in flight")
             nursery.cancel_scope.cancel()
+
+        nursery.start_soon(stop_on_second_signal)
+        await service.disable()
+        nursery.cancel_scope.cancel()
     log.info("stopped: %d requests served, %d cut off", service.stats.served, service.stats.in_flight)
 
 

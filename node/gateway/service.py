@@ -151,9 +151,9 @@ IndexedEmit = Callable[[int, Delta], Awaitable[None]]
 """Emit for one of ``n`` choices: its index, then its delta."""
 
 EMBED_PARALLEL = 8
+"""Inputs of one embeddings request in flight at once."""
 FIRST_OFFER_WAIT_S = 4.0
 """Longest a request for a model just joined waits for its first offer: one small-model heartbeat and a margin."""
-"""Inputs of one embeddings request in flight at once."""
 
 
 async def _ignore(delta: Delta) -> None:

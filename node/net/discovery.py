@@ -96,6 +96,10 @@ class Directory:
         """Fetch the directory now (a gateway asked for a model it does not know); False without a hub or when too soon."""
         if self._http is None or trio.current_time() - self._last_fetch < DIRECTORY_RETRY_S:
             return False
+        return await self._fetch()
+
+    async def _fetch(self) -> bool:
+        assert self._http is not None
         self._last_fetch = trio.current_time()
         try:
             self.update(await fetch_directory(self._http))
@@ -110,12 +114,11 @@ class Directory:
         async with httpx.AsyncClient(base_url=hub_url.rstrip("/")) as http:
             self._http = http
             try:
-                await self.refresh()
+                await self._fetch()
                 task_status.started()
                 while True:
                     await trio.sleep(interval)
-                    self._last_fetch = float("-inf")
-                    await self.refresh()
+                    await self._fetch()
             finally:
                 self._http = None
 
